@@ -1,0 +1,76 @@
+"""Daemon settings from /etc/gpusched/gpuschedd.conf (systemd-style INI, section [Daemon])."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from dataclasses import dataclass
+
+DEFAULT_PATH = "/etc/gpusched/gpuschedd.conf"
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
+_SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """systemd's size syntax: 512M, 64G, 1.5T, plain bytes (K, M, G, T are powers of 1024)."""
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise ConfigError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * _SCALE[m.group(2).upper()])
+
+
+def parse_percent_or_size(text: str, total: int) -> int:
+    text = text.strip()
+    if text.endswith("%"):
+        return int(total * float(text[:-1]) / 100)
+    return parse_size(text)
+
+
+def host_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Config:
+    # Host RAM that frozen models may hold in total (their snapshots live in their own RSS).
+    ram_budget_bytes: int
+    # cuCheckpointProcessLock timeout: a process that cannot be locked in time stays running.
+    lock_timeout_ms: int = 10_000
+    checkpoint_backend: str = "auto"  # auto, driver, cli, none
+    cuda_checkpoint: str = "cuda-checkpoint"  # the binary the cli backend runs
+    unit_backend: str = "auto"  # auto, systemd, cgroupfs
+    cgroup_root: str = "/sys/fs/cgroup/gpusched"  # cgroupfs backend only
+
+    @classmethod
+    def load(cls, path: str = DEFAULT_PATH) -> Config:
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        try:
+            with open(path) as f:
+                parser.read_file(f)
+        except FileNotFoundError:
+            pass
+        section = parser["Daemon"] if parser.has_section("Daemon") else {}
+        known = {"RamBudget", "LockTimeoutSec", "CheckpointBackend", "CudaCheckpoint", "UnitBackend", "CgroupRoot"}
+        unknown = set(section) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) in [Daemon]: {', '.join(sorted(unknown))}")
+        cfg = cls(ram_budget_bytes=parse_percent_or_size(section.get("RamBudget", "50%"), host_ram_bytes()))
+        if "LockTimeoutSec" in section:
+            cfg.lock_timeout_ms = int(float(section["LockTimeoutSec"]) * 1000)
+        choices = {"CheckpointBackend": ("auto", "driver", "cli", "none"), "UnitBackend": ("auto", "systemd", "cgroupfs")}
+        for key, allowed in choices.items():
+            value = section.get(key, "auto")
+            if value not in allowed:
+                raise ConfigError(f"{path}: {key}={value}: expected one of {', '.join(allowed)}")
+        cfg.checkpoint_backend = section.get("CheckpointBackend", "auto")
+        cfg.unit_backend = section.get("UnitBackend", "auto")
+        cfg.cuda_checkpoint = section.get("CudaCheckpoint", cfg.cuda_checkpoint)
+        cfg.cgroup_root = section.get("CgroupRoot", cfg.cgroup_root)
+        return cfg

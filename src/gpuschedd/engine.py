@@ -1,0 +1,438 @@
+"""The model table and its state machine.
+
+running → freezing → frozen → thawing → running; stopped and failed end a model's life. Every transition of
+one model holds that model's lock (never two at once, so opposite swaps cannot deadlock); readers never take
+a lock, so status stays instant during a long freeze. The engine knows no D-Bus: it is driven by the bus
+layer (or tests) and reports through listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pwd
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .checkpoint import CheckpointBackend, CheckpointError, CudaState
+from .config import Config
+from .errors import CheckpointFailed, InvalidArgs, InvalidState, ModelExists, NoSuchModel
+from .events import Event, EventKind
+from .model import ENDED, Model, State, now_usec
+from .names import MODEL_UNIT_PREFIX, model_name_from_unit, model_unit, validate_model_name
+from .telemetry import GpuTelemetry
+from .units import UnitBackend, UnitSpec, UnitStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    description: str = ""
+    working_directory: str = ""
+    environment: list[str] = field(default_factory=list)
+    gpus: list[str] = field(default_factory=list)
+    user: str = ""  # run as this user instead of the owner (the bus layer allows it only with `manage`)
+
+
+class EngineListener:
+    """Receives what the engine does. Override what you need; the defaults ignore everything."""
+
+    def model_added(self, model: Model) -> None:
+        pass
+
+    def model_changed(self, model: Model) -> None:
+        pass
+
+    def model_removed(self, model: Model) -> None:
+        pass
+
+    def event(self, event: Event) -> None:
+        pass
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise InvalidArgs(f"uid {uid} has no user name") from None
+
+
+def _user_uid(name: str) -> int:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise InvalidArgs(f"no such user: {name}") from None
+
+
+class Engine:
+    def __init__(
+        self,
+        units: UnitBackend,
+        checkpoint: CheckpointBackend,
+        telemetry: GpuTelemetry,
+        config: Config,
+    ) -> None:
+        self.units = units
+        self.checkpoint = checkpoint
+        self.telemetry = telemetry
+        self.config = config
+        self.models: dict[str, Model] = {}
+        self._listeners: list[EngineListener] = []
+
+    # ----------------------------------------------------------------- plumbing
+
+    def add_listener(self, listener: EngineListener) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: Event) -> None:
+        for listener in self._listeners:
+            listener.event(event)
+
+    def _set_state(self, model: Model, state: State) -> None:
+        model.state = state
+        model.state_change_usec = now_usec()
+        for listener in self._listeners:
+            listener.model_changed(model)
+
+    def _add(self, model: Model) -> None:
+        self.models[model.name] = model
+        for listener in self._listeners:
+            listener.model_added(model)
+
+    def _remove(self, model: Model) -> None:
+        if self.models.get(model.name) is model:
+            del self.models[model.name]
+            for listener in self._listeners:
+                listener.model_removed(model)
+
+    def get(self, name: str) -> Model:
+        model = self.models.get(name)
+        if model is None:
+            raise NoSuchModel(f"no model named {name!r}")
+        return model
+
+    async def _blocking(self, fn: Callable[..., object], *args: object) -> object:
+        """Driver calls block for seconds: keep them off the event loop so status stays responsive."""
+        return await asyncio.to_thread(fn, *args)
+
+    # ----------------------------------------------------------------- start-up
+
+    async def start(self) -> None:
+        """Take over the models that already run: the units are the truth, the daemon only remembers."""
+        self.units.watch(self._unit_changed)
+        for status in await self.units.list_units(MODEL_UNIT_PREFIX):
+            name = model_name_from_unit(status.unit)
+            if name is None or name in self.models:
+                continue
+            if status.active_state not in ("active", "activating", "reloading"):
+                continue
+            owner = _user_uid(status.user) if status.user else 0
+            model = Model(name=name, unit=status.unit, owner=owner, command=list(status.command))
+            self._apply_status(model, status)
+            if status.frozen:
+                model.state = State.FROZEN
+                model.cuda_pids = await self._checkpointed_pids(model.pids)
+            self._add(model)
+            log.info("found %s (%s, %s)", status.unit, model.state, ",".join(map(str, model.pids)))
+
+    async def _checkpointed_pids(self, pids: list[int]) -> list[int]:
+        def scan() -> list[int]:
+            found = []
+            for pid in pids:
+                try:
+                    if self.checkpoint.state(pid) in (CudaState.LOCKED, CudaState.CHECKPOINTED):
+                        found.append(pid)
+                except CheckpointError:
+                    pass
+            return found
+
+        return await asyncio.to_thread(scan)
+
+    # ----------------------------------------------------------------- unit events
+
+    def _apply_status(self, model: Model, status: UnitStatus) -> None:
+        model.main_pid = status.main_pid
+        model.pids = list(status.pids)
+
+    def _unit_changed(self, status: UnitStatus) -> None:
+        """A unit's active state moved: a model that exited or crashed is reported, not left running."""
+        name = model_name_from_unit(status.unit)
+        model = self.models.get(name) if name else next(
+            (m for m in self.models.values() if m.unit == status.unit), None
+        )
+        if model is None or model.state in ENDED or model.lock.locked():
+            return
+        if status.active_state not in ("inactive", "failed"):
+            return
+        failed = status.active_state == "failed" or status.result != "success"
+        model.pids, model.main_pid = [], 0
+        self._set_state(model, State.FAILED if failed else State.STOPPED)
+        self._emit(
+            Event(
+                EventKind.EXIT,
+                model.name,
+                model.unit,
+                f"model {model.name} exited ({status.result})",
+                fields={"GPUSCHED_RESULT": status.result},
+            )
+        )
+
+    async def refresh(self, model: Model) -> None:
+        """Re-read PIDs and VRAM of a live model."""
+        if model.state in ENDED:
+            return
+        status = await self.units.status(model.unit)
+        if status is None:
+            return
+        self._apply_status(model, status)
+        if model.state == State.RUNNING:
+            per_pid = self.telemetry.vram_by_pid()
+            model.vram_bytes = sum(sum(per_pid.get(pid, {}).values()) for pid in model.pids)
+            gpus = sorted({uuid for pid in model.pids for uuid in per_pid.get(pid, {})})
+            if gpus:
+                model.gpus = gpus
+
+    # ----------------------------------------------------------------- run / stop
+
+    async def run(self, name: str, argv: list[str], options: RunOptions, owner: int) -> Model:
+        validate_model_name(name)
+        if not argv:
+            raise InvalidArgs("argv must not be empty")
+        existing = self.models.get(name)
+        if existing is not None and existing.state not in ENDED:
+            raise ModelExists(f"model {name!r} exists ({existing.state})")
+        user = options.user or (_user_name(owner) if owner != 0 else "")
+        uid = _user_uid(user) if user else owner
+        environment = list(options.environment)
+        if options.gpus:
+            environment.append("CUDA_VISIBLE_DEVICES=" + ",".join(options.gpus))
+        spec = UnitSpec(
+            unit=model_unit(name),
+            argv=list(argv),
+            description=options.description or f"gpusched model {name}",
+            working_directory=options.working_directory,
+            environment=environment,
+            user=user,
+        )
+        model = Model(name=name, unit=spec.unit, owner=uid, command=list(argv), gpus=list(options.gpus))
+        async with model.lock:
+            if existing is not None:
+                self._remove(existing)
+            # Reserve the name before awaiting, so two concurrent Runs of one name cannot both start.
+            if name in self.models:
+                raise ModelExists(f"model {name!r} exists")
+            self.models[name] = model
+            t0 = time.monotonic()
+            try:
+                status = await self.units.start(spec)
+            except BaseException:
+                del self.models[name]
+                raise
+            self._apply_status(model, status)
+            del self.models[name]
+            self._add(model)
+        self._emit(
+            Event(
+                EventKind.RUN,
+                name,
+                spec.unit,
+                f"model {name} started as {spec.unit}",
+                duration_usec=int((time.monotonic() - t0) * 1e6),
+            )
+        )
+        return model
+
+    async def stop(self, name: str) -> None:
+        model = self.get(name)
+        async with model.lock:
+            if model.state in ENDED:
+                return
+            t0 = time.monotonic()
+            # A frozen unit is stopped as it is: systemd thaws it to deliver the kill, and a checkpointed
+            # CUDA process dies like any other, releasing its host-RAM snapshot with it.
+            await self.units.stop(model.unit)
+            model.pids, model.main_pid, model.cuda_pids = [], 0, []
+            model.snapshot_bytes = model.vram_bytes = 0
+            self._set_state(model, State.STOPPED)
+        self._emit(
+            Event(
+                EventKind.STOP,
+                name,
+                model.unit,
+                f"model {name} stopped",
+                duration_usec=int((time.monotonic() - t0) * 1e6),
+            )
+        )
+
+    async def forget(self, name: str) -> None:
+        """Stop managing a model; its unit keeps running, untouched."""
+        model = self.get(name)
+        async with model.lock:
+            if model.state in (State.FROZEN, State.FREEZING, State.THAWING):
+                raise InvalidState(f"model {name!r} is {model.state}: thaw it before forgetting it")
+            self._remove(model)
+        self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten; its unit runs on"))
+
+    # ----------------------------------------------------------------- freeze / thaw
+
+    async def freeze(self, name: str) -> Model:
+        model = self.get(name)
+        async with model.lock:
+            if model.state == State.FROZEN:
+                return model
+            if model.state != State.RUNNING:
+                raise InvalidState(f"model {name!r} is {model.state}, not running")
+            await self._freeze_locked(model)
+        return model
+
+    async def _freeze_locked(self, model: Model) -> None:
+        t0 = time.monotonic()
+        await self.refresh(model)
+        self._set_state(model, State.FREEZING)
+        try:
+            cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, model.pids)
+            await self._checkpoint_all(model, cuda)
+            try:
+                await self.units.freeze(model.unit)
+            except BaseException:
+                await self._restore_all(model, cuda, rollback=True)
+                raise
+        except BaseException:
+            self._set_state(model, State.RUNNING)
+            raise
+        model.cuda_pids = cuda
+        model.last_freeze_usec = int((time.monotonic() - t0) * 1e6)
+        self._set_state(model, State.FROZEN)
+        self._emit(
+            Event(
+                EventKind.FREEZE,
+                model.name,
+                model.unit,
+                f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s"
+                f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name})",
+                duration_usec=model.last_freeze_usec,
+                bytes=model.snapshot_bytes,
+                gpus=tuple(model.gpus),
+            )
+        )
+
+    async def _checkpoint_all(self, model: Model, pids: list[int]) -> None:
+        """Lock every PID, then checkpoint every PID. On any failure, put every PID back as it was."""
+        locked: list[int] = []
+        checkpointed: list[int] = []
+        try:
+            for pid in pids:
+                await asyncio.to_thread(self.checkpoint.lock, pid, self.config.lock_timeout_ms)
+                locked.append(pid)
+            for pid in pids:
+                await asyncio.to_thread(self.checkpoint.checkpoint, pid)
+                checkpointed.append(pid)
+        except CheckpointError as e:
+            await self._undo(checkpointed, locked)
+            raise CheckpointFailed(f"model {model.name}: {e}; every process was rolled back to running") from e
+
+    async def _undo(self, checkpointed: list[int], locked: list[int]) -> None:
+        for pid in checkpointed:
+            try:
+                await asyncio.to_thread(self.checkpoint.restore, pid, None)
+            except CheckpointError as e:
+                log.error("rollback: %s", e)
+        for pid in locked:
+            try:
+                await asyncio.to_thread(self.checkpoint.unlock, pid)
+            except CheckpointError as e:
+                log.error("rollback: %s", e)
+
+    async def _restore_all(self, model: Model, pids: list[int], rollback: bool = False) -> None:
+        """Restore every PID, then unlock every PID."""
+        restored: list[int] = []
+        try:
+            for pid in pids:
+                await asyncio.to_thread(self.checkpoint.restore, pid, None)
+                restored.append(pid)
+            for pid in pids:
+                await asyncio.to_thread(self.checkpoint.unlock, pid)
+        except CheckpointError as e:
+            if rollback:
+                log.error("rollback of %s: %s", model.name, e)
+                return
+            # Put the restored ones back to sleep so the model is consistently frozen again.
+            for pid in restored:
+                try:
+                    await asyncio.to_thread(self.checkpoint.checkpoint, pid)
+                except CheckpointError as again:
+                    log.error("re-checkpoint after failed restore: %s", again)
+            raise CheckpointFailed(f"model {model.name}: {e}; the model stays frozen") from e
+
+    async def thaw(self, name: str) -> Model:
+        model = self.get(name)
+        async with model.lock:
+            if model.state == State.RUNNING:
+                return model
+            if model.state != State.FROZEN:
+                raise InvalidState(f"model {name!r} is {model.state}, not frozen")
+            await self._thaw_locked(model)
+        return model
+
+    async def _thaw_locked(self, model: Model) -> None:
+        t0 = time.monotonic()
+        self._set_state(model, State.THAWING)
+        try:
+            # The driver's restore runs on a thread inside the target: thaw the cgroup first.
+            await self.units.thaw(model.unit)
+            try:
+                await self._restore_all(model, model.cuda_pids)
+            except BaseException:
+                await self.units.freeze(model.unit)
+                raise
+        except BaseException:
+            self._set_state(model, State.FROZEN)
+            raise
+        model.cuda_pids = []
+        model.last_thaw_usec = int((time.monotonic() - t0) * 1e6)
+        await self.refresh(model)
+        self._set_state(model, State.RUNNING)
+        self._emit(
+            Event(
+                EventKind.THAW,
+                model.name,
+                model.unit,
+                f"model {model.name} thawed in {model.last_thaw_usec / 1e6:.3f}s",
+                duration_usec=model.last_thaw_usec,
+                bytes=model.snapshot_bytes,
+                gpus=tuple(model.gpus),
+            )
+        )
+
+    async def swap(self, freeze_name: str, thaw_name: str) -> None:
+        """Freeze one model and thaw another: both or neither. If the thaw fails, the first is thawed back."""
+        if freeze_name == thaw_name:
+            raise InvalidArgs("swap needs two different models")
+        out, into = self.get(freeze_name), self.get(thaw_name)
+        if into.state not in (State.FROZEN, State.RUNNING):
+            raise InvalidState(f"model {thaw_name!r} is {into.state}, not frozen")
+        if out.state not in (State.FROZEN, State.RUNNING):
+            raise InvalidState(f"model {freeze_name!r} is {out.state}, not running")
+        t0 = time.monotonic()
+        await self.freeze(freeze_name)
+        try:
+            await self.thaw(thaw_name)
+        except BaseException:
+            try:
+                await self.thaw(freeze_name)
+            except Exception as e:  # the original error is the one the caller needs
+                log.error("swap rollback: thawing %s failed: %s", freeze_name, e)
+            raise
+        self._emit(
+            Event(
+                EventKind.SWAP,
+                thaw_name,
+                into.unit,
+                f"swapped {freeze_name} out and {thaw_name} in",
+                duration_usec=int((time.monotonic() - t0) * 1e6),
+                fields={"GPUSCHED_SWAP_OUT": freeze_name},
+            )
+        )
+

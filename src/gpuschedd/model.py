@@ -1,0 +1,45 @@
+"""The model record and its states. Plain data: the engine owns the transitions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class State(StrEnum):
+    RUNNING = "running"
+    FREEZING = "freezing"
+    FROZEN = "frozen"
+    THAWING = "thawing"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+ENDED = (State.STOPPED, State.FAILED)
+
+
+def now_usec() -> int:
+    """Wall-clock microseconds, the unit systemd uses for its *Timestamp properties."""
+    return time.time_ns() // 1000
+
+
+@dataclass
+class Model:
+    name: str
+    unit: str
+    owner: int
+    command: list[str]
+    state: State = State.RUNNING
+    main_pid: int = 0
+    pids: list[int] = field(default_factory=list)
+    gpus: list[str] = field(default_factory=list)
+    vram_bytes: int = 0
+    snapshot_bytes: int = 0
+    cuda_pids: list[int] = field(default_factory=list)
+    last_freeze_usec: int = 0
+    last_thaw_usec: int = 0
+    state_change_usec: int = field(default_factory=now_usec)
+    # Serializes every transition of this model; never held across two models at once.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)

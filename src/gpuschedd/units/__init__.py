@@ -1,0 +1,68 @@
+"""Unit backends: where a model's processes live and how they are started, frozen, thawed and stopped.
+
+`systemd` (in gpuschedd.bus.systemd, since it speaks D-Bus) when PID 1 is systemd; `cgroupfs` elsewhere
+(containers, the GPU test machine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """What to start: one model's unit."""
+
+    unit: str
+    argv: list[str]
+    description: str
+    working_directory: str = ""
+    environment: list[str] = field(default_factory=list)
+    user: str = ""  # empty: the daemon's own user (root)
+    slice: str = "gpusched.slice"
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    """The truth about one unit, as its manager reports it.
+
+    active_state follows systemd's names: active, activating, deactivating, inactive, failed.
+    frozen is True once every process of the unit is stopped by the freezer."""
+
+    unit: str
+    active_state: str
+    main_pid: int
+    pids: list[int]
+    frozen: bool
+    user: str = ""
+    command: list[str] = field(default_factory=list)
+    result: str = "success"
+
+
+UnitWatcher = Callable[[UnitStatus], None]
+
+
+class UnitBackend(Protocol):
+    name: str
+
+    async def start(self, spec: UnitSpec) -> UnitStatus:
+        """Start the unit and return once its main process runs. Raises UnitFailed."""
+
+    async def stop(self, unit: str) -> None:
+        """Stop every process of the unit (a frozen unit included) and forget it."""
+
+    async def freeze(self, unit: str) -> None:
+        """Return once every process of the unit is frozen."""
+
+    async def thaw(self, unit: str) -> None:
+        """Return once the unit's processes run again."""
+
+    async def status(self, unit: str) -> UnitStatus | None:
+        """Current state of the unit, or None if it does not exist (any more)."""
+
+    async def list_units(self, prefix: str) -> list[UnitStatus]:
+        """Every live unit whose name starts with prefix: how a restarted daemon finds its models."""
+
+    def watch(self, callback: UnitWatcher) -> None:
+        """Call back with the new status whenever a unit's active state changes (exit, crash, stop)."""
