@@ -64,7 +64,10 @@ class Config:
         cfg = cls(ram_budget_bytes=parse_percent_or_size(section.get("RamBudget", "50%"), host_ram_bytes()))
         if "LockTimeoutSec" in section:
             cfg.lock_timeout_ms = int(float(section["LockTimeoutSec"]) * 1000)
-        choices = {"CheckpointBackend": ("auto", "driver", "cli", "none"), "UnitBackend": ("auto", "systemd", "cgroupfs")}
+        choices = {
+            "CheckpointBackend": ("auto", "driver", "cli", "none"),
+            "UnitBackend": ("auto", "systemd", "cgroupfs"),
+        }
         for key, allowed in choices.items():
             value = section.get(key, "auto")
             if value not in allowed:

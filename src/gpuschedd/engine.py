@@ -159,8 +159,8 @@ class Engine:
     def _unit_changed(self, status: UnitStatus) -> None:
         """A unit's active state moved: a model that exited or crashed is reported, not left running."""
         name = model_name_from_unit(status.unit)
-        model = self.models.get(name) if name else next(
-            (m for m in self.models.values() if m.unit == status.unit), None
+        model = (
+            self.models.get(name) if name else next((m for m in self.models.values() if m.unit == status.unit), None)
         )
         if model is None or model.state in ENDED or model.lock.locked():
             return
@@ -435,4 +435,3 @@ class Engine:
                 fields={"GPUSCHED_SWAP_OUT": freeze_name},
             )
         )
-
