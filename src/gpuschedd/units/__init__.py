@@ -46,6 +46,9 @@ UnitWatcher = Callable[[UnitStatus], None]
 class UnitBackend(Protocol):
     name: str
 
+    async def setup(self) -> None:
+        """Connect to the unit manager and start watching; called once before anything else."""
+
     async def start(self, spec: UnitSpec) -> UnitStatus:
         """Start the unit and return once its main process runs. Raises UnitFailed."""
 

@@ -1,0 +1,63 @@
+"""A system-bus connection that tells each method call who is calling.
+
+dbus-fast hands a method only its arguments. We wrap the bus's method dispatch so that, while a handler is
+being invoked, a context variable holds the incoming Message. Coroutine handlers are wrapped in a Task at
+that moment, and a Task copies the current context when created, so every `await` inside the handler still
+sees its own message: no global "last caller", no race between concurrent calls.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+
+current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar("current_message", default=None)
+
+
+class CallerAwareBus(MessageBus):
+    def _make_method_handler(self, interface: Any, method: Any) -> Callable[[Message, Callable[[Message], None]], None]:
+        inner = super()._make_method_handler(interface, method)
+
+        def handler(msg: Message, send_reply: Callable[[Message], None]) -> None:
+            token = current_message.set(msg)
+            try:
+                inner(msg, send_reply)
+            finally:
+                current_message.reset(token)
+
+        return handler
+
+
+async def connect_system_bus() -> CallerAwareBus:
+    return await CallerAwareBus(bus_type=BusType.SYSTEM).connect()
+
+
+async def call(
+    bus: MessageBus,
+    destination: str,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+) -> list[Any]:
+    """One method call; an error reply is raised as DBusError (callers map it to our typed errors)."""
+    reply = await bus.call(
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
+    )
+    assert reply is not None
+    if reply.message_type == MessageType.ERROR:
+        raise DBusError(reply.error_name or "org.freedesktop.DBus.Error.Failed", (reply.body or [""])[0])
+    return list(reply.body)

@@ -1,0 +1,93 @@
+"""Who may do what: the caller's uid from the bus, and polkit's verdict, with systemd's semantics.
+
+Root passes without asking polkit. Anyone else is checked with CheckAuthorization on a `system-bus-name`
+subject (the caller's unique name, so polkit resolves the process itself and cannot be lied to).
+Interactive authentication is offered only when the caller's message allows it; a challenge becomes
+InteractiveAuthorizationRequired; polkit missing or failing means AccessDenied.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dbus_fast import Message, MessageFlag, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+
+from ..errors import AccessDenied, InteractiveAuthorizationRequired
+from .connection import call
+
+log = logging.getLogger(__name__)
+
+ACTION_RUN = "org.gpusched1.run"
+ACTION_CONTROL = "org.gpusched1.control"
+ACTION_CONTROL_ANY = "org.gpusched1.control-any"
+ACTION_ADOPT = "org.gpusched1.adopt"
+ACTION_MANAGE = "org.gpusched1.manage"
+
+POLKIT = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
+CHECK_ALLOW_USER_INTERACTION = 1
+
+_MAX_CACHED_CALLERS = 4096
+
+
+class Authority:
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        # Unique bus names are never reused, so a sender's uid never changes: caching it is safe.
+        self._uids: dict[str, int] = {}
+
+    async def caller_uid(self, msg: Message) -> int:
+        sender = msg.sender or ""
+        uid = self._uids.get(sender)
+        if uid is None:
+            [uid] = await call(
+                self.bus,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "GetConnectionUnixUser",
+                "s",
+                [sender],
+            )
+            if len(self._uids) >= _MAX_CACHED_CALLERS:
+                self._uids.clear()
+            self._uids[sender] = uid
+        return int(uid)
+
+    async def check(self, msg: Message, action: str, details: dict[str, str]) -> int:
+        """Return the caller's uid if it may perform `action`; raise AccessDenied or
+        InteractiveAuthorizationRequired otherwise."""
+        uid = await self.caller_uid(msg)
+        if uid == 0:
+            return uid
+        interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        try:
+            [result] = await call(
+                self.bus,
+                POLKIT,
+                POLKIT_PATH,
+                POLKIT_IFACE,
+                "CheckAuthorization",
+                "(sa{sv})sa{ss}us",
+                [
+                    ["system-bus-name", {"name": Variant("s", msg.sender or "")}],
+                    action,
+                    details,
+                    CHECK_ALLOW_USER_INTERACTION if interactive else 0,
+                    "",
+                ],
+            )
+        except DBusError as e:
+            log.warning("polkit unavailable (%s); denying %s to uid %d", e.type, action, uid)
+            raise AccessDenied(f"not authorized for {action}: polkit is not available") from None
+        authorized, challenge, _details = result
+        if authorized:
+            return uid
+        if challenge:
+            raise InteractiveAuthorizationRequired(
+                f"{action} needs authentication: retry allowing interactive authorization"
+            )
+        raise AccessDenied(f"not authorized for {action}")

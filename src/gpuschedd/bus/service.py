@@ -1,0 +1,377 @@
+"""org.gpusched1 on the system bus: the Manager object and one object per model.
+
+Every method goes through `exposed()`, which authorizes the caller and maps every failure to a typed D-Bus
+error. Its default is the strictest action (`manage`), so a method added without thinking about access fails
+closed. Reading (properties, ListModels, introspection) is open to everyone.
+"""
+
+# No `from __future__ import annotations`: dbus-fast reads D-Bus signatures from the live annotations.
+import contextvars
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from dbus_fast import Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
+from dbus_fast.errors import DBusError
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from .. import __version__, validate
+from ..engine import Engine, EngineListener, RunOptions
+from ..errors import GpuschedError, InvalidArgs, NotSupported
+from ..model import Model
+from ..names import MANAGER_IFACE, MODEL_IFACE, model_path, validate_model_name
+from . import polkit
+from .connection import current_message
+
+log = logging.getLogger(__name__)
+
+READ = "read"
+RUN = "run"
+CONTROL = "control"  # becomes control or control-any depending on who owns the model
+ADOPT = "adopt"
+MANAGE = "manage"
+
+_ACTIONS = {RUN: polkit.ACTION_RUN, ADOPT: polkit.ACTION_ADOPT, MANAGE: polkit.ACTION_MANAGE}
+
+caller_uid: contextvars.ContextVar[int] = contextvars.ContextVar("caller_uid", default=-1)
+
+Handler = Callable[..., Awaitable[Any]]
+
+# D-Bus signatures as type hints (dbus-fast reads them).
+StrList = Annotated[list[str], DBusSignature("as")]
+PidList = Annotated[list[int], DBusSignature("au")]
+ModelRows = Annotated[list[list[Any]], DBusSignature("a(sssuutt)")]
+GpuList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
+NameAndPath = Annotated[list[str], DBusSignature("so")]
+
+
+def exposed(access: str = MANAGE) -> Callable[[Handler], Handler]:
+    """Authorize, run, and turn any failure into a typed D-Bus error (never a traceback)."""
+
+    def decorate(fn: Handler) -> Handler:
+        verb = fn.__name__.lower()
+
+        @functools.wraps(fn)
+        async def wrapper(self: Any, *args: Any) -> Any:
+            try:
+                if access != READ:
+                    await self._authorize(access, verb, args)
+                return await fn(self, *args)
+            except GpuschedError as e:
+                raise DBusError(e.dbus_name, e.message) from None
+            except DBusError:
+                raise
+            except Exception:
+                log.exception("%s failed", fn.__name__)
+                raise DBusError(
+                    "org.freedesktop.DBus.Error.Failed", "internal error; see the journal of gpuschedd"
+                ) from None
+
+        return wrapper
+
+    return decorate
+
+
+class _Authorizing:
+    """Shared by both interfaces: resolve the action for a call and ask polkit."""
+
+    engine: Engine
+    authority: polkit.Authority
+
+    def _model_for(self, args: tuple[Any, ...]) -> Model | None:
+        raise NotImplementedError
+
+    async def _authorize(self, access: str, verb: str, args: tuple[Any, ...]) -> None:
+        msg = current_message.get()
+        if msg is None:  # only reachable if a handler is invoked outside the bus dispatch
+            raise DBusError("org.freedesktop.DBus.Error.AccessDenied", "unknown caller")
+        details = {"verb": verb}
+        model = self._model_for(args) if access == CONTROL else None
+        if model is not None:
+            uid = await self.authority.caller_uid(msg)
+            action = polkit.ACTION_CONTROL if uid == model.owner else polkit.ACTION_CONTROL_ANY
+            details.update(model=model.name, unit=model.unit)
+        else:
+            action = _ACTIONS.get(access, polkit.ACTION_MANAGE)
+            if args and isinstance(args[0], str):
+                details["model"] = args[0]
+        caller_uid.set(await self.authority.check(msg, action, details))
+
+
+def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
+    types = {"Description": DBusStr, "WorkingDirectory": DBusStr, "Environment": StrList, "Gpus": StrList, "User": "s"}
+    for key, value in options.items():
+        if key not in types:
+            raise InvalidArgs(f"unknown option {key!r}; known: {', '.join(types)}")
+        if value.signature != types[key]:
+            raise InvalidArgs(f"option {key} must have type {types[key]}, not {value.signature}")
+    get = {key: value.value for key, value in options.items()}
+    return RunOptions(
+        description=validate.description(get.get("Description", "")),
+        working_directory=validate.working_directory(get.get("WorkingDirectory", "")),
+        environment=validate.environment(get.get("Environment", [])),
+        gpus=validate.gpus(get.get("Gpus", [])),
+        user=validate.user(get.get("User", "")),
+    )
+
+
+class ManagerInterface(_Authorizing, ServiceInterface):
+    def __init__(self, engine: Engine, authority: polkit.Authority) -> None:
+        super().__init__(MANAGER_IFACE)
+        self.engine = engine
+        self.authority = authority
+
+    def _model_for(self, args: tuple[Any, ...]) -> Model | None:
+        name = validate_model_name(args[0]) if args else ""
+        return self.engine.get(name)
+
+    # ------------------------------------------------------------- methods
+
+    @method()
+    @exposed(RUN)
+    async def Run(self, name: DBusStr, argv: StrList, options: DBusDict) -> DBusObjectPath:
+        validate_model_name(name)
+        run_options = _parse_run_options(options)
+        if run_options.user:
+            # Running as somebody else is a root-only choice.
+            await self._authorize(MANAGE, "run", (name,))
+        model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get())
+        return model_path(model.name)
+
+    @method()
+    @exposed(ADOPT)
+    async def Adopt(self, name: DBusStr, unit: DBusStr, options: DBusDict) -> DBusObjectPath:
+        raise NotSupported("Adopt is not implemented yet")
+
+    @method()
+    @exposed(ADOPT)
+    async def AdoptProcesses(self, name: DBusStr, pids: PidList, options: DBusDict) -> DBusObjectPath:
+        raise NotSupported("AdoptProcesses is not implemented yet")
+
+    @method()
+    @exposed(CONTROL)
+    async def Freeze(self, name: DBusStr) -> None:
+        await self.engine.freeze(name)
+
+    @method()
+    @exposed(CONTROL)
+    async def Thaw(self, name: DBusStr) -> None:
+        await self.engine.thaw(name)
+
+    @method()
+    @exposed(CONTROL)
+    async def Swap(self, freeze_name: DBusStr, thaw_name: DBusStr) -> None:
+        # Both models are acted on: the caller needs the right to control each.
+        await self._authorize(CONTROL, "swap", (validate_model_name(thaw_name),))
+        await self.engine.swap(freeze_name, thaw_name)
+
+    @method()
+    @exposed(CONTROL)
+    async def Stop(self, name: DBusStr) -> None:
+        await self.engine.stop(name)
+
+    @method()
+    @exposed(CONTROL)
+    async def Forget(self, name: DBusStr) -> None:
+        await self.engine.forget(name)
+
+    @method()
+    @exposed(CONTROL)
+    async def Migrate(self, name: DBusStr, gpu: DBusStr) -> None:
+        raise NotSupported("Migrate is not implemented yet")
+
+    @method()
+    @exposed(READ)
+    async def ListModels(self) -> ModelRows:
+        rows = []
+        for model in list(self.engine.models.values()):
+            await self.engine.refresh(model)
+            rows.append(
+                [
+                    model.name,
+                    str(model.state),
+                    model.unit,
+                    model.owner,
+                    model.main_pid,
+                    model.vram_bytes,
+                    model.snapshot_bytes,
+                ]
+            )
+        return rows
+
+    @method()
+    @exposed(READ)
+    async def GetModel(self, name: DBusStr) -> DBusObjectPath:
+        return model_path(self.engine.get(validate_model_name(name)).name)
+
+    # ------------------------------------------------------------- properties
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> DBusStr:
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CheckpointBackend(self) -> DBusStr:
+        return self.engine.checkpoint.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def UnitBackend(self) -> DBusStr:
+        return self.engine.units.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RamBudgetBytes(self) -> DBusUInt64:
+        return self.engine.config.ram_budget_bytes
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RamFrozenBytes(self) -> DBusUInt64:
+        return sum(m.snapshot_bytes for m in self.engine.models.values() if m.cuda_pids)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Gpus(self) -> GpuList:
+        return [
+            {
+                "uuid": Variant("s", gpu.uuid),
+                "index": Variant("u", gpu.index),
+                "name": Variant("s", gpu.name),
+                "total": Variant("t", gpu.total_bytes),
+                "used": Variant("t", gpu.used_bytes),
+                "free": Variant("t", gpu.free_bytes),
+            }
+            for gpu in self.engine.telemetry.gpus()
+        ]
+
+    # ------------------------------------------------------------- signals
+
+    @signal()
+    def ModelNew(self, name: DBusStr, path: DBusObjectPath) -> NameAndPath:
+        return [name, path]
+
+    @signal()
+    def ModelRemoved(self, name: DBusStr, path: DBusObjectPath) -> NameAndPath:
+        return [name, path]
+
+
+class ModelInterface(_Authorizing, ServiceInterface):
+    def __init__(self, engine: Engine, authority: polkit.Authority, model: Model) -> None:
+        super().__init__(MODEL_IFACE)
+        self.engine = engine
+        self.authority = authority
+        self.model = model
+
+    def _model_for(self, args: tuple[Any, ...]) -> Model | None:
+        return self.model
+
+    def changed(self) -> None:
+        m = self.model
+        self.emit_properties_changed(
+            {
+                "State": str(m.state),
+                "Pids": m.pids,
+                "Gpus": m.gpus,
+                "VramBytes": m.vram_bytes,
+                "SnapshotBytes": m.snapshot_bytes,
+                "LastFreezeUSec": m.last_freeze_usec,
+                "LastThawUSec": m.last_thaw_usec,
+                "StateChangeTimestamp": m.state_change_usec,
+            }
+        )
+
+    @method()
+    @exposed(CONTROL)
+    async def Freeze(self) -> None:
+        await self.engine.freeze(self.model.name)
+
+    @method()
+    @exposed(CONTROL)
+    async def Thaw(self) -> None:
+        await self.engine.thaw(self.model.name)
+
+    @method()
+    @exposed(CONTROL)
+    async def Stop(self) -> None:
+        await self.engine.stop(self.model.name)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> DBusStr:
+        return self.model.name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Unit(self) -> DBusStr:
+        return self.model.unit
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> DBusStr:
+        return str(self.model.state)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Owner(self) -> DBusUInt32:
+        return self.model.owner
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Pids(self) -> PidList:
+        return self.model.pids
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MainPid(self) -> DBusUInt32:
+        return self.model.main_pid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Gpus(self) -> StrList:
+        return self.model.gpus
+
+    @dbus_property(access=PropertyAccess.READ)
+    def VramBytes(self) -> DBusUInt64:
+        return self.model.vram_bytes
+
+    @dbus_property(access=PropertyAccess.READ)
+    def SnapshotBytes(self) -> DBusUInt64:
+        return self.model.snapshot_bytes
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastFreezeUSec(self) -> DBusUInt64:
+        return self.model.last_freeze_usec
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastThawUSec(self) -> DBusUInt64:
+        return self.model.last_thaw_usec
+
+    @dbus_property(access=PropertyAccess.READ)
+    def StateChangeTimestamp(self) -> DBusUInt64:
+        return self.model.state_change_usec
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Command(self) -> StrList:
+        return self.model.command
+
+
+class BusPublisher(EngineListener):
+    """Keeps the bus in step with the engine: one object per model, signals on every change."""
+
+    def __init__(self, bus: MessageBus, engine: Engine, authority: polkit.Authority, manager: ManagerInterface):
+        self.bus = bus
+        self.engine = engine
+        self.authority = authority
+        self.manager = manager
+        self.objects: dict[str, ModelInterface] = {}
+
+    def model_added(self, model: Model) -> None:
+        iface = ModelInterface(self.engine, self.authority, model)
+        path = model_path(model.name)
+        self.bus.export(path, iface)
+        self.objects[model.name] = iface
+        self.manager.ModelNew(model.name, path)
+
+    def model_changed(self, model: Model) -> None:
+        iface = self.objects.get(model.name)
+        if iface is not None and iface.model is model:
+            iface.changed()
+
+    def model_removed(self, model: Model) -> None:
+        iface = self.objects.pop(model.name, None)
+        if iface is not None:
+            path = model_path(model.name)
+            self.bus.unexport(path, iface)
+            self.manager.ModelRemoved(model.name, path)

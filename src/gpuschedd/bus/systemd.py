@@ -1,0 +1,216 @@
+"""The `systemd` unit backend: models are transient services started through PID 1's D-Bus API.
+
+We Subscribe() before starting jobs so JobRemoved is delivered, and collect every JobRemoved as it arrives
+(a job may finish before StartTransientUnit's reply reaches us). Unit exits are learned from the units'
+PropertiesChanged signals, so a crashed model is never left reported as running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from typing import Any
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusError
+
+from ..errors import InvalidArgs, UnitFailed
+from ..units import UnitSpec, UnitStatus, UnitWatcher
+from .connection import call
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+# systemd's own default search path for services (what ExecStart= resolves bare names against).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def bus_label_unescape(label: str) -> str:
+    """Inverse of systemd's bus_label_escape (names.bus_label_escape)."""
+    out = bytearray()
+    i = 0
+    while i < len(label):
+        hexpair = label[i + 1 : i + 3]
+        if label[i] == "_" and len(hexpair) == 2 and all(c in "0123456789abcdef" for c in hexpair):
+            out.append(int(label[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out += label[i].encode()
+            i += 1
+    return out.decode(errors="replace")
+
+
+def resolve_executable(argv0: str, working_directory: str) -> str:
+    """systemd wants an absolute ExecStart path; resolve the way systemd-run does, against PID 1's PATH."""
+    if "/" in argv0:
+        path = argv0 if argv0.startswith("/") else os.path.join(working_directory or "/", argv0)
+        return os.path.normpath(path)
+    found = shutil.which(argv0, path=DEFAULT_PATH)
+    if found is None:
+        raise InvalidArgs(f"command not found in {DEFAULT_PATH}: {argv0}")
+    return found
+
+
+class SystemdUnits:
+    name = "systemd"
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._watchers: list[UnitWatcher] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def setup(self) -> None:
+        for rule in (
+            f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'",
+            f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',member='PropertiesChanged',"
+            f"path_namespace='/org/freedesktop/systemd1/unit',arg0='{UNIT_IFACE}'",
+        ):
+            await call(
+                self.bus,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "AddMatch",
+                "s",
+                [rule],
+            )
+        self.bus.add_message_handler(self._on_message)
+        await self._manager("Subscribe")
+
+    async def _manager(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
+        return await call(self.bus, SYSTEMD, SYSTEMD_PATH, MANAGER, member, signature, body)
+
+    def _job(self, path: str) -> asyncio.Future[str]:
+        return self._jobs.setdefault(path, asyncio.get_running_loop().create_future())
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return
+        if msg.member == "JobRemoved" and msg.interface == MANAGER:
+            _id, job_path, _unit, result = msg.body
+            fut = self._job(job_path)
+            if not fut.done():
+                fut.set_result(result)
+        elif msg.member == "PropertiesChanged" and msg.path and msg.path.startswith(UNIT_PATH_PREFIX):
+            changed = msg.body[1]
+            if "ActiveState" in changed and changed["ActiveState"].value in ("inactive", "failed"):
+                unit = bus_label_unescape(msg.path[len(UNIT_PATH_PREFIX) :])
+                task = asyncio.ensure_future(self._notify(unit))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _notify(self, unit: str) -> None:
+        status = await self.status(unit) or UnitStatus(unit, "inactive", 0, [], False)
+        for watcher in self._watchers:
+            watcher(status)
+
+    async def _wait_job(self, job_path: str, what: str) -> None:
+        try:
+            result = await asyncio.wait_for(self._job(job_path), timeout=120)
+        finally:
+            self._jobs.pop(job_path, None)
+        if result != "done":
+            raise UnitFailed(f"{what}: job {result}")
+
+    # ----------------------------------------------------------------- UnitBackend
+
+    def watch(self, callback: UnitWatcher) -> None:
+        self._watchers.append(callback)
+
+    async def start(self, spec: UnitSpec) -> UnitStatus:
+        exe = resolve_executable(spec.argv[0], spec.working_directory)
+        props: list[list[Any]] = [
+            ["Description", Variant("s", spec.description)],
+            ["Slice", Variant("s", spec.slice)],
+            ["Type", Variant("s", "exec")],
+            ["ExecStart", Variant("a(sasb)", [[exe, spec.argv, False]])],
+            ["AddRef", Variant("b", False)],
+        ]
+        if spec.working_directory:
+            props.append(["WorkingDirectory", Variant("s", spec.working_directory)])
+        if spec.environment:
+            props.append(["Environment", Variant("as", spec.environment)])
+        if spec.user:
+            props.append(["User", Variant("s", spec.user)])
+        # A failed unit of the same name (an earlier run of this model) would block the name.
+        with contextlib.suppress(DBusError):
+            await self._manager("ResetFailedUnit", "s", [spec.unit])
+        try:
+            [job] = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [spec.unit, "fail", props, []])
+        except DBusError as e:
+            raise UnitFailed(f"systemd refused to start {spec.unit}: {e.text}") from None
+        await self._wait_job(job, f"start of {spec.unit}")
+        status = await self.status(spec.unit)
+        if status is None:
+            raise UnitFailed(f"{spec.unit} exited right after it started")
+        return status
+
+    async def stop(self, unit: str) -> None:
+        try:
+            [job] = await self._manager("StopUnit", "ss", [unit, "replace"])
+        except DBusError as e:
+            if e.type == "org.freedesktop.systemd1.NoSuchUnit":
+                return
+            raise UnitFailed(f"systemd refused to stop {unit}: {e.text}") from None
+        await self._wait_job(job, f"stop of {unit}")
+        with contextlib.suppress(DBusError):
+            await self._manager("ResetFailedUnit", "s", [unit])
+
+    async def freeze(self, unit: str) -> None:
+        try:
+            await self._manager("FreezeUnit", "s", [unit])
+        except DBusError as e:
+            raise UnitFailed(f"systemd could not freeze {unit}: {e.text}") from None
+
+    async def thaw(self, unit: str) -> None:
+        try:
+            await self._manager("ThawUnit", "s", [unit])
+        except DBusError as e:
+            raise UnitFailed(f"systemd could not thaw {unit}: {e.text}") from None
+
+    async def status(self, unit: str) -> UnitStatus | None:
+        try:
+            [path] = await self._manager("GetUnit", "s", [unit])
+            props: dict[str, Variant] = {}
+            for iface in (UNIT_IFACE, SERVICE_IFACE):
+                props.update((await call(self.bus, SYSTEMD, path, PROPERTIES, "GetAll", "s", [iface]))[0])
+            [procs] = await self._manager("GetUnitProcesses", "s", [unit])
+        except DBusError as e:
+            if e.type in ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"):
+                return None
+            raise UnitFailed(f"systemd could not report {unit}: {e.text}") from None
+
+        def get(name: str, default: Any) -> Any:
+            return props[name].value if name in props else default
+
+        exec_start = get("ExecStart", [])
+        return UnitStatus(
+            unit=unit,
+            active_state=get("ActiveState", "inactive"),
+            main_pid=int(get("MainPID", 0)),
+            pids=sorted(int(pid) for _cg, pid, _cmd in procs),
+            frozen=get("FreezerState", "running") == "frozen",
+            user=get("User", ""),
+            command=list(exec_start[0][1]) if exec_start else [],
+            result=get("Result", "success"),
+        )
+
+    async def list_units(self, prefix: str) -> list[UnitStatus]:
+        [units] = await self._manager("ListUnitsByPatterns", "asas", [[], [prefix + "*"]])
+        found = []
+        for entry in units:
+            status = await self.status(entry[0])
+            if status is not None:
+                found.append(status)
+        return found

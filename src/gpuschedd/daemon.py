@@ -1,0 +1,135 @@
+"""gpuschedd: the daemon's entry point. Wires backends to the engine and the engine to the bus."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from dbus_fast import RequestNameReply
+from dbus_fast.constants import NameFlag
+
+from . import __version__
+from .bus.connection import connect_system_bus
+from .bus.polkit import Authority
+from .bus.service import BusPublisher, ManagerInterface
+from .bus.systemd import SystemdUnits
+from .checkpoint import CheckpointBackend, NoCheckpoint
+from .config import DEFAULT_PATH, Config, ConfigError
+from .engine import Engine, EngineListener
+from .journal import JournalWriter
+from .model import Model, State
+from .names import BUS_NAME, MANAGER_PATH
+from .telemetry import GpuTelemetry, NoGpus
+
+log = logging.getLogger("gpuschedd")
+
+
+def pid1_is_systemd() -> bool:
+    """sd_booted(): systemd creates this directory early at boot."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def choose_checkpoint(config: Config) -> CheckpointBackend:
+    return NoCheckpoint()
+
+
+def choose_telemetry(config: Config) -> GpuTelemetry:
+    return NoGpus()
+
+
+class Notifier(EngineListener):
+    """Keeps `systemctl status gpuschedd` telling the truth: READY=1 once serving, STATUS= on every change."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        try:
+            from systemd import daemon
+        except ImportError:
+            self._notify = None
+        else:
+            self._notify = daemon.notify
+
+    def send(self, text: str) -> None:
+        if self._notify is not None:
+            self._notify(text)
+
+    def status(self) -> str:
+        counts: dict[State, int] = {}
+        for model in self.engine.models.values():
+            counts[model.state] = counts.get(model.state, 0) + 1
+        parts = [f"{n} {state}" for state, n in counts.items()] or ["no models"]
+        parked = sum(m.snapshot_bytes for m in self.engine.models.values() if m.cuda_pids)
+        if parked:
+            parts.append(f"{parked / 2**30:.1f} GiB parked in RAM")
+        return ", ".join(parts)
+
+    def model_added(self, model: Model) -> None:
+        self.send("STATUS=" + self.status())
+
+    model_changed = model_removed = model_added
+
+
+async def serve(config: Config) -> int:
+    bus = await connect_system_bus()
+    if config.unit_backend == "cgroupfs" or (config.unit_backend == "auto" and not pid1_is_systemd()):
+        from .units.cgroupfs import CgroupfsUnits
+
+        units = CgroupfsUnits(config.cgroup_root)
+    else:
+        units = SystemdUnits(bus)
+    engine = Engine(units, choose_checkpoint(config), choose_telemetry(config), config)
+    authority = Authority(bus)
+    manager = ManagerInterface(engine, authority)
+    bus.export(MANAGER_PATH, manager)
+    notifier = Notifier(engine)
+    for listener in (BusPublisher(bus, engine, authority, manager), JournalWriter(), notifier):
+        engine.add_listener(listener)
+    await units.setup()
+    await engine.start()
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        log.error("could not own %s (%s): is another gpuschedd running?", BUS_NAME, reply.name)
+        return 1
+    log.info(
+        "gpuschedd %s serving %s: units=%s checkpoint=%s, %d model(s) found",
+        __version__,
+        BUS_NAME,
+        units.name,
+        engine.checkpoint.name,
+        len(engine.models),
+    )
+    notifier.send("READY=1\nSTATUS=" + notifier.status())
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([disconnected, stopping], return_when=asyncio.FIRST_COMPLETED)
+    # Models are separate units: leaving here stops nothing and thaws nothing.
+    notifier.send("STOPPING=1")
+    bus.disconnect()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuschedd", description="GPU model supervisor daemon (system bus)")
+    parser.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+    parser.add_argument("--version", action="version", version=f"gpuschedd {__version__}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = Config.load(args.config)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 1
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Checks on everything a caller hands us, before anything changes. Every local user can reach the bus, so
+each check is strict and answers InvalidArgs with a message that names the field, never our internals."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidArgs
+
+MAX_ARGV = 4096
+MAX_ARG_BYTES = 64 * 1024
+MAX_TOTAL_BYTES = 1024 * 1024
+MAX_ENV = 1024
+MAX_PATH_BYTES = 4096
+MAX_DESCRIPTION = 256
+MAX_GPUS = 64
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A GPU is named by index ("0") or by NVML UUID ("GPU-xxxxxxxx-…", "MIG-…"): never anything a shell or
+# CUDA_VISIBLE_DEVICES could misread.
+_GPU_RE = re.compile(r"[0-9]{1,3}|(?:GPU|MIG)-[0-9A-Za-z-]{1,80}")
+_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
+
+
+def _no_nul(value: str, what: str) -> None:
+    if "\0" in value:
+        raise InvalidArgs(f"{what} contains a NUL byte")
+
+
+def argv(values: list[str]) -> list[str]:
+    if not values:
+        raise InvalidArgs("argv must not be empty")
+    if len(values) > MAX_ARGV:
+        raise InvalidArgs(f"argv has more than {MAX_ARGV} elements")
+    total = 0
+    for value in values:
+        _no_nul(value, "argv")
+        size = len(value.encode())
+        if size > MAX_ARG_BYTES:
+            raise InvalidArgs(f"an argv element is longer than {MAX_ARG_BYTES} bytes")
+        total += size
+    if total > MAX_TOTAL_BYTES:
+        raise InvalidArgs(f"argv is longer than {MAX_TOTAL_BYTES} bytes in all")
+    if not values[0]:
+        raise InvalidArgs("argv[0] must not be empty")
+    return list(values)
+
+
+def environment(values: list[str]) -> list[str]:
+    if len(values) > MAX_ENV:
+        raise InvalidArgs(f"more than {MAX_ENV} environment entries")
+    for entry in values:
+        _no_nul(entry, "Environment")
+        name, sep, _ = entry.partition("=")
+        if not sep or not _ENV_NAME_RE.fullmatch(name):
+            raise InvalidArgs("Environment entries must look like NAME=value with NAME in [A-Za-z_][A-Za-z0-9_]*")
+        if len(entry.encode()) > MAX_ARG_BYTES:
+            raise InvalidArgs(f"an Environment entry is longer than {MAX_ARG_BYTES} bytes")
+    return list(values)
+
+
+def working_directory(value: str) -> str:
+    _no_nul(value, "WorkingDirectory")
+    if value and (not value.startswith("/") or len(value.encode()) > MAX_PATH_BYTES):
+        raise InvalidArgs("WorkingDirectory must be an absolute path")
+    return value
+
+
+def description(value: str) -> str:
+    if len(value) > MAX_DESCRIPTION or any(ord(c) < 32 for c in value):
+        raise InvalidArgs(f"Description must be at most {MAX_DESCRIPTION} printable characters")
+    return value
+
+
+def gpus(values: list[str]) -> list[str]:
+    if len(values) > MAX_GPUS:
+        raise InvalidArgs(f"more than {MAX_GPUS} GPUs")
+    for gpu in values:
+        if not _GPU_RE.fullmatch(gpu):
+            raise InvalidArgs("GPUs are named by index (0, 1, …) or UUID (GPU-…, MIG-…)")
+    return list(values)
+
+
+def user(value: str) -> str:
+    if value and not _USER_RE.fullmatch(value):
+        raise InvalidArgs("User must be a valid user name")
+    return value
