@@ -1,0 +1,5 @@
+import sys
+from pathlib import Path
+
+# fake_units.py and friends live beside the tests.
+sys.path.insert(0, str(Path(__file__).parent))
