@@ -39,4 +39,4 @@ def test_every_member_is_documented() -> None:
     for iface in ET.parse(XML).getroot().findall("interface"):
         for child in iface:
             name = child.get("name")
-            assert name and f"{name}:" in text or f"{name}," in text, f"{name} has no comment"
+            assert name and (f"{name}:" in text or f"{name}," in text), f"{name} has no comment"
