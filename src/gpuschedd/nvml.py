@@ -1,0 +1,83 @@
+"""GPU telemetry through NVML (nvidia-ml-py), keyed by GPU UUID: what each GPU has free, and the VRAM each
+compute process holds. A checkpointed process is absent from NVML's process list, which is how a freeze
+shows up here. Without NVML (no driver, no library) the answer is NoGpus: nothing to report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from types import ModuleType
+from typing import Any
+
+from .telemetry import GpuInfo, GpuTelemetry, NoGpus
+
+log = logging.getLogger(__name__)
+
+FAKE_GPU_ENV = "GPUSCHED_FAKE_GPU_DIR"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class NvmlTelemetry:
+    """GpuTelemetry over an initialized pynvml (or anything shaped like it: the tests pass a stub)."""
+
+    def __init__(self, nvml: ModuleType | Any) -> None:
+        self._nvml = nvml
+        self._lock = threading.Lock()
+        nvml.nvmlInit()
+
+    def _handles(self) -> list[tuple[int, Any]]:
+        nvml = self._nvml
+        return [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(nvml.nvmlDeviceGetCount())]
+
+    def gpus(self) -> list[GpuInfo]:
+        nvml = self._nvml
+        out = []
+        with self._lock:
+            for index, handle in self._handles():
+                mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+                out.append(
+                    GpuInfo(
+                        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                        index=index,
+                        name=_text(nvml.nvmlDeviceGetName(handle)),
+                        total_bytes=int(mem.total),
+                        used_bytes=int(mem.used),
+                        free_bytes=int(mem.free),
+                    )
+                )
+        return out
+
+    def vram_by_pid(self) -> dict[int, dict[str, int]]:
+        nvml = self._nvml
+        out: dict[int, dict[str, int]] = {}
+        with self._lock:
+            for _, handle in self._handles():
+                uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+                for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    # usedGpuMemory is None where NVML cannot tell (some containers, MIG): count 0 but
+                    # keep the PID, so the process still counts as a CUDA process on that GPU.
+                    used = int(proc.usedGpuMemory or 0)
+                    per = out.setdefault(int(proc.pid), {})
+                    per[uuid] = per.get(uuid, 0) + used
+        return out
+
+
+def load_telemetry() -> GpuTelemetry:
+    """NVML when it initializes; the test fake when GPUSCHED_FAKE_GPU_DIR is set; else NoGpus."""
+    fake = os.environ.get(FAKE_GPU_ENV)
+    if fake:
+        from .testing.fakegpu import FakeGpuTelemetry
+
+        log.warning("using the FAKE GPU telemetry in %s (%s is set: tests only)", fake, FAKE_GPU_ENV)
+        return FakeGpuTelemetry(fake)
+    try:
+        import pynvml
+
+        return NvmlTelemetry(pynvml)
+    except Exception as e:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+        log.info("no NVML (%s): GPU telemetry off", e)
+        return NoGpus()

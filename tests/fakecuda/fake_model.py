@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""A stand-in for a CUDA model process, for the fake libcuda (fakecuda.c). Standard library only, so it
+runs as a unit's command anywhere (the systemd sandbox included).
+
+It registers itself as a CUDA process (FAKECUDA_DIR/ctx/<pid>), counts in a file while its CUDA state is
+RUNNING (a locked or checkpointed process blocks in its next CUDA call, as a real one does), and runs an
+agent thread that answers the fake driver's checkpoint/restore requests the way the real driver's
+in-process thread does: a checkpoint moves the "VRAM" into this process's RSS (an anonymous mapping
+touched page by page), a restore gives it back. A process frozen by the cgroup freezer cannot answer.
+
+    fake_model.py --dir D --vram BYTES --gpu UUID --counter FILE [--procs N] [--noncuda-child] [--no-agent]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import os
+import signal
+import sys
+import threading
+import time
+
+PAGE = 4096
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+class FakeCudaProcess:
+    def __init__(self, fdir: str, vram: int, gpu: str, agent: bool) -> None:
+        self.dir, self.vram, self.agent = fdir, vram, agent
+        self.pid = os.getpid()
+        self.host_copy: mmap.mmap | None = None
+        for sub in ("ctx", "state", "req", "ack"):
+            os.makedirs(os.path.join(fdir, sub), exist_ok=True)
+        write_atomic(self.path("ctx"), f"vram={vram}\ngpu={gpu}\nagent={int(agent)}\n")
+
+    def path(self, sub: str) -> str:
+        return os.path.join(self.dir, sub, str(self.pid))
+
+    def state(self) -> int:
+        text = read(self.path("state"))
+        return int(text) if text else 0
+
+    def cuda_call(self) -> None:
+        """Any CUDA call blocks while the process is locked or checkpointed."""
+        while self.state() != 0:
+            time.sleep(0.005)
+
+    def serve(self) -> None:
+        """The in-process thread that does the driver's copies."""
+        done = ""
+        while True:
+            token = read(self.path("req"))
+            if token and token != done:
+                if token.startswith("checkpoint"):
+                    buf = mmap.mmap(-1, max(self.vram, PAGE))
+                    for off in range(0, len(buf), PAGE):
+                        buf[off] = 1
+                    self.host_copy = buf
+                elif token.startswith("restore") and self.host_copy is not None:
+                    self.host_copy.close()
+                    self.host_copy = None
+                write_atomic(self.path("ack"), token)
+                done = token
+            time.sleep(0.002)
+
+    def unregister(self) -> None:
+        for sub in ("ctx", "state", "req", "ack"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(sub))
+
+
+def work(proc: FakeCudaProcess | None, counter: str) -> None:
+    n = 0
+    while True:
+        if proc is not None:
+            proc.cuda_call()
+        n += 1
+        write_atomic(counter, str(n))
+        time.sleep(0.01)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", default=os.environ.get("FAKECUDA_DIR", "/tmp/fakecuda"))
+    parser.add_argument("--vram", type=int, default=64 << 20)
+    parser.add_argument("--gpu", default="GPU-00000000-0000-0000-0000-000000000000")
+    parser.add_argument("--counter", required=True)
+    parser.add_argument("--procs", type=int, default=1, help="CUDA processes: this one plus N-1 children")
+    parser.add_argument("--noncuda-child", action="store_true", help="also run a child that never uses CUDA")
+    parser.add_argument("--no-agent", action="store_true", help="copies need no thread in the target")
+    args = parser.parse_args()
+
+    counter = args.counter
+    cuda = True
+    # Fork before any thread exists; each process then registers itself.
+    for i in range(1, args.procs):
+        if os.fork() == 0:
+            counter = f"{args.counter}.{i}"
+            break
+    else:
+        if args.noncuda_child and os.fork() == 0:
+            counter, cuda = f"{args.counter}.noncuda", False
+
+    proc = FakeCudaProcess(args.dir, args.vram, args.gpu, not args.no_agent) if cuda else None
+
+    def stop(signum: int, frame: object) -> None:
+        if proc is not None:
+            proc.unregister()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    if proc is not None and proc.agent:
+        threading.Thread(target=proc.serve, daemon=True).start()
+    work(proc, counter)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+/*
+ * A fake libcuda.so.1 for CI: the CUDA checkpoint entry points with the driver's own struct layouts,
+ * return codes and state machine, so the driver backend's glue, ordering and rollback are tested
+ * without a GPU.  State lives in files under $FAKECUDA_DIR so every process (the daemon, a restarted
+ * daemon, the test, a cuda-checkpoint stand-in) sees the same driver.  Layout (see
+ * gpuschedd/testing/fakegpu.py, which reads the same files for fake NVML):
+ *
+ *   gpus                 "<uuid> <index> <total bytes> <name>" per line: the fake GPUs
+ *   ctx/<pid>            a process that holds a CUDA context: "vram=<bytes>\ngpu=<uuid>\nagent=<0|1>\n"
+ *   state/<pid>          its CUprocessState (absent: RUNNING)
+ *   alloc/<name>         "<bytes> <uuid>": memory held on a GPU by something that is not a model
+ *   fail/<pid>.<step>    the error name that step returns for that pid (lock, checkpoint, restore, unlock,
+ *                        get-state), until the file is removed
+ *   busy/<pid>           milliseconds the process stays busy: a lock with a shorter timeout waits that
+ *                        timeout and fails with CUDA_ERROR_NOT_READY, the process left RUNNING
+ *   broken/<pid>         a restore ran out of memory: every later restore fails with
+ *                        CUDA_ERROR_OPERATING_SYSTEM, as the real driver does (cuda-checkpoint issue 44)
+ *   req/<pid>, ack/<pid> with agent=1 the copy runs inside the target, like the real driver's restore
+ *                        thread: the call waits for the target's agent thread to answer, so a target
+ *                        frozen by the cgroup freezer cannot be checkpointed or restored
+ *   log                  one line per call: "<step> <pid> <result name>" (cuInit: "init <caller pid>")
+ *
+ * Build: gcc -shared -fPIC -O2 -o libcuda.so.1 fakecuda.c
+ * (-DFAKECUDA_NO_CHECKPOINT builds a driver older than the checkpoint API: cuInit and cuGetErrorName only.)
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int CUresult;
+
+enum {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_NO_DEVICE = 100,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_OPERATING_SYSTEM = 304,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_NOT_PERMITTED = 800,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_TIMEOUT = 909,
+    CUDA_ERROR_UNKNOWN = 999,
+};
+
+static const struct {
+    CUresult code;
+    const char *name;
+} error_names[] = {
+    {CUDA_SUCCESS, "CUDA_SUCCESS"},
+    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE"},
+    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY"},
+    {CUDA_ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED"},
+    {CUDA_ERROR_NO_DEVICE, "CUDA_ERROR_NO_DEVICE"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE"},
+    {CUDA_ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT"},
+    {CUDA_ERROR_OPERATING_SYSTEM, "CUDA_ERROR_OPERATING_SYSTEM"},
+    {CUDA_ERROR_ILLEGAL_STATE, "CUDA_ERROR_ILLEGAL_STATE"},
+    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND"},
+    {CUDA_ERROR_NOT_READY, "CUDA_ERROR_NOT_READY"},
+    {CUDA_ERROR_NOT_PERMITTED, "CUDA_ERROR_NOT_PERMITTED"},
+    {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED"},
+    {CUDA_ERROR_TIMEOUT, "CUDA_ERROR_TIMEOUT"},
+    {CUDA_ERROR_UNKNOWN, "CUDA_ERROR_UNKNOWN"},
+};
+
+CUresult cuGetErrorName(CUresult error, const char **pStr)
+{
+    if (!pStr)
+        return CUDA_ERROR_INVALID_VALUE;
+    for (size_t i = 0; i < sizeof error_names / sizeof error_names[0]; i++) {
+        if (error_names[i].code == error) {
+            *pStr = error_names[i].name;
+            return CUDA_SUCCESS;
+        }
+    }
+    *pStr = NULL;
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+static int initialized_pid; /* cuInit is per process: a forked child must call it again */
+
+CUresult cuInit(unsigned int flags);
+
+#ifndef FAKECUDA_NO_CHECKPOINT
+
+/* ---------------------------------------------------------------- the driver's structs */
+
+typedef struct {
+    unsigned char bytes[16];
+} CUuuid;
+
+typedef struct {
+    CUuuid oldUuid;
+    CUuuid newUuid;
+} CUcheckpointGpuPair;
+
+typedef struct {
+    unsigned int timeoutMs;
+    unsigned int reserved0;
+    uint64_t reserved1[7];
+} CUcheckpointLockArgs;
+
+typedef struct {
+    uint64_t reserved[8];
+} CUcheckpointCheckpointArgs;
+
+typedef struct {
+    CUcheckpointGpuPair *gpuPairs;
+    unsigned int gpuPairsCount;
+    char reserved[44];
+    uint64_t reserved1;
+} CUcheckpointRestoreArgs;
+
+typedef struct {
+    uint64_t reserved[8];
+} CUcheckpointUnlockArgs;
+
+_Static_assert(sizeof(CUcheckpointLockArgs) == 64, "lock args are 64 bytes");
+_Static_assert(sizeof(CUcheckpointCheckpointArgs) == 64, "checkpoint args are 64 bytes");
+_Static_assert(sizeof(CUcheckpointRestoreArgs) == 64, "restore args are 64 bytes");
+_Static_assert(sizeof(CUcheckpointUnlockArgs) == 64, "unlock args are 64 bytes");
+_Static_assert(sizeof(CUcheckpointGpuPair) == 32, "a GPU pair is two 16-byte UUIDs");
+
+typedef enum {
+    CU_PROCESS_STATE_RUNNING = 0,
+    CU_PROCESS_STATE_LOCKED = 1,
+    CU_PROCESS_STATE_CHECKPOINTED = 2,
+    CU_PROCESS_STATE_FAILED = 3,
+} CUprocessState;
+
+/* ---------------------------------------------------------------- state files */
+
+static const char *dir(void)
+{
+    const char *d = getenv("FAKECUDA_DIR");
+    return d && *d ? d : "/tmp/fakecuda";
+}
+
+static void path(char *out, const char *sub, int pid, const char *suffix)
+{
+    if (pid >= 0)
+        snprintf(out, PATH_MAX, "%s/%s/%d%s", dir(), sub, pid, suffix ? suffix : "");
+    else
+        snprintf(out, PATH_MAX, "%s/%s", dir(), sub);
+}
+
+static int read_file(const char *p, char *buf, size_t size)
+{
+    FILE *f = fopen(p, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, size - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+        buf[--n] = '\0';
+    return 0;
+}
+
+static void write_file(const char *p, const char *text)
+{
+    char tmp[PATH_MAX + 16];
+    snprintf(tmp, sizeof tmp, "%s.%d", p, getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return;
+    fputs(text, f);
+    fclose(f);
+    rename(tmp, p); /* readers never see a half-written state */
+}
+
+static void mkdirs(void)
+{
+    static const char *subs[] = {"ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack"};
+    char p[PATH_MAX];
+    mkdir(dir(), 0755);
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
+        path(p, subs[i], -1, NULL);
+        mkdir(p, 0755);
+    }
+}
+
+/* Serializes read-modify-write of the state files across processes. */
+static int lock_fd = -1;
+
+static void big_lock(void)
+{
+    char p[PATH_MAX];
+    path(p, "lock", -1, NULL);
+    lock_fd = open(p, O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+    if (lock_fd >= 0)
+        flock(lock_fd, LOCK_EX);
+}
+
+static void big_unlock(void)
+{
+    if (lock_fd >= 0) {
+        flock(lock_fd, LOCK_UN);
+        close(lock_fd);
+        lock_fd = -1;
+    }
+}
+
+static const char *name_of(CUresult r)
+{
+    const char *s = NULL;
+    cuGetErrorName(r, &s);
+    return s ? s : "CUDA_ERROR_UNKNOWN";
+}
+
+static CUresult logged(const char *step, int pid, CUresult r)
+{
+    char p[PATH_MAX], line[128];
+    path(p, "log", -1, NULL);
+    int n = snprintf(line, sizeof line, "%s %d %s\n", step, pid, name_of(r));
+    int fd = open(p, O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+        ssize_t w = write(fd, line, (size_t)n); /* O_APPEND: one line, one write, never interleaved */
+        (void)w;
+        close(fd);
+    }
+    return r;
+}
+
+static CUresult code_of(const char *name)
+{
+    for (size_t i = 0; i < sizeof error_names / sizeof error_names[0]; i++)
+        if (strcmp(error_names[i].name, name) == 0)
+            return error_names[i].code;
+    return CUDA_ERROR_UNKNOWN;
+}
+
+/* An injected failure for this step, or CUDA_SUCCESS. */
+static CUresult injected(int pid, const char *step)
+{
+    char p[PATH_MAX], buf[128], suffix[32];
+    snprintf(suffix, sizeof suffix, ".%s", step);
+    path(p, "fail", pid, suffix);
+    if (read_file(p, buf, sizeof buf) != 0)
+        return CUDA_SUCCESS;
+    return code_of(buf);
+}
+
+struct ctx {
+    long long vram;
+    char gpu[96];
+    int agent;
+};
+
+static int alive(int pid)
+{
+    return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
+}
+
+/* 0: the pid holds a (fake) CUDA context. Otherwise the error the driver gives. */
+static CUresult find_ctx(int pid, struct ctx *c)
+{
+    char p[PATH_MAX], buf[512];
+    if (!alive(pid))
+        return CUDA_ERROR_INVALID_VALUE;
+    path(p, "ctx", pid, NULL);
+    if (read_file(p, buf, sizeof buf) != 0)
+        return CUDA_ERROR_NOT_INITIALIZED; /* a live process that never initialized CUDA */
+    memset(c, 0, sizeof *c);
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+        if (strncmp(line, "vram=", 5) == 0)
+            c->vram = atoll(line + 5);
+        else if (strncmp(line, "gpu=", 4) == 0)
+            snprintf(c->gpu, sizeof c->gpu, "%s", line + 4);
+        else if (strncmp(line, "agent=", 6) == 0)
+            c->agent = atoi(line + 6);
+    }
+    return CUDA_SUCCESS;
+}
+
+static CUprocessState get_state(int pid)
+{
+    char p[PATH_MAX], buf[32];
+    path(p, "state", pid, NULL);
+    if (read_file(p, buf, sizeof buf) != 0)
+        return CU_PROCESS_STATE_RUNNING;
+    return (CUprocessState)atoi(buf);
+}
+
+static void set_state(int pid, CUprocessState s)
+{
+    char p[PATH_MAX], buf[16];
+    path(p, "state", pid, NULL);
+    snprintf(buf, sizeof buf, "%d\n", (int)s);
+    write_file(p, buf);
+}
+
+static int exists(const char *sub, int pid)
+{
+    char p[PATH_MAX];
+    path(p, sub, pid, NULL);
+    return access(p, F_OK) == 0;
+}
+
+static void mark_broken(int pid)
+{
+    char p[PATH_MAX];
+    path(p, "broken", pid, NULL);
+    write_file(p, "1\n");
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Bytes held on a GPU by the entries of ctx/ (contexts that hold their memory: running or locked) or
+   alloc/ (foreign allocations), leaving out except_pid. */
+static long long sum_dir(const char *sub, const char *uuid, int except_pid)
+{
+    char d[PATH_MAX];
+    long long used = 0;
+    int is_ctx = strcmp(sub, "ctx") == 0;
+    path(d, sub, -1, NULL);
+    DIR *dp = opendir(d);
+    if (!dp)
+        return 0;
+    struct dirent *e;
+    while ((e = readdir(dp)) != NULL) {
+        if (e->d_name[0] == '.' || strchr(e->d_name, '.'))
+            continue; /* dot files and write_file's temporaries */
+        char p[PATH_MAX + 256], buf[512];
+        snprintf(p, sizeof p, "%s/%s", d, e->d_name);
+        if (is_ctx) {
+            int pid = atoi(e->d_name);
+            struct ctx c;
+            if (pid == except_pid || find_ctx(pid, &c) != CUDA_SUCCESS)
+                continue;
+            if (strcmp(c.gpu, uuid) == 0 && get_state(pid) != CU_PROCESS_STATE_CHECKPOINTED)
+                used += c.vram;
+        } else if (read_file(p, buf, sizeof buf) == 0) {
+            long long bytes = 0;
+            char gpu[96] = "";
+            if (sscanf(buf, "%lld %95s", &bytes, gpu) == 2 && strcmp(gpu, uuid) == 0)
+                used += bytes;
+        }
+    }
+    closedir(dp);
+    return used;
+}
+
+static long long gpu_used(const char *uuid, int except_pid)
+{
+    return sum_dir("ctx", uuid, except_pid) + sum_dir("alloc", uuid, -1);
+}
+
+/* Total bytes of a GPU per the gpus file; -1 without a gpus file (no memory check then), -2 for a GPU
+   the file does not list. */
+static long long gpu_total(const char *uuid)
+{
+    char p[PATH_MAX], line[256];
+    path(p, "gpus", -1, NULL);
+    FILE *f = fopen(p, "r");
+    if (!f)
+        return -1;
+    long long total = -2;
+    while (fgets(line, sizeof line, f)) {
+        char u[96];
+        int index;
+        long long t;
+        if (sscanf(line, "%95s %d %lld", u, &index, &t) == 3 && strcmp(u, uuid) == 0)
+            total = t;
+    }
+    fclose(f);
+    return total;
+}
+
+/* The copy runs inside the target: ask its agent thread and wait for the answer. */
+static CUresult run_in_target(int pid, const char *what, const struct ctx *c)
+{
+    if (!c->agent)
+        return CUDA_SUCCESS;
+    char req[PATH_MAX], ack[PATH_MAX], buf[64], token[64];
+    static unsigned seq;
+    snprintf(token, sizeof token, "%s %d.%u", what, getpid(), ++seq);
+    path(req, "req", pid, NULL);
+    path(ack, "ack", pid, NULL);
+    write_file(req, token);
+    const char *t = getenv("FAKECUDA_AGENT_TIMEOUT_MS");
+    long long deadline = now_ms() + (t ? atoll(t) : 5000);
+    while (now_ms() < deadline) {
+        if (read_file(ack, buf, sizeof buf) == 0 && strcmp(buf, token) == 0)
+            return CUDA_SUCCESS;
+        sleep_ms(2);
+    }
+    unlink(req);
+    /* The real driver would block here until the target runs again; a test must not hang. */
+    return CUDA_ERROR_TIMEOUT;
+}
+
+static CUresult prologue(int pid, struct ctx *c, const char *step)
+{
+    if (initialized_pid != getpid())
+        return CUDA_ERROR_NOT_INITIALIZED;
+    mkdirs();
+    CUresult r = find_ctx(pid, c);
+    if (r != CUDA_SUCCESS)
+        return r;
+    return injected(pid, step);
+}
+
+/* from → to, or CUDA_ERROR_ILLEGAL_STATE when the process is in any other state. */
+static CUresult transition(int pid, CUprocessState from, CUprocessState to)
+{
+    CUresult r = CUDA_SUCCESS;
+    big_lock();
+    if (get_state(pid) != from)
+        r = CUDA_ERROR_ILLEGAL_STATE;
+    else
+        set_state(pid, to);
+    big_unlock();
+    return r;
+}
+
+CUresult cuCheckpointProcessGetState(int pid, CUprocessState *state)
+{
+    struct ctx c;
+    if (!state)
+        return CUDA_ERROR_INVALID_VALUE;
+    CUresult r = prologue(pid, &c, "get-state");
+    if (r == CUDA_SUCCESS)
+        *state = get_state(pid);
+    return r; /* not logged: status reads would drown the ordering the log is for */
+}
+
+CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid)
+{
+    struct ctx c;
+    if (!tid)
+        return CUDA_ERROR_INVALID_VALUE;
+    CUresult r = prologue(pid, &c, "get-restore-tid");
+    if (r == CUDA_SUCCESS)
+        *tid = pid;
+    return r;
+}
+
+CUresult cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args)
+{
+    struct ctx c;
+    CUresult r = prologue(pid, &c, "lock");
+    if (r != CUDA_SUCCESS)
+        return logged("lock", pid, r);
+    unsigned timeout = args ? args->timeoutMs : 0;
+    char p[PATH_MAX], buf[32];
+    path(p, "busy", pid, NULL);
+    if (read_file(p, buf, sizeof buf) == 0) {
+        long busy = atol(buf);
+        if (timeout && (long)timeout < busy) {
+            sleep_ms(timeout);
+            return logged("lock", pid, CUDA_ERROR_NOT_READY); /* left RUNNING */
+        }
+        sleep_ms(busy);
+    }
+    return logged("lock", pid, transition(pid, CU_PROCESS_STATE_RUNNING, CU_PROCESS_STATE_LOCKED));
+}
+
+CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args)
+{
+    (void)args;
+    struct ctx c;
+    CUresult r = prologue(pid, &c, "checkpoint");
+    if (r != CUDA_SUCCESS)
+        return logged("checkpoint", pid, r);
+    if (get_state(pid) != CU_PROCESS_STATE_LOCKED)
+        return logged("checkpoint", pid, CUDA_ERROR_ILLEGAL_STATE);
+    r = run_in_target(pid, "checkpoint", &c);
+    if (r == CUDA_SUCCESS)
+        set_state(pid, CU_PROCESS_STATE_CHECKPOINTED);
+    return logged("checkpoint", pid, r);
+}
+
+static void uuid_text(const CUuuid *u, char *out)
+{
+    const unsigned char *b = u->bytes;
+    sprintf(out, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2], b[3],
+            b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+}
+
+CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args)
+{
+    struct ctx c;
+    CUresult r = prologue(pid, &c, "restore");
+    if (r == CUDA_ERROR_OUT_OF_MEMORY)
+        mark_broken(pid); /* an injected OOM breaks the process exactly like a real one */
+    if (r != CUDA_SUCCESS)
+        return logged("restore", pid, r);
+    if (get_state(pid) != CU_PROCESS_STATE_CHECKPOINTED)
+        return logged("restore", pid, CUDA_ERROR_ILLEGAL_STATE);
+    if (exists("broken", pid))
+        return logged("restore", pid, CUDA_ERROR_OPERATING_SYSTEM);
+    char target[96];
+    snprintf(target, sizeof target, "%s", c.gpu);
+    if (args && args->gpuPairsCount) {
+        int mapped = 0;
+        for (unsigned i = 0; i < args->gpuPairsCount; i++) {
+            char old[64], new[64];
+            uuid_text(&args->gpuPairs[i].oldUuid, old);
+            uuid_text(&args->gpuPairs[i].newUuid, new);
+            if (strcmp(old, c.gpu) == 0) {
+                snprintf(target, sizeof target, "%s", new);
+                mapped = 1;
+            }
+        }
+        if (!mapped) /* the pairs must cover every checkpointed GPU */
+            return logged("restore", pid, CUDA_ERROR_INVALID_VALUE);
+    }
+    big_lock();
+    long long total = gpu_total(target);
+    if (total == -2) {
+        big_unlock();
+        return logged("restore", pid, CUDA_ERROR_INVALID_DEVICE);
+    }
+    if (total >= 0 && gpu_used(target, pid) + c.vram > total) {
+        mark_broken(pid);
+        big_unlock();
+        return logged("restore", pid, CUDA_ERROR_OUT_OF_MEMORY); /* stays CHECKPOINTED, and broken */
+    }
+    /* Claim the memory before the copy, so two restores cannot both fit in the same free space. */
+    set_state(pid, CU_PROCESS_STATE_LOCKED);
+    big_unlock();
+    r = run_in_target(pid, "restore", &c);
+    if (r != CUDA_SUCCESS) {
+        set_state(pid, CU_PROCESS_STATE_CHECKPOINTED);
+        return logged("restore", pid, r);
+    }
+    if (strcmp(target, c.gpu) != 0) {
+        char p[PATH_MAX], buf[256];
+        path(p, "ctx", pid, NULL);
+        snprintf(buf, sizeof buf, "vram=%lld\ngpu=%s\nagent=%d\n", c.vram, target, c.agent);
+        write_file(p, buf);
+    }
+    return logged("restore", pid, CUDA_SUCCESS);
+}
+
+CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args)
+{
+    (void)args;
+    struct ctx c;
+    CUresult r = prologue(pid, &c, "unlock");
+    if (r != CUDA_SUCCESS)
+        return logged("unlock", pid, r);
+    return logged("unlock", pid, transition(pid, CU_PROCESS_STATE_LOCKED, CU_PROCESS_STATE_RUNNING));
+}
+
+#endif /* FAKECUDA_NO_CHECKPOINT */
+
+CUresult cuInit(unsigned int flags)
+{
+    if (flags != 0)
+        return CUDA_ERROR_INVALID_VALUE;
+#ifndef FAKECUDA_NO_CHECKPOINT
+    mkdirs();
+    logged("init", getpid(), CUDA_SUCCESS);
+#endif
+    initialized_pid = getpid();
+    return CUDA_SUCCESS;
+}
