@@ -15,9 +15,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import hostmem
 from .checkpoint import CheckpointBackend, CheckpointError, CudaState
 from .config import Config
-from .errors import CheckpointFailed, InvalidArgs, InvalidState, ModelExists, NoSuchModel
+from .errors import (
+    CheckpointFailed,
+    InsufficientGpuMemory,
+    InvalidArgs,
+    InvalidState,
+    ModelExists,
+    NoSuchModel,
+    RamBudgetExceeded,
+)
 from .events import Event, EventKind
 from .model import ENDED, Model, State, now_usec
 from .names import MODEL_UNIT_PREFIX, model_name_from_unit, model_unit, validate_model_name
@@ -80,6 +89,9 @@ class Engine:
         self.config = config
         self.models: dict[str, Model] = {}
         self._listeners: list[EngineListener] = []
+        # Host memory probes; tests replace them to play a host short of RAM.
+        self.mem_available: Callable[[], int] = hostmem.mem_available_bytes
+        self.rss: Callable[[int], int] = hostmem.rss_bytes
 
     # ----------------------------------------------------------------- plumbing
 
@@ -189,7 +201,12 @@ class Engine:
         self._apply_status(model, status)
         if model.state == State.RUNNING:
             per_pid = self.telemetry.vram_by_pid()
-            model.vram_bytes = sum(sum(per_pid.get(pid, {}).values()) for pid in model.pids)
+            by_gpu: dict[str, int] = {}
+            for pid in model.pids:
+                for uuid, used in per_pid.get(pid, {}).items():
+                    by_gpu[uuid] = by_gpu.get(uuid, 0) + used
+            model.vram_by_gpu = by_gpu
+            model.vram_bytes = sum(by_gpu.values())
             gpus = sorted({uuid for pid in model.pids for uuid in per_pid.get(pid, {})})
             if gpus:
                 model.gpus = gpus
@@ -290,10 +307,19 @@ class Engine:
     async def _freeze_locked(self, model: Model) -> None:
         t0 = time.monotonic()
         await self.refresh(model)
+        self._check_ram(model)
         self._set_state(model, State.FREEZING)
         try:
-            cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, model.pids)
+            try:
+                cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, model.pids)
+            except CheckpointError as e:
+                raise CheckpointFailed(f"model {model.name}: {e}; nothing was changed") from e
+            rss_before = sum(map(self.rss, cuda))
             await self._checkpoint_all(model, cuda)
+            # The snapshot lives in the targets' own memory: its size is their RSS growth. Where that does not
+            # show (RSS not readable), the VRAM NVML saw is the estimate.
+            grown = sum(map(self.rss, cuda)) - rss_before
+            model.snapshot_bytes = grown if grown > 0 else (model.vram_bytes if cuda else 0)
             try:
                 await self.units.freeze(model.unit)
             except BaseException:
@@ -317,6 +343,59 @@ class Engine:
                 gpus=tuple(model.gpus),
             )
         )
+
+    def ram_frozen_bytes(self) -> int:
+        """Host RAM held by the snapshots of frozen (or freezing, thawing) models."""
+        return sum(m.snapshot_bytes for m in self.models.values() if m.cuda_pids)
+
+    def _refuse(self, model: Model, error: Exception) -> None:
+        self._emit(Event(EventKind.REFUSAL, model.name, model.unit, str(error)))
+        raise error
+
+    def _check_ram(self, model: Model) -> None:
+        """Refuse a freeze whose snapshot would not fit the RAM budget or the kernel's MemAvailable. The snapshot
+        is estimated by the VRAM NVML sees (it also counts the context, so it errs on the safe side)."""
+        need = model.vram_bytes
+        if need <= 0:
+            return  # nothing on a GPU (or no telemetry): the freeze copies nothing into RAM
+        frozen, budget = self.ram_frozen_bytes(), self.config.ram_budget_bytes
+        if frozen + need > budget:
+            self._refuse(
+                model,
+                RamBudgetExceeded(
+                    f"freezing {model.name} would park {need} bytes in host RAM; frozen models already hold "
+                    f"{frozen} of the {budget}-byte budget"
+                ),
+            )
+        available = self.mem_available()
+        if need > available:
+            self._refuse(
+                model,
+                RamBudgetExceeded(
+                    f"freezing {model.name} would park {need} bytes in host RAM; the kernel has {available} "
+                    "available (MemAvailable)"
+                ),
+            )
+
+    def _check_gpu_room(self, model: Model) -> None:
+        """Refuse a thaw that would not fit: a restore that runs out of VRAM leaves the process unrecoverable
+        (cuda-checkpoint issue 44), so this is checked before anything moves."""
+        if not model.cuda_pids or not model.vram_by_gpu:
+            return
+        gpus = {g.uuid: g for g in self.telemetry.gpus()}
+        if not gpus:
+            log.warning("thaw of %s: no GPU telemetry, cannot check free VRAM", model.name)
+            return
+        for uuid, need in sorted(model.vram_by_gpu.items()):
+            gpu = gpus.get(uuid)
+            free = gpu.free_bytes if gpu else 0
+            if need > free:
+                where = f"GPU {gpu.index} ({uuid})" if gpu else f"GPU {uuid}, which is not present"
+                error = InsufficientGpuMemory(
+                    f"thawing {model.name} needs {need} bytes free on {where}; {free} free. The model stays frozen."
+                )
+                error.needed, error.free, error.gpu = need, free, uuid  # type: ignore[attr-defined]
+                self._refuse(model, error)
 
     async def _checkpoint_all(self, model: Model, pids: list[int]) -> None:
         """Lock every PID, then checkpoint every PID. On any failure, put every PID back as it was."""
@@ -378,6 +457,7 @@ class Engine:
 
     async def _thaw_locked(self, model: Model) -> None:
         t0 = time.monotonic()
+        self._check_gpu_room(model)
         self._set_state(model, State.THAWING)
         try:
             # The driver's restore runs on a thread inside the target: thaw the cgroup first.

@@ -37,6 +37,8 @@ class Model:
     gpus: list[str] = field(default_factory=list)
     vram_bytes: int = 0
     snapshot_bytes: int = 0
+    # GPU UUID → bytes this model held there, as NVML last saw it running: what a thaw needs free.
+    vram_by_gpu: dict[str, int] = field(default_factory=dict)
     cuda_pids: list[int] = field(default_factory=list)
     last_freeze_usec: int = 0
     last_thaw_usec: int = 0
