@@ -1,0 +1,132 @@
+# gpuschedd: install, test, demo.
+#
+#   make install [DESTDIR=...] [PREFIX=/usr]  install as a distribution package would
+#   make check                                the full test command (ruff, unit tests, system tests in a sandbox)
+#   make lint                                 ruff check + ruff format --check + xmllint on the XML files
+#   make demo                                 a narrated freeze/thaw/swap cycle inside a throw-away systemd sandbox
+#   make wheels                               build/wheels: the project's dependencies as wheels, for offline installs
+#
+# PREFIX defaults to /usr, not /usr/local: dbus-daemon reads bus policy and activation files only from
+# /usr/share/dbus-1 and /etc/dbus-1, polkitd reads actions only from /usr/share/polkit-1, and systemd's unit search
+# path has no /usr/local/lib/systemd/system on every distribution. Under /usr/local half the files would be ignored.
+
+PREFIX ?= /usr
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+# The interpreter the installed daemon and CLI run under (their shebang); its pip does the install.
+PYTHON ?= /usr/bin/python3
+# Extra pip options, e.g. PIP_FLAGS="--no-index --find-links build/wheels" to install without a network.
+PIP_FLAGS ?=
+# The development environment (.ci/run creates it): ruff and pytest come from here.
+VENV ?= .venv
+PYTEST_ARGS ?=
+SANDBOX ?= tools/sandbox.sh
+# What the sandbox shares read-write with the host: the checkout, and the venv when it lives elsewhere.
+SANDBOX_BIND = $(CURDIR) $(filter-out $(CURDIR)/%,$(abspath $(VENV)))
+
+BINDIR = $(PREFIX)/bin
+LIBEXECDIR = $(PREFIX)/libexec
+PKGLIBDIR = $(PREFIX)/lib/gpuschedd
+PYDIR = $(PKGLIBDIR)/python
+UNITDIR = $(PREFIX)/lib/systemd/system
+CATALOGDIR = $(PREFIX)/lib/systemd/catalog
+SYSUSERSDIR = $(PREFIX)/lib/sysusers.d
+DBUSDIR = $(PREFIX)/share/dbus-1
+POLKITDIR = $(PREFIX)/share/polkit-1
+CONFDIR = $(SYSCONFDIR)/gpusched
+
+PIP_QUIET = --disable-pip-version-check
+XML_FILES = $(wildcard dbus/*.xml dbus/*.conf polkit/*.policy)
+
+.PHONY: all install uninstall wheels check lint unit-tests system-tests demo clean
+
+all:
+	@echo "nothing to build; try: make install, make check, make demo" >&2
+
+# A launcher: "#!PYTHON -I" (isolated mode: a root daemon must ignore PYTHONPATH, PYTHONHOME, the user's site
+# and the current directory), the private package dir first on sys.path, then MODULE:main's return as exit code.
+define launcher
+#!$(PYTHON) -I
+"""$(2), installed by gpuschedd's Makefile."""
+import sys
+
+sys.path.insert(0, "$(PYDIR)")
+from gpuschedd.$(1) import main
+
+sys.exit(main())
+endef
+export DAEMON_LAUNCHER = $(call launcher,daemon,gpuschedd: the daemon)
+export CLI_LAUNCHER = $(call launcher,cli,gpusched: the command-line client)
+
+install:
+	# the package and its dependencies, private to gpuschedd: nothing in the system's site-packages changes
+	rm -rf "$(DESTDIR)$(PYDIR)" build/lib build/bdist.*   # pip builds in-tree: no stale modules from build/lib
+	$(PYTHON) -m pip install $(PIP_QUIET) --root-user-action=ignore --no-compile --target "$(DESTDIR)$(PYDIR)" $(PIP_FLAGS) ".[journal]"
+	rm -rf "$(DESTDIR)$(PYDIR)/bin"
+	install -d "$(DESTDIR)$(LIBEXECDIR)" "$(DESTDIR)$(BINDIR)"
+	printf '%s\n' "$$DAEMON_LAUNCHER" > "$(DESTDIR)$(LIBEXECDIR)/gpuschedd"
+	printf '%s\n' "$$CLI_LAUNCHER" > "$(DESTDIR)$(BINDIR)/gpusched"
+	chmod 755 "$(DESTDIR)$(LIBEXECDIR)/gpuschedd" "$(DESTDIR)$(BINDIR)/gpusched"
+	# systemd units; ExecStart follows PREFIX
+	install -d "$(DESTDIR)$(UNITDIR)"
+	sed 's|/usr/libexec/|$(LIBEXECDIR)/|g' units/gpuschedd.service > "$(DESTDIR)$(UNITDIR)/gpuschedd.service"
+	install -m 644 units/gpusched.slice "$(DESTDIR)$(UNITDIR)/gpusched.slice"
+	# D-Bus: bus policy, system activation, interface documentation
+	install -d "$(DESTDIR)$(DBUSDIR)/system.d" "$(DESTDIR)$(DBUSDIR)/system-services" "$(DESTDIR)$(DBUSDIR)/interfaces"
+	install -m 644 dbus/org.gpusched1.conf "$(DESTDIR)$(DBUSDIR)/system.d/org.gpusched1.conf"
+	install -m 644 dbus/org.gpusched1.service "$(DESTDIR)$(DBUSDIR)/system-services/org.gpusched1.service"
+	$(if $(wildcard dbus/org.gpusched1.xml),install -m 644 dbus/org.gpusched1.xml "$(DESTDIR)$(DBUSDIR)/interfaces/")
+	# optional parts (later issues add them): polkit actions and rules, journal catalog, sysusers
+	$(if $(wildcard polkit/*.policy),install -d "$(DESTDIR)$(POLKITDIR)/actions" && install -m 644 $(wildcard polkit/*.policy) "$(DESTDIR)$(POLKITDIR)/actions/")
+	$(if $(wildcard polkit/*.rules),install -d -m 700 "$(DESTDIR)$(POLKITDIR)/rules.d" && install -m 644 $(wildcard polkit/*.rules) "$(DESTDIR)$(POLKITDIR)/rules.d/")
+	$(if $(wildcard catalog/*.catalog),install -d "$(DESTDIR)$(CATALOGDIR)" && install -m 644 $(wildcard catalog/*.catalog) "$(DESTDIR)$(CATALOGDIR)/")
+	$(if $(wildcard sysusers.d/*.conf),install -d "$(DESTDIR)$(SYSUSERSDIR)" && install -m 644 $(wildcard sysusers.d/*.conf) "$(DESTDIR)$(SYSUSERSDIR)/")
+	# the admin's configuration: installed once, never overwritten
+	install -d "$(DESTDIR)$(CONFDIR)"
+	[ -e "$(DESTDIR)$(CONFDIR)/gpuschedd.conf" ] || install -m 644 conf/gpuschedd.conf "$(DESTDIR)$(CONFDIR)/gpuschedd.conf"
+
+uninstall:
+	rm -rf "$(DESTDIR)$(PKGLIBDIR)"
+	rm -f "$(DESTDIR)$(LIBEXECDIR)/gpuschedd" "$(DESTDIR)$(BINDIR)/gpusched"
+	rm -f "$(DESTDIR)$(UNITDIR)/gpuschedd.service" "$(DESTDIR)$(UNITDIR)/gpusched.slice"
+	rm -f "$(DESTDIR)$(DBUSDIR)/system.d/org.gpusched1.conf" "$(DESTDIR)$(DBUSDIR)/system-services/org.gpusched1.service"
+	rm -f "$(DESTDIR)$(DBUSDIR)/interfaces/org.gpusched1.xml"
+	rm -f $(foreach f,$(notdir $(wildcard polkit/*.policy)),"$(DESTDIR)$(POLKITDIR)/actions/$(f)")
+	rm -f $(foreach f,$(notdir $(wildcard polkit/*.rules)),"$(DESTDIR)$(POLKITDIR)/rules.d/$(f)")
+	rm -f $(foreach f,$(notdir $(wildcard catalog/*.catalog)),"$(DESTDIR)$(CATALOGDIR)/$(f)")
+	rm -f $(foreach f,$(notdir $(wildcard sysusers.d/*.conf)),"$(DESTDIR)$(SYSUSERSDIR)/$(f)")
+	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf in place (configuration)"
+
+# Wheels of everything `make install` pulls in (plus the build backend), so the sandbox installs offline and never
+# compiles: systemd-python is built here once. Rebuilt when the dependencies change.
+wheels: build/wheels/.stamp
+build/wheels/.stamp: pyproject.toml
+	rm -rf build/wheels
+	$(PYTHON) -m pip wheel $(PIP_QUIET) -q -w build/wheels ".[journal]" setuptools wheel
+	rm -f build/wheels/gpuschedd-*.whl
+	touch $@
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	xmllint --noout $(XML_FILES)
+
+unit-tests:
+	# exit status 5 = no tests collected (the tree may not have any yet)
+	$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS) || [ $$? = 5 ]
+
+# The system tests run inside a throw-away systemd sandbox; the checkout is shared read-write with it, and the
+# session fixture there runs `make install` into the guest's overlay (the host is never written).
+system-tests: wheels
+	SYSD_NAME=gpuschedd-check SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with $(VENV)/bin/pytest -q tests/system $(PYTEST_ARGS)
+
+check:
+	$(VENV)/bin/ruff check .
+	$(MAKE) unit-tests
+	$(MAKE) system-tests
+
+demo: wheels
+	SYSD_NAME=gpuschedd-demo SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with tools/demo.sh
+
+clean:
+	rm -rf build src/*.egg-info .pytest_cache

@@ -1,0 +1,99 @@
+"""System tests: the installed gpuschedd under a real systemd, system bus, polkitd and journald.
+
+They run only inside tools/sandbox.sh's guest (`make system-tests`), because the session fixture installs the project
+into the root filesystem — there an overlay in RAM, anywhere else the real system. The shipped files are installed by
+`make install`, exactly as a package would; nothing here keeps copies of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+import sysutil
+from sysutil import REPO, Models, run, wait_until
+
+HERE = Path(__file__).resolve().parent
+# GPUSCHED_SYSTEM_TESTS=1 runs them on a machine of its own anyway (a throw-away VM): they install into / there.
+ALLOWED = sysutil.in_sandbox() or os.environ.get("GPUSCHED_SYSTEM_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason="system tests install into / : run them in the sandbox (make system-tests)")
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.system)
+            if not ALLOWED:
+                item.add_marker(skip)
+
+
+def journal(*args: str, since: float | None = None) -> str:
+    argv = ["journalctl", "--no-pager", "-o", "short-precise", *args]
+    if since is not None:
+        argv.append(f"--since=@{since:.6f}")
+    return run(*argv, check=False).stdout
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    """Like power-profiles-daemon's tests: the daemon's log is printed only for a test that failed."""
+    outcome = yield
+    report = outcome.get_result()
+    started = getattr(item, "_gpusched_started", None)
+    if report.failed and started is not None and ALLOWED:
+        text = journal("-u", "gpuschedd.service", "-u", "gpusched-model@*", since=started - 0.05)
+        report.sections.append(("journal of gpuschedd and the models during this test", text))
+
+
+@pytest.fixture(autouse=True)
+def _mark_start(request: pytest.FixtureRequest) -> None:
+    request.node._gpusched_started = time.time()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def daemon() -> Iterator[None]:
+    """Install the project into the guest as a package would, then start gpuschedd.service and wait for its name."""
+    if not ALLOWED:
+        yield
+        return
+    run(
+        "make", "-C", str(REPO), "--no-print-directory", "install",
+        "PREFIX=/usr", "PYTHON=/usr/bin/python3", "PIP_FLAGS=--no-index --find-links build/wheels",
+        timeout=300,
+    )  # fmt: skip
+    run("systemctl", "daemon-reload")
+    # dbus-daemon notices new policy files by inotify; ReloadConfig makes it certain before the first call
+    run("busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+        "ReloadConfig")  # fmt: skip
+    started = time.time()
+    start = run("systemctl", "start", "gpuschedd.service", check=False, timeout=90)
+    if start.returncode != 0 or not wait_until_owner():
+        pytest.exit(
+            f"gpuschedd did not start:\n{start.stderr}\n"
+            + run("systemctl", "status", "--no-pager", "gpuschedd.service", check=False).stdout
+            + journal("-u", "gpuschedd.service", since=started - 1),
+            returncode=1,
+        )
+    sysutil.ensure_workdir()
+    yield
+
+
+def wait_until_owner(timeout: float = 10) -> bool:
+    try:
+        wait_until("org.gpusched1 to have an owner", sysutil.name_has_owner, timeout)
+    except AssertionError:
+        return False
+    return True
+
+
+@pytest.fixture
+def models(request: pytest.FixtureRequest) -> Iterator[Models]:
+    # model names from the test's name: unique per test, and easy to find in the journal
+    prefix = re.sub(r"[^A-Za-z0-9.-]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-.")
+    factory = Models(prefix)
+    yield factory
+    factory.cleanup()
