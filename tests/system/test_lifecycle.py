@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sysutil import (
     SLICE,
     Models,
@@ -24,7 +25,6 @@ from sysutil import (
 )
 
 import dbus
-import pytest
 
 
 def assert_frozen(name: str) -> None:
