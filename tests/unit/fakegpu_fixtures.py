@@ -1,0 +1,130 @@
+"""Fixtures for tests that drive the checkpoint backends through the fake libcuda (tests/fakecuda): the
+library built once per session with gcc, a fresh driver state directory per test, and fake model processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gpuschedd.testing.fakegpu import FakeGpuDir
+
+FAKECUDA = Path(__file__).resolve().parent.parent / "fakecuda"
+sys.path.insert(0, str(FAKECUDA))
+
+from build import build  # noqa: E402
+
+GPU0 = "GPU-a1b2c3d4-0000-1111-2222-333344445555"
+GPU1 = "GPU-a1b2c3d4-0000-1111-2222-666677778888"
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def fakecuda_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which(os.environ.get("CC", "gcc")) is None:
+        pytest.skip("no C compiler for the fake libcuda")
+    out = tmp_path_factory.mktemp("fakecuda")
+    build(str(out), checkpoint_api=False)
+    return Path(build(str(out)))
+
+
+@pytest.fixture
+def gpu_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fakecuda_lib: Path) -> FakeGpuDir:
+    """A fresh fake driver with two 1 GiB GPUs; the fake libcuda and its helpers find it through the env."""
+    path = tmp_path / "fakecuda"
+    monkeypatch.setenv("FAKECUDA_DIR", str(path))
+    monkeypatch.setenv("GPUSCHED_LIBCUDA", str(fakecuda_lib))
+    fake = FakeGpuDir(str(path))
+    fake.add_gpu(GPU0, 0, GIB)
+    fake.add_gpu(GPU1, 1, GIB)
+    return fake
+
+
+@dataclass
+class FakeModel:
+    """A running fake_model.py: `pids` are its CUDA processes in start order, `counter` its work file."""
+
+    proc: subprocess.Popen[bytes]
+    counter: Path
+    pids: list[int] = field(default_factory=list)
+
+    def count(self, i: int = 0) -> int:
+        path = self.counter if i == 0 else Path(f"{self.counter}.{i}")
+        try:
+            return int(path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def moving(self, i: int = 0, wait: float = 0.15) -> bool:
+        before = self.count(i)
+        time.sleep(wait)
+        return self.count(i) > before
+
+
+def fake_model_argv(gpu_dir: FakeGpuDir, counter: Path, vram: int, gpu: str = GPU0, procs: int = 1) -> list[str]:
+    return [
+        sys.executable,
+        str(FAKECUDA / "fake_model.py"),
+        "--dir",
+        gpu_dir.path,
+        "--vram",
+        str(vram),
+        "--gpu",
+        gpu,
+        "--counter",
+        str(counter),
+        "--procs",
+        str(procs),
+    ]
+
+
+def registered(gpu_dir: FakeGpuDir, count: int) -> list[int] | None:
+    pids = [c.pid for c in gpu_dir.contexts()]
+    return pids if len(pids) >= count else None
+
+
+@pytest.fixture
+def spawn_model(gpu_dir: FakeGpuDir, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """spawn_model(vram, procs=1, gpu=GPU0) → FakeModel, killed (the whole session) at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(vram: int = 64 * MIB, procs: int = 1, gpu: str = GPU0) -> FakeModel:
+        counter = tmp_path / f"counter{len(started)}"
+        before = {c.pid for c in gpu_dir.contexts()}
+        proc = subprocess.Popen(fake_model_argv(gpu_dir, counter, vram, gpu, procs), start_new_session=True)
+        started.append(proc)
+        pids = wait_for(
+            lambda: [p for p in (registered(gpu_dir, len(before) + procs) or []) if p not in before],
+            what="fake model registration",
+        )
+        model = FakeModel(proc, counter, sorted(pids, key=lambda p: (p != proc.pid, p)))
+        wait_for(lambda: model.count() > 0, what="fake model counting")
+        return model
+
+    yield spawn
+    for proc in started:
+        for signum in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signum)
+        proc.wait()

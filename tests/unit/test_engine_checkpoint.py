@@ -1,0 +1,190 @@
+"""The engine with the driver backend over the fake libcuda, fake NVML over the same state, and real model
+processes: ordering across a multi-process model, rollback of partial failures, and memory accounting."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
+from process_units import ProcessUnits
+
+from gpuschedd.checkpoint import CudaState
+from gpuschedd.checkpoint.driver import DriverCheckpoint
+from gpuschedd.config import Config
+from gpuschedd.engine import Engine, EngineListener, RunOptions
+from gpuschedd.errors import CheckpointFailed, InsufficientGpuMemory, RamBudgetExceeded
+from gpuschedd.events import Event, EventKind
+from gpuschedd.model import Model, State
+from gpuschedd.testing.fakegpu import FakeGpuTelemetry
+
+VRAM = 200 * MIB
+
+
+class Events(EngineListener):
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def event(self, event: Event) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture
+async def setup(gpu_dir, tmp_path):  # type: ignore[no-untyped-def]
+    units = ProcessUnits()
+    engine = Engine(units, DriverCheckpoint(), FakeGpuTelemetry(gpu_dir.path), Config(ram_budget_bytes=4 << 30))
+    events = Events()
+    engine.add_listener(events)
+    await engine.start()
+    yield engine, units, gpu_dir, events, tmp_path
+    await units.close()
+
+
+async def run_model(engine: Engine, gpu_dir, tmp_path, name: str = "m", procs: int = 2) -> Model:  # type: ignore[no-untyped-def]
+    before = len(gpu_dir.contexts())
+    model = await engine.run(name, fake_model_argv(gpu_dir, tmp_path / name, VRAM, GPU0, procs), RunOptions(), 0)
+    await asyncio.to_thread(wait_for, lambda: registered(gpu_dir, before + procs), 5.0, "registration")
+    await engine.refresh(model)
+    assert len(model.pids) == procs
+    return model
+
+
+def steps(gpu_dir, pids: list[int]) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    return [(step, pid) for step, pid, result in gpu_dir.log() if pid in pids and result == "CUDA_SUCCESS"]
+
+
+def states(gpu_dir, pids: list[int]) -> list[CudaState | None]:  # type: ignore[no-untyped-def]
+    return [gpu_dir.state(pid) for pid in pids]
+
+
+async def counting(path, wait: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
+    def read() -> int:
+        try:
+            return int(Path(path).read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    before = read()
+    await asyncio.sleep(wait)
+    return read() > before
+
+
+async def test_freeze_and_thaw_a_two_process_model(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, units, gpu_dir, events, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path)
+    a, b = model.pids
+    nvml = engine.telemetry
+    assert model.vram_bytes == 2 * VRAM and model.vram_by_gpu == {GPU0: 2 * VRAM}
+    free_running = nvml.gpus()[0].free_bytes
+
+    await engine.freeze("m")
+    assert model.state == State.FROZEN and model.cuda_pids == [a, b]
+    assert units.frozen == {model.unit}
+    assert steps(gpu_dir, [a, b]) == [("lock", a), ("lock", b), ("checkpoint", a), ("checkpoint", b)]
+    assert nvml.vram_by_pid() == {}, "checkpointed processes leave NVML's list"
+    assert nvml.gpus()[0].free_bytes == free_running + 2 * VRAM
+    assert model.snapshot_bytes >= 2 * VRAM * 0.9, "the snapshot is the targets' RSS growth"
+    assert engine.ram_frozen_bytes() == model.snapshot_bytes
+    assert not await counting(tmp_path / "m")
+
+    await engine.thaw("m")
+    assert model.state == State.RUNNING and units.frozen == set()
+    assert steps(gpu_dir, [a, b])[4:] == [("restore", a), ("restore", b), ("unlock", a), ("unlock", b)]
+    assert states(gpu_dir, [a, b]) == [CudaState.RUNNING, CudaState.RUNNING]
+    assert await counting(tmp_path / "m") and await counting(f"{tmp_path / 'm'}.1")
+    assert engine.ram_frozen_bytes() == 0
+    assert [e.kind for e in events.events][-2:] == [EventKind.FREEZE, EventKind.THAW]
+
+
+@pytest.mark.parametrize(("step", "error"), [("lock", "CUDA_ERROR_NOT_READY"), ("checkpoint", "CUDA_ERROR_UNKNOWN")])
+async def test_partial_failure_rolls_every_process_back(setup, step, error) -> None:  # type: ignore[no-untyped-def]
+    engine, units, gpu_dir, _, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path)
+    a, b = model.pids
+    gpu_dir.fail(b, step, error)
+    with pytest.raises(CheckpointFailed) as e:
+        await engine.freeze("m")
+    assert f"{step} of pid {b} failed: {error}" in e.value.message
+    assert model.state == State.RUNNING and not model.cuda_pids and units.frozen == set()
+    assert states(gpu_dir, [a, b]) == [CudaState.RUNNING, CudaState.RUNNING]
+    assert await counting(tmp_path / "m") and await counting(f"{tmp_path / 'm'}.1")
+    # Once the cause is gone, the same model freezes fine.
+    gpu_dir.clear_failures()
+    await engine.freeze("m")
+    assert states(gpu_dir, [a, b]) == [CudaState.CHECKPOINTED, CudaState.CHECKPOINTED]
+
+
+async def test_lock_timeout_is_honoured(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _, gpu_dir, _, tmp_path = setup
+    engine.config.lock_timeout_ms = 150
+    model = await run_model(engine, gpu_dir, tmp_path)
+    a, b = model.pids
+    gpu_dir.busy(b, 10_000)
+    with pytest.raises(CheckpointFailed) as e:
+        await asyncio.wait_for(engine.freeze("m"), 3)
+    assert f"lock of pid {b} failed: CUDA_ERROR_NOT_READY" in e.value.message
+    assert states(gpu_dir, [a, b]) == [CudaState.RUNNING, CudaState.RUNNING]
+
+
+async def test_restore_failure_leaves_the_model_frozen(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, units, gpu_dir, _, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path)
+    a, b = model.pids
+    await engine.freeze("m")
+    gpu_dir.fail(b, "restore", "CUDA_ERROR_OUT_OF_MEMORY")
+    with pytest.raises(CheckpointFailed) as e:
+        await engine.thaw("m")
+    assert f"restore of pid {b} failed: CUDA_ERROR_OUT_OF_MEMORY" in e.value.message
+    assert model.state == State.FROZEN and model.cuda_pids == [a, b] and units.frozen == {model.unit}
+    assert states(gpu_dir, [a, b]) == [CudaState.CHECKPOINTED, CudaState.CHECKPOINTED]
+
+
+async def test_thaw_refused_when_the_gpu_lacks_room(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, units, gpu_dir, events, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path)
+    await engine.freeze("m")
+    gpu_dir.allocate("other", 700 * MIB, GPU0)  # 1 GiB GPU: 324 MiB free, the model needs 400
+    calls = len(gpu_dir.log())
+    with pytest.raises(InsufficientGpuMemory) as e:
+        await engine.thaw("m")
+    assert (e.value.needed, e.value.free, e.value.gpu) == (2 * VRAM, 324 * MIB, GPU0)  # type: ignore[attr-defined]
+    assert "GPU 0" in e.value.message
+    assert model.state == State.FROZEN and units.frozen == {model.unit}
+    assert len(gpu_dir.log()) == calls, "nothing was attempted"
+    assert not any(gpu_dir.broken(pid) for pid in model.pids)
+    assert events.events[-1].kind == EventKind.REFUSAL
+    gpu_dir.free("other")
+    await engine.thaw("m")
+    assert model.state == State.RUNNING
+
+
+async def test_freeze_refused_over_the_ram_budget(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _, gpu_dir, _, tmp_path = setup
+    first = await run_model(engine, gpu_dir, tmp_path, "first", procs=1)
+    second = await run_model(engine, gpu_dir, tmp_path, "second", procs=1)
+    await engine.freeze("first")
+    engine.config.ram_budget_bytes = first.snapshot_bytes + VRAM - 1
+    calls = len(gpu_dir.log())
+    with pytest.raises(RamBudgetExceeded) as e:
+        await engine.freeze("second")
+    assert "budget" in e.value.message
+    assert second.state == State.RUNNING and len(gpu_dir.log()) == calls
+    engine.config.ram_budget_bytes = 4 << 30
+    engine.mem_available = lambda: VRAM - 1
+    with pytest.raises(RamBudgetExceeded) as e:
+        await engine.freeze("second")
+    assert "MemAvailable" in e.value.message
+    engine.mem_available = lambda: 1 << 40
+    await engine.freeze("second")
+    assert second.state == State.FROZEN
+
+
+async def test_a_model_without_cuda_freezes_with_the_cgroup_alone(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _, gpu_dir, _, _ = setup
+    model = await engine.run("plain", ["sleep", "60"], RunOptions(), 0)
+    await engine.freeze("plain")
+    assert model.state == State.FROZEN and model.cuda_pids == [] and model.snapshot_bytes == 0
+    assert not [s for s in gpu_dir.log() if s[0] != "init"]
+    await engine.thaw("plain")
+    assert model.state == State.RUNNING
