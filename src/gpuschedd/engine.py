@@ -19,6 +19,7 @@ from . import hostmem
 from .checkpoint import CheckpointBackend, CheckpointError, CudaState
 from .config import Config
 from .errors import (
+    AccessDenied,
     CheckpointFailed,
     InsufficientGpuMemory,
     InvalidArgs,
@@ -220,8 +221,14 @@ class Engine:
         existing = self.models.get(name)
         if existing is not None and existing.state not in ENDED:
             raise ModelExists(f"model {name!r} exists ({existing.state})")
+        if owner < 0:
+            raise AccessDenied("unknown caller")
         user = options.user or (_user_name(owner) if owner != 0 else "")
         uid = _user_uid(user) if user else owner
+        if owner != 0 and (not user or uid == 0):
+            # The bus layer allows User= only with `manage`; this holds even if that check ever goes wrong:
+            # a caller that is not root never gets a process running as root (any name with uid 0 included).
+            raise AccessDenied("only root may run a model as root")
         environment = list(options.environment)
         if options.gpus:
             environment.append("CUDA_VISIBLE_DEVICES=" + ",".join(options.gpus))

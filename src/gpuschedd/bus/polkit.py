@@ -87,6 +87,12 @@ class Authority:
         if authorized:
             return uid
         if challenge:
+            # Like systemd: whether or not interaction was allowed, polkit's "an administrator could allow it"
+            # is InteractiveAuthorizationRequired (with interaction allowed it means no agent could ask).
+            if interactive:
+                raise InteractiveAuthorizationRequired(
+                    f"{action} needs authentication, and no polkit authentication agent answered"
+                )
             raise InteractiveAuthorizationRequired(
                 f"{action} needs authentication: retry allowing interactive authorization"
             )

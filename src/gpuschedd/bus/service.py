@@ -20,9 +20,9 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from .. import __version__, validate
 from ..engine import Engine, EngineListener, RunOptions
-from ..errors import GpuschedError, InvalidArgs, NotSupported
+from ..errors import GpuschedError, InvalidArgs, NoSuchModel, NotSupported
 from ..model import Model
-from ..names import MANAGER_IFACE, MODEL_IFACE, model_path, validate_model_name
+from ..names import MANAGER_IFACE, MODEL_IFACE, model_path, model_unit, validate_model_name
 from . import polkit
 from .connection import current_message
 
@@ -84,7 +84,12 @@ class _Authorizing:
     def _model_for(self, args: tuple[Any, ...]) -> Model | None:
         raise NotImplementedError
 
-    async def _authorize(self, access: str, verb: str, args: tuple[Any, ...]) -> None:
+    async def _authorize(
+        self, access: str, verb: str, args: tuple[Any, ...], extra: dict[str, str] | None = None
+    ) -> Model | None:
+        """Ask polkit whether the caller may do `verb`; return the model it was authorized for, if any.
+
+        Details for admins' rules: verb, model, unit, and owner (the model owner's uid) when a model exists."""
         msg = current_message.get()
         if msg is None:  # only reachable if a handler is invoked outside the bus dispatch
             raise DBusError("org.freedesktop.DBus.Error.AccessDenied", "unknown caller")
@@ -93,19 +98,40 @@ class _Authorizing:
         if model is not None:
             uid = await self.authority.caller_uid(msg)
             action = polkit.ACTION_CONTROL if uid == model.owner else polkit.ACTION_CONTROL_ANY
-            details.update(model=model.name, unit=model.unit)
+            details.update(model=model.name, unit=model.unit, owner=str(model.owner))
         else:
             action = _ACTIONS.get(access, polkit.ACTION_MANAGE)
             if args and isinstance(args[0], str):
-                details["model"] = args[0]
+                name = validate_model_name(args[0])
+                details.update(model=name, unit=model_unit(name))
+                if access == ADOPT:  # Adopt(name, unit, …) names the unit; AdoptProcesses(name, pids, …) has none
+                    details["unit"] = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+        details.update(extra or {})
         caller_uid.set(await self.authority.check(msg, action, details))
+        if model is not None:
+            self._still_there(model)
+        return model
+
+    def _still_there(self, model: Model) -> None:
+        """The model a caller was authorized for is still the one its name refers to. polkit answers
+        asynchronously: meanwhile the model may have been stopped, forgotten and its name run again by someone
+        else, and an authorization for the old one must not act on the new one."""
+        if self.engine.models.get(model.name) is not model:
+            raise NoSuchModel(f"model {model.name!r} was replaced while the call was being authorized; retry")
+
+
+def _shown(text: str) -> str:
+    """A caller's string, safe to echo back in an error message: short and printable."""
+    short = text[:64] + ("…" if len(text) > 64 else "")
+    return repr(short) if short.isprintable() else "(unprintable)"
 
 
 def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
-    types = {"Description": DBusStr, "WorkingDirectory": DBusStr, "Environment": StrList, "Gpus": StrList, "User": "s"}
+    # D-Bus signatures of the known options (strings: dbus-fast's Variant.signature is one)
+    types = {"Description": "s", "WorkingDirectory": "s", "Environment": "as", "Gpus": "as", "User": "s"}
     for key, value in options.items():
         if key not in types:
-            raise InvalidArgs(f"unknown option {key!r}; known: {', '.join(types)}")
+            raise InvalidArgs(f"unknown option {_shown(key)}; known: {', '.join(types)}")
         if value.signature != types[key]:
             raise InvalidArgs(f"option {key} must have type {types[key]}, not {value.signature}")
     get = {key: value.value for key, value in options.items()}
@@ -137,7 +163,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
         run_options = _parse_run_options(options)
         if run_options.user:
             # Running as somebody else is a root-only choice.
-            await self._authorize(MANAGE, "run", (name,))
+            await self._authorize(MANAGE, "run", (name,), {"user": run_options.user})
         model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get())
         return model_path(model.name)
 
@@ -165,7 +191,9 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @exposed(CONTROL)
     async def Swap(self, freeze_name: DBusStr, thaw_name: DBusStr) -> None:
         # Both models are acted on: the caller needs the right to control each.
+        out = self.engine.get(freeze_name)  # authorized by exposed(), no await since
         await self._authorize(CONTROL, "swap", (validate_model_name(thaw_name),))
+        self._still_there(out)
         await self.engine.swap(freeze_name, thaw_name)
 
     @method()

@@ -1,0 +1,331 @@
+"""Who may do what, without a bus: the bus layer's choice of polkit action and details, ownership, and the
+engine's refusal to give a non-root caller a root process. tests/system/test_security.py checks the same against
+the real polkitd with the shipped policy and rules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pwd
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import Message, MessageFlag, Variant
+from dbus_fast.errors import DBusError
+from fake_units import FakeUnits
+
+from gpuschedd.bus import polkit
+from gpuschedd.bus.connection import current_message
+from gpuschedd.bus.service import ManagerInterface, ModelInterface, _parse_run_options
+from gpuschedd.checkpoint import NoCheckpoint
+from gpuschedd.config import Config
+from gpuschedd.engine import Engine, RunOptions
+from gpuschedd.errors import AccessDenied, GpuschedError, InvalidArgs
+from gpuschedd.model import State
+from gpuschedd.telemetry import NoGpus
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "polkit" / "org.gpusched1.policy"
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+NOBODY = pwd.getpwnam("nobody")
+
+
+class FakeAuthority(polkit.Authority):
+    """polkit as a table: uid per sender, and the (uid, action) pairs that are allowed. Records every question."""
+
+    def __init__(self, uids: dict[str, int], allowed: set[tuple[int, str]]) -> None:
+        self._senders = uids
+        self.allowed = allowed
+        self.asked: list[tuple[int, str, dict[str, str]]] = []
+        self.delay = 0.0
+
+    async def caller_uid(self, msg: Message) -> int:
+        return self._senders[msg.sender or ""]
+
+    async def check(self, msg: Message, action: str, details: dict[str, str]) -> int:
+        uid = await self.caller_uid(msg)
+        self.asked.append((uid, action, dict(details)))
+        await asyncio.sleep(self.delay)
+        if uid == 0 or (uid, action) in self.allowed:
+            return uid
+        raise AccessDenied(f"not authorized for {action}")
+
+
+@pytest.fixture
+async def engine() -> Engine:
+    eng = Engine(FakeUnits(), NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1 << 30))
+    await eng.start()
+    return eng
+
+
+@pytest.fixture
+def authority() -> FakeAuthority:
+    return FakeAuthority({":1.1": 0, ":1.2": NOBODY.pw_uid, ":1.3": 4242}, set())
+
+
+@pytest.fixture
+def manager(engine: Engine, authority: FakeAuthority) -> ManagerInterface:
+    return ManagerInterface(engine, authority)
+
+
+@contextlib.contextmanager
+def as_(sender: str) -> Iterator[None]:
+    """Calls made inside come from `sender`, as the bus dispatch would tell them."""
+    token = current_message.set(Message(sender=sender, path="/org/gpusched1", member="X"))
+    try:
+        yield
+    finally:
+        current_message.reset(token)
+
+
+def call(iface: Any, member: str, *args: Any) -> Any:
+    """The coroutine behind a D-Bus method (dbus-fast's @method wrapper drops what it returns)."""
+    return getattr(type(iface), member).__wrapped__(iface, *args)
+
+
+async def error_of(coro: Any) -> str:
+    with pytest.raises(DBusError) as info:
+        await coro
+    assert "Traceback" not in info.value.text and ".py" not in info.value.text
+    return info.value.type
+
+
+# ----------------------------------------------------------------- actions, details, ownership
+
+
+async def test_run_asks_run_with_details_and_runs_as_the_caller(
+    manager: ManagerInterface, engine: Engine, authority: FakeAuthority
+) -> None:
+    authority.allowed.add((NOBODY.pw_uid, polkit.ACTION_RUN))
+    with as_(":1.2"):
+        await call(manager, "Run", "llama", ["/bin/true"], {})
+    assert authority.asked == [
+        (NOBODY.pw_uid, polkit.ACTION_RUN, {"verb": "run", "model": "llama", "unit": "gpusched-model@llama.service"})
+    ]
+    model = engine.get("llama")
+    assert model.owner == NOBODY.pw_uid
+    assert engine.units.specs[model.unit].user == "nobody"  # type: ignore[attr-defined]
+
+
+async def test_user_option_needs_manage(manager: ManagerInterface, engine: Engine, authority: FakeAuthority) -> None:
+    authority.allowed.add((NOBODY.pw_uid, polkit.ACTION_RUN))
+    with as_(":1.2"):
+        assert await error_of(call(manager, "Run", "x", ["/bin/true"], {"User": Variant("s", "root")})) == ACCESS_DENIED
+    assert authority.asked[-1][1:] == (
+        polkit.ACTION_MANAGE,
+        {"verb": "run", "model": "x", "unit": "gpusched-model@x.service", "user": "root"},
+    )
+    assert "x" not in engine.models
+
+
+async def test_control_of_own_model_is_control_and_of_others_control_any(
+    manager: ManagerInterface, engine: Engine, authority: FakeAuthority
+) -> None:
+    with as_(":1.1"):
+        await call(manager, "Run", "roots", ["/bin/true"], {})
+    authority.allowed |= {(NOBODY.pw_uid, polkit.ACTION_RUN), (NOBODY.pw_uid, polkit.ACTION_CONTROL)}
+    with as_(":1.2"):
+        await call(manager, "Run", "mine", ["/bin/true"], {})
+        await call(manager, "Freeze", "mine")
+        assert authority.asked[-1] == (
+            NOBODY.pw_uid,
+            polkit.ACTION_CONTROL,
+            {"verb": "freeze", "model": "mine", "unit": "gpusched-model@mine.service", "owner": str(NOBODY.pw_uid)},
+        )
+        for attempt in (
+            call(manager, "Freeze", "roots"),
+            call(manager, "Stop", "roots"),
+            call(manager, "Forget", "roots"),
+        ):
+            assert await error_of(attempt) == ACCESS_DENIED
+            assert authority.asked[-1][1] == polkit.ACTION_CONTROL_ANY and authority.asked[-1][2]["owner"] == "0"
+    assert engine.get("roots").state == State.RUNNING and engine.get("mine").state == State.FROZEN
+
+
+async def test_swap_needs_both_models(manager: ManagerInterface, engine: Engine, authority: FakeAuthority) -> None:
+    with as_(":1.1"):
+        await call(manager, "Run", "roots", ["/bin/true"], {})
+        await call(manager, "Freeze", "roots")
+    authority.allowed |= {(NOBODY.pw_uid, polkit.ACTION_RUN), (NOBODY.pw_uid, polkit.ACTION_CONTROL)}
+    with as_(":1.2"):
+        await call(manager, "Run", "mine", ["/bin/true"], {})
+        # freezing my model and thawing root's: the second half is somebody else's
+        assert await error_of(call(manager, "Swap", "mine", "roots")) == ACCESS_DENIED
+        assert [a[1] for a in authority.asked[-2:]] == [polkit.ACTION_CONTROL, polkit.ACTION_CONTROL_ANY]
+    assert engine.get("mine").state == State.RUNNING and engine.get("roots").state == State.FROZEN
+
+
+async def test_model_object_methods_are_checked_too(engine: Engine, authority: FakeAuthority) -> None:
+    await engine.run("roots", ["/bin/true"], RunOptions(), 0)
+    iface = ModelInterface(engine, authority, engine.get("roots"))
+    with as_(":1.2"):
+        for attempt in (call(iface, "Freeze"), call(iface, "Thaw"), call(iface, "Stop")):
+            assert await error_of(attempt) == ACCESS_DENIED
+    assert [a[1] for a in authority.asked] == [polkit.ACTION_CONTROL_ANY] * 3
+    assert [a[2]["verb"] for a in authority.asked] == ["freeze", "thaw", "stop"]
+
+
+async def test_unimplemented_and_unlisted_members_fail_closed(
+    manager: ManagerInterface, authority: FakeAuthority
+) -> None:
+    with as_(":1.3"):
+        assert await error_of(call(manager, "Adopt", "a", "foo.service", {})) == ACCESS_DENIED
+        assert await error_of(call(manager, "AdoptProcesses", "a", [1], {})) == ACCESS_DENIED
+    assert [a[1] for a in authority.asked] == [polkit.ACTION_ADOPT] * 2
+    assert authority.asked[0][2]["unit"] == "foo.service"
+
+
+async def test_a_model_replaced_while_polkit_thinks_is_not_touched(
+    manager: ManagerInterface, engine: Engine, authority: FakeAuthority
+) -> None:
+    """polkit answers asynchronously; an authorization for the model named X must not act on a new X."""
+    authority.allowed |= {(NOBODY.pw_uid, polkit.ACTION_RUN), (NOBODY.pw_uid, polkit.ACTION_CONTROL)}
+    with as_(":1.2"):
+        await call(manager, "Run", "x", ["/bin/true"], {})
+    authority.delay = 0.2
+    with as_(":1.2"):
+        freeze = asyncio.ensure_future(call(manager, "Freeze", "x"))
+    await asyncio.sleep(0.05)  # nobody's freeze is waiting for polkit: root replaces x meanwhile
+    await engine.stop("x")
+    await engine.forget("x")
+    await engine.run("x", ["/bin/true"], RunOptions(), 0)
+    assert await error_of(freeze) == "org.gpusched1.Error.NoSuchModel"
+    assert engine.get("x").state == State.RUNNING and engine.get("x").owner == 0
+
+
+# ----------------------------------------------------------------- the engine's own line
+
+
+async def test_engine_never_gives_a_non_root_caller_a_root_process(engine: Engine) -> None:
+    for user in ("root", *(p.pw_name for p in pwd.getpwall() if p.pw_uid == 0)):
+        with pytest.raises(AccessDenied):
+            await engine.run("r", ["/bin/true"], RunOptions(user=user), NOBODY.pw_uid)
+    with pytest.raises(AccessDenied):
+        await engine.run("r", ["/bin/true"], RunOptions(), -1)
+    with pytest.raises(InvalidArgs):  # a uid without a user name cannot be run as
+        await engine.run("r", ["/bin/true"], RunOptions(), 4242)
+    assert "r" not in engine.models
+    model = await engine.run("r", ["/bin/true"], RunOptions(), NOBODY.pw_uid)
+    assert engine.units.specs[model.unit].user == "nobody"  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------- options
+
+
+def test_run_options_types_and_keys() -> None:
+    opts = _parse_run_options(
+        {
+            "Description": Variant("s", "d"),
+            "WorkingDirectory": Variant("s", "/srv"),
+            "Environment": Variant("as", ["A=1"]),
+            "Gpus": Variant("as", ["0", "GPU-1234abcd"]),
+            "User": Variant("s", "nobody"),
+        }
+    )
+    assert (opts.description, opts.working_directory, opts.environment, opts.gpus, opts.user) == (
+        "d",
+        "/srv",
+        ["A=1"],
+        ["0", "GPU-1234abcd"],
+        "nobody",
+    )
+    bad = [
+        {"Gpus": Variant("s", "0")},
+        {"Environment": Variant("s", "A=1")},
+        {"Description": Variant("u", 1)},
+        {"User": Variant("u", 0)},
+        {"Nope": Variant("s", "")},
+        {"x" * 100000: Variant("s", "")},
+        {"\0evil\n": Variant("s", "")},
+        {"Environment": Variant("as", ["LD_PRELOAD"])},
+        {"Environment": Variant("as", ["A=\0"])},
+        {"WorkingDirectory": Variant("s", "relative")},
+        {"Gpus": Variant("as", ["0,1"])},
+        {"Gpus": Variant("as", ["../0"])},
+        {"User": Variant("s", "root;id")},
+    ]
+    for options in bad:
+        with pytest.raises(InvalidArgs) as info:
+            _parse_run_options(options)
+        assert len(info.value.message) < 200 and "typing" not in info.value.message and "\0" not in info.value.message
+
+
+# ----------------------------------------------------------------- the shipped policy
+
+
+def test_policy_is_valid_xml_with_every_action() -> None:
+    if shutil.which("xmllint"):
+        subprocess.run(["xmllint", "--noout", str(POLICY)], check=True)
+    actions = {a.get("id"): a for a in ET.parse(POLICY).getroot().iter("action")}
+    assert set(actions) == {
+        polkit.ACTION_RUN,
+        polkit.ACTION_CONTROL,
+        polkit.ACTION_CONTROL_ANY,
+        polkit.ACTION_ADOPT,
+        polkit.ACTION_MANAGE,
+    }
+    for action_id, action in actions.items():
+        defaults = {d.tag: d.text for d in action.find("defaults")}  # type: ignore[union-attr]
+        assert defaults["allow_any"] == "no", action_id
+        assert defaults["allow_inactive"] in ("auth_admin", "auth_admin_keep"), action_id
+        assert defaults["allow_active"] in ("auth_admin", "auth_admin_keep"), action_id
+    implied = {
+        a.get("id"): set((a.find("annotate[@key='org.freedesktop.policykit.imply']").text or "").split())
+        for a in actions.values()
+        if a.find("annotate[@key='org.freedesktop.policykit.imply']") is not None
+    }
+    assert implied[polkit.ACTION_MANAGE] == set(actions) - {polkit.ACTION_MANAGE}
+    assert implied[polkit.ACTION_CONTROL_ANY] == {polkit.ACTION_CONTROL}
+
+
+# ----------------------------------------------------------------- Authority: systemd's semantics
+
+
+@pytest.mark.parametrize(
+    ("uid", "reply", "interactive", "expected"),
+    [
+        (0, None, False, "ok"),  # root passes without asking
+        (1000, (True, False, {}), False, "ok"),
+        (1000, (False, False, {}), True, "org.freedesktop.DBus.Error.AccessDenied"),
+        (1000, (False, True, {}), False, "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"),
+        (1000, (False, True, {}), True, "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"),
+        (1000, DBusError("org.freedesktop.DBus.Error.ServiceUnknown", "no polkit"), False, ACCESS_DENIED),
+        (1000, DBusError("org.freedesktop.PolicyKit1.Error.Failed", "boom"), True, ACCESS_DENIED),
+    ],
+)
+async def test_authority_semantics(
+    monkeypatch: pytest.MonkeyPatch, uid: int, reply: Any, interactive: bool, expected: str
+) -> None:
+    sent: list[tuple[str, list[Any]]] = []
+
+    async def fake_call(
+        bus: Any, dest: str, path: str, iface: str, member: str, sig: str, body: list[Any]
+    ) -> list[Any]:
+        sent.append((member, body))
+        if member == "GetConnectionUnixUser":
+            return [uid]
+        if isinstance(reply, Exception):
+            raise reply
+        return [list(reply)]
+
+    monkeypatch.setattr(polkit, "call", fake_call)
+    flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if interactive else MessageFlag.NONE
+    msg = Message(sender=":1.7", path="/org/gpusched1", member="Freeze", flags=flags)
+    try:
+        assert await polkit.Authority(None).check(msg, polkit.ACTION_RUN, {"verb": "run"}) == uid  # type: ignore[arg-type]
+        outcome = "ok"
+    except GpuschedError as e:
+        outcome = e.dbus_name
+    assert outcome == expected
+    checks = [body for member, body in sent if member == "CheckAuthorization"]
+    if uid == 0:
+        assert checks == []
+    else:
+        [[subject, action, details, check_flags, _cancel]] = checks
+        assert subject[0] == "system-bus-name" and subject[1]["name"].value == ":1.7"
+        assert (action, details, check_flags) == (polkit.ACTION_RUN, {"verb": "run"}, 1 if interactive else 0)
