@@ -1,0 +1,409 @@
+"""The `cgroupfs` unit backend: each model in its own cgroup v2 group, for hosts whose PID 1 is not systemd
+(containers, the GPU test machine).
+
+A unit is the directory `<root>/<unit name>`; the kernel's files are the truth, so a restarted daemon finds
+its models by listing the root. The group gets no controllers; it is only used to hold the processes,
+freeze them (`cgroup.freeze`, done when `cgroup.events` says `frozen 1`) and kill them (`cgroup.kill`).
+Like a systemd service with KillMode=control-group, the unit ends when its main process exits: whatever
+is left in the group is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import signal
+import subprocess
+import time
+
+from ..errors import UnitFailed
+from . import UnitSpec, UnitStatus, UnitWatcher
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CGROUP2_MAGIC_TYPE = "cgroup2"
+
+# The main process starts as this shim: it waits on stdin until the daemon has moved it into the group, enters
+# the working directory as the unit's user (as systemd does: no directory the user could not reach), then
+# becomes argv with stdin /dev/null. So no code of the model ever runs outside its group.
+_SHIM = 'read -r _; cd -- "$1" || exit 200; shift; exec "$@" </dev/null'
+_SHIM_NAME = "gpusched-shim"
+_EXIT_NO_CWD, _EXIT_NO_EXEC = 200, (126, 127)
+
+
+def cgroup2_mount() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if post.split(" ", 1)[0] == CGROUP2_MAGIC_TYPE:
+                return pre.split()[4]
+    return None
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _events(group: str) -> dict[str, str]:
+    try:
+        return dict(line.split(" ", 1) for line in _read(os.path.join(group, "cgroup.events")).splitlines())
+    except FileNotFoundError:
+        return {}
+
+
+def _procs(group: str) -> list[int]:
+    try:
+        return [int(p) for p in _read(os.path.join(group, "cgroup.procs")).split()]
+    except FileNotFoundError:
+        return []
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = _read(f"/proc/{pid}/stat")
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def _uid(pid: int) -> int | None:
+    try:
+        for line in _read(f"/proc/{pid}/status").splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = _read(f"/proc/{pid}/cmdline")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [a for a in raw.split("\0") if a]
+
+
+def _result(returncode: int) -> str:
+    """systemd's Result= names for how a main process ended."""
+    if returncode == 0:
+        return "success"
+    return "signal" if returncode < 0 else "exit-code"
+
+
+class CgroupfsUnits:
+    name = "cgroupfs"
+
+    def __init__(self, root: str, log_dir: str | None = None, stop_timeout: float = 10.0) -> None:
+        """root: the directory (inside a cgroup2 mount) that holds one group per unit. log_dir: where each unit's
+        stdout and stderr go as <unit>.log; None sends them to the daemon's own (the journal, under systemd).
+        stop_timeout: seconds between SIGTERM and SIGKILL on stop."""
+        self.root = root
+        self.log_dir = log_dir
+        self.stop_timeout = stop_timeout
+        self._children: dict[str, subprocess.Popen[bytes]] = {}  # units this daemon started
+        self._main: dict[str, int] = {}
+        self._ended: dict[str, UnitStatus] = {}  # units whose end was seen and not yet reported gone
+        self._watchers: list[UnitWatcher] = []
+        self._known: dict[str, str] = {}  # unit → last active_state reported to watchers
+        self._poller: asyncio.Task[None] | None = None
+
+    def _group(self, unit: str) -> str:
+        if "/" in unit or unit in ("", ".", ".."):
+            raise UnitFailed(f"invalid unit name {unit!r}")
+        return os.path.join(self.root, unit)
+
+    # ---------------------------------------------------------------- set-up
+
+    async def setup(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        if not os.path.exists(os.path.join(self.root, "cgroup.procs")):
+            raise UnitFailed(f"{self.root} is not in a cgroup v2 hierarchy (cgroup2 is at {cgroup2_mount()})")
+        if not os.path.exists(os.path.join(self.root, "cgroup.freeze")) and os.path.realpath(
+            self.root
+        ) != os.path.realpath(cgroup2_mount() or ""):
+            raise UnitFailed(f"{self.root}: the kernel has no cgroup v2 freezer (needs Linux 5.2)")
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+
+    # ---------------------------------------------------------------- start
+
+    def _environment(self, spec: UnitSpec) -> dict[str, str]:
+        """A clean environment like systemd gives a service, plus the user's identity and spec.environment."""
+        env = {"PATH": DEFAULT_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
+        if spec.user:
+            pw = pwd.getpwnam(spec.user)
+            env.update(USER=pw.pw_name, LOGNAME=pw.pw_name, HOME=pw.pw_dir, SHELL=pw.pw_shell)
+        for item in spec.environment:
+            key, sep, value = item.partition("=")
+            if sep and key:
+                env[key] = value
+        return env
+
+    async def start(self, spec: UnitSpec) -> UnitStatus:
+        group = self._group(spec.unit)
+        if _procs(group):
+            raise UnitFailed(f"unit {spec.unit} already exists")
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(group)
+        try:
+            os.mkdir(group)
+        except OSError as e:
+            raise UnitFailed(f"cannot create cgroup {group}: {e.strerror}") from None
+        user: dict[str, object] = {}
+        if spec.user:
+            try:
+                pw = pwd.getpwnam(spec.user)
+            except KeyError:
+                self._rmdir(group)
+                raise UnitFailed(f"no such user: {spec.user}") from None
+            user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
+        out: int | None = None
+        if self.log_dir:
+            out = os.open(os.path.join(self.log_dir, f"{spec.unit}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", _SHIM, _SHIM_NAME, spec.working_directory or "/", *spec.argv],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=out,
+                cwd="/",
+                env=self._environment(spec),
+                start_new_session=True,
+                **user,  # type: ignore[arg-type]
+            )
+        except OSError as e:
+            self._rmdir(group)
+            raise UnitFailed(f"cannot start {spec.argv[0]}: {e.strerror}") from None
+        finally:
+            if out is not None:
+                os.close(out)
+        assert proc.stdin is not None
+        try:
+            with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                f.write(str(proc.pid))
+        except OSError as e:
+            proc.kill()
+            proc.stdin.close()
+            proc.wait()
+            self._rmdir(group)
+            raise UnitFailed(f"cannot move pid {proc.pid} into {group}: {e.strerror}") from None
+        proc.stdin.write(b"go\n")
+        proc.stdin.close()
+        await self._wait_exec(spec, proc, group)
+        self._children[spec.unit] = proc
+        self._main[spec.unit] = proc.pid
+        self._ended.pop(spec.unit, None)
+        self._known[spec.unit] = "active"
+        log.info("started %s as pid %d in %s", spec.unit, proc.pid, group)
+        status = await self.status(spec.unit)
+        assert status is not None
+        return status
+
+    async def _wait_exec(self, spec: UnitSpec, proc: subprocess.Popen[bytes], group: str, timeout: float = 5.0) -> None:
+        """Return once the shim has become the model (like systemd's Type=exec): a start then reports the model's
+        own command line, and a program that cannot run fails the start instead of a later watch event."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = proc.poll()
+            if code is not None:
+                if code == _EXIT_NO_CWD or code in _EXIT_NO_EXEC:
+                    self._kill(group)
+                    await self._wait_empty(group, 5.0)
+                    self._rmdir(group)
+                    what = f"enter {spec.working_directory}" if code == _EXIT_NO_CWD else f"execute {spec.argv[0]}"
+                    raise UnitFailed(f"{spec.unit}: cannot {what} (as {spec.user or 'root'})")
+                return
+            cmdline = _cmdline(proc.pid)  # empty once the shim has exited: poll() reaps it next round
+            if cmdline and (len(cmdline) < 4 or cmdline[3] != _SHIM_NAME):
+                return
+            await asyncio.sleep(0.001)
+        log.warning("%s: pid %d has not exec'd %s after %.0fs", spec.unit, proc.pid, spec.argv[0], timeout)
+
+    # ---------------------------------------------------------------- freeze / thaw
+
+    async def _set_frozen(self, unit: str, frozen: bool, timeout: float = 10.0) -> None:
+        group = self._group(unit)
+        try:
+            with open(os.path.join(group, "cgroup.freeze"), "w") as f:
+                f.write("1" if frozen else "0")
+        except FileNotFoundError:
+            raise UnitFailed(f"unit {unit} does not exist") from None
+        want = "1" if frozen else "0"
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while _events(group).get("frozen") != want:
+            if time.monotonic() > deadline:
+                raise UnitFailed(f"unit {unit} did not {'freeze' if frozen else 'thaw'} within {timeout:.0f}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    async def freeze(self, unit: str) -> None:
+        if not _procs(self._group(unit)):
+            raise UnitFailed(f"unit {unit} is not active")
+        await self._set_frozen(unit, True)
+
+    async def thaw(self, unit: str) -> None:
+        await self._set_frozen(unit, False)
+
+    # ---------------------------------------------------------------- stop
+
+    def _signal_all(self, group: str, signum: int) -> None:
+        for pid in _procs(group):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    async def _wait_empty(self, group: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while _events(group).get("populated", "0") != "0":
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def _rmdir(self, group: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(group)
+
+    async def stop(self, unit: str) -> None:
+        group = self._group(unit)
+        if not os.path.isdir(group):
+            return
+        # A frozen process cannot act on SIGTERM: thaw first, as systemd does before it kills a frozen unit.
+        if _events(group).get("frozen") == "1":
+            await self._set_frozen(unit, False)
+        self._signal_all(group, signal.SIGTERM)
+        if not await self._wait_empty(group, self.stop_timeout):
+            self._kill(group)
+            if not await self._wait_empty(group, 10.0):
+                raise UnitFailed(f"unit {unit}: processes survive SIGKILL: {_procs(group)}")
+        self._reap(unit)
+        self._rmdir(group)
+        self._known.pop(unit, None)
+        self._ended.pop(unit, None)
+        self._main.pop(unit, None)
+
+    def _kill(self, group: str) -> None:
+        try:
+            with open(os.path.join(group, "cgroup.kill"), "w") as f:
+                f.write("1")
+        except FileNotFoundError:  # kernel before 5.14: no cgroup.kill
+            self._signal_all(group, signal.SIGKILL)
+
+    def _reap(self, unit: str) -> int | None:
+        proc = self._children.pop(unit, None)
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._children[unit] = proc
+            return None
+
+    # ---------------------------------------------------------------- status
+
+    def _main_pid(self, unit: str, pids: list[int]) -> int:
+        main = self._main.get(unit)
+        if main in pids:
+            return main
+        # After a daemon restart: the process whose parent is outside the group is the tree's root.
+        roots = [p for p in pids if _ppid(p) not in pids]
+        main = min(roots or pids)
+        self._main[unit] = main
+        return main
+
+    async def status(self, unit: str) -> UnitStatus | None:
+        group = self._group(unit)
+        if unit in self._ended:
+            return self._ended[unit]
+        if not os.path.isdir(group):
+            return None
+        pids = _procs(group)
+        events = _events(group)
+        if not pids:
+            return UnitStatus(unit, "inactive", 0, [], False)
+        main = self._main_pid(unit, pids)
+        uid = _uid(main)
+        try:
+            user = pwd.getpwuid(uid).pw_name if uid not in (None, 0) else ""
+        except KeyError:
+            user = ""
+        return UnitStatus(
+            unit=unit,
+            active_state="active",
+            main_pid=main,
+            pids=pids,
+            frozen=events.get("frozen") == "1",
+            user=user,
+            command=_cmdline(main),
+        )
+
+    async def list_units(self, prefix: str) -> list[UnitStatus]:
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            if name.startswith(prefix) and os.path.isdir(os.path.join(self.root, name)):
+                status = await self.status(name)
+                if status is not None and status.active_state == "active":
+                    self._known.setdefault(name, "active")
+                    out.append(status)
+        return out
+
+    # ---------------------------------------------------------------- watch
+
+    def watch(self, callback: UnitWatcher) -> None:
+        self._watchers.append(callback)
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def _check_ended(self, unit: str) -> UnitStatus | None:
+        """The unit's end, if it ended: its main process (our child) exited, or its group emptied."""
+        group = self._group(unit)
+        proc = self._children.get(unit)
+        code = proc.poll() if proc is not None else None
+        if proc is not None and code is None:
+            return None
+        if proc is None and _procs(group):
+            return None
+        if proc is not None:
+            # Like KillMode=control-group: the main process is gone, so is the rest of the unit.
+            self._kill(group)
+            self._children.pop(unit, None)
+            result = _result(code if code is not None else 0)
+        else:
+            # Not our child (the daemon restarted): its exit status is not ours to know.
+            result = "unknown"
+        state = "inactive" if result == "success" else "failed"
+        return UnitStatus(unit, state, 0, [], False, result=result)
+
+    async def _poll(self, interval: float = 0.1) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for unit in list(self._known):
+                if self._known[unit] != "active":
+                    continue
+                try:
+                    ended = self._check_ended(unit)
+                except OSError as e:
+                    log.warning("watching %s: %s", unit, e)
+                    continue
+                if ended is None:
+                    continue
+                self._known[unit] = ended.active_state
+                self._ended[unit] = ended
+                if await self._wait_empty(self._group(unit), 5.0):
+                    self._rmdir(self._group(unit))
+                self._main.pop(unit, None)
+                for watcher in self._watchers:
+                    try:
+                        watcher(ended)
+                    except Exception:
+                        log.exception("unit watcher failed for %s", unit)
