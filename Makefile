@@ -120,10 +120,13 @@ unit-tests:
 system-tests: wheels
 	SYSD_NAME=gpuschedd-check SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with $(VENV)/bin/pytest -q tests/system $(PYTEST_ARGS)
 
+# Every stage runs even when an earlier one failed, so one CI run reports everything; the exit status is the worst.
 check:
-	$(VENV)/bin/ruff check .
-	$(MAKE) unit-tests
-	$(MAKE) system-tests
+	@rc=0; \
+	echo "== ruff check"; $(VENV)/bin/ruff check . || rc=1; \
+	echo "== unit tests"; $(MAKE) --no-print-directory unit-tests || rc=1; \
+	echo "== system tests (sandbox)"; $(MAKE) --no-print-directory system-tests || rc=1; \
+	exit $$rc
 
 demo: wheels
 	SYSD_NAME=gpuschedd-demo SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with tools/demo.sh
