@@ -29,7 +29,7 @@ NO_CONTEXT_ERRORS = frozenset({"CUDA_ERROR_NOT_INITIALIZED", "CUDA_ERROR_INVALID
 
 _STATES = {0: CudaState.RUNNING, 1: CudaState.LOCKED, 2: CudaState.CHECKPOINTED, 3: CudaState.FAILED}
 
-_SYMBOLS = (
+CHECKPOINT_SYMBOLS = (
     "cuCheckpointProcessLock",
     "cuCheckpointProcessCheckpoint",
     "cuCheckpointProcessRestore",
@@ -107,7 +107,7 @@ class DriverCheckpoint:
             lib = ctypes.CDLL(self.path)
         except OSError as e:
             raise DriverUnavailable(f"cannot load {self.path}: {e}") from None
-        missing = [s for s in _SYMBOLS if not hasattr(lib, s)]
+        missing = [s for s in CHECKPOINT_SYMBOLS if not hasattr(lib, s)]
         if missing:
             raise DriverUnavailable(f"{self.path} has no CUDA checkpoint API (missing {', '.join(missing)})")
         self._lib = lib

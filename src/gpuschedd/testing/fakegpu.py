@@ -136,6 +136,8 @@ class FakeGpuTelemetry:
 
     def __init__(self, path: str) -> None:
         self.dir = FakeGpuDir(path)
+        # The fake libcuda in this process reads FAKECUDA_DIR: point it at the same fake GPU.
+        os.environ.setdefault("FAKECUDA_DIR", path)
 
     def _holding(self) -> list[FakeContext]:
         return [c for c in self.dir.contexts() if c.state in (CudaState.RUNNING, CudaState.LOCKED)]
