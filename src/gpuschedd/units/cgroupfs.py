@@ -121,6 +121,13 @@ class CgroupfsUnits:
     # ---------------------------------------------------------------- set-up
 
     async def setup(self) -> None:
+        parent = os.path.dirname(os.path.abspath(self.root))
+        mount = cgroup2_mount()
+        if not os.path.exists(os.path.join(parent, "cgroup.procs")) and mount:
+            # A hybrid host mounts cgroup2 at /sys/fs/cgroup/unified: keep the name, use the v2 hierarchy.
+            moved = os.path.join(mount, os.path.basename(self.root))
+            log.warning("%s is not in the cgroup v2 hierarchy; using %s", self.root, moved)
+            self.root = moved
         os.makedirs(self.root, exist_ok=True)
         if not os.path.exists(os.path.join(self.root, "cgroup.procs")):
             raise UnitFailed(f"{self.root} is not in a cgroup v2 hierarchy (cgroup2 is at {cgroup2_mount()})")
