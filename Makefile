@@ -1,6 +1,7 @@
 # gpuschedd: install, test, demo.
 #
 #   make install [DESTDIR=...] [PREFIX=/usr]  install as a distribution package would
+#   make post-install                         then what the package's maintainer scripts would do (sysusers, reload)
 #   make check                                the full test command (ruff, unit tests, system tests in a sandbox)
 #   make lint                                 ruff check + ruff format --check + xmllint on the XML files
 #   make demo                                 a narrated freeze/thaw/swap cycle inside a throw-away systemd sandbox
@@ -38,7 +39,7 @@ CONFDIR = $(SYSCONFDIR)/gpusched
 PIP_QUIET = --disable-pip-version-check
 XML_FILES = $(wildcard dbus/*.xml dbus/*.conf polkit/*.policy)
 
-.PHONY: all install uninstall wheels check lint unit-tests system-tests demo clean
+.PHONY: all install post-install uninstall wheels check lint unit-tests system-tests demo clean
 
 all:
 	@echo "nothing to build; try: make install, make check, make demo" >&2
@@ -78,12 +79,23 @@ install:
 	$(if $(wildcard dbus/org.gpusched1.xml),install -m 644 dbus/org.gpusched1.xml "$(DESTDIR)$(DBUSDIR)/interfaces/")
 	# optional parts (later issues add them): polkit actions and rules, journal catalog, sysusers
 	$(if $(wildcard polkit/*.policy),install -d "$(DESTDIR)$(POLKITDIR)/actions" && install -m 644 $(wildcard polkit/*.policy) "$(DESTDIR)$(POLKITDIR)/actions/")
-	$(if $(wildcard polkit/*.rules),install -d -m 700 "$(DESTDIR)$(POLKITDIR)/rules.d" && install -m 644 $(wildcard polkit/*.rules) "$(DESTDIR)$(POLKITDIR)/rules.d/")
+	# rules.d belongs to polkitd's package (polkitd:root 0700 on Debian): create it only where it is missing
+	$(if $(wildcard polkit/*.rules),[ -d "$(DESTDIR)$(POLKITDIR)/rules.d" ] || install -d -m 700 "$(DESTDIR)$(POLKITDIR)/rules.d")
+	$(if $(wildcard polkit/*.rules),install -m 644 $(wildcard polkit/*.rules) "$(DESTDIR)$(POLKITDIR)/rules.d/")
 	$(if $(wildcard catalog/*.catalog),install -d "$(DESTDIR)$(CATALOGDIR)" && install -m 644 $(wildcard catalog/*.catalog) "$(DESTDIR)$(CATALOGDIR)/")
 	$(if $(wildcard sysusers.d/*.conf),install -d "$(DESTDIR)$(SYSUSERSDIR)" && install -m 644 $(wildcard sysusers.d/*.conf) "$(DESTDIR)$(SYSUSERSDIR)/")
 	# the admin's configuration: installed once, never overwritten
 	install -d "$(DESTDIR)$(CONFDIR)"
 	[ -e "$(DESTDIR)$(CONFDIR)/gpuschedd.conf" ] || install -m 644 conf/gpuschedd.conf "$(DESTDIR)$(CONFDIR)/gpuschedd.conf"
+
+# What a package's maintainer scripts do after unpacking, on the target system itself (never with DESTDIR): create
+# the system users and groups, index the journal catalog, make systemd and dbus-daemon read the new files.
+# It starts nothing; `systemctl start gpuschedd` (or the first D-Bus call, once enabled) does.
+post-install:
+	$(if $(wildcard sysusers.d/*.conf),systemd-sysusers $(addprefix $(SYSUSERSDIR)/,$(notdir $(wildcard sysusers.d/*.conf))))
+	$(if $(wildcard catalog/*.catalog),journalctl --update-catalog)
+	systemctl daemon-reload
+	busctl --quiet call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig
 
 uninstall:
 	rm -rf "$(DESTDIR)$(PKGLIBDIR)"

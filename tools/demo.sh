@@ -28,8 +28,7 @@ trap cleanup EXIT
 say "Install (make install: the shipped unit, D-Bus policy and activation file, private Python package)"
 make --no-print-directory -s install PREFIX=/usr PYTHON=/usr/bin/python3 \
 	PIP_FLAGS="--no-index --find-links build/wheels" >/dev/null
-systemctl daemon-reload
-busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig
+make --no-print-directory -s post-install PREFIX=/usr
 show systemctl start gpuschedd.service
 show systemctl status --no-pager --lines=3 gpuschedd.service || true
 
@@ -66,8 +65,11 @@ show busctl introspect --no-pager org.gpusched1 /org/gpusched1/model/llama
 show gdbus call --system --dest org.gpusched1 --object-path /org/gpusched1 \
 	--method org.gpusched1.Manager.ListModels
 
-say "Every state change is a journal entry"
-show journalctl --no-pager -o cat -u gpuschedd.service
+say "Every state change is one structured journal entry"
+show journalctl --no-pager -o cat GPUSCHED_MODEL=llama
+show journalctl --no-pager -o verbose -n 1 GPUSCHED_MODEL=llama
+say "... and shows up with the model's own unit too (OBJECT_SYSTEMD_UNIT=)"
+show journalctl --no-pager -n 6 -u gpusched-model@llama
 
 say "Stop both"
 show gpusched stop llama

@@ -90,9 +90,9 @@ cmd_install() { # inside the guest: the project as a package, from the carried w
 	dir=$(cd "$1" && pwd)
 	"$SANDBOX" exec make -C "$REPO" --no-print-directory install PREFIX=/usr PYTHON="$GPU_PYTHON" \
 		PIP_FLAGS="--no-index --find-links $dir/wheels"
-	"$SANDBOX" exec bash -c 'systemctl daemon-reload &&
-		busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus ReloadConfig &&
-		systemctl start gpuschedd.service && systemctl --no-pager status gpuschedd.service'
+	"$SANDBOX" exec make -C "$REPO" --no-print-directory post-install PREFIX=/usr
+	"$SANDBOX" exec systemctl start gpuschedd.service
+	"$SANDBOX" exec systemctl --no-pager status gpuschedd.service
 }
 
 cmd_down() {

@@ -65,10 +65,8 @@ def daemon() -> Iterator[None]:
         "PREFIX=/usr", "PYTHON=/usr/bin/python3", "PIP_FLAGS=--no-index --find-links build/wheels",
         timeout=300,
     )  # fmt: skip
-    run("systemctl", "daemon-reload")
-    # dbus-daemon notices new policy files by inotify; ReloadConfig makes it certain before the first call
-    run("busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-        "ReloadConfig")  # fmt: skip
+    # sysusers, daemon-reload, and dbus ReloadConfig (dbus-daemon's inotify would see the policy too, but later)
+    run("make", "-C", str(REPO), "--no-print-directory", "post-install", "PREFIX=/usr")
     started = time.time()
     start = run("systemctl", "start", "gpuschedd.service", check=False, timeout=90)
     if start.returncode != 0 or not wait_until_owner():
