@@ -416,20 +416,30 @@ class Engine:
                 await asyncio.to_thread(self.checkpoint.checkpoint, pid)
                 checkpointed.append(pid)
         except CheckpointError as e:
-            await self._undo(checkpointed, locked)
-            raise CheckpointFailed(f"model {model.name}: {e}; every process was rolled back to running") from e
+            undone = await self._undo(checkpointed, locked)
+            outcome = (
+                "every process was rolled back to running"
+                if not undone
+                else f"rolling back failed too ({'; '.join(undone)}): the model may need a restart"
+            )
+            raise CheckpointFailed(f"model {model.name}: {e}; {outcome}") from e
 
-    async def _undo(self, checkpointed: list[int], locked: list[int]) -> None:
+    async def _undo(self, checkpointed: list[int], locked: list[int]) -> list[str]:
+        """Restore what was checkpointed, unlock what was locked; returns what could not be undone."""
+        failures = []
         for pid in checkpointed:
             try:
                 await asyncio.to_thread(self.checkpoint.restore, pid, None)
             except CheckpointError as e:
                 log.error("rollback: %s", e)
+                failures.append(str(e))
         for pid in locked:
             try:
                 await asyncio.to_thread(self.checkpoint.unlock, pid)
             except CheckpointError as e:
                 log.error("rollback: %s", e)
+                failures.append(str(e))
+        return failures
 
     async def _restore_all(self, model: Model, pids: list[int], rollback: bool = False) -> None:
         """Restore every PID, then unlock every PID."""

@@ -188,3 +188,14 @@ async def test_a_model_without_cuda_freezes_with_the_cgroup_alone(setup) -> None
     assert not [s for s in gpu_dir.log() if s[0] != "init"]
     await engine.thaw("plain")
     assert model.state == State.RUNNING
+
+
+async def test_a_failed_rollback_is_not_reported_as_success(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _, gpu_dir, _, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path)
+    a, b = model.pids
+    gpu_dir.fail(b, "checkpoint", "CUDA_ERROR_UNKNOWN")
+    gpu_dir.fail(a, "restore", "CUDA_ERROR_UNKNOWN")
+    with pytest.raises(CheckpointFailed) as e:
+        await engine.freeze("m")
+    assert f"restore of pid {a} failed" in e.value.message and "rolled back to running" not in e.value.message
