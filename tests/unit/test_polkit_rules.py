@@ -329,3 +329,37 @@ async def test_authority_semantics(
         [[subject, action, details, check_flags, _cancel]] = checks
         assert subject[0] == "system-bus-name" and subject[1]["name"].value == ":1.7"
         assert (action, details, check_flags) == (polkit.ACTION_RUN, {"verb": "run"}, 1 if interactive else 0)
+
+
+async def test_checks_in_flight_are_bounded_per_caller_and_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of calls from one user must not use up the daemon's budget of awaited replies on the bus."""
+    in_flight: dict[str, int] = {}
+    peak: dict[str, int] = {}
+
+    async def fake_call(
+        bus: Any, dest: str, path: str, iface: str, member: str, sig: str, body: list[Any]
+    ) -> list[Any]:
+        if member == "GetConnectionUnixUser":
+            return [1000]
+        sender = body[0][1]["name"].value
+        in_flight[sender] = in_flight.get(sender, 0) + 1
+        in_flight["all"] = in_flight.get("all", 0) + 1
+        for key in (sender, "all"):
+            peak[key] = max(peak.get(key, 0), in_flight[key])
+        await asyncio.sleep(0.01)
+        in_flight[sender] -= 1
+        in_flight["all"] -= 1
+        return [[True, False, {}]]
+
+    monkeypatch.setattr(polkit, "call", fake_call)
+    authority = polkit.Authority(None)  # type: ignore[arg-type]
+    senders = [f":1.{i}" for i in range(20)]
+    checks = [
+        authority.check(Message(sender=s, path="/", member="Freeze"), polkit.ACTION_RUN, {})
+        for s in senders
+        for _ in range(10)
+    ]
+    assert await asyncio.gather(*checks) == [1000] * 200
+    assert max(peak[s] for s in senders) == polkit.MAX_CHECKS_PER_CALLER
+    assert peak["all"] == polkit.MAX_CHECKS_IN_FLIGHT
+    assert authority._callers == {}  # nothing kept for callers that are done
