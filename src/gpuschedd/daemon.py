@@ -17,13 +17,13 @@ from .bus.connection import connect_system_bus
 from .bus.polkit import Authority
 from .bus.service import BusPublisher, ManagerInterface
 from .bus.systemd import SystemdUnits
-from .checkpoint import CheckpointBackend, NoCheckpoint
+from .checkpoint.choose import BackendUnavailable, choose_checkpoint
 from .config import DEFAULT_PATH, Config, ConfigError
 from .engine import Engine, EngineListener
 from .journal import JournalWriter
 from .model import Model, State
 from .names import BUS_NAME, MANAGER_PATH
-from .telemetry import GpuTelemetry, NoGpus
+from .nvml import load_telemetry
 
 log = logging.getLogger("gpuschedd")
 
@@ -31,14 +31,6 @@ log = logging.getLogger("gpuschedd")
 def pid1_is_systemd() -> bool:
     """sd_booted(): systemd creates this directory early at boot."""
     return os.path.isdir("/run/systemd/system")
-
-
-def choose_checkpoint(config: Config) -> CheckpointBackend:
-    return NoCheckpoint()
-
-
-def choose_telemetry(config: Config) -> GpuTelemetry:
-    return NoGpus()
 
 
 class Notifier(EngineListener):
@@ -62,7 +54,7 @@ class Notifier(EngineListener):
         for model in self.engine.models.values():
             counts[model.state] = counts.get(model.state, 0) + 1
         parts = [f"{n} {state}" for state, n in counts.items()] or ["no models"]
-        parked = sum(m.snapshot_bytes for m in self.engine.models.values() if m.cuda_pids)
+        parked = self.engine.ram_frozen_bytes()
         if parked:
             parts.append(f"{parked / 2**30:.1f} GiB parked in RAM")
         return ", ".join(parts)
@@ -81,7 +73,9 @@ async def serve(config: Config) -> int:
         units = CgroupfsUnits(config.cgroup_root)
     else:
         units = SystemdUnits(bus)
-    engine = Engine(units, choose_checkpoint(config), choose_telemetry(config), config)
+    engine = Engine(
+        units, choose_checkpoint(config.checkpoint_backend, config.cuda_checkpoint), load_telemetry(), config
+    )
     authority = Authority(bus)
     manager = ManagerInterface(engine, authority)
     bus.export(MANAGER_PATH, manager)
@@ -124,11 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = Config.load(args.config)
-    except ConfigError as e:
+        return asyncio.run(serve(Config.load(args.config)))
+    except (ConfigError, BackendUnavailable) as e:
         log.error("%s", e)
         return 1
-    return asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ class Engine:
         if status is None:
             return
         self._apply_status(model, status)
-        if model.state == State.RUNNING:
+        # THAWING too: the thaw's last step re-reads what the restored processes hold.
+        if model.state in (State.RUNNING, State.THAWING):
             per_pid = self.telemetry.vram_by_pid()
             by_gpu: dict[str, int] = {}
             for pid in model.pids:

@@ -255,7 +255,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def RamFrozenBytes(self) -> DBusUInt64:
-        return sum(m.snapshot_bytes for m in self.engine.models.values() if m.cuda_pids)
+        return self.engine.ram_frozen_bytes()
 
     @dbus_property(access=PropertyAccess.READ)
     def Gpus(self) -> GpuList:
