@@ -1,0 +1,214 @@
+"""Freeze/thaw benchmark on a real GPU: Qwen2.5-shaped models (random weights, saved locally, no downloads)
+served by bench/serve.py, run and frozen through gpuschedd's engine (cgroupfs units, driver checkpoint).
+
+    sudo PYTHONPATH=src python3 bench/bench.py [--sizes 0.5B,1.5B,7B] [--runs 3] [--thp always,madvise]
+
+Prints a table: GPU memory, freeze, thaw, thaw → first token, cold start (process start → first token), the
+ratio of gpuschedd's freeze/thaw to the bare driver API on the same process (goal ≤ 1.05), per THP mode.
+Medians over --runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from gpuschedd.checkpoint.driver import DriverCheckpoint  # noqa: E402
+from gpuschedd.config import Config, host_ram_bytes  # noqa: E402
+from gpuschedd.engine import Engine, RunOptions  # noqa: E402
+from gpuschedd.hostmem import THP_PATH, thp_mode  # noqa: E402
+from gpuschedd.nvml import load_telemetry  # noqa: E402
+from gpuschedd.units.cgroupfs import CgroupfsUnits  # noqa: E402
+
+# Qwen2.5 configurations (their published config.json values).
+SHAPES = {
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}  # fmt: skip
+
+
+def make_model(size: str, workdir: Path) -> Path:
+    """Save a randomly initialised bf16 model of this shape once; later runs reuse it."""
+    out = workdir / f"qwen2.5-{size}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(max_position_embeddings=32768, rope_theta=1e6, torch_dtype="bfloat16", **SHAPES[size])
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def first_token(sock_path: str) -> float:
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(sock_path)
+        s.sendall(b"go\n")
+        s.recv(64)
+    return time.monotonic() - t0
+
+
+async def wait_file(path: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        await asyncio.sleep(0.01)
+    return Path(path).read_text()
+
+
+@dataclass
+class Row:
+    size: str
+    vram: int = 0
+    cold: list[float] = field(default_factory=list)
+    freeze: dict[str, list[float]] = field(default_factory=dict)
+    thaw: dict[str, list[float]] = field(default_factory=dict)
+    token: dict[str, list[float]] = field(default_factory=dict)
+    bare_freeze: list[float] = field(default_factory=list)
+    bare_thaw: list[float] = field(default_factory=list)
+    ratio_freeze: list[float] = field(default_factory=list)
+    ratio_thaw: list[float] = field(default_factory=list)
+
+
+def set_thp(mode: str) -> None:
+    with open(THP_PATH, "w") as f:
+        f.write(mode)
+
+
+async def start(engine: Engine, name: str, model_dir: Path, sock: str) -> float:
+    for stale in (sock, sock + ".ready"):
+        if os.path.exists(stale):
+            os.unlink(stale)
+    t0 = time.time()
+    await engine.run(name, [sys.executable, str(HERE / "serve.py"), str(model_dir), sock], RunOptions(), 0)
+    ready = await wait_file(sock + ".ready", 600)
+    return float(ready.split()[1]) - t0
+
+
+async def bench_size(engine: Engine, size: str, args: argparse.Namespace, workdir: Path) -> Row:
+    row = Row(size)
+    model_dir = make_model(size, workdir)
+    name, sock = f"bench-{size.replace('.', '_')}", str(workdir / f"{size}.sock")
+    for i in range(args.cold_runs):
+        row.cold.append(await start(engine, name, model_dir, sock))
+        if i < args.cold_runs - 1:
+            await engine.stop(name)
+    model = engine.get(name)
+    await engine.refresh(model)
+    row.vram = model.vram_bytes
+    driver = engine.checkpoint
+    for mode in args.thp:
+        set_thp(mode)
+        for _ in range(args.runs):
+            t0 = time.monotonic()
+            await engine.freeze(name)
+            row.freeze.setdefault(mode, []).append(time.monotonic() - t0)
+            t0 = time.monotonic()
+            await engine.thaw(name)
+            row.thaw.setdefault(mode, []).append(time.monotonic() - t0)
+            row.token.setdefault(mode, []).append(row.thaw[mode][-1] + first_token(sock))
+    # gpuschedd against the bare driver API on the same process, alternating, in the last THP mode.
+    pids = driver.cuda_pids(model.pids)
+    for _ in range(args.runs):
+        t0 = time.monotonic()
+        for pid in pids:
+            driver.lock(pid, 10_000)
+        for pid in pids:
+            driver.checkpoint(pid)
+        row.bare_freeze.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        for pid in pids:
+            driver.restore(pid)
+        for pid in pids:
+            driver.unlock(pid)
+        row.bare_thaw.append(time.monotonic() - t0)
+        t0 = time.monotonic()
+        await engine.freeze(name)
+        ours_freeze = time.monotonic() - t0
+        t0 = time.monotonic()
+        await engine.thaw(name)
+        ours_thaw = time.monotonic() - t0
+        row.ratio_freeze.append(ours_freeze / row.bare_freeze[-1])
+        row.ratio_thaw.append(ours_thaw / row.bare_thaw[-1])
+    first_token(sock)  # still serving after all of it
+    await engine.stop(name)
+    return row
+
+
+def med(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else "-"
+
+
+def print_table(rows: list[Row], modes: list[str], command: str) -> None:
+    header = ["model", "GPU mem"]
+    for mode in modes:
+        header += [f"freeze s ({mode})", f"thaw s ({mode})", f"thaw→1st token s ({mode})"]
+    header += ["cold start s", "freeze/bare", "thaw/bare"]
+    lines = [header]
+    for r in rows:
+        line = [f"Qwen2.5-{r.size}", f"{r.vram / 2**30:.1f} GiB"]
+        for mode in modes:
+            line += [med(r.freeze.get(mode, [])), med(r.thaw.get(mode, [])), med(r.token.get(mode, []))]
+        line += [med(r.cold), med(r.ratio_freeze), med(r.ratio_thaw)]
+        lines.append(line)
+    widths = [max(len(x[i]) for x in lines) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines[1:]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+    print(f"\nmedians over the runs; reproduce with: {command}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.5B,1.5B,7B")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cold-runs", type=int, default=2)
+    parser.add_argument("--thp", default="madvise,always")
+    parser.add_argument("--workdir", default="/var/tmp/gpusched-bench")
+    parser.add_argument("--cgroup-root", default="/sys/fs/cgroup/gpusched-bench")
+    args = parser.parse_args()
+    args.thp = args.thp.split(",")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    original_thp = thp_mode()
+    config = Config(ram_budget_bytes=int(host_ram_bytes() * 0.8), cgroup_root=args.cgroup_root)
+    units = CgroupfsUnits(args.cgroup_root)
+    engine = Engine(units, DriverCheckpoint(), load_telemetry(), config)
+    await units.setup()
+    await engine.start()
+    rows = []
+    try:
+        for size in args.sizes.split(","):
+            rows.append(await bench_size(engine, size, args, workdir))
+            print(f"done {size}", file=sys.stderr, flush=True)
+    finally:
+        for name in list(engine.models):
+            await engine.stop(name)
+        if original_thp in ("always", "madvise", "never"):
+            set_thp(original_thp)
+    print_table(rows, args.thp, "PYTHONPATH=src python3 bench/bench.py " + shlex.join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,201 @@
+"""The engine on a real GPU: real PyTorch processes, the driver checkpoint backend, NVML, cgroupfs units.
+
+Run as root on a machine with an NVIDIA GPU (skipped elsewhere):
+    PYTHONPATH=src python3 -m pytest -m gpu tests/gpu -v
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gpuschedd.config import Config, host_ram_bytes
+from gpuschedd.engine import Engine, RunOptions
+from gpuschedd.errors import InsufficientGpuMemory
+from gpuschedd.hostmem import rss_bytes
+from gpuschedd.model import State
+
+pytestmark = pytest.mark.gpu
+
+MODEL = str(Path(__file__).with_name("torch_model.py"))
+MIB = 2048
+
+
+def _gpu_or_skip() -> tuple[object, object]:
+    if not os.path.exists("/dev/nvidiactl"):
+        pytest.skip("no NVIDIA GPU")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (cgroups, checkpointing other processes)")
+    from gpuschedd.checkpoint.driver import load_driver_backend
+    from gpuschedd.nvml import load_telemetry
+
+    driver = load_driver_backend()
+    if driver is None:
+        pytest.skip("libcuda has no checkpoint API")
+    return driver, load_telemetry()
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    driver, telemetry = _gpu_or_skip()
+    from gpuschedd.units.cgroupfs import CgroupfsUnits
+
+    root = f"/sys/fs/cgroup/gpusched-test-{os.getpid()}"
+    units = CgroupfsUnits(root)
+    eng = Engine(units, driver, telemetry, Config(ram_budget_bytes=host_ram_bytes() // 2, cgroup_root=root))  # type: ignore[arg-type]
+    await units.setup()
+    await eng.start()
+    yield eng
+    for name in list(eng.models):
+        await eng.stop(name)
+
+
+def statuses(d: Path) -> dict[int, dict[str, object]]:
+    out = {}
+    for f in d.glob("status.*"):
+        if f.suffix == ".tmp":
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (ValueError, OSError):
+            continue
+        out[int(data["pid"])] = data
+    return out
+
+
+async def wait_ready(d: Path, count: int, timeout: float = 120) -> dict[int, dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = statuses(d)
+        if len(s) >= count:
+            return s
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{count} model process(es) not ready in {d}")
+
+
+async def counters_move(d: Path, wait: float = 1.0) -> bool:
+    before = {p: s["counter"] for p, s in statuses(d).items()}
+    await asyncio.sleep(wait)
+    after = {p: s["counter"] for p, s in statuses(d).items()}
+    return all(after[p] > before[p] for p in before)
+
+
+async def verify(d: Path, pids: list[int]) -> dict[int, bool]:
+    for pid in pids:
+        (d / f"verify.{pid}").unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all((d / f"verify.{pid}").exists() for pid in pids):
+            return {pid: json.loads((d / f"verify.{pid}").read_text())["ok"] for pid in pids}
+        await asyncio.sleep(0.1)
+    raise TimeoutError("verify")
+
+
+async def run_model(engine: Engine, name: str, d: Path, *extra: str, procs: int = 1) -> list[int]:
+    d.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d), *extra]
+    await engine.run(name, argv, RunOptions(), 0)
+    return sorted((await wait_ready(d, procs)).keys())
+
+
+def gpu_used(engine: Engine) -> int:
+    return sum(g.used_bytes for g in engine.telemetry.gpus())
+
+
+async def test_freeze_releases_vram_and_thaw_restores_it_intact(engine: Engine, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    pids = await run_model(engine, "m", d)
+    model = engine.get("m")
+    await engine.refresh(model)
+    assert model.vram_bytes >= MIB << 20
+    used_before = gpu_used(engine)
+    await engine.freeze("m")
+    listed = engine.telemetry.vram_by_pid()
+    assert not any(pid in listed for pid in pids), "a checkpointed PID is still in NVML's list"
+    assert used_before - gpu_used(engine) >= (MIB << 20) * 0.9
+    assert model.snapshot_bytes >= MIB << 20
+    assert not await counters_move(d, 0.5)
+    await engine.thaw("m")
+    assert model.state == State.RUNNING
+    assert await counters_move(d)
+    assert await verify(d, pids) == {pid: True for pid in pids}
+
+
+async def test_freeze_mid_matmul_resumes(engine: Engine, tmp_path: Path) -> None:
+    d = tmp_path / "mm"
+    pids = await run_model(engine, "mm", d, "--matmul")
+    await engine.freeze("mm")
+    await engine.thaw("mm")
+    assert await counters_move(d)
+    assert all((await verify(d, pids)).values())
+
+
+async def test_two_process_model(engine: Engine, tmp_path: Path) -> None:
+    d = tmp_path / "two"
+    pids = await run_model(engine, "two", d, "--children", "1", procs=2)
+    model = engine.get("two")
+    await engine.freeze("two")
+    assert sorted(model.cuda_pids) == pids
+    listed = engine.telemetry.vram_by_pid()
+    assert not any(pid in listed for pid in pids)
+    await engine.thaw("two")
+    assert await counters_move(d)
+    assert all((await verify(d, pids)).values())
+
+
+async def test_thaw_refused_while_another_process_holds_the_vram(engine: Engine, tmp_path: Path) -> None:
+    import torch
+
+    d = tmp_path / "big"
+    pids = await run_model(engine, "big", d)
+    await engine.freeze("big")
+    gpu = engine.telemetry.gpus()[0]
+    hog_bytes = gpu.free_bytes - (MIB << 20) // 2  # leave less than the snapshot needs
+    hog = torch.empty(hog_bytes, dtype=torch.uint8, device="cuda")
+    try:
+        with pytest.raises(InsufficientGpuMemory):
+            await engine.thaw("big")
+        assert engine.get("big").state == State.FROZEN
+        assert not await counters_move(d, 0.3)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    await engine.thaw("big")
+    assert await counters_move(d)
+    assert all((await verify(d, pids)).values())
+
+
+async def test_twenty_cycles_return_host_ram(engine: Engine, tmp_path: Path) -> None:
+    d = tmp_path / "cyc"
+    pids = await run_model(engine, "cyc", d)
+    baseline = sum(rss_bytes(p) for p in pids)
+    for _ in range(20):
+        await engine.freeze("cyc")
+        assert sum(rss_bytes(p) for p in pids) > baseline + (MIB << 20) * 0.9  # the snapshot is in RSS
+        await engine.thaw("cyc")
+        assert sum(rss_bytes(p) for p in pids) < baseline + (256 << 20)  # and released after the thaw
+    assert all((await verify(d, pids)).values())
+
+
+async def test_real_get_state_tells_cuda_processes_apart(engine: Engine, tmp_path: Path) -> None:
+    import subprocess
+
+    d = tmp_path / "gs"
+    pids = await run_model(engine, "gs", d)
+    plain = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        assert engine.checkpoint.cuda_pids([*pids, plain.pid, dead.pid]) == pids
+    finally:
+        plain.kill()
+        plain.wait()
