@@ -10,6 +10,7 @@
 #                                                                         out of git: .carry/ is ignored)
 #   on the GPU machine:           tools/gpu-sandbox.sh pydeps DIR        build systemd-python there: DIR/wheels then
 #                                                                         holds every wheel `make install` needs
+#                                                                         (install does it when the wheel is missing)
 #                                 tools/gpu-sandbox.sh up DIR            boot the guest
 #                                 tools/gpu-sandbox.sh install DIR       make install inside, start gpuschedd
 #                                 tools/gpu-sandbox.sh exec CMD...       as tools/sandbox.sh exec
@@ -88,6 +89,7 @@ cmd_up() {
 cmd_install() { # inside the guest: the project as a package, from the carried wheels; then start the daemon
 	local dir
 	dir=$(cd "$1" && pwd)
+	compgen -G "$dir/wheels/systemd_python-*.whl" > /dev/null || cmd_pydeps "$dir"
 	"$SANDBOX" exec make -C "$REPO" --no-print-directory install PREFIX=/usr PYTHON="$GPU_PYTHON" \
 		PIP_FLAGS="--no-index --find-links $dir/wheels"
 	"$SANDBOX" exec make -C "$REPO" --no-print-directory post-install PREFIX=/usr
