@@ -7,9 +7,9 @@
 #   make demo                                 a narrated freeze/thaw/swap cycle inside a throw-away systemd sandbox
 #   make wheels                               build/wheels: the project's dependencies as wheels, for offline installs
 #
-# PREFIX defaults to /usr, not /usr/local: dbus-daemon reads bus policy and activation files only from
-# /usr/share/dbus-1 and /etc/dbus-1, polkitd reads actions only from /usr/share/polkit-1, and systemd's unit search
-# path has no /usr/local/lib/systemd/system on every distribution. Under /usr/local half the files would be ignored.
+# PREFIX defaults to /usr, not /usr/local: dbus-daemon reads bus policy only from /usr/share/dbus-1/system.d and
+# /etc/dbus-1/system.d, and polkitd reads actions only from /usr/share/polkit-1/actions. Under /usr/local the daemon
+# would be installed but denied its bus name, and every polkit check would fail.
 
 PREFIX ?= /usr
 DESTDIR ?=
@@ -36,7 +36,7 @@ DBUSDIR = $(PREFIX)/share/dbus-1
 POLKITDIR = $(PREFIX)/share/polkit-1
 CONFDIR = $(SYSCONFDIR)/gpusched
 
-PIP_QUIET = --disable-pip-version-check
+PIP_COMMON = --disable-pip-version-check
 # Validated against their DTDs (shipped by dbus and polkitd, found offline through the XML catalog). The bus policy is
 # only checked for well-formedness: dbus' busconfig.dtd lacks the send_* attributes; the system tests prove that
 # dbus-daemon loads and applies it.
@@ -66,7 +66,7 @@ export CLI_LAUNCHER = $(call launcher,cli,gpusched: the command-line client)
 install:
 	# the package and its dependencies, private to gpuschedd: nothing in the system's site-packages changes
 	rm -rf "$(DESTDIR)$(PYDIR)" build/lib build/bdist.*   # pip builds in-tree: no stale modules from build/lib
-	$(PYTHON) -m pip install $(PIP_QUIET) --root-user-action=ignore --no-compile --target "$(DESTDIR)$(PYDIR)" $(PIP_FLAGS) ".[journal]"
+	$(PYTHON) -m pip install $(PIP_COMMON) --root-user-action=ignore --no-compile --target "$(DESTDIR)$(PYDIR)" $(PIP_FLAGS) ".[journal]"
 	rm -rf "$(DESTDIR)$(PYDIR)/bin"
 	install -d "$(DESTDIR)$(LIBEXECDIR)" "$(DESTDIR)$(BINDIR)"
 	printf '%s\n' "$$DAEMON_LAUNCHER" > "$(DESTDIR)$(LIBEXECDIR)/gpuschedd"
@@ -119,7 +119,7 @@ uninstall:
 wheels: build/wheels/.stamp
 build/wheels/.stamp: pyproject.toml
 	rm -rf build/wheels
-	$(PYTHON) -m pip wheel $(PIP_QUIET) -q -w build/wheels ".[journal]" setuptools wheel
+	$(PYTHON) -m pip wheel $(PIP_COMMON) -q -w build/wheels ".[journal]" setuptools wheel
 	rm -f build/wheels/gpuschedd-*.whl
 	touch $@
 
