@@ -224,8 +224,9 @@ def test_fuzz_the_bus_api(models: Models) -> None:
     assert _snapshot() == before
     assert _units() == units_before
     counter.assert_moving()
+    # no call ended in an unhandled exception (exposed() logs those as "ERROR gpuschedd.bus.service: X failed")
     journal = run("journalctl", "--no-pager", "-u", "gpuschedd.service", f"--since=@{started:.6f}").stdout
-    assert "Traceback" not in journal, journal[-3000:]
+    assert "ERROR gpuschedd.bus.service" not in journal, journal[-3000:]
 
 
 def test_fuzz_with_the_command_line_tools(models: Models) -> None:

@@ -363,3 +363,19 @@ async def test_checks_in_flight_are_bounded_per_caller_and_in_all(monkeypatch: p
     assert max(peak[s] for s in senders) == polkit.MAX_CHECKS_PER_CALLER
     assert peak["all"] == polkit.MAX_CHECKS_IN_FLIGHT
     assert authority._callers == {}  # nothing kept for callers that are done
+
+
+async def test_running_a_name_again_over_someone_elses_ended_model_needs_control_any(
+    manager: ManagerInterface, engine: Engine, authority: FakeAuthority
+) -> None:
+    await engine.run("x", ["/bin/true"], RunOptions(), 0)
+    await engine.stop("x")
+    authority.allowed |= {(NOBODY.pw_uid, polkit.ACTION_RUN), (NOBODY.pw_uid, polkit.ACTION_CONTROL)}
+    with as_(":1.2"):
+        assert await error_of(call(manager, "Run", "x", ["/bin/true"], {})) == ACCESS_DENIED
+        assert authority.asked[-1][1] == polkit.ACTION_CONTROL_ANY
+        assert engine.get("x").owner == 0 and engine.get("x").state == State.STOPPED
+        await call(manager, "Run", "mine", ["/bin/true"], {})
+        await call(manager, "Stop", "mine")
+        await call(manager, "Run", "mine", ["/bin/true"], {})  # my own ended model: run is enough
+    assert engine.get("mine").state == State.RUNNING

@@ -21,7 +21,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 from .. import __version__, validate
 from ..engine import Engine, EngineListener, RunOptions
 from ..errors import GpuschedError, InvalidArgs, NoSuchModel, NotSupported
-from ..model import Model
+from ..model import ENDED, Model
 from ..names import MANAGER_IFACE, MODEL_IFACE, model_path, model_unit, validate_model_name
 from . import polkit
 from .connection import current_message
@@ -164,6 +164,10 @@ class ManagerInterface(_Authorizing, ServiceInterface):
         if run_options.user:
             # Running as somebody else is a root-only choice.
             await self._authorize(MANAGE, "run", (name,), {"user": run_options.user})
+        ended = self.engine.models.get(name)
+        if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
+            # Running a name again replaces its ended model: forgetting someone else's model needs control-any.
+            await self._authorize(CONTROL, "run", (name,))
         model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get())
         return model_path(model.name)
 
