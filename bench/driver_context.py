@@ -16,11 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import pynvml  # noqa: E402
+import pynvml
 
-from gpuschedd.checkpoint.driver import DriverCheckpoint  # noqa: E402
+from gpuschedd.checkpoint.driver import DriverCheckpoint
 
-TARGET = "import torch, time, sys; x = torch.ones(256 << 20, device='cuda'); print('ready', flush=True); time.sleep(600)"
+TARGET = (
+    "import torch, time, sys; x = torch.ones(256 << 20, device='cuda'); print('ready', flush=True); time.sleep(600)"
+)
 
 
 def snapshot() -> tuple[int, bool]:

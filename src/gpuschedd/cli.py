@@ -92,14 +92,22 @@ def show_status(gs: GpuSched, as_json: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpusched", description="Run, freeze and thaw GPU models (gpuschedd client)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--no-ask-password", action="store_true", help="never ask for authentication: fail if it would be needed"
+    # The global options work before or after the command word (`gpusched --json list`, `gpusched list --json`):
+    # the subcommands' copies default to SUPPRESS so they never overwrite a value given earlier.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument(
+        "--no-ask-password",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="never ask for authentication: fail if it would be needed",
+    )
+    parser = argparse.ArgumentParser(
+        prog="gpusched", description="Run, freeze and thaw GPU models (gpuschedd client)", parents=[common]
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a command as a model (unit gpusched-model@NAME.service)")
+    run = sub.add_parser("run", parents=[common], help="run a command as a model (unit gpusched-model@NAME.service)")
     run.add_argument("--name", required=True)
     run.add_argument("--description", default="")
     run.add_argument("--workdir", default="", help="working directory (absolute)")
@@ -114,18 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("stop", "stop a model's unit"),
         ("forget", "stop managing a model, leaving its unit running"),
     ):
-        sub.add_parser(verb, help=text).add_argument("name")
-    swap = sub.add_parser("swap", help="freeze one model and thaw another: both or neither")
+        sub.add_parser(verb, parents=[common], help=text).add_argument("name")
+    swap = sub.add_parser("swap", parents=[common], help="freeze one model and thaw another: both or neither")
     swap.add_argument("freeze_name")
     swap.add_argument("thaw_name")
-    sub.add_parser("status", help="models, GPUs and host RAM in detail")
-    sub.add_parser("list", help="one line per model")
+    sub.add_parser("status", parents=[common], help="models, GPUs and host RAM in detail")
+    sub.add_parser("list", parents=[common], help="one line per model")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.json = getattr(args, "json", False)
+    args.no_ask_password = getattr(args, "no_ask_password", False)
     if args.command == "run":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not command:

@@ -267,6 +267,9 @@ class Engine:
                 duration_usec=int((time.monotonic() - t0) * 1e6),
             )
         )
+        if status.active_state in ("inactive", "failed"):
+            # It ran and ended before the start returned: report it like any exit.
+            self._unit_changed(status)
         return model
 
     async def stop(self, name: str) -> None:
@@ -322,6 +325,12 @@ class Engine:
                 cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, model.pids)
             except CheckpointError as e:
                 raise CheckpointFailed(f"model {model.name}: {e}; nothing was changed") from e
+            unseen = sorted((set(model.pids) & set(self.telemetry.vram_by_pid())) - set(cuda))
+            if unseen and self.checkpoint.name != "none":
+                raise CheckpointFailed(
+                    f"model {model.name}: pid {unseen[0]} holds VRAM (NVML) but the checkpoint backend cannot see"
+                    " its CUDA context; nothing was changed"
+                )
             rss_before = sum(map(self.rss, cuda))
             await self._checkpoint_all(model, cuda)
             # The snapshot lives in the targets' own memory: its size is their RSS growth. Where that does not

@@ -276,7 +276,7 @@ static CUresult find_ctx(int pid, struct ctx *c)
         return CUDA_ERROR_INVALID_VALUE;
     path(p, "ctx", pid, NULL);
     if (read_file(p, buf, sizeof buf) != 0)
-        return CUDA_ERROR_NOT_INITIALIZED; /* a live process that never initialized CUDA */
+        return CUDA_ERROR_OPERATING_SYSTEM; /* a live process without CUDA: what driver 580 answers (H100) */
     memset(c, 0, sizeof *c);
     for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
         if (strncmp(line, "vram=", 5) == 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 
+import dbus
 import pytest
 from sysutil import (
     BUS_NAME,
@@ -21,8 +22,6 @@ from sysutil import (
     run,
     wait_until,
 )
-
-import dbus
 
 NO_SUCH_MODEL = "org.gpusched1.Error.NoSuchModel"
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dbus
 import pytest
 from sysutil import (
     SLICE,
@@ -23,8 +24,6 @@ from sysutil import (
     unit_property,
     wait_until,
 )
-
-import dbus
 
 
 def assert_frozen(name: str) -> None:

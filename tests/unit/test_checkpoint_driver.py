@@ -119,7 +119,7 @@ def test_cuda_pids_keeps_only_processes_with_a_context(gpu_dir, spawn_model) -> 
     assert driver.cuda_pids([os.getpid(), pid, dead]) == [pid]
     with pytest.raises(CheckpointError) as e:
         driver.state(os.getpid())
-    assert e.value.reason == "CUDA_ERROR_NOT_INITIALIZED"
+    assert e.value.reason == "CUDA_ERROR_OPERATING_SYSTEM"
 
 
 def test_cuda_pids_refuses_an_unexpected_driver_error(gpu_dir, spawn_model) -> None:  # type: ignore[no-untyped-def]

@@ -184,3 +184,18 @@ async def test_forget_keeps_the_unit(engine: Engine, units: FakeUnits, rec: Reco
     await engine.forget("a")
     assert "a" not in engine.models and "gpusched-model@a.service" in units.units
     assert rec.removed == ["a"]
+
+
+async def test_a_command_that_ends_during_its_start_is_reported_ended(engine: Engine, units: FakeUnits) -> None:
+    original = units.start
+
+    async def start_and_end(spec):  # type: ignore[no-untyped-def]
+        await original(spec)
+        units.units.pop(spec.unit)
+        from gpuschedd.units import UnitStatus
+
+        return UnitStatus(spec.unit, "failed", 0, [], False, result="exit-code")
+
+    units.start = start_and_end  # type: ignore[method-assign]
+    model = await engine.run("quick", ["sh", "-c", "exit 3"], RunOptions(), 0)
+    assert model.state == State.FAILED

@@ -199,3 +199,15 @@ async def test_a_failed_rollback_is_not_reported_as_success(setup) -> None:  # t
     with pytest.raises(CheckpointFailed) as e:
         await engine.freeze("m")
     assert f"restore of pid {a} failed" in e.value.message and "rolled back to running" not in e.value.message
+
+
+async def test_freeze_refused_when_nvml_sees_vram_the_driver_cannot(setup) -> None:  # type: ignore[no-untyped-def]
+    """The real driver answers OPERATING_SYSTEM for a process without CUDA; a CUDA process answering that too
+    must not be cgroup-frozen with its VRAM still held."""
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path, procs=1)
+    gpu_dir.fail(model.pids[0], "get-state", "CUDA_ERROR_OPERATING_SYSTEM")
+    with pytest.raises(CheckpointFailed, match=f"pid {model.pids[0]} holds VRAM"):
+        await engine.freeze(model.name)
+    assert model.state == State.RUNNING
+    assert states(gpu_dir, model.pids) == [CudaState.RUNNING]

@@ -111,7 +111,11 @@ class SystemdUnits:
                 task.add_done_callback(self._tasks.discard)
 
     async def _notify(self, unit: str) -> None:
-        status = await self.status(unit) or UnitStatus(unit, "inactive", 0, [], False)
+        try:
+            status = await self.status(unit) or UnitStatus(unit, "inactive", 0, [], False)
+        except UnitFailed as e:
+            log.warning("%s", e)
+            return
         for watcher in self._watchers:
             watcher(status)
 
@@ -150,10 +154,17 @@ class SystemdUnits:
             [job] = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [spec.unit, "fail", props, []])
         except DBusError as e:
             raise UnitFailed(f"systemd refused to start {spec.unit}: {e.text}") from None
-        await self._wait_job(job, f"start of {spec.unit}")
+        try:
+            await self._wait_job(job, f"start of {spec.unit}")
+        except UnitFailed:
+            # With Type=exec the job fails both when the command cannot be executed and when it ran but ended
+            # before systemd saw the exec succeed. The second is a model that ran and ended: report it so.
+            props = await self._properties(spec.unit)
+            if not props or not props.get("ExecMainPID") or not props["ExecMainPID"].value:
+                raise
         status = await self.status(spec.unit)
         if status is None:
-            raise UnitFailed(f"{spec.unit} exited right after it started")
+            return UnitStatus(spec.unit, "inactive", 0, [], False)
         return status
 
     async def stop(self, unit: str) -> None:
@@ -179,17 +190,30 @@ class SystemdUnits:
         except DBusError as e:
             raise UnitFailed(f"systemd could not thaw {unit}: {e.text}") from None
 
-    async def status(self, unit: str) -> UnitStatus | None:
+    async def _properties(self, unit: str) -> dict[str, Variant] | None:
+        """The unit's Unit properties, plus its Service properties when it is a service (scopes have none)."""
         try:
             [path] = await self._manager("GetUnit", "s", [unit])
-            props: dict[str, Variant] = {}
-            for iface in (UNIT_IFACE, SERVICE_IFACE):
-                props.update((await call(self.bus, SYSTEMD, path, PROPERTIES, "GetAll", "s", [iface]))[0])
-            [procs] = await self._manager("GetUnitProcesses", "s", [unit])
+            props: dict[str, Variant] = (await call(self.bus, SYSTEMD, path, PROPERTIES, "GetAll", "s", [UNIT_IFACE]))[
+                0
+            ]
         except DBusError as e:
             if e.type in ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject"):
                 return None
             raise UnitFailed(f"systemd could not report {unit}: {e.text}") from None
+        if unit.endswith(".service"):
+            with contextlib.suppress(DBusError):
+                props.update((await call(self.bus, SYSTEMD, path, PROPERTIES, "GetAll", "s", [SERVICE_IFACE]))[0])
+        return props
+
+    async def status(self, unit: str) -> UnitStatus | None:
+        props = await self._properties(unit)
+        if props is None:
+            return None
+        try:
+            [procs] = await self._manager("GetUnitProcesses", "s", [unit])
+        except DBusError:
+            procs = []  # the unit ended between the two calls
 
         def get(name: str, default: Any) -> Any:
             return props[name].value if name in props else default

@@ -24,8 +24,12 @@ DEFAULT_LIBCUDA = "libcuda.so.1"
 CUDA_SUCCESS = 0
 
 # A PID for which GetState fails with one of these holds no CUDA context. The driver documents
-# INVALID_VALUE and NOT_INITIALIZED for GetState; NOT_FOUND is accepted too, in case a driver says so.
-NO_CONTEXT_ERRORS = frozenset({"CUDA_ERROR_NOT_INITIALIZED", "CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_FOUND"})
+# INVALID_VALUE and NOT_INITIALIZED for GetState; measured on driver 580.159.04 (H100), a live process that never
+# used CUDA answers OPERATING_SYSTEM. Since a broken CUDA process could answer that too, the engine cross-checks
+# with NVML and refuses to freeze a PID that holds VRAM but is not seen here.
+NO_CONTEXT_ERRORS = frozenset(
+    {"CUDA_ERROR_NOT_INITIALIZED", "CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_FOUND", "CUDA_ERROR_OPERATING_SYSTEM"}
+)
 
 _STATES = {0: CudaState.RUNNING, 1: CudaState.LOCKED, 2: CudaState.CHECKPOINTED, 3: CudaState.FAILED}
 
@@ -163,7 +167,7 @@ class DriverCheckpoint:
             except CheckpointError as e:
                 if e.reason in NO_CONTEXT_ERRORS:
                     continue
-                raise  # NOT_SUPPORTED, OPERATING_SYSTEM, ...: refuse rather than freeze a process we skipped
+                raise  # NOT_SUPPORTED, ...: refuse rather than freeze a process we skipped
             found.append(pid)
         return found
 
