@@ -95,7 +95,8 @@ def test_daemon_freezes_and_thaws_a_pytorch_unit(daemon: None) -> None:
 
         events = sh("journalctl", "--no-pager", "-o", "json", "GPUSCHED_MODEL=torch", "GPUSCHED_EVENT=freeze")
         entry = json.loads(events.splitlines()[-1])
-        assert int(entry["GPUSCHED_BYTES"]) >= MIB << 20 and entry["OBJECT_SYSTEMD_UNIT"] == "gpusched-model@torch.service"
+        assert int(entry["GPUSCHED_BYTES"]) >= MIB << 20
+        assert entry["OBJECT_SYSTEMD_UNIT"] == "gpusched-model@torch.service"
         print(sh("gpusched", "status"))
     finally:
         subprocess.run(["gpusched", "stop", "torch"])
