@@ -22,6 +22,9 @@ PIP_FLAGS ?=
 VENV ?= .venv
 PYTEST_ARGS ?=
 SANDBOX ?= tools/sandbox.sh
+# sandbox instance names: set them to run several checkouts side by side
+CHECK_NAME ?= gpuschedd-check
+DEMO_NAME ?= gpuschedd-demo
 # What the sandbox shares read-write with the host: the checkout, and the venv when it lives elsewhere.
 SANDBOX_BIND = $(CURDIR) $(filter-out $(CURDIR)/%,$(abspath $(VENV)))
 
@@ -147,7 +150,7 @@ unit-tests: venv
 # The system tests run inside a throw-away systemd sandbox; the checkout is shared read-write with it, and the
 # session fixture there runs `make install` into the guest's overlay (the host is never written).
 system-tests: venv
-	SYSD_NAME=gpuschedd-check SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with $(VENV)/bin/pytest -q tests/system $(PYTEST_ARGS)
+	SYSD_NAME=$(CHECK_NAME) SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with $(VENV)/bin/pytest -q tests/system $(PYTEST_ARGS)
 
 # Every stage runs even when an earlier one failed, so one CI run reports everything; the exit status is the worst.
 check: venv
@@ -158,7 +161,7 @@ check: venv
 	exit $$rc
 
 demo: wheels
-	SYSD_NAME=gpuschedd-demo SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with tools/demo.sh
+	SYSD_NAME=$(DEMO_NAME) SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with tools/demo.sh
 
 clean:
 	rm -rf build src/*.egg-info .pytest_cache
