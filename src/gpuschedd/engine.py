@@ -21,12 +21,14 @@ from .config import Config
 from .errors import (
     AccessDenied,
     CheckpointFailed,
+    GpuschedError,
     InsufficientGpuMemory,
     InvalidArgs,
     InvalidState,
     ModelExists,
     NoSuchModel,
     RamBudgetExceeded,
+    Refused,
 )
 from .events import Event, EventKind
 from .model import ENDED, Model, State, now_usec
@@ -365,9 +367,23 @@ class Engine:
         """Host RAM held by the snapshots of frozen (or freezing, thawing) models."""
         return sum(m.snapshot_bytes for m in self.models.values() if m.cuda_pids)
 
-    def _refuse(self, model: Model, error: Exception) -> None:
-        self._emit(Event(EventKind.REFUSAL, model.name, model.unit, str(error)))
+    def _refuse(self, model: Model, error: GpuschedError) -> None:
+        self._emit(
+            Event(EventKind.REFUSAL, model.name, model.unit, error.message, fields={"GPUSCHED_ERROR": error.dbus_name})
+        )
+        error.journaled = True
         raise error
+
+    def report_error(self, error: GpuschedError, name: str, message: str, fields: dict[str, str]) -> None:
+        """A call answered with `error` (by the bus layer) becomes one event: kind refusal when nothing was done,
+        failure when it was tried and did not work; unless the engine already reported that error itself."""
+        if error.journaled:
+            return
+        error.journaled = True
+        model = self.models.get(name)
+        kind = EventKind.REFUSAL if isinstance(error, Refused) else EventKind.FAILURE
+        fields = {"GPUSCHED_ERROR": error.dbus_name, **fields}
+        self._emit(Event(kind, name, model.unit if model else "", message, fields=fields))
 
     def _check_ram(self, model: Model) -> None:
         """Refuse a freeze whose snapshot would not fit the RAM budget or the kernel's MemAvailable. The snapshot

@@ -12,25 +12,32 @@ class GpuschedError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # Set once the failure has its journal event, so a layer above does not write a second one.
+        self.journaled = False
 
 
-class NoSuchModel(GpuschedError):
+class Refused(GpuschedError):
+    """Refused before anything changed: bad input, not allowed, or not possible now (journal event kind
+    `refusal`). Every other GpuschedError is a failure: the daemon tried and the system did not comply."""
+
+
+class NoSuchModel(Refused):
     dbus_name = "org.gpusched1.Error.NoSuchModel"
 
 
-class ModelExists(GpuschedError):
+class ModelExists(Refused):
     dbus_name = "org.gpusched1.Error.ModelExists"
 
 
-class InvalidState(GpuschedError):
+class InvalidState(Refused):
     dbus_name = "org.gpusched1.Error.InvalidState"
 
 
-class InsufficientGpuMemory(GpuschedError):
+class InsufficientGpuMemory(Refused):
     dbus_name = "org.gpusched1.Error.InsufficientGpuMemory"
 
 
-class RamBudgetExceeded(GpuschedError):
+class RamBudgetExceeded(Refused):
     dbus_name = "org.gpusched1.Error.RamBudgetExceeded"
 
 
@@ -38,7 +45,7 @@ class CheckpointFailed(GpuschedError):
     dbus_name = "org.gpusched1.Error.CheckpointFailed"
 
 
-class NotSupported(GpuschedError):
+class NotSupported(Refused):
     dbus_name = "org.gpusched1.Error.NotSupported"
 
 
@@ -48,15 +55,15 @@ class UnitFailed(GpuschedError):
     dbus_name = "org.gpusched1.Error.UnitFailed"
 
 
-class InvalidArgs(GpuschedError):
+class InvalidArgs(Refused):
     dbus_name = "org.freedesktop.DBus.Error.InvalidArgs"
 
 
-class AccessDenied(GpuschedError):
+class AccessDenied(Refused):
     dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
 
 
-class InteractiveAuthorizationRequired(GpuschedError):
+class InteractiveAuthorizationRequired(Refused):
     dbus_name = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .engine import EngineListener
+from .errors import InvalidArgs, InvalidState, ModelExists, NoSuchModel, NotSupported
 from .events import Event, EventKind
 
 log = logging.getLogger(__name__)
@@ -27,22 +28,34 @@ MESSAGE_IDS: dict[EventKind, str] = {
     EventKind.MIGRATE: "bacfcd76f96d467ebe962da40948e1e0",
 }
 
-# syslog priorities: failures are errors, refusals warnings, the rest notices.
+# syslog priorities: failures are errors, refusals warnings, the rest notices. A refusal that only answers a
+# caller's own mistake (a name that does not exist, a thaw of a running model) is a notice.
 _PRIORITY = {EventKind.FAILURE: 3, EventKind.REFUSAL: 4}
+_TIMED = {EventKind.RUN, EventKind.FREEZE, EventKind.THAW, EventKind.SWAP, EventKind.STOP}
+_SIZED = {EventKind.FREEZE, EventKind.THAW}
+_CALLER_MISTAKES = {cls.dbus_name for cls in (NoSuchModel, ModelExists, InvalidState, InvalidArgs, NotSupported)}
 
 
 def journal_fields(event: Event) -> dict[str, Any]:
+    priority = _PRIORITY.get(event.kind, 5)
+    if event.kind == EventKind.REFUSAL and event.fields.get("GPUSCHED_ERROR") in _CALLER_MISTAKES:
+        priority = 5
     fields: dict[str, Any] = {
         "MESSAGE_ID": MESSAGE_IDS[event.kind],
-        "PRIORITY": str(_PRIORITY.get(event.kind, 5)),
-        "GPUSCHED_MODEL": event.model,
+        "PRIORITY": str(priority),
         "GPUSCHED_EVENT": str(event.kind),
-        "OBJECT_SYSTEMD_UNIT": event.unit,
         "SYSLOG_IDENTIFIER": "gpuschedd",
     }
-    if event.duration_usec:
+    # A refusal may name no valid model (a malformed name is never written back).
+    if event.model:
+        fields["GPUSCHED_MODEL"] = event.model
+    if event.unit:
+        fields["OBJECT_SYSTEMD_UNIT"] = event.unit
+    # The catalog's text cites these fields for the kinds that always carry them (a missing one would show as
+    # its bare name there), so they are written even when zero.
+    if event.duration_usec or event.kind in _TIMED:
         fields["GPUSCHED_DURATION_USEC"] = str(event.duration_usec)
-    if event.bytes:
+    if event.bytes or event.kind in _SIZED:
         fields["GPUSCHED_BYTES"] = str(event.bytes)
     if event.gpus:
         fields["GPUSCHED_GPUS"] = " ".join(event.gpus)

@@ -22,8 +22,12 @@ MODEL_UNIT_SUFFIX = ".service"
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def is_model_name(name: str) -> bool:
+    return bool(MODEL_NAME_RE.fullmatch(name)) and ".." not in name
+
+
 def validate_model_name(name: object) -> str:
-    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or ".." in name:
+    if not isinstance(name, str) or not is_model_name(name):
         raise InvalidArgs(
             "invalid model name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -38,7 +42,7 @@ def model_name_from_unit(unit: str) -> str | None:
     """The model name of a `gpusched-model@NAME.service` unit, or None for any other unit."""
     if unit.startswith(MODEL_UNIT_PREFIX) and unit.endswith(MODEL_UNIT_SUFFIX):
         name = unit[len(MODEL_UNIT_PREFIX) : -len(MODEL_UNIT_SUFFIX)]
-        if MODEL_NAME_RE.fullmatch(name) and ".." not in name:
+        if is_model_name(name):
             return name
     return None
 

@@ -24,8 +24,10 @@ from gpuschedd.bus.connection import current_message
 from gpuschedd.bus.service import ManagerInterface, ModelInterface, _parse_run_options
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, RunOptions
+from gpuschedd.engine import Engine, EngineListener, RunOptions
 from gpuschedd.errors import AccessDenied, GpuschedError, InvalidArgs
+from gpuschedd.events import Event, EventKind
+from gpuschedd.journal import journal_fields
 from gpuschedd.model import State
 from gpuschedd.telemetry import NoGpus
 
@@ -46,6 +48,9 @@ class FakeAuthority(polkit.Authority):
 
     async def caller_uid(self, msg: Message) -> int:
         return self._senders[msg.sender or ""]
+
+    def known_uid(self, sender: str) -> int | None:
+        return self._senders.get(sender)
 
     async def check(self, msg: Message, action: str, details: dict[str, str]) -> int:
         uid = await self.caller_uid(msg)
@@ -379,3 +384,54 @@ async def test_running_a_name_again_over_someone_elses_ended_model_needs_control
         await call(manager, "Stop", "mine")
         await call(manager, "Run", "mine", ["/bin/true"], {})  # my own ended model: run is enough
     assert engine.get("mine").state == State.RUNNING
+
+
+# ----------------------------------------------------------------- errors answered to callers become journal events
+
+
+class Events(EngineListener):
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def event(self, event: Event) -> None:
+        self.events.append(event)
+
+
+async def test_refusals_and_failures_are_events_naming_caller_method_and_error(
+    manager: ManagerInterface, engine: Engine, authority: FakeAuthority
+) -> None:
+    events = Events()
+    engine.add_listener(events)
+    await engine.run("roots", ["/bin/true"], RunOptions(), 0)
+    with as_(":1.2"):
+        assert await error_of(call(manager, "Freeze", "roots")) == ACCESS_DENIED
+        await error_of(call(manager, "Thaw", "../etc"))
+    denied, bad_name = (e for e in events.events if e.kind == EventKind.REFUSAL)
+    assert (denied.model, denied.unit) == ("roots", "gpusched-model@roots.service")
+    assert denied.fields == {
+        "GPUSCHED_ERROR": ACCESS_DENIED,
+        "GPUSCHED_METHOD": "Freeze",
+        "GPUSCHED_CALLER": ":1.2",
+        "GPUSCHED_CALLER_UID": str(NOBODY.pw_uid),
+    }
+    assert denied.message.startswith(f"Freeze of roots refused for uid {NOBODY.pw_uid}: not authorized")
+    assert journal_fields(denied)["PRIORITY"] == "4"
+    # a malformed name is never written back; the caller's own mistake is only a notice
+    assert bad_name.model == "" and "GPUSCHED_MODEL" not in journal_fields(bad_name)
+    assert journal_fields(bad_name)["PRIORITY"] == "5"
+
+    engine.units.fail["freeze"] = "gpusched-model@roots.service"  # type: ignore[attr-defined]
+    with as_(":1.1"):
+        assert await error_of(call(manager, "Freeze", "roots")) == "org.gpusched1.Error.UnitFailed"
+    failure = events.events[-1]
+    assert failure.kind == EventKind.FAILURE and failure.fields["GPUSCHED_CALLER_UID"] == "0"
+    assert journal_fields(failure)["PRIORITY"] == "3"
+
+
+async def test_an_error_the_engine_reported_is_not_reported_twice(engine: Engine) -> None:
+    events = Events()
+    engine.add_listener(events)
+    error = InvalidArgs("x")
+    engine.report_error(error, "m", "first", {})
+    engine.report_error(error, "m", "second", {})
+    assert [e.message for e in events.events] == ["first"]

@@ -66,6 +66,10 @@ class Authority:
             if not waiting[0]:
                 del self._callers[sender]
 
+    def known_uid(self, sender: str) -> int | None:
+        """The uid of a sender already looked up, without a bus call (None if it never was)."""
+        return self._uids.get(sender)
+
     async def caller_uid(self, msg: Message) -> int:
         sender = msg.sender or ""
         uid = self._uids.get(sender)

@@ -20,9 +20,9 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from .. import __version__, validate
 from ..engine import Engine, EngineListener, RunOptions
-from ..errors import GpuschedError, InvalidArgs, NoSuchModel, NotSupported
+from ..errors import GpuschedError, InvalidArgs, NoSuchModel, NotSupported, Refused
 from ..model import ENDED, Model
-from ..names import MANAGER_IFACE, MODEL_IFACE, model_path, model_unit, validate_model_name
+from ..names import MANAGER_IFACE, MODEL_IFACE, is_model_name, model_path, model_unit, validate_model_name
 from . import polkit
 from .connection import current_message
 
@@ -61,14 +61,16 @@ def exposed(access: str = MANAGE) -> Callable[[Handler], Handler]:
                     await self._authorize(access, verb, args)
                 return await fn(self, *args)
             except GpuschedError as e:
+                if access != READ:
+                    self._report(fn.__name__, args, e)
                 raise DBusError(e.dbus_name, e.message) from None
             except DBusError:
                 raise
             except Exception:
                 log.exception("%s failed", fn.__name__)
-                raise DBusError(
-                    "org.freedesktop.DBus.Error.Failed", "internal error; see the journal of gpuschedd"
-                ) from None
+                internal = GpuschedError("internal error; see the journal of gpuschedd")
+                self._report(fn.__name__, args, internal)
+                raise DBusError(internal.dbus_name, internal.message) from None
 
         return wrapper
 
@@ -83,6 +85,25 @@ class _Authorizing:
 
     def _model_for(self, args: tuple[Any, ...]) -> Model | None:
         raise NotImplementedError
+
+    def _name_in(self, args: tuple[Any, ...]) -> str:
+        """The model a call names, if it names a valid one (for the journal); "" otherwise."""
+        raise NotImplementedError
+
+    def _report(self, method: str, args: tuple[Any, ...], error: GpuschedError) -> None:
+        """An error answered to a caller of a method that changes things becomes a journal event (refusal or
+        failure) naming the method, the model and the caller, so an admin sees who was turned away and why."""
+        msg = current_message.get()
+        sender = (msg.sender if msg is not None else None) or ""
+        uid = self.authority.known_uid(sender) if sender and self.authority is not None else None
+        who = f"uid {uid}" if uid is not None else f"caller {sender or 'unknown'}"
+        name = self._name_in(args)
+        outcome = "refused" if isinstance(error, Refused) else "failed"
+        fields = {"GPUSCHED_METHOD": method, "GPUSCHED_CALLER": sender}
+        if uid is not None:
+            fields["GPUSCHED_CALLER_UID"] = str(uid)
+        text = f"{method}{' of ' + name if name else ''} {outcome} for {who}: {error.message}"
+        self.engine.report_error(error, name, text, fields)
 
     async def _authorize(
         self, access: str, verb: str, args: tuple[Any, ...], extra: dict[str, str] | None = None
@@ -153,6 +174,10 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     def _model_for(self, args: tuple[Any, ...]) -> Model | None:
         name = validate_model_name(args[0]) if args else ""
         return self.engine.get(name)
+
+    def _name_in(self, args: tuple[Any, ...]) -> str:
+        name = args[0] if args else None
+        return name if isinstance(name, str) and is_model_name(name) else ""
 
     # ------------------------------------------------------------- methods
 
@@ -295,6 +320,9 @@ class ModelInterface(_Authorizing, ServiceInterface):
 
     def _model_for(self, args: tuple[Any, ...]) -> Model | None:
         return self.model
+
+    def _name_in(self, args: tuple[Any, ...]) -> str:
+        return self.model.name
 
     def changed(self) -> None:
         m = self.model
