@@ -50,10 +50,8 @@ class Notifier(EngineListener):
             self._notify(text)
 
     def status(self) -> str:
-        counts: dict[State, int] = {}
-        for model in self.engine.models.values():
-            counts[model.state] = counts.get(model.state, 0) + 1
-        parts = [f"{n} {state}" for state, n in counts.items()] or ["no models"]
+        states = [model.state for model in self.engine.models.values()]
+        parts = [f"{states.count(state)} {state}" for state in State if state in states] or ["no models"]
         parked = self.engine.ram_frozen_bytes()
         if parked:
             parts.append(f"{parked / 2**30:.1f} GiB parked in RAM")
