@@ -68,22 +68,26 @@ def test_daemon_freezes_and_thaws_a_pytorch_unit(daemon: None) -> None:
         [pid] = ready(d)
         path = "/org/gpusched1/model/torch"
         assert prop("/org/gpusched1", "org.gpusched1.Manager", "CheckpointBackend") == '"driver"'
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        # Measured: NVML names the model's PID as the sandbox's PID namespace sees it.
+        assert pid in [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+        sh("gpusched", "list")  # ListModels refreshes PIDs and VRAM
         assert int(prop(path, "org.gpusched1.Model", "VramBytes")) >= MIB << 20
+        used_running = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
         sh("gpusched", "freeze", "torch")
         assert prop(path, "org.gpusched1.Model", "State") == '"frozen"'
         assert int(prop(path, "org.gpusched1.Model", "SnapshotBytes")) >= MIB << 20
+        assert used_running - int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) >= (MIB << 20) * 0.9
         unit_cg = sh("systemctl", "show", "-P", "ControlGroup", "gpusched-model@torch.service").strip()
         assert "frozen 1" in Path(f"/sys/fs/cgroup{unit_cg}/cgroup.events").read_text()
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        assert pid not in [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
         frozen_at = counter(d, pid)
         time.sleep(0.5)
         assert counter(d, pid) == frozen_at
 
-        sh("gdbus", "call", "--system", "--dest", "org.gpusched1", "--object-path", "/org/gpusched1",
-           "--method", "org.gpusched1.Manager.Thaw", "torch")  # fmt: skip
+        # busctl, not gdbus: the GPU machine has no GLib tools
+        sh("busctl", "call", "org.gpusched1", "/org/gpusched1", "org.gpusched1.Manager", "Thaw", "s", "torch")
         assert prop(path, "org.gpusched1.Model", "State") == '"running"'
         time.sleep(0.5)
         assert counter(d, pid) > frozen_at
