@@ -38,6 +38,8 @@ SYSUSERSDIR = $(PREFIX)/lib/sysusers.d
 DBUSDIR = $(PREFIX)/share/dbus-1
 POLKITDIR = $(PREFIX)/share/polkit-1
 CONFDIR = $(SYSCONFDIR)/gpusched
+MANDIR = $(PREFIX)/share/man
+BASHCOMPLETIONDIR = $(PREFIX)/share/bash-completion/completions
 
 PIP_COMMON = --disable-pip-version-check
 # Validated against their DTDs (shipped by dbus and polkitd, found offline through the XML catalog). The bus policy is
@@ -92,6 +94,11 @@ install:
 	$(if $(wildcard polkit/*.rules),install -m 644 $(wildcard polkit/*.rules) "$(DESTDIR)$(POLKITDIR)/rules.d/")
 	$(if $(wildcard catalog/*.catalog),install -d "$(DESTDIR)$(CATALOGDIR)" && install -m 644 $(wildcard catalog/*.catalog) "$(DESTDIR)$(CATALOGDIR)/")
 	$(if $(wildcard sysusers.d/*.conf),install -d "$(DESTDIR)$(SYSUSERSDIR)" && install -m 644 $(wildcard sysusers.d/*.conf) "$(DESTDIR)$(SYSUSERSDIR)/")
+	# manual pages and bash completion
+	install -d "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(BASHCOMPLETIONDIR)"
+	install -m 644 man/gpusched.1 "$(DESTDIR)$(MANDIR)/man1/gpusched.1"
+	install -m 644 man/gpuschedd.8 "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	install -m 644 completion/gpusched "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	# the admin's configuration: installed once, never overwritten
 	install -d "$(DESTDIR)$(CONFDIR)"
 	[ -e "$(DESTDIR)$(CONFDIR)/gpuschedd.conf" ] || install -m 644 conf/gpuschedd.conf "$(DESTDIR)$(CONFDIR)/gpuschedd.conf"
@@ -115,6 +122,8 @@ uninstall:
 	rm -f $(foreach f,$(notdir $(wildcard polkit/*.rules)),"$(DESTDIR)$(POLKITDIR)/rules.d/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard catalog/*.catalog)),"$(DESTDIR)$(CATALOGDIR)/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard sysusers.d/*.conf)),"$(DESTDIR)$(SYSUSERSDIR)/$(f)")
+	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	rm -f "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf in place (configuration)"
 
 # Wheels of everything `make install` pulls in (plus the build backend), so the sandbox installs offline and never

@@ -1,22 +1,46 @@
-"""gpusched: the command-line client. A thin layer over the SDK; exit codes follow systemctl's
-(0 success, 1 failure, 2 usage, 4 no such model)."""
+"""gpusched: the command-line client. A thin layer over the SDK (D-Bus) and journalctl (history, logs).
+
+Exit codes follow systemctl's: 0 success, 1 failure, 2 usage, 3 a model named to `status` is not live (stopped or
+failed), 4 no such model. `--json` makes every command's output machine-readable; on a terminal a long freeze or
+thaw shows its progress on stderr, and nothing extra is written when output goes to a pipe.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pwd
+import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
-from typing import Any
+from datetime import datetime
+from typing import Any, TextIO
 
+from . import __version__, eventlog, hostmem
 from .client import GpuSched, ModelInfo
 from .errors import GpuschedError, NoSuchModel
+from .names import model_unit, validate_model_name
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NOT_LIVE = 3
 EXIT_NO_SUCH_MODEL = 4
+
+# The state's glyph and colour, like systemctl's: ● active, ○ inactive, a cross failed; ❄ frozen, ◐ moving.
+GLYPHS = {
+    "running": ("●", "32"),
+    "freezing": ("◐", "33"),
+    "frozen": ("❄", "36"),
+    "thawing": ("◐", "33"),
+    "stopped": ("○", "0"),
+    "failed": ("\N{MULTIPLICATION SIGN}", "31"),
+}
+PROGRESS_DELAY = 0.2  # seconds before a progress line appears: quick operations stay quiet
+PROGRESS_INTERVAL = 0.1
 
 
 def human_bytes(n: int) -> str:
@@ -28,6 +52,19 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def human_ago(seconds: float) -> str:
+    """systemd's style: 42s ago, 5min 3s ago, 2h 7min ago, 3 days 4h ago."""
+    s = max(int(seconds), 0)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [f"{days} day{'s' if days != 1 else ''}"] if days else []
+    parts += [f"{hours}h"] if hours else []
+    parts += [f"{minutes}min"] if minutes else []
+    parts += [f"{s}s"] if s or not parts else []
+    return " ".join(parts[:2]) + " ago"
+
+
 def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -35,9 +72,17 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
-def print_table(rows: list[list[str]]) -> None:
+def colors(stream: TextIO) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def paint(text: str, code: str, on: bool) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m" if on and code != "0" else text
+
+
+def print_table(rows: list[list[str]], legend: bool = True) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
+    for row in rows if legend else rows[1:]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
@@ -58,37 +103,262 @@ def list_rows(models: list[ModelInfo]) -> list[list[str]]:
     return rows
 
 
-def show_status(gs: GpuSched, as_json: bool) -> None:
-    manager = gs.status()
-    models = [gs.model(m.name) for m in gs.models()]
-    if as_json:
-        print(json.dumps({"manager": manager, "models": models}, indent=2))
-        return
-    for m in models:
-        state = m["State"]
-        mark = {"running": "●", "frozen": "❄", "failed": "x"}.get(state, "○")
-        print(f"{mark} {m['Name']} - {state}")
-        print(f"      Unit: {m['Unit']}")
-        print(f"     Owner: {user_name(m['Owner'])} ({m['Owner']})")
-        print(f"   Command: {' '.join(m['Command'])}")
-        print(f"      PIDs: {' '.join(map(str, m['Pids'])) or '-'}")
-        print(f"      GPUs: {' '.join(m['Gpus']) or '-'}")
-        print(f"      VRAM: {human_bytes(m['VramBytes'])}   snapshot: {human_bytes(m['SnapshotBytes'])}")
-        if m["LastFreezeUSec"] or m["LastThawUSec"]:
-            print(f"  Last freeze: {m['LastFreezeUSec'] / 1e6:.3f}s   last thaw: {m['LastThawUSec'] / 1e6:.3f}s")
-        print()
-    for gpu in manager.get("Gpus", []):
-        print(
-            f"GPU {gpu['index']} {gpu['name']} ({gpu['uuid']}): "
+# ----------------------------------------------------------------------------------------------- status
+
+
+def status_line(models: list[dict[str, Any]]) -> str:
+    """The same summary the daemon puts in STATUS=: "2 running, 1 frozen"."""
+    states = [m["State"] for m in models]
+    return ", ".join(f"{states.count(s)} {s}" for s in GLYPHS if s in states) or "no models"
+
+
+def gpu_label(gpu_id: str, gpus: list[dict[str, Any]]) -> str:
+    for gpu in gpus:
+        if gpu_id in (gpu["uuid"], str(gpu["index"])):
+            return f"{gpu['index']} ({gpu['uuid']})"
+    return gpu_id
+
+
+def manager_lines(manager: dict[str, Any], models: list[dict[str, Any]], color: bool) -> list[str]:
+    lines = [f"{paint('●', '32', color)} gpuschedd {manager['Version']} - {status_line(models)}"]
+    lines.append(f"{'Backends':>12}: checkpoint {manager['CheckpointBackend']}, units {manager['UnitBackend']}")
+    gpus = manager.get("Gpus", [])
+    for i, gpu in enumerate(gpus):
+        lines.append(
+            f"{'GPUs' if i == 0 else '':>12}{':' if i == 0 else ' '} {gpu['index']}: {gpu['name']}, "
             f"{human_bytes(gpu['used'])} used, {human_bytes(gpu['free'])} free of {human_bytes(gpu['total'])}"
+            f" ({gpu['uuid']})"
         )
-    print(
-        f"Host RAM: {human_bytes(manager['RamFrozenBytes'])} parked in frozen models, "
+    if not gpus:
+        lines.append(f"{'GPUs':>12}: none seen (no NVML)")
+    lines.append(
+        f"{'Host RAM':>12}: {human_bytes(manager['RamFrozenBytes'])} parked in frozen models, "
         f"budget {human_bytes(manager['RamBudgetBytes'])}"
     )
-    print(f"Backends: checkpoint={manager['CheckpointBackend']} units={manager['UnitBackend']}")
-    if not models:
-        print("No models.")
+    thp = manager.get("TransparentHugepages", "")
+    if thp:
+        hint = "" if thp == "always" else " (always makes checkpoints 1.3-1.8x faster)"
+        lines.append(f"{'THP':>12}: {thp}{hint}")
+    return lines
+
+
+def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now: float) -> list[str]:
+    glyph, code = GLYPHS.get(m["State"], ("○", "0"))
+    lines = [f"{paint(glyph, code, color)} {m['Name']} - {paint(m['State'], code, color)}"]
+
+    def add(label: str, value: str) -> None:
+        lines.append(f"{label:>12}: {value}")
+
+    add("Unit", m["Unit"])
+    add("Owner", f"{user_name(m['Owner'])} ({m['Owner']})")
+    add("Command", " ".join(m["Command"]))
+    since = m["StateChangeTimestamp"] / 1e6
+    if since:
+        stamp = datetime.fromtimestamp(since).astimezone().strftime("%a %Y-%m-%d %H:%M:%S %Z")
+        add("Since", f"{stamp}; {human_ago(now - since)}")
+    if m["MainPid"]:
+        add("Main PID", str(m["MainPid"]))
+    add("PIDs", " ".join(map(str, m["Pids"])) or "-")
+    add("GPUs", ", ".join(gpu_label(g, gpus) for g in m["Gpus"]) or "-")
+    if m["State"] in ("frozen", "freezing", "thawing") or m["SnapshotBytes"]:
+        add("Snapshot", f"{human_bytes(m['SnapshotBytes'])} in host RAM")
+    else:
+        add("VRAM", human_bytes(m["VramBytes"]))
+    if m["LastFreezeUSec"] or m["LastThawUSec"]:
+        add("Last freeze", f"{m['LastFreezeUSec'] / 1e6:.3f} s, last thaw {m['LastThawUSec'] / 1e6:.3f} s")
+    return lines
+
+
+def show_status(gs: GpuSched, names: list[str], as_json: bool) -> int:
+    manager = gs.status()
+    rc = 0
+    if names:
+        models = []
+        for name in names:
+            try:
+                models.append(gs.model(name))
+            except NoSuchModel as e:
+                print(f"gpusched: {e.message}", file=sys.stderr)
+                rc = EXIT_NO_SUCH_MODEL
+        if rc == 0 and any(m["State"] in ("stopped", "failed") for m in models):
+            rc = EXIT_NOT_LIVE
+    else:
+        models = [gs.model(m.name) for m in gs.models()]
+    if as_json:
+        print(json.dumps({"manager": manager, "models": models}, indent=2))
+        return rc
+    color = colors(sys.stdout)
+    blocks = [] if names else [manager_lines(manager, models, color)]
+    now = time.time()
+    blocks += [model_lines(m, manager.get("Gpus", []), color, now) for m in models]
+    print("\n\n".join("\n".join(block) for block in blocks))
+    return rc
+
+
+# ----------------------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """While a call runs, a line on the terminal (stderr) saying what is under way and for how long:
+    `Freezing llama: 1.2 GiB of 3.6 GiB, 0.8 s`. Nothing at all when stderr is not a terminal.
+
+    A freeze's checkpoint lands in the model's own processes' memory, so the growth of their resident size is
+    the part already copied; a thaw shows its size and the time."""
+
+    def __init__(
+        self,
+        text: str,
+        total: int = 0,
+        pids: Iterable[int] = (),
+        stream: TextIO | None = None,
+        rss: Callable[[int], int] = hostmem.rss_bytes,
+    ) -> None:
+        self.text, self.total, self.pids, self.rss = text, total, list(pids), rss
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shown = False
+        self._start = 0.0
+        self._base = 0
+
+    def _moved(self) -> int:
+        return sum(map(self.rss, self.pids)) - self._base if self.pids else 0
+
+    def line(self, elapsed: float) -> str:
+        moved = min(max(self._moved(), 0), self.total) if self.total else 0
+        if moved:
+            size = f"{human_bytes(moved)} of {human_bytes(self.total)}, "
+        elif self.total:
+            size = f"{human_bytes(self.total)}, "
+        else:
+            size = ""
+        return f"{self.text}: {size}{elapsed:.1f} s"
+
+    def _run(self) -> None:
+        while not self._done.wait(PROGRESS_DELAY if not self._shown else PROGRESS_INTERVAL):
+            self.stream.write("\r\x1b[K" + self.line(time.monotonic() - self._start))
+            self.stream.flush()
+            self._shown = True
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._start = time.monotonic()
+            self._base = sum(map(self.rss, self.pids))
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._done.set()
+            self._thread.join()
+            if self._shown:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+
+
+def transition(gs: GpuSched, verb: str, name: str, as_json: bool) -> None:
+    """freeze or thaw `name`, with progress on a terminal, then a summary line there (or JSON)."""
+    interactive = sys.stderr.isatty() or (sys.stdout.isatty() and not as_json)
+    before = gs.model(name) if interactive else {}
+    if verb == "freeze":
+        progress = Progress(f"Freezing {name}", before.get("VramBytes", 0), before.get("Pids", []))
+    else:
+        progress = Progress(f"Thawing {name}", before.get("SnapshotBytes", 0))
+    with progress:
+        getattr(gs, verb)(name)
+    if as_json:
+        print(json.dumps(gs.model(name), indent=2))
+    elif sys.stdout.isatty():
+        after = gs.model(name)
+        if before.get("State") == after["State"]:
+            print(f"{name} was already {after['State']}")
+        elif verb == "freeze":
+            print(
+                f"Froze {name} in {after['LastFreezeUSec'] / 1e6:.2f} s: "
+                f"{human_bytes(after['SnapshotBytes'])} parked in host RAM"
+            )
+        else:
+            print(f"Thawed {name} in {after['LastThawUSec'] / 1e6:.2f} s: it runs again")
+
+
+def swap(gs: GpuSched, out: str, into: str, as_json: bool) -> None:
+    interactive = sys.stderr.isatty()
+    before_out = gs.model(out) if interactive else {}
+    before_in = gs.model(into) if interactive else {}
+    total = before_out.get("VramBytes", 0) + before_in.get("SnapshotBytes", 0)
+    started = time.monotonic()
+    with Progress(f"Swapping {out} out and {into} in", total):
+        gs.swap(out, into)
+    if as_json:
+        print(json.dumps({"frozen": gs.model(out), "thawed": gs.model(into)}, indent=2))
+    elif sys.stdout.isatty():
+        print(f"Swapped {out} out and {into} in, in {time.monotonic() - started:.2f} s")
+
+
+# ----------------------------------------------------------------------------------------------- journal
+
+
+def event_line(event: eventlog.JournalEvent, width: int, color: bool) -> str:
+    stamp = event.time.strftime("%b %d %H:%M:%S.") + f"{event.time.microsecond // 1000:03d}"
+    code = {3: "31", 4: "33"}.get(event.priority, "0")
+    return f"{stamp} {event.event:<8} {event.model or '-':<{width}} {paint(event.message, code, color)}"
+
+
+def show_events(args: argparse.Namespace) -> int:
+    color = colors(sys.stdout)
+    try:
+        if args.follow:
+            for event in eventlog.follow(args.model, args.since, args.lines):
+                print(json.dumps(event.to_json()) if args.json else event_line(event, 20, color), flush=True)
+            return 0
+        events = eventlog.read(args.model, args.since, args.lines)
+    except subprocess.CalledProcessError:
+        return EXIT_FAILURE  # journalctl said why on stderr
+    except FileNotFoundError:
+        print("gpusched: journalctl not found", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        for event in events:
+            print(json.dumps(event.to_json()))
+        return 0
+    width = max((len(e.model) for e in events), default=1)
+    for event in events:
+        print(event_line(event, width, color))
+    if not events:
+        print("No events.", file=sys.stderr)
+    return 0
+
+
+def show_logs(args: argparse.Namespace) -> int:
+    """Exec journalctl on the model's unit: its own output (plus gpuschedd's entries about it), with journalctl's
+    pager, colours and follow mode."""
+    validate_model_name(args.name)
+    unit = model_unit(args.name)
+    try:
+        with GpuSched(interactive=False) as gs:
+            unit = gs.model(args.name)["Unit"]
+    except (GpuschedError, OSError):
+        pass  # not known (any more) or no daemon: its unit's journal is still there
+    argv = ["journalctl", f"--unit={unit}"]
+    if args.lines is not None:
+        argv.append(f"--lines={args.lines}")
+    if args.follow:
+        argv.append("--follow")
+    if args.no_pager:
+        argv.append("--no-pager")
+    if args.json:
+        argv.append("--output=json")
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        print(f"gpusched: cannot run journalctl: {e}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+# ----------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="never ask for authentication: fail if it would be needed",
     )
     parser = argparse.ArgumentParser(
-        prog="gpusched", description="Run, freeze and thaw GPU models (gpuschedd client)", parents=[common]
+        prog="gpusched",
+        description="Run, freeze and thaw GPU models (gpuschedd client). See gpusched(1).",
+        parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"gpusched {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run a command as a model (unit gpusched-model@NAME.service)")
@@ -123,11 +396,26 @@ def build_parser() -> argparse.ArgumentParser:
         ("forget", "stop managing a model, leaving its unit running"),
     ):
         sub.add_parser(verb, parents=[common], help=text).add_argument("name")
-    swap = sub.add_parser("swap", parents=[common], help="freeze one model and thaw another: both or neither")
-    swap.add_argument("freeze_name")
-    swap.add_argument("thaw_name")
-    sub.add_parser("status", parents=[common], help="models, GPUs and host RAM in detail")
-    sub.add_parser("list", parents=[common], help="one line per model")
+    swap_parser = sub.add_parser("swap", parents=[common], help="freeze one model and thaw another: both or neither")
+    swap_parser.add_argument("freeze_name")
+    swap_parser.add_argument("thaw_name")
+    status = sub.add_parser("status", parents=[common], help="the daemon, GPUs, host RAM and models, in detail")
+    status.add_argument("names", nargs="*", metavar="NAME", help="only these models")
+    listing = sub.add_parser("list", parents=[common], help="one line per model")
+    listing.add_argument("--no-legend", action="store_true", help="no header line")
+
+    events = sub.add_parser("events", parents=[common], help="the event history from the journal")
+    events.add_argument("--model", "-m", help="only this model's events")
+    events.add_argument("--since", "-S", help='as journalctl reads it: "today", "-1h", "2025-01-31 12:00"')
+    events.add_argument("-n", "--lines", type=int, help="only the last N events")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events as they happen")
+
+    logs = sub.add_parser("logs", parents=[common], help="a model's own output (its unit's journal)")
+    logs.add_argument("name")
+    logs.add_argument("-n", "--lines", type=int, help="only the last N lines")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--no-pager", action="store_true", help="do not pipe the output into a pager")
+
     return parser
 
 
@@ -136,13 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
     args.no_ask_password = getattr(args, "no_ask_password", False)
+    command: list[str] = []
     if args.command == "run":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not command:
             parser.error("run: give the command after --")
     try:
+        if args.command == "events":
+            return show_events(args)
+        if args.command == "logs":
+            return show_logs(args)
         with GpuSched(interactive=not args.no_ask_password) as gs:
-            return dispatch(gs, args, command if args.command == "run" else [])
+            return dispatch(gs, args, command)
     except NoSuchModel as e:
         print(f"gpusched: {e.message}", file=sys.stderr)
         return EXIT_NO_SUCH_MODEL
@@ -152,19 +445,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConnectionError, FileNotFoundError) as e:
         print(f"gpusched: cannot reach the system bus: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
 
 
 def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
-    simple: dict[str, Callable[[str], Any]] = {
-        "freeze": gs.freeze,
-        "thaw": gs.thaw,
-        "stop": gs.stop,
-        "forget": gs.forget,
-    }
+    simple: dict[str, Callable[[str], Any]] = {"stop": gs.stop, "forget": gs.forget}
     if args.command in simple:
         simple[args.command](args.name)
+        if args.json:
+            print(json.dumps({"name": args.name, "command": args.command, "ok": True}))
+    elif args.command in ("freeze", "thaw"):
+        transition(gs, args.command, args.name, args.json)
     elif args.command == "swap":
-        gs.swap(args.freeze_name, args.thaw_name)
+        swap(gs, args.freeze_name, args.thaw_name, args.json)
     elif args.command == "run":
         path = gs.run(
             args.name,
@@ -185,11 +479,11 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         if args.json:
             print(json.dumps([asdict(m) for m in models], indent=2))
         elif models:
-            print_table(list_rows(models))
-        else:
+            print_table(list_rows(models), legend=not args.no_legend)
+        elif not args.no_legend:
             print("No models.")
     elif args.command == "status":
-        show_status(gs, args.json)
+        return show_status(gs, args.names, args.json)
     return 0
 
 

@@ -9,37 +9,58 @@ on classes, never on message text:
     with GpuSched() as gs:
         gs.run("llama", ["python3", "serve.py"])
         gs.freeze("llama")
+        for event in gs.events():          # PropertiesChanged, ModelNew, ModelRemoved as they come
+            print(event.name, event.kind, event.state)
+
+Both classes have the same methods; the blocking one runs each call to completion on a private event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from .errors import ALL_ERRORS, GpuschedError
-from .names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE, model_path
+from .names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE, MODEL_PATH_PREFIX, model_name_from_path
 
 T = TypeVar("T")
 
 _ERRORS_BY_NAME = {cls.dbus_name: cls for cls in ALL_ERRORS}
+DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+# What a call to a daemon that is not running (and cannot be started by activation) is answered with.
+_NOT_RUNNING = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.systemd1.NoSuchUnit",
+    "org.freedesktop.DBus.Error.Spawn.ChildExited",
+    "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
+}
 
 
 class BusError(GpuschedError):
-    """A D-Bus error that is none of ours (e.g. the daemon is not running: ServiceUnknown)."""
+    """A D-Bus error that is none of ours."""
 
     def __init__(self, name: str, message: str) -> None:
         super().__init__(message)
         self.dbus_name = name
 
 
+class DaemonNotRunning(BusError):
+    """Nobody owns org.gpusched1 and the bus could not start gpuschedd (`systemctl start gpuschedd`)."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
+    """One row of ListModels."""
+
     name: str
     state: str
     unit: str
@@ -47,6 +68,22 @@ class ModelInfo:
     main_pid: int
     vram_bytes: int
     snapshot_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A signal of the daemon: kind "changed" (a model's PropertiesChanged), "new" (ModelNew) or "removed"
+    (ModelRemoved). `changed` holds the properties that changed, by their D-Bus names (State, Pids, ...)."""
+
+    kind: str
+    name: str
+    path: str
+    changed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str | None:
+        """The new state, when this event changed it."""
+        return self.changed.get("State")
 
 
 def _unwrap(value: Any) -> Any:
@@ -57,6 +94,88 @@ def _unwrap(value: Any) -> Any:
     if isinstance(value, list):
         return [_unwrap(v) for v in value]
     return value
+
+
+def _error(reply: Message) -> GpuschedError:
+    name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
+    text = str(reply.body[0]) if reply.body else name
+    if name in _NOT_RUNNING:
+        return DaemonNotRunning(name, f"gpuschedd is not running ({text}); try: systemctl start gpuschedd")
+    cls = _ERRORS_BY_NAME.get(name)
+    return cls(text) if cls else BusError(name, text)
+
+
+def _event_of(msg: Message) -> ModelEvent | None:
+    """The ModelEvent a signal of the daemon stands for, or None for any other message."""
+    if msg.message_type != MessageType.SIGNAL:
+        return None
+    if msg.interface == MANAGER_IFACE and msg.path == MANAGER_PATH and msg.member in ("ModelNew", "ModelRemoved"):
+        name, path = msg.body
+        return ModelEvent("new" if msg.member == "ModelNew" else "removed", name, path)
+    if msg.interface == PROPERTIES_IFACE and msg.member == "PropertiesChanged" and msg.body[0] == MODEL_IFACE:
+        name = model_name_from_path(msg.path or "")
+        if name is not None:
+            return ModelEvent("changed", name, msg.path or "", _unwrap(msg.body[1]))
+    return None
+
+
+class EventStream:
+    """The daemon's signals as an async iterator of ModelEvent. Subscribes on start() (or the first
+    iteration); close() unsubscribes. Signals are matched by the well-known name, so a restarted daemon's
+    signals keep coming."""
+
+    def __init__(self, client: AsyncGpuSched) -> None:
+        self._client = client
+        self._queue: asyncio.Queue[ModelEvent] = asyncio.Queue()
+        self._rules = [
+            f"type='signal',sender='{BUS_NAME}',interface='{PROPERTIES_IFACE}',member='PropertiesChanged',"
+            f"path_namespace='{MODEL_PATH_PREFIX.rstrip('/')}'",
+            f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_IFACE}',path='{MANAGER_PATH}'",
+        ]
+        self._bus: MessageBus | None = None
+
+    def _handler(self, msg: Message) -> None:
+        event = _event_of(msg)
+        if event is not None:
+            self._queue.put_nowait(event)
+
+    async def start(self) -> EventStream:
+        if self._bus is None:
+            await self._client.connect()
+            self._bus = self._client.bus
+            assert self._bus is not None
+            self._bus.add_message_handler(self._handler)
+            for rule in self._rules:
+                await self._client._call("AddMatch", "s", [rule], *DBUS)
+        return self
+
+    async def close(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is None:
+            return
+        bus.remove_message_handler(self._handler)
+        if bus.connected:
+            for rule in self._rules:
+                with contextlib.suppress(GpuschedError):
+                    await self._client._call("RemoveMatch", "s", [rule], *DBUS)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> ModelEvent:
+        await self.start()
+        return await self._queue.get()
+
+    async def get(self, timeout: float | None = None) -> ModelEvent:
+        """The next event; TimeoutError after `timeout` seconds without one."""
+        await self.start()
+        return await asyncio.wait_for(self._queue.get(), timeout)
+
+    async def __aenter__(self) -> EventStream:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 class AsyncGpuSched:
@@ -87,6 +206,7 @@ class AsyncGpuSched:
         member: str,
         signature: str = "",
         body: list[Any] | None = None,
+        destination: str = BUS_NAME,
         path: str = MANAGER_PATH,
         interface: str = MANAGER_IFACE,
     ) -> list[Any]:
@@ -95,7 +215,7 @@ class AsyncGpuSched:
         flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if self.interactive else MessageFlag.NONE
         reply = await self.bus.call(
             Message(
-                destination=BUS_NAME,
+                destination=destination,
                 path=path,
                 interface=interface,
                 member=member,
@@ -106,10 +226,7 @@ class AsyncGpuSched:
         )
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
-            name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
-            text = str(reply.body[0]) if reply.body else name
-            cls = _ERRORS_BY_NAME.get(name)
-            raise cls(text) if cls else BusError(name, text)
+            raise _error(reply)
         return list(reply.body)
 
     # ------------------------------------------------------------- actions
@@ -125,6 +242,7 @@ class AsyncGpuSched:
         gpus: list[str] | None = None,
         user: str = "",
     ) -> str:
+        """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path."""
         options: dict[str, Variant] = {}
         if description:
             options["Description"] = Variant("s", description)
@@ -146,6 +264,7 @@ class AsyncGpuSched:
         await self._call("Thaw", "s", [name])
 
     async def swap(self, freeze_name: str, thaw_name: str) -> None:
+        """Freeze one model and thaw the other: both or neither."""
         await self._call("Swap", "ss", [freeze_name, thaw_name])
 
     async def stop(self, name: str) -> None:
@@ -163,27 +282,46 @@ class AsyncGpuSched:
     async def model(self, name: str) -> dict[str, Any]:
         """Every property of one model object (Name, State, Pids, VramBytes, ...)."""
         [path] = await self._call("GetModel", "s", [name])
-        [props] = await self._call("GetAll", "s", [MODEL_IFACE], path=path, interface="org.freedesktop.DBus.Properties")
+        [props] = await self._call("GetAll", "s", [MODEL_IFACE], path=path, interface=PROPERTIES_IFACE)
         return _unwrap(props)
+
+    async def state(self, name: str) -> str:
+        [path] = await self._call("GetModel", "s", [name])
+        [value] = await self._call("Get", "ss", [MODEL_IFACE, "State"], path=path, interface=PROPERTIES_IFACE)
+        return str(_unwrap(value))
 
     async def status(self) -> dict[str, Any]:
         """The Manager's properties (Version, CheckpointBackend, Gpus, RamBudgetBytes, ...)."""
-        [props] = await self._call("GetAll", "s", [MANAGER_IFACE], interface="org.freedesktop.DBus.Properties")
+        [props] = await self._call("GetAll", "s", [MANAGER_IFACE], interface=PROPERTIES_IFACE)
         return _unwrap(props)
 
-    async def wait_for_state(self, name: str, state: str, timeout: float = 30.0) -> None:
-        """Wait until a model reaches `state` (e.g. after a model exits by itself)."""
+    def events(self) -> EventStream:
+        """The daemon's signals as they come: `async for event in gs.events(): ...`."""
+        return EventStream(self)
+
+    async def wait_for_state(self, name: str, state: str | Iterable[str], timeout: float = 30.0) -> str:
+        """Wait until model `name` is in `state` (one state or several); returns the state reached.
+        TimeoutError after `timeout` seconds; NoSuchModel if the model is (or becomes) unknown."""
+        wanted = {state} if isinstance(state, str) else set(state)
         deadline = time.monotonic() + timeout
-        path = model_path(name)
-        while True:
-            [value] = await self._call(
-                "Get", "ss", [MODEL_IFACE, "State"], path=path, interface="org.freedesktop.DBus.Properties"
-            )
-            if _unwrap(value) == state:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"model {name} did not become {state} within {timeout}s")
-            await asyncio.sleep(0.05)
+        # Subscribe first, then read: a change between the two is not missed.
+        async with self.events() as stream:
+            current = await self.state(name)
+            while current not in wanted:
+                left = deadline - time.monotonic()
+                try:
+                    event = await stream.get(max(left, 0))
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"model {name} did not become {'/'.join(sorted(wanted))} in {timeout}s"
+                    ) from None
+                if event.name != name:
+                    continue
+                if event.kind == "removed":
+                    current = await self.state(name)  # replaced by a new Run of the name, or NoSuchModel
+                elif event.state is not None:
+                    current = event.state
+            return current
 
 
 class GpuSched:
@@ -230,8 +368,23 @@ class GpuSched:
     def model(self, name: str) -> dict[str, Any]:
         return self._wait(self._client.model(name))
 
+    def state(self, name: str) -> str:
+        return self._wait(self._client.state(name))
+
     def status(self) -> dict[str, Any]:
         return self._wait(self._client.status())
 
-    def wait_for_state(self, name: str, state: str, timeout: float = 30.0) -> None:
-        self._wait(self._client.wait_for_state(name, state, timeout))
+    def wait_for_state(self, name: str, state: str | Iterable[str], timeout: float = 30.0) -> str:
+        return self._wait(self._client.wait_for_state(name, state, timeout))
+
+    def events(self, timeout: float | None = None) -> Iterator[ModelEvent]:
+        """The daemon's signals as they come (a generator: break out of the loop to unsubscribe).
+        timeout: stop with TimeoutError when no event came for that many seconds."""
+        stream = self._client.events()
+        try:
+            self._wait(stream.start())
+            while True:
+                yield self._wait(stream.get(timeout))
+        finally:
+            if not self._loop.is_closed():
+                self._wait(stream.close())

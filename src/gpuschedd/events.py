@@ -21,6 +21,23 @@ class EventKind(StrEnum):
     MIGRATE = "migrate"
 
 
+# One fixed journal MESSAGE_ID per kind (the catalog, catalog/gpuschedd.catalog, explains each; admins filter on them):
+# never change one.
+MESSAGE_IDS: dict[EventKind, str] = {
+    EventKind.RUN: "cb57558bd23447f9a14a0bd4316686c1",
+    EventKind.FREEZE: "4fe48b83b1b04f82ac3ece8dd506c426",
+    EventKind.THAW: "5389f99ed3ff4728ae672ab45d370485",
+    EventKind.SWAP: "f771a2e6d3db49c6b8775bcd0ed9612d",
+    EventKind.STOP: "1c7bd5e44d494e8ba189a31d745afa1f",
+    EventKind.EXIT: "c54537ba923647cd9f9503ccac4581a6",
+    EventKind.FAILURE: "9d5d0bbb392d404fa3929c0bb00957bc",
+    EventKind.REFUSAL: "1bec027d9f7947d1a84457cbc4efe55c",
+    EventKind.ADOPT: "4820b1fefb24437aa4988a0d61583a23",
+    EventKind.FORGET: "9cfd0d9195b04603a3b703a4dc520de5",
+    EventKind.MIGRATE: "bacfcd76f96d467ebe962da40948e1e0",
+}
+
+
 @dataclass(frozen=True)
 class Event:
     kind: EventKind

@@ -64,3 +64,25 @@ def bus_label_escape(label: str) -> str:
 
 def model_path(name: str) -> str:
     return MODEL_PATH_PREFIX + bus_label_escape(name)
+
+
+def bus_label_unescape(label: str) -> str:
+    """Inverse of systemd's bus_label_escape (bus_label_escape above)."""
+    out = bytearray()
+    i = 0
+    while i < len(label):
+        hexpair = label[i + 1 : i + 3]
+        if label[i] == "_" and len(hexpair) == 2 and all(c in "0123456789abcdef" for c in hexpair):
+            out.append(int(hexpair, 16))
+            i += 3
+        else:
+            out += label[i].encode()
+            i += 1
+    return out.decode(errors="replace")
+
+
+def model_name_from_path(path: str) -> str | None:
+    """The model name of an object path under /org/gpusched1/model/, or None for any other path."""
+    if not path.startswith(MODEL_PATH_PREFIX) or "/" in path[len(MODEL_PATH_PREFIX) :]:
+        return None
+    return bus_label_unescape(path[len(MODEL_PATH_PREFIX) :])

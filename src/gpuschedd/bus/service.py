@@ -6,6 +6,8 @@ closed. Reading (properties, ListModels, introspection) is open to everyone.
 """
 
 # No `from __future__ import annotations`: dbus-fast reads D-Bus signatures from the live annotations.
+import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -18,7 +20,7 @@ from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusSignature, DBusS
 from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
-from .. import __version__, validate
+from .. import __version__, hostmem, validate
 from ..engine import Engine, EngineListener, RunOptions
 from ..errors import GpuschedError, InvalidArgs, NoSuchModel, NotSupported, Refused
 from ..model import ENDED, Model
@@ -35,6 +37,9 @@ ADOPT = "adopt"
 MANAGE = "manage"
 
 _ACTIONS = {RUN: polkit.ACTION_RUN, ADOPT: polkit.ACTION_ADOPT, MANAGE: polkit.ACTION_MANAGE}
+
+# An error's journal entry names the caller's uid if the bus says it within this time (else its bus name only).
+REPORT_UID_TIMEOUT_S = 1.0
 
 caller_uid: contextvars.ContextVar[int] = contextvars.ContextVar("caller_uid", default=-1)
 
@@ -62,14 +67,14 @@ def exposed(access: str = MANAGE) -> Callable[[Handler], Handler]:
                 return await fn(self, *args)
             except GpuschedError as e:
                 if access != READ:
-                    self._report(fn.__name__, args, e)
+                    await self._report(fn.__name__, args, e)
                 raise DBusError(e.dbus_name, e.message) from None
             except DBusError:
                 raise
             except Exception:
                 log.exception("%s failed", fn.__name__)
                 internal = GpuschedError("internal error; see the journal of gpuschedd")
-                self._report(fn.__name__, args, internal)
+                await self._report(fn.__name__, args, internal)
                 raise DBusError(internal.dbus_name, internal.message) from None
 
         return wrapper
@@ -90,12 +95,17 @@ class _Authorizing:
         """The model a call names, if it names a valid one (for the journal); "" otherwise."""
         raise NotImplementedError
 
-    def _report(self, method: str, args: tuple[Any, ...], error: GpuschedError) -> None:
+    async def _report(self, method: str, args: tuple[Any, ...], error: GpuschedError) -> None:
         """An error answered to a caller of a method that changes things becomes a journal event (refusal or
         failure) naming the method, the model and the caller, so an admin sees who was turned away and why."""
         msg = current_message.get()
         sender = (msg.sender if msg is not None else None) or ""
-        uid = self.authority.known_uid(sender) if sender and self.authority is not None else None
+        uid = None
+        if msg is not None and sender and self.authority is not None:
+            uid = self.authority.known_uid(sender)
+            if uid is None:  # refused before polkit was asked: one quick question to the bus
+                with contextlib.suppress(GpuschedError, TimeoutError):
+                    uid = await asyncio.wait_for(self.authority.caller_uid(msg), REPORT_UID_TIMEOUT_S)
         who = f"uid {uid}" if uid is not None else f"caller {sender or 'unknown'}"
         name = self._name_in(args)
         outcome = "refused" if isinstance(error, Refused) else "failed"
@@ -299,6 +309,10 @@ class ManagerInterface(_Authorizing, ServiceInterface):
             }
             for gpu in self.engine.telemetry.gpus()
         ]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def TransparentHugepages(self) -> DBusStr:
+        return hostmem.thp_mode()
 
     # ------------------------------------------------------------- signals
 

@@ -19,6 +19,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
 from ..errors import InvalidArgs, UnitFailed
+from ..names import bus_label_unescape
 from ..units import UnitSpec, UnitStatus, UnitWatcher
 from .connection import call
 
@@ -33,21 +34,6 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 # systemd's own default search path for services (what ExecStart= resolves bare names against).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def bus_label_unescape(label: str) -> str:
-    """Inverse of systemd's bus_label_escape (names.bus_label_escape)."""
-    out = bytearray()
-    i = 0
-    while i < len(label):
-        hexpair = label[i + 1 : i + 3]
-        if label[i] == "_" and len(hexpair) == 2 and all(c in "0123456789abcdef" for c in hexpair):
-            out.append(int(label[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            out += label[i].encode()
-            i += 1
-    return out.decode(errors="replace")
 
 
 def resolve_executable(argv0: str, working_directory: str) -> str:

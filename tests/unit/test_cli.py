@@ -1,0 +1,146 @@
+"""The CLI's and SDK's pieces that need no daemon: formatting, progress, journal parsing, signal decoding, error
+mapping, and the hand-written man pages (tests/system/test_cli.py and test_sdk.py run them against the daemon)."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from dbus_fast import Message, MessageType, Variant
+
+from gpuschedd import cli, eventlog
+from gpuschedd.client import DaemonNotRunning, _error, _event_of
+from gpuschedd.errors import InsufficientGpuMemory
+from gpuschedd.events import MESSAGE_IDS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_human_ago_like_systemd() -> None:
+    assert [cli.human_ago(s) for s in (0, 42, 303, 7620, 2 * 86400 + 3 * 3600 + 5)] == [
+        "0s ago",
+        "42s ago",
+        "5min 3s ago",
+        "2h 7min ago",
+        "2 days 3h ago",
+    ]
+
+
+def test_progress_shows_bytes_moved_and_elapsed_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0.01)
+    monkeypatch.setattr(cli, "PROGRESS_INTERVAL", 0.01)
+    rss = {1: 100 << 20, 2: 0}
+    tty = Tty()
+    with cli.Progress("Freezing llama", 1 << 30, [1, 2], stream=tty, rss=rss.__getitem__):
+        rss[2] = 512 << 20  # the checkpoint lands in the process's own memory
+        time.sleep(0.1)
+    out = tty.getvalue()
+    # each line overwrites the last: carriage return, clear to the end of the line, the text
+    assert re.search(r"\r\x1b\[KFreezing llama: 512\.0 MiB of 1\.0 GiB, \d\.\d s", out), repr(out)
+    assert out.endswith("\r\x1b[K"), "the line is cleared at the end"
+    piped = io.StringIO()
+    with cli.Progress("Thawing llama", 1 << 30, stream=piped):
+        time.sleep(0.05)
+    assert piped.getvalue() == ""
+
+
+def test_quick_operations_show_no_progress() -> None:
+    tty = Tty()
+    with cli.Progress("Freezing x", 1, stream=tty):
+        pass
+    assert tty.getvalue() == ""
+
+
+def test_journal_entries_parse() -> None:
+    entry = {
+        "__REALTIME_TIMESTAMP": "1700000000123456",
+        "MESSAGE": "model llama frozen in 0.860s",
+        "PRIORITY": "5",
+        "GPUSCHED_EVENT": "freeze",
+        "GPUSCHED_MODEL": "llama",
+        "OBJECT_SYSTEMD_UNIT": "gpusched-model@llama.service",
+        "GPUSCHED_DURATION_USEC": "860000",
+        "GPUSCHED_BYTES": "1700000000",
+        "GPUSCHED_GPUS": "GPU-a GPU-b",
+        "GPUSCHED_ERROR": ["org.x", "twice"],
+        "MESSAGE_ID": MESSAGE_IDS[next(iter(MESSAGE_IDS))],
+    }
+    event = eventlog.parse_entry(entry)
+    assert (event.event, event.model, event.duration_usec, event.bytes) == ("freeze", "llama", 860000, 1700000000)
+    assert event.gpus == ["GPU-a", "GPU-b"] and event.fields == {"GPUSCHED_ERROR": "org.x"}
+    assert event.to_json()["time"].startswith("2023-11-")
+    binary = eventlog.parse_entry({"MESSAGE": list(b"caf\xc3\xa9 \xff")})
+    assert binary.message == "café \ufffd"
+    line = cli.event_line(event, 8, color=False)
+    assert line.endswith(" freeze   llama    model llama frozen in 0.860s")
+
+
+def test_journalctl_matches_every_id_from_root_only() -> None:
+    argv = eventlog.journalctl_argv(model="llama", since="today", lines=5, follow=True)
+    assert argv[:2] == ["journalctl", "--no-pager"]
+    assert {a.removeprefix("MESSAGE_ID=") for a in argv if a.startswith("MESSAGE_ID=")} == set(MESSAGE_IDS.values())
+    assert {"_UID=0", "GPUSCHED_MODEL=llama", "--since=today", "--lines=5", "--follow"} <= set(argv)
+
+
+def signal(path: str, interface: str, member: str, signature: str, body: list[object]) -> Message:
+    return Message(
+        message_type=MessageType.SIGNAL,
+        path=path,
+        interface=interface,
+        member=member,
+        signature=signature,
+        body=body,
+    )
+
+
+def test_signals_become_model_events() -> None:
+    props = {"State": Variant("s", "frozen"), "Pids": Variant("au", [1])}
+    changed = signal(
+        "/org/gpusched1/model/llama_2d7b",
+        "org.freedesktop.DBus.Properties",
+        "PropertiesChanged",
+        "sa{sv}as",
+        ["org.gpusched1.Model", props, []],
+    )
+    event = _event_of(changed)
+    assert event is not None and (event.kind, event.name, event.state) == ("changed", "llama-7b", "frozen")
+    added = signal("/org/gpusched1", "org.gpusched1.Manager", "ModelNew", "so", ["x", "/org/gpusched1/model/x"])
+    new = _event_of(added)
+    assert new is not None and (new.kind, new.name) == ("new", "x")
+
+
+def test_errors_map_to_typed_exceptions() -> None:
+    def reply(name: str) -> Message:
+        return Message(message_type=MessageType.ERROR, error_name=name, reply_serial=1, signature="s", body=["text"])
+
+    assert isinstance(_error(reply("org.gpusched1.Error.InsufficientGpuMemory")), InsufficientGpuMemory)
+    assert isinstance(_error(reply("org.freedesktop.DBus.Error.ServiceUnknown")), DaemonNotRunning)
+    other = _error(reply("org.example.Odd"))
+    assert other.dbus_name == "org.example.Odd" and other.message == "text"
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="no groff")
+@pytest.mark.parametrize("page", ["gpusched.1", "gpuschedd.8"])
+def test_man_pages_render_without_warnings(page: str) -> None:
+    proc = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-z", str(REPO / "man" / page)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_man_page_knows_every_command() -> None:
+    text = (REPO / "man" / "gpusched.1").read_text()
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for command in sub.choices:  # type: ignore[union-attr]
+        assert f".BR {command} " in text or f".BI {command} " in text or f".BR {command}\n" in text, command
