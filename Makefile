@@ -6,6 +6,7 @@
 #   make lint                                 ruff check + ruff format --check + xmllint on the XML files
 #   make demo                                 a narrated freeze/thaw/swap cycle inside a throw-away systemd sandbox
 #   make wheels                               build/wheels: the project's dependencies as wheels, for offline installs
+#   make deb / make rpm                       distribution packages in build/packages (docs/packaging.md)
 #
 # PREFIX defaults to /usr, not /usr/local: dbus-daemon reads bus policy only from /usr/share/dbus-1/system.d and
 # /etc/dbus-1/system.d, and polkitd reads actions only from /usr/share/polkit-1/actions. Under /usr/local the daemon
@@ -25,6 +26,7 @@ SANDBOX ?= tools/sandbox.sh
 # sandbox instance names: set them to run several checkouts side by side
 CHECK_NAME ?= gpuschedd-check
 DEMO_NAME ?= gpuschedd-demo
+PKG_CHECK_NAME ?= gpuschedd-pkg-check
 # What the sandbox shares read-write with the host: the checkout, and the venv when it lives elsewhere.
 SANDBOX_BIND = $(CURDIR) $(filter-out $(CURDIR)/%,$(abspath $(VENV)))
 
@@ -48,7 +50,7 @@ PIP_COMMON = --disable-pip-version-check
 XML_VALID = $(wildcard dbus/*.xml polkit/*.policy)
 XML_WELLFORMED = $(wildcard dbus/*.conf)
 
-.PHONY: all install post-install uninstall wheels venv check lint unit-tests system-tests demo clean
+.PHONY: all install post-install uninstall wheels venv check lint unit-tests system-tests demo clean deb rpm package-tests
 
 all:
 	@echo "nothing to build; try: make install, make check, make demo" >&2
@@ -167,7 +169,23 @@ check: venv
 	echo "== ruff check"; $(VENV)/bin/ruff check . || rc=1; \
 	echo "== unit tests"; $(MAKE) --no-print-directory unit-tests || rc=1; \
 	echo "== system tests (sandbox)"; $(MAKE) --no-print-directory system-tests || rc=1; \
+	echo "== package tests (a fresh sandbox)"; $(MAKE) --no-print-directory package-tests || rc=1; \
 	exit $$rc
+
+# Distribution packages (packaging/, docs/packaging.md), built offline from a copy of the working tree with the wheels
+# inside. rpm: Debian's rpmbuild works too; rpmlint, where installed, checks the result.
+PKG_OUT ?= build/packages
+RPMLINT = rpmlint -c packaging/rpm/fedora.toml -r packaging/rpm/gpuschedd.rpmlintrc
+deb: wheels
+	packaging/build.sh deb $(PKG_OUT)
+rpm: wheels
+	packaging/build.sh rpm $(PKG_OUT)
+	! command -v rpmlint > /dev/null || $(RPMLINT) $(PKG_OUT)/gpuschedd-*.rpm
+
+# The packages installed, upgraded with a frozen model present, removed and purged, in a sandbox of their own (the
+# system tests' sandbox has the project installed by `make install`).
+package-tests: venv
+	SYSD_NAME=$(PKG_CHECK_NAME) SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with $(VENV)/bin/pytest -q tests/packaging $(PYTEST_ARGS)
 
 demo: wheels
 	SYSD_NAME=$(DEMO_NAME) SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with tools/demo.sh
