@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--no-pager", action="store_true", help="do not pipe the output into a pager")
 
+    sub.add_parser("dashboard", parents=[common], help="a live terminal view: GPUs, host RAM, models, events")
+
     return parser
 
 
@@ -434,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
             return show_events(args)
         if args.command == "logs":
             return show_logs(args)
+        if args.command == "dashboard":
+            if args.json or not sys.stdout.isatty():
+                parser.error("dashboard: needs a terminal (for a script: gpusched status --json, events -f --json)")
+            from .dashboard import run_dashboard
+
+            return run_dashboard(interactive=not args.no_ask_password)
         with GpuSched(interactive=not args.no_ask_password) as gs:
             return dispatch(gs, args, command)
     except NoSuchModel as e:

@@ -105,7 +105,8 @@ def journalctl_argv(
     return argv
 
 
-def _parse_lines(lines: Iterator[str]) -> Iterator[JournalEvent]:
+def parse_lines(lines: Iterator[str]) -> Iterator[JournalEvent]:
+    """`journalctl -o json` lines as events (a line that is not JSON is skipped)."""
     for line in lines:
         line = line.strip()
         if line:
@@ -121,7 +122,7 @@ def read(model: str | None = None, since: str | None = None, lines: int | None =
     proc = subprocess.run(
         journalctl_argv(model, since, lines), stdout=subprocess.PIPE, text=True, errors="replace", check=True
     )
-    return list(_parse_lines(iter(proc.stdout.splitlines())))
+    return list(parse_lines(iter(proc.stdout.splitlines())))
 
 
 def follow(model: str | None = None, since: str | None = None, lines: int | None = None) -> Iterator[JournalEvent]:
@@ -131,7 +132,7 @@ def follow(model: str | None = None, since: str | None = None, lines: int | None
     ) as proc:
         assert proc.stdout is not None
         try:
-            yield from _parse_lines(iter(proc.stdout.readline, ""))
+            yield from parse_lines(iter(proc.stdout.readline, ""))
         finally:
             proc.terminate()
         if proc.wait() not in (0, -15):
