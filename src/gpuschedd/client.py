@@ -377,14 +377,34 @@ class GpuSched:
     def wait_for_state(self, name: str, state: str | Iterable[str], timeout: float = 30.0) -> str:
         return self._wait(self._client.wait_for_state(name, state, timeout))
 
-    def events(self, timeout: float | None = None) -> Iterator[ModelEvent]:
-        """The daemon's signals as they come (a generator: break out of the loop to unsubscribe).
-        timeout: stop with TimeoutError when no event came for that many seconds."""
-        stream = self._client.events()
-        try:
-            self._wait(stream.start())
-            while True:
-                yield self._wait(stream.get(timeout))
-        finally:
-            if not self._loop.is_closed():
-                self._wait(stream.close())
+    def events(self, timeout: float | None = None) -> Events:
+        """The daemon's signals as they come, subscribed at once (so what a later call causes is seen):
+        `for event in gs.events(): ...`, or `with gs.events(timeout=5) as events: gs.freeze(x); next(events)`.
+        timeout: TimeoutError when no event came for that many seconds."""
+        return Events(self, timeout)
+
+
+class Events:
+    """GpuSched.events(): an iterator of ModelEvent over the blocking client; close() (or the with-block's end)
+    unsubscribes."""
+
+    def __init__(self, gs: GpuSched, timeout: float | None) -> None:
+        self._gs, self.timeout = gs, timeout
+        self._stream = gs._client.events()
+        gs._wait(self._stream.start())
+
+    def __iter__(self) -> Iterator[ModelEvent]:
+        return self
+
+    def __next__(self) -> ModelEvent:
+        return self._gs._wait(self._stream.get(self.timeout))
+
+    def close(self) -> None:
+        if not self._gs._loop.is_closed():
+            self._gs._wait(self._stream.close())
+
+    def __enter__(self) -> Events:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -40,7 +40,9 @@ def test_blocking_api_and_typed_errors(models: Models) -> None:
         with GpuSched(interactive=False) as gs:
             out["path"] = gs.run(name, argv, description="from the SDK", environment=["A=1"])
             out["listed"] = [m.state for m in gs.models() if m.name == name]
-            gs.freeze(name)
+            with gs.events(timeout=10) as events:
+                gs.freeze(name)
+                out["signals"] = [next(events).state for _ in range(2)]
             out["frozen"] = gs.state(name)
             out["snapshot"] = gs.model(name)["SnapshotBytes"]
             gs.thaw(name)
@@ -62,6 +64,7 @@ def test_blocking_api_and_typed_errors(models: Models) -> None:
         """
     )
     assert out["listed"] == ["running"] and out["frozen"] == "frozen" and out["stopped"] == "stopped"
+    assert out["signals"] == ["freezing", "frozen"]
     assert {"Version", "Gpus", "RamBudgetBytes", "RamFrozenBytes", "TransparentHugepages"} <= set(out["manager"])
     assert out["errors"] == [
         ["NoSuchModel", "org.gpusched1.Error.NoSuchModel"],
