@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from counters import moves, still
 
 from gpuschedd.testing.fakegpu import FakeGpuDir
 
@@ -76,10 +77,11 @@ class FakeModel:
         except (FileNotFoundError, ValueError):
             return 0
 
-    def moving(self, i: int = 0, wait: float = 0.15) -> bool:
-        before = self.count(i)
-        time.sleep(wait)
-        return self.count(i) > before
+    def moves(self, i: int = 0) -> bool:
+        return moves(lambda: self.count(i))
+
+    def still(self, i: int = 0) -> bool:
+        return still(lambda: self.count(i))
 
 
 def fake_model_argv(gpu_dir: FakeGpuDir, counter: Path, vram: int, gpu: str = GPU0, procs: int = 1) -> list[str]:

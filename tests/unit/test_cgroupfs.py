@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from counters import amoves, astill, file_counter
 from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
 
 from gpuschedd.checkpoint import CudaState
@@ -58,12 +59,6 @@ def count(path: Path) -> int:
         return 0
 
 
-async def moving(path: Path, wait: float = 0.15) -> bool:
-    before = count(path)
-    await asyncio.sleep(wait)
-    return count(path) > before
-
-
 def spec(unit: str, *argv: str, **kw: object) -> UnitSpec:
     return UnitSpec(unit=unit, argv=list(argv), description="test", **kw)  # type: ignore[arg-type]
 
@@ -79,10 +74,10 @@ async def test_spawn_freeze_thaw_stop(units: CgroupfsUnits, tmp_path: Path) -> N
     await units.freeze(status.unit)
     assert "frozen 1" in (group / "cgroup.events").read_text()
     assert (await units.status(status.unit)).frozen  # type: ignore[union-attr]
-    assert not await moving(counter)
+    assert await astill(file_counter(counter))
     await units.thaw(status.unit)
     assert "frozen 0" in (group / "cgroup.events").read_text()
-    assert await moving(counter)
+    assert await amoves(file_counter(counter))
 
     pids = list(status.pids)
     await units.freeze(status.unit)
@@ -175,8 +170,8 @@ async def test_engine_freezes_a_cuda_model_in_its_cgroup(units: CgroupfsUnits, g
     assert "frozen 1" in (group / "cgroup.events").read_text()
     assert sorted(model.cuda_pids) == sorted(int(p) for p in (group / "cgroup.procs").read_text().split())
     assert [gpu_dir.state(p) for p in model.cuda_pids] == [CudaState.CHECKPOINTED] * 2
-    assert not await moving(tmp_path / "n")
+    assert await astill(file_counter(tmp_path / "n"))
     await engine.thaw("llm")
-    assert model.state == State.RUNNING and await moving(tmp_path / "n")
+    assert model.state == State.RUNNING and await amoves(file_counter(tmp_path / "n"))
     await engine.stop("llm")
     assert not group.exists()

@@ -79,6 +79,6 @@ def test_helper_mode_is_the_driver_out_of_process(gpu_dir, spawn_model) -> None:
     assert e.value.reason == "CUDA_ERROR_ILLEGAL_STATE", "the same reason as the in-process driver"
     helper.restore(pid)
     helper.unlock(pid)
-    assert model.moving()
+    assert model.moves()
     inits = [p for step, p, _ in gpu_dir.log() if step == "init"]
     assert len(set(inits)) == 5 and os.getpid() not in inits, "each step ran cuInit in its own short-lived helper"

@@ -56,7 +56,7 @@ def test_full_cycle_moves_vram_into_the_process(gpu_dir, spawn_model) -> None:  
 
     driver.lock(pid, 1000)
     assert driver.state(pid) == CudaState.LOCKED
-    assert not model.moving(), "a locked process blocks in its next CUDA call"
+    assert model.still(), "a locked process blocks in its next CUDA call"
     rss = _rss(pid)
     driver.checkpoint(pid)
     assert driver.state(pid) == CudaState.CHECKPOINTED
@@ -68,7 +68,7 @@ def test_full_cycle_moves_vram_into_the_process(gpu_dir, spawn_model) -> None:  
     assert driver.state(pid) == CudaState.LOCKED
     driver.unlock(pid)
     assert driver.state(pid) == CudaState.RUNNING
-    assert model.moving()
+    assert model.moves()
     assert _rss(pid) < rss + 16 * MIB
     steps = [(step, result) for step, p, result in gpu_dir.log() if p == pid]
     assert steps == [(s, "CUDA_SUCCESS") for s in ("lock", "checkpoint", "restore", "unlock")]
@@ -106,7 +106,7 @@ def test_lock_timeout_leaves_the_process_running(gpu_dir, spawn_model) -> None: 
     assert 0.15 < time.monotonic() - t0 < 2.0, "the lock waits its timeout, not the busy time"
     assert e.value.reason == "CUDA_ERROR_NOT_READY"
     assert driver.state(pid) == CudaState.RUNNING
-    assert model.moving()
+    assert model.moves()
 
 
 def test_cuda_pids_keeps_only_processes_with_a_context(gpu_dir, spawn_model) -> None:  # type: ignore[no-untyped-def]

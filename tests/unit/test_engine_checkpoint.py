@@ -4,9 +4,9 @@ processes: ordering across a multi-process model, rollback of partial failures, 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
+from counters import amoves, astill, file_counter
 from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
 from process_units import ProcessUnits
 
@@ -58,18 +58,6 @@ def states(gpu_dir, pids: list[int]) -> list[CudaState | None]:  # type: ignore[
     return [gpu_dir.state(pid) for pid in pids]
 
 
-async def counting(path, wait: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
-    def read() -> int:
-        try:
-            return int(Path(path).read_text() or 0)
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    before = read()
-    await asyncio.sleep(wait)
-    return read() > before
-
-
 async def test_freeze_and_thaw_a_two_process_model(setup) -> None:  # type: ignore[no-untyped-def]
     engine, units, gpu_dir, events, tmp_path = setup
     model = await run_model(engine, gpu_dir, tmp_path)
@@ -86,13 +74,13 @@ async def test_freeze_and_thaw_a_two_process_model(setup) -> None:  # type: igno
     assert nvml.gpus()[0].free_bytes == free_running + 2 * VRAM
     assert model.snapshot_bytes >= 2 * VRAM * 0.9, "the snapshot is the targets' RSS growth"
     assert engine.ram_frozen_bytes() == model.snapshot_bytes
-    assert not await counting(tmp_path / "m")
+    assert await astill(file_counter(tmp_path / "m"))
 
     await engine.thaw("m")
     assert model.state == State.RUNNING and units.frozen == set()
     assert steps(gpu_dir, [a, b])[4:] == [("restore", a), ("restore", b), ("unlock", a), ("unlock", b)]
     assert states(gpu_dir, [a, b]) == [CudaState.RUNNING, CudaState.RUNNING]
-    assert await counting(tmp_path / "m") and await counting(f"{tmp_path / 'm'}.1")
+    assert await amoves(file_counter(tmp_path / "m")) and await amoves(file_counter(f"{tmp_path / 'm'}.1"))
     assert engine.ram_frozen_bytes() == 0
     assert [e.kind for e in events.events][-2:] == [EventKind.FREEZE, EventKind.THAW]
 
@@ -108,7 +96,7 @@ async def test_partial_failure_rolls_every_process_back(setup, step, error) -> N
     assert f"{step} of pid {b} failed: {error}" in e.value.message
     assert model.state == State.RUNNING and not model.cuda_pids and units.frozen == set()
     assert states(gpu_dir, [a, b]) == [CudaState.RUNNING, CudaState.RUNNING]
-    assert await counting(tmp_path / "m") and await counting(f"{tmp_path / 'm'}.1")
+    assert await amoves(file_counter(tmp_path / "m")) and await amoves(file_counter(f"{tmp_path / 'm'}.1"))
     # Once the cause is gone, the same model freezes fine.
     gpu_dir.clear_failures()
     await engine.freeze("m")

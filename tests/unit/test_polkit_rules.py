@@ -365,8 +365,10 @@ async def test_checks_in_flight_are_bounded_per_caller_and_in_all(monkeypatch: p
         for _ in range(10)
     ]
     assert await asyncio.gather(*checks) == [1000] * 200
-    assert max(peak[s] for s in senders) == polkit.MAX_CHECKS_PER_CALLER
-    assert peak["all"] == polkit.MAX_CHECKS_IN_FLIGHT
+    # Bounds, not targets: how many run at once depends on the scheduling of a loaded machine. That several
+    # callers were checked at once shows the bounds were exercised.
+    assert max(peak[s] for s in senders) <= polkit.MAX_CHECKS_PER_CALLER
+    assert polkit.MAX_CHECKS_PER_CALLER < peak["all"] <= polkit.MAX_CHECKS_IN_FLIGHT
     assert authority._callers == {}  # nothing kept for callers that are done
 
 
