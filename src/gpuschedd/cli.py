@@ -383,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run a command as a model (unit gpusched-model@NAME.service)")
     run.add_argument("--name", required=True)
     run.add_argument("--description", default="")
-    run.add_argument("--workdir", default="", help="working directory (absolute)")
+    run.add_argument(
+        "--workdir",
+        default=None,
+        help="working directory (default: the current one, so relative paths in the command work)",
+    )
     run.add_argument("-E", "--setenv", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--gpus", default="", help="comma-separated GPU indices or UUIDs (CUDA_VISIBLE_DEVICES)")
     run.add_argument("--user", default="", help="run as this user (needs the manage privilege)")
@@ -472,7 +476,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             args.name,
             command,
             description=args.description,
-            working_directory=args.workdir,
+            working_directory=os.path.abspath(args.workdir) if args.workdir is not None else os.getcwd(),
             environment=args.setenv,
             gpus=[g for g in args.gpus.split(",") if g],
             user=args.user,

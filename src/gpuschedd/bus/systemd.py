@@ -8,6 +8,7 @@ PropertiesChanged signals, so a crashed model is never left reported as running.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -32,6 +33,8 @@ UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+OUR_UNIT_PREFIX = "gpusched-"  # gpusched-model@NAME.service, gpusched-adopt-NAME.scope
+_MAX_FINISHED_JOBS = 256
 # systemd's own default search path for services (what ExecStart= resolves bare names against).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -52,7 +55,10 @@ class SystemdUnits:
 
     def __init__(self, bus: MessageBus) -> None:
         self.bus = bus
-        self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._jobs: dict[str, asyncio.Future[str]] = {}  # jobs we wait for
+        # Results of jobs that ended before we started waiting for them (a job may end before StartUnit's reply
+        # reaches us). Every job on the system passes through here, so only the latest few are kept.
+        self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._watchers: list[UnitWatcher] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -77,21 +83,27 @@ class SystemdUnits:
     async def _manager(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
         return await call(self.bus, SYSTEMD, SYSTEMD_PATH, MANAGER, member, signature, body)
 
-    def _job(self, path: str) -> asyncio.Future[str]:
-        return self._jobs.setdefault(path, asyncio.get_running_loop().create_future())
-
     def _on_message(self, msg: Message) -> None:
         if msg.message_type != MessageType.SIGNAL:
             return
         if msg.member == "JobRemoved" and msg.interface == MANAGER:
             _id, job_path, _unit, result = msg.body
-            fut = self._job(job_path)
-            if not fut.done():
+            fut = self._jobs.get(job_path)
+            if fut is None:
+                self._finished[job_path] = result
+                while len(self._finished) > _MAX_FINISHED_JOBS:
+                    self._finished.popitem(last=False)
+            elif not fut.done():
                 fut.set_result(result)
         elif msg.member == "PropertiesChanged" and msg.path and msg.path.startswith(UNIT_PATH_PREFIX):
             changed = msg.body[1]
-            if "ActiveState" in changed and changed["ActiveState"].value in ("inactive", "failed"):
-                unit = bus_label_unescape(msg.path[len(UNIT_PATH_PREFIX) :])
+            unit = bus_label_unescape(msg.path[len(UNIT_PATH_PREFIX) :])
+            # Only our own units concern the engine; the rest of the system's units come and go unheard.
+            if (
+                unit.startswith(OUR_UNIT_PREFIX)
+                and "ActiveState" in changed
+                and changed["ActiveState"].value in ("inactive", "failed")
+            ):
                 task = asyncio.ensure_future(self._notify(unit))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -106,10 +118,13 @@ class SystemdUnits:
             watcher(status)
 
     async def _wait_job(self, job_path: str, what: str) -> None:
-        try:
-            result = await asyncio.wait_for(self._job(job_path), timeout=120)
-        finally:
-            self._jobs.pop(job_path, None)
+        result = self._finished.pop(job_path, None)
+        if result is None:
+            fut = self._jobs[job_path] = asyncio.get_running_loop().create_future()
+            try:
+                result = await asyncio.wait_for(fut, timeout=120)
+            finally:
+                self._jobs.pop(job_path, None)
         if result != "done":
             raise UnitFailed(f"{what}: job {result}")
 
