@@ -46,6 +46,8 @@ class Config:
     cuda_checkpoint: str = "cuda-checkpoint"  # the binary the cli backend runs
     unit_backend: str = "auto"  # auto, systemd, cgroupfs
     cgroup_root: str = "/sys/fs/cgroup/gpusched"  # cgroupfs backend only
+    metrics_listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty: off
+    metrics_textfile: str = ""  # a .prom file for node_exporter's textfile collector; empty: off
 
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Config:
@@ -57,7 +59,16 @@ class Config:
         except FileNotFoundError:
             pass
         section = parser["Daemon"] if parser.has_section("Daemon") else {}
-        known = {"RamBudget", "LockTimeoutSec", "CheckpointBackend", "CudaCheckpoint", "UnitBackend", "CgroupRoot"}
+        known = {
+            "RamBudget",
+            "LockTimeoutSec",
+            "CheckpointBackend",
+            "CudaCheckpoint",
+            "UnitBackend",
+            "CgroupRoot",
+            "MetricsListen",
+            "MetricsTextfile",
+        }
         unknown = set(section) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) in [Daemon]: {', '.join(sorted(unknown))}")
@@ -76,4 +87,8 @@ class Config:
         cfg.unit_backend = section.get("UnitBackend", "auto")
         cfg.cuda_checkpoint = section.get("CudaCheckpoint", cfg.cuda_checkpoint)
         cfg.cgroup_root = section.get("CgroupRoot", cfg.cgroup_root)
+        cfg.metrics_listen = section.get("MetricsListen", "")
+        if cfg.metrics_listen and not cfg.metrics_listen.rpartition(":")[2].isdigit():
+            raise ConfigError(f"{path}: MetricsListen={cfg.metrics_listen}: expected HOST:PORT")
+        cfg.metrics_textfile = section.get("MetricsTextfile", "")
         return cfg
