@@ -5,6 +5,7 @@
 #   make check                                the full test command (ruff, unit tests, system tests in a sandbox)
 #   make lint                                 ruff check + ruff format --check + xmllint on the XML files
 #   make demo                                 a narrated freeze/thaw/swap cycle inside a throw-away systemd sandbox
+#   make stress                               the long stress test (16 clients x 1,000 operations) in a sandbox
 #   make wheels                               build/wheels: the project's dependencies as wheels, for offline installs
 #   make deb / make rpm                       distribution packages in build/packages (docs/packaging.md)
 #
@@ -50,7 +51,7 @@ PIP_COMMON = --disable-pip-version-check
 XML_VALID = $(wildcard dbus/*.xml polkit/*.policy)
 XML_WELLFORMED = $(wildcard dbus/*.conf)
 
-.PHONY: all install post-install uninstall wheels venv check lint unit-tests system-tests demo clean deb rpm package-tests
+.PHONY: all install post-install uninstall wheels venv check lint unit-tests system-tests demo clean deb rpm package-tests stress
 
 all:
 	@echo "nothing to build; try: make install, make check, make demo" >&2
@@ -162,6 +163,18 @@ unit-tests: venv
 # session fixture there runs `make install` into the guest's overlay (the host is never written).
 system-tests: venv
 	SYSD_NAME=$(CHECK_NAME) SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with $(VENV)/bin/pytest -q tests/system $(PYTEST_ARGS)
+
+# The full stress test: STRESS_CLIENTS concurrent clients x STRESS_OPS random operations (run, freeze, thaw, swap, stop,
+# status) against the daemon on the fake GPU, then every model checked against systemd, the kernel and the driver
+# (tests/system/test_stress.py, figures in docs/reliability.md). Too long for every run: system-tests runs 16 x 50.
+# STRESS_KILLS=N also kill -9s the daemon N times during the run.
+STRESS_CLIENTS ?= 16
+STRESS_OPS ?= 1000
+STRESS_SEED ?= 1
+STRESS_KILLS ?= 0
+stress: venv
+	SYSD_NAME=$(CHECK_NAME)-stress SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with env STRESS_CLIENTS=$(STRESS_CLIENTS) \
+		STRESS_OPS=$(STRESS_OPS) STRESS_SEED=$(STRESS_SEED) STRESS_KILLS=$(STRESS_KILLS) $(VENV)/bin/pytest -q -m stress tests/system/test_stress.py $(PYTEST_ARGS)
 
 # Every stage runs even when an earlier one failed, so one CI run reports everything; the exit status is the worst.
 check: venv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,8 +25,12 @@ from .journal import JournalWriter
 from .model import Model, State
 from .names import BUS_NAME, MANAGER_PATH
 from .nvml import load_telemetry
+from .statefile import StateFile
 
 log = logging.getLogger("gpuschedd")
+
+# How long a stop waits for freezes and thaws under way (systemd's TimeoutStopSec= defaults to 90 s).
+DRAIN_TIMEOUT_SEC = 60
 
 
 def pid1_is_systemd() -> bool:
@@ -72,7 +77,11 @@ async def serve(config: Config) -> int:
     else:
         units = SystemdUnits(bus)
     engine = Engine(
-        units, choose_checkpoint(config.checkpoint_backend, config.cuda_checkpoint), load_telemetry(), config
+        units,
+        choose_checkpoint(config.checkpoint_backend, config.cuda_checkpoint),
+        load_telemetry(),
+        config,
+        StateFile(),
     )
     authority = Authority(bus)
     manager = ManagerInterface(engine, authority)
@@ -103,8 +112,15 @@ async def serve(config: Config) -> int:
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, stopping], return_when=asyncio.FIRST_COMPLETED)
-    # Models are separate units: leaving here stops nothing and thaws nothing.
+    # Models are separate units: leaving here stops nothing and thaws nothing. A freeze or thaw under way is let
+    # finish (it is never cut in half by a stop), with no new calls taken; one cut by a harder kill is settled by
+    # the next start (docs/reliability.md).
     notifier.send("STOPPING=1")
+    if not disconnected.done():
+        with contextlib.suppress(Exception):
+            await bus.release_name(BUS_NAME)
+        if not await engine.drain(DRAIN_TIMEOUT_SEC):
+            log.warning("a transition was still under way after %ds; the next start will settle it", DRAIN_TIMEOUT_SEC)
     bus.disconnect()
     return 0
 

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import hostmem
-from .checkpoint import CheckpointBackend, CheckpointError, CudaState
+from . import hostmem, recovery
+from .checkpoint import CheckpointBackend, CheckpointError
 from .config import Config
 from .errors import (
     AccessDenied,
@@ -33,6 +33,7 @@ from .errors import (
 from .events import Event, EventKind
 from .model import ENDED, Model, State, now_usec
 from .names import MODEL_UNIT_PREFIX, model_name_from_unit, model_unit, validate_model_name
+from .statefile import SavedTable, StateFile
 from .telemetry import GpuTelemetry
 from .units import UnitBackend, UnitSpec, UnitStatus
 
@@ -85,6 +86,7 @@ class Engine:
         checkpoint: CheckpointBackend,
         telemetry: GpuTelemetry,
         config: Config,
+        state_file: StateFile | None = None,
     ) -> None:
         self.units = units
         self.checkpoint = checkpoint
@@ -92,6 +94,20 @@ class Engine:
         self.config = config
         self.models: dict[str, Model] = {}
         self._listeners: list[EngineListener] = []
+        # The model table on disk (None: not kept, as in most unit tests); see statefile.py.
+        self.state_file = state_file
+        # Units told to Forget (unit → main PID), so a restart does not take them over again.
+        self._forgotten: dict[str, int] = {}
+        # Swaps under way (freeze name, thaw name): a restart completes "both or neither" from these.
+        self._swaps: list[tuple[str, str]] = []
+        # Models being stopped: a restart finishes the stop (a frozen unit is thawed by systemd to be killed, and
+        # must not be taken for a frozen model found half running).
+        self._stopping: set[str] = set()
+        # Re-checks of unit exits seen while a transition held the model's lock.
+        self._tasks: set[asyncio.Task[None]] = set()
+        # VRAM promised to thaws under way (model name → GPU UUID → bytes): NVML shows it only once restored, and
+        # two thaws checked against the same free memory would both pass, and one restore would run out of it.
+        self._thaw_reserved: dict[str, dict[str, int]] = {}
         # Host memory probes; tests replace them to play a host short of RAM.
         self.mem_available: Callable[[], int] = hostmem.mem_available_bytes
         self.rss: Callable[[int], int] = hostmem.rss_bytes
@@ -105,22 +121,44 @@ class Engine:
         for listener in self._listeners:
             listener.event(event)
 
+    def _persist(self) -> None:
+        """Save the whole table (tmp + rename), without an await: one consistent picture, no model lock taken.
+        A name reserved by a Run whose unit has not started yet (running, no process) is left out."""
+        if self.state_file is None:
+            return
+        models = [m for m in self.models.values() if m.state != State.RUNNING or m.main_pid or m.pids]
+        self.state_file.save(models, self._forgotten, self._swaps, self._stopping)
+
     def _set_state(self, model: Model, state: State) -> None:
         model.state = state
         model.state_change_usec = now_usec()
+        self._persist()
         for listener in self._listeners:
             listener.model_changed(model)
 
     def _add(self, model: Model) -> None:
         self.models[model.name] = model
+        self._forgotten.pop(model.unit, None)
+        self._persist()
         for listener in self._listeners:
             listener.model_added(model)
 
     def _remove(self, model: Model) -> None:
         if self.models.get(model.name) is model:
             del self.models[model.name]
+            self._persist()
             for listener in self._listeners:
                 listener.model_removed(model)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no transition is under way (no model's lock held), at most `timeout` seconds: a stopping
+        daemon lets a freeze or thaw finish instead of cutting it in half. True when none is left."""
+        deadline = time.monotonic() + timeout
+        while any(m.lock.locked() for m in self.models.values()) or self._tasks:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def get(self, name: str) -> Model:
         model = self.models.get(name)
@@ -135,35 +173,160 @@ class Engine:
     # ----------------------------------------------------------------- start-up
 
     async def start(self) -> None:
-        """Take over the models that already run: the units are the truth, the daemon only remembers."""
+        """Take over the models. The units and the driver are the truth; the saved table (statefile.py) is what
+        only the daemon knew: a frozen model's VRAM per GPU and snapshot size, a transition under way, a swap, a
+        Forget. A model caught in the middle of a transition is brought to a consistent state by the rules of
+        recovery.target_for (docs/reliability.md) before the daemon serves anyone; a consistent one is not
+        touched: nothing is started, stopped, frozen or thawed while taking it over."""
         self.units.watch(self._unit_changed)
-        for status in await self.units.list_units(MODEL_UNIT_PREFIX):
-            name = model_name_from_unit(status.unit)
-            if name is None or name in self.models:
+        saved = self.state_file.load() if self.state_file is not None else SavedTable()
+        live = {status.unit: status for status in await self.units.list_units(MODEL_UNIT_PREFIX)}
+        for record in saved.models.values():
+            if record.unit not in live and record.state not in ENDED:
+                status = await self.units.status(record.unit)
+                if status is not None:
+                    live[record.unit] = status
+        pending: list[tuple[Model, State, str, State | None]] = []
+        stops: list[str] = []
+        for unit, status in live.items():
+            name = model_name_from_unit(unit) or next((n for n, r in saved.models.items() if r.unit == unit), None)
+            if name is None or name in self.models or status.active_state not in ("active", "activating", "reloading"):
                 continue
-            if status.active_state not in ("active", "activating", "reloading"):
+            if status.main_pid and saved.forgotten.get(unit) == status.main_pid:
+                self._forgotten[unit] = status.main_pid  # still forgotten: not ours
                 continue
-            owner = _user_uid(status.user) if status.user else 0
-            model = Model(name=name, unit=status.unit, owner=owner, command=list(status.command))
+            record = saved.models.get(name)
+            if record is not None and (
+                record.unit != unit or (record.main_pid and status.main_pid and record.main_pid != status.main_pid)
+            ):
+                record = None  # another unit, or a new run of the name: nothing saved is about it
+            model = record or Model(name=name, unit=unit, owner=self._owner_of(status), command=list(status.command))
             self._apply_status(model, status)
-            if status.frozen:
-                model.state = State.FROZEN
-                model.cuda_pids = await self._checkpointed_pids(model.pids)
-            self._add(model)
-            log.info("found %s (%s, %s)", status.unit, model.state, ",".join(map(str, model.pids)))
+            if record is not None and name in saved.stopping:
+                self._add(model)  # as it was; its stop is finished below, before anything else is touched
+                stops.append(name)
+                continue
+            cuda = await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+            truth = recovery.Truth(status.frozen, cuda)
+            before = recovery.saved_state(record.state if record else None)
+            target, why = recovery.target_for(before, truth)
+            model.cuda_pids = [pid for pid in model.pids if pid in cuda] if not truth.running else []
+            if recovery.consistent(target, truth):
+                model.state = target
+                if target == State.RUNNING:
+                    model.snapshot_bytes = 0
+                self._add(model)
+                if before in (State.FREEZING, State.THAWING):
+                    self._recovered(model, before, target, why, [])
+                log.info("found %s (%s, %s)", unit, model.state, ",".join(map(str, model.pids)))
+            else:
+                # Shown in transition (every reader sees it is being worked on) until _recover ends it.
+                model.state = State.THAWING if target == State.RUNNING else State.FREEZING
+                self._add(model)
+                pending.append((model, target, why, before))
+        for name, record in saved.models.items():
+            if name in self.models:
+                continue
+            if record.state not in ENDED:
+                self._ended_while_away(record, live.get(record.unit), stopped=name in saved.stopping)
+            else:
+                self._add(record)
+        for name in stops:
+            log.warning("model %s: its stop was interrupted by a restart of gpuschedd: finishing it", name)
+            await self.stop(name)
+        # Those that end frozen first: they give VRAM back before the thaws need it.
+        for model, target, why, before in sorted(pending, key=lambda p: p[1] != State.FROZEN):
+            async with model.lock:
+                await self._recover(model, target, why, before)
+        for out, into in saved.swaps:
+            await self._finish_swap(out, into)
+        self._persist()
 
-    async def _checkpointed_pids(self, pids: list[int]) -> list[int]:
-        def scan() -> list[int]:
-            found = []
-            for pid in pids:
-                try:
-                    if self.checkpoint.state(pid) in (CudaState.LOCKED, CudaState.CHECKPOINTED):
-                        found.append(pid)
-                except CheckpointError:
-                    pass
-            return found
+    def _owner_of(self, status: UnitStatus) -> int:
+        try:
+            return _user_uid(status.user) if status.user else 0
+        except InvalidArgs:
+            log.warning("%s runs as unknown user %r: owned by root", status.unit, status.user)
+            return 0
 
-        return await asyncio.to_thread(scan)
+    def _ended_while_away(self, model: Model, status: UnitStatus | None, stopped: bool = False) -> None:
+        """A saved model whose unit ended while no daemon ran: reported like any exit, its snapshot released
+        (`stopped`: a Stop was under way, so it ended as asked)."""
+        result = status.result if status is not None else "success"
+        failed = not stopped and (result != "success" or (status is not None and status.active_state == "failed"))
+        released = model.snapshot_bytes if model.cuda_pids else 0
+        was = model.state
+        model.pids, model.main_pid, model.cuda_pids = [], 0, []
+        model.snapshot_bytes = model.vram_bytes = 0
+        model.state = State.FAILED if failed else State.STOPPED
+        model.state_change_usec = now_usec()
+        self._add(model)
+        self._emit(
+            Event(
+                EventKind.STOP if stopped else EventKind.EXIT,
+                model.name,
+                model.unit,
+                f"model {model.name} "
+                + ("stopped" if stopped else "ended")
+                + f" while gpuschedd was not running (it was {was}; result {result})"
+                + (f"; {released} bytes of host RAM released" if released else ""),
+                bytes=released,
+                fields={"GPUSCHED_RESULT": result, "GPUSCHED_STATE_BEFORE": str(was)},
+            )
+        )
+
+    async def _recover(self, model: Model, target: State, why: str, before: State | None) -> None:
+        """Bring a model found inconsistent on start to `target` (or, if that cannot be done, the other state)."""
+        frozen = target == State.FROZEN
+        if not frozen:
+            short = self._gpu_shortfall(model)
+            if short is not None:
+                frozen, why = True, f"{why.split(':')[0]}, but {short.message.split('; ', 1)[0]}: kept frozen"
+        reached, errors = await self._settle(model, model.cuda_pids, frozen)
+        if reached == State.RUNNING:
+            model.cuda_pids, model.snapshot_bytes = [], 0
+            await self.refresh(model, vram=True)
+        self._set_state(model, reached)
+        self._recovered(model, before, reached, why, errors)
+
+    def _recovered(self, model: Model, before: State | None, reached: State, why: str, errors: list[str]) -> None:
+        interrupted = {State.FREEZING: "freeze", State.THAWING: "thaw"}.get(before) if before else None
+        if errors:
+            why = f"{why}; it could not be done ({'; '.join(errors)}): the model is {reached}"
+        if interrupted == "thaw" and reached == State.RUNNING:
+            kind = EventKind.THAW
+        elif reached == State.FROZEN and not errors and before == State.FROZEN:
+            kind = EventKind.FREEZE
+        else:
+            kind = EventKind.FAILURE
+        fields = {"GPUSCHED_RECOVERY": "1"}
+        if interrupted:
+            fields["GPUSCHED_INTERRUPTED"] = interrupted
+        log.warning("model %s: %s", model.name, why)
+        self._emit(Event(kind, model.name, model.unit, f"model {model.name}: {why}", fields=fields))
+
+    async def _finish_swap(self, out: str, into: str) -> None:
+        """A swap cut short by a restart is made both-or-neither: if the model to thaw is not running, the model
+        that was frozen for it is thawed back."""
+        first, second = self.models.get(out), self.models.get(into)
+        if second is not None and second.state == State.RUNNING:
+            return
+        if first is None or first.state != State.FROZEN:
+            return
+        try:
+            await self.thaw(out)
+        except Exception as e:
+            log.error("swap %s -> %s interrupted by a restart; thawing %s back failed: %s", out, into, out, e)
+            return
+        self._emit(
+            Event(
+                EventKind.FAILURE,
+                out,
+                first.unit,
+                f"swap of {out} for {into} was interrupted by a restart of gpuschedd: {out} thawed back",
+                fields={"GPUSCHED_RECOVERY": "1", "GPUSCHED_INTERRUPTED": "swap", "GPUSCHED_SWAP_IN": into},
+            )
+        )
 
     # ----------------------------------------------------------------- unit events
 
@@ -177,33 +340,69 @@ class Engine:
         model = (
             self.models.get(name) if name else next((m for m in self.models.values() if m.unit == status.unit), None)
         )
-        if model is None or model.state in ENDED or model.lock.locked():
+        if model is None or model.state in ENDED:
             return
         if status.active_state not in ("inactive", "failed"):
             return
+        if model.lock.locked():
+            # A transition is under way (it may be failing because of this very exit): look again once it is over.
+            try:
+                task = asyncio.get_running_loop().create_task(self._recheck_exit(model, status))
+            except RuntimeError:  # no loop: nothing can hold the lock either
+                return
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._ended(model, status)
+
+    async def _recheck_exit(self, model: Model, seen: UnitStatus) -> None:
+        async with model.lock:
+            if self.models.get(model.name) is not model or model.state in ENDED:
+                return  # the transition itself dealt with it (a Stop), or the model is gone
+            try:
+                status = await self.units.status(model.unit)
+            except GpuschedError as e:
+                log.warning("re-checking %s after its exit: %s", model.unit, e)
+                status = seen
+            if status is not None and status.active_state not in ("inactive", "failed"):
+                return
+            self._ended(model, status or seen)
+
+    def _ended(self, model: Model, status: UnitStatus) -> None:
+        """The model's unit ended by itself. A frozen model's snapshot lived in its processes' memory: it is gone
+        with them, and the host RAM it held is free again."""
         failed = status.active_state == "failed" or status.result != "success"
-        model.pids, model.main_pid = [], 0
+        was = model.state
+        released = model.snapshot_bytes if model.cuda_pids else 0
+        model.pids, model.main_pid, model.cuda_pids = [], 0, []
+        model.snapshot_bytes = model.vram_bytes = 0
         self._set_state(model, State.FAILED if failed else State.STOPPED)
+        message = f"model {model.name} exited ({status.result})"
+        if was != State.RUNNING:
+            message += f" while {was}"
+        if released:
+            message += f"; its snapshot is lost and {released} bytes of host RAM were released"
         self._emit(
             Event(
                 EventKind.EXIT,
                 model.name,
                 model.unit,
-                f"model {model.name} exited ({status.result})",
-                fields={"GPUSCHED_RESULT": status.result},
+                message,
+                bytes=released,
+                fields={"GPUSCHED_RESULT": status.result, "GPUSCHED_STATE_BEFORE": str(was)},
             )
         )
 
-    async def refresh(self, model: Model) -> None:
-        """Re-read PIDs and VRAM of a live model."""
+    async def refresh(self, model: Model, vram: bool = False) -> None:
+        """Re-read PIDs of a live model, and its VRAM when it runs (or when `vram`: the last step of a thaw). Never
+        mid-transition otherwise: half a thaw's VRAM must not become what the next thaw checks for."""
         if model.state in ENDED:
             return
         status = await self.units.status(model.unit)
         if status is None:
             return
         self._apply_status(model, status)
-        # THAWING too: the thaw's last step re-reads what the restored processes hold.
-        if model.state in (State.RUNNING, State.THAWING):
+        if vram or model.state == State.RUNNING:
             per_pid = self.telemetry.vram_by_pid()
             by_gpu: dict[str, int] = {}
             for pid in model.pids:
@@ -282,7 +481,12 @@ class Engine:
             t0 = time.monotonic()
             # A frozen unit is stopped as it is: systemd thaws it to deliver the kill, and a checkpointed
             # CUDA process dies like any other, releasing its host-RAM snapshot with it.
-            await self.units.stop(model.unit)
+            self._stopping.add(name)
+            self._persist()
+            try:
+                await self.units.stop(model.unit)
+            finally:
+                self._stopping.discard(name)
             model.pids, model.main_pid, model.cuda_pids = [], 0, []
             model.snapshot_bytes = model.vram_bytes = 0
             self._set_state(model, State.STOPPED)
@@ -302,6 +506,8 @@ class Engine:
         async with model.lock:
             if model.state in (State.FROZEN, State.FREEZING, State.THAWING):
                 raise InvalidState(f"model {name!r} is {model.state}: thaw it before forgetting it")
+            if model.state not in ENDED and model.main_pid:
+                self._forgotten[model.unit] = model.main_pid  # a restart must not take it over again
             self._remove(model)
         self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten; its unit runs on"))
 
@@ -322,30 +528,61 @@ class Engine:
         await self.refresh(model)
         self._check_ram(model)
         self._set_state(model, State.FREEZING)
+        cuda: list[int] = []
+        reached = State.RUNNING  # where a failure leaves the model; a rollback that cannot run ends it frozen
         try:
+            # NVML first: a process that creates its CUDA context in between is then seen by the driver too,
+            # instead of being taken for a process whose context the driver cannot see.
+            # One list of PIDs throughout: a status read meanwhile may replace model.pids with a newer one (a process
+            # forked since is caught by the check after the cgroup freeze).
+            pids = list(model.pids)
+            holding = set(self.telemetry.vram_by_pid())
             try:
-                cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, model.pids)
+                cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, pids)
             except CheckpointError as e:
                 raise CheckpointFailed(f"model {model.name}: {e}; nothing was changed") from e
-            unseen = sorted((set(model.pids) & set(self.telemetry.vram_by_pid())) - set(cuda))
+            unseen = sorted((set(pids) & holding) - set(cuda))
             if unseen and self.checkpoint.name != "none":
                 raise CheckpointFailed(
                     f"model {model.name}: pid {unseen[0]} holds VRAM (NVML) but the checkpoint backend cannot see"
                     " its CUDA context; nothing was changed"
                 )
-            rss_before = sum(map(self.rss, cuda))
-            await self._checkpoint_all(model, cuda)
+            rss_before = {pid: self.rss(pid) for pid in cuda}
+            late: list[int] = []
+            for _attempt in range(3):
+                try:
+                    await asyncio.to_thread(recovery.drive, self.checkpoint, cuda, True, self.config.lock_timeout_ms)
+                except CheckpointError as e:
+                    reached, errors = await self._settle(model, cuda, frozen=False)
+                    raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
+                try:
+                    await self.units.freeze(model.unit)
+                    # With the cgroup frozen the set of processes and contexts holds still: check it once more. A
+                    # process forked, or a context created, since the scan would be frozen holding its VRAM.
+                    late = await self._late_cuda_pids(model, cuda)
+                    if late:
+                        log.info("freeze of %s: CUDA process(es) %s appeared meanwhile: taking them", model.name, late)
+                        await self.units.thaw(model.unit)
+                except BaseException:
+                    reached, _errors = await self._settle(model, cuda, frozen=False)
+                    raise
+                if not late:
+                    break
+                rss_before.update({pid: self.rss(pid) for pid in late})
+                cuda = cuda + late
+            else:
+                reached, errors = await self._settle(model, cuda, frozen=False)
+                raise CheckpointFailed(
+                    f"model {model.name}: new CUDA processes kept appearing during the freeze; "
+                    f"{self._outcome(reached, errors)}"
+                )
             # The snapshot lives in the targets' own memory: its size is their RSS growth. Where that does not
             # show (RSS not readable), the VRAM NVML saw is the estimate.
-            grown = sum(map(self.rss, cuda)) - rss_before
+            grown = sum(self.rss(pid) - before for pid, before in rss_before.items())
             model.snapshot_bytes = grown if grown > 0 else (model.vram_bytes if cuda else 0)
-            try:
-                await self.units.freeze(model.unit)
-            except BaseException:
-                await self._restore_all(model, cuda, rollback=True)
-                raise
         except BaseException:
-            self._set_state(model, State.RUNNING)
+            model.cuda_pids = cuda if reached == State.FROZEN else []
+            self._set_state(model, reached)
             raise
         model.cuda_pids = cuda
         model.last_freeze_usec = int((time.monotonic() - t0) * 1e6)
@@ -362,6 +599,18 @@ class Engine:
                 gpus=tuple(model.gpus),
             )
         )
+
+    async def _late_cuda_pids(self, model: Model, known: list[int]) -> list[int]:
+        """CUDA processes of the (frozen) unit that the freeze has not checkpointed."""
+        status = await self.units.status(model.unit)
+        if status is None:
+            return []
+        self._apply_status(model, status)
+        try:
+            found = await asyncio.to_thread(self.checkpoint.cuda_pids, model.pids)
+        except CheckpointError as e:
+            raise CheckpointFailed(f"model {model.name}: {e}") from e
+        return [pid for pid in found if pid not in known]
 
     def ram_frozen_bytes(self) -> int:
         """Host RAM held by the snapshots of frozen (or freezing, thawing) models."""
@@ -391,7 +640,9 @@ class Engine:
         need = model.vram_bytes
         if need <= 0:
             return  # nothing on a GPU (or no telemetry): the freeze copies nothing into RAM
-        frozen, budget = self.ram_frozen_bytes(), self.config.ram_budget_bytes
+        # Freezes under way count too: two checked against the same budget would both pass.
+        freezing = sum(m.vram_bytes for m in self.models.values() if m.state == State.FREEZING and m is not model)
+        frozen, budget = self.ram_frozen_bytes() + freezing, self.config.ram_budget_bytes
         if frozen + need > budget:
             self._refuse(
                 model,
@@ -413,80 +664,100 @@ class Engine:
     def _check_gpu_room(self, model: Model) -> None:
         """Refuse a thaw that would not fit: a restore that runs out of VRAM leaves the process unrecoverable
         (cuda-checkpoint issue 44), so this is checked before anything moves."""
-        if not model.cuda_pids or not model.vram_by_gpu:
-            return
+        error = self._gpu_shortfall(model)
+        if error is not None:
+            self._refuse(model, error)
+
+    def _gpu_shortfall(self, model: Model) -> InsufficientGpuMemory | None:
+        """What a thaw would lack: per GPU, the VRAM the model held running (NVML, before its freeze) less what
+        its processes hold there now (none, unless a thaw was cut short), against that GPU's free memory."""
+        if not model.cuda_pids:
+            return None
         gpus = {g.uuid: g for g in self.telemetry.gpus()}
         if not gpus:
             log.warning("thaw of %s: no GPU telemetry, cannot check free VRAM", model.name)
-            return
-        for uuid, need in sorted(model.vram_by_gpu.items()):
+            return None
+        if not model.vram_by_gpu:
+            # NVML attributed no VRAM to the model's PIDs (no NVML reading before the freeze): the snapshot must at
+            # least fit on the GPU with the most free memory.
+            best = max(gpus.values(), key=lambda g: g.free_bytes)
+            if model.snapshot_bytes > best.free_bytes:
+                return InsufficientGpuMemory(
+                    f"thawing {model.name} needs {model.snapshot_bytes} bytes free on a GPU; the most free is"
+                    f" {best.free_bytes} on GPU {best.index} ({best.uuid}). The model stays frozen."
+                )
+            return None
+        per_pid = self.telemetry.vram_by_pid()
+        for uuid, held in sorted(model.vram_by_gpu.items()):
+            need = held - sum(per_pid.get(pid, {}).get(uuid, 0) for pid in model.pids)
             gpu = gpus.get(uuid)
-            free = gpu.free_bytes if gpu else 0
+            promised = sum(r.get(uuid, 0) for name, r in self._thaw_reserved.items() if name != model.name)
+            free = max(0, gpu.free_bytes - promised) if gpu else 0
             if need > free:
                 where = f"GPU {gpu.index} ({uuid})" if gpu else f"GPU {uuid}, which is not present"
                 error = InsufficientGpuMemory(
                     f"thawing {model.name} needs {need} bytes free on {where}; {free} free. The model stays frozen."
                 )
                 error.needed, error.free, error.gpu = need, free, uuid  # type: ignore[attr-defined]
-                self._refuse(model, error)
+                return error
+        return None
 
-    async def _checkpoint_all(self, model: Model, pids: list[int]) -> None:
-        """Lock every PID, then checkpoint every PID. On any failure, put every PID back as it was."""
-        locked: list[int] = []
-        checkpointed: list[int] = []
-        try:
-            for pid in pids:
-                await asyncio.to_thread(self.checkpoint.lock, pid, self.config.lock_timeout_ms)
-                locked.append(pid)
-            for pid in pids:
-                await asyncio.to_thread(self.checkpoint.checkpoint, pid)
-                checkpointed.append(pid)
-        except CheckpointError as e:
-            undone = await self._undo(checkpointed, locked)
-            outcome = (
-                "every process was rolled back to running"
-                if not undone
-                else f"rolling back failed too ({'; '.join(undone)}): the model may need a restart"
+    def _drop_lost_pids(self, model: Model) -> None:
+        """A CUDA process of a frozen model that ended while the unit lives on (one rank of a multi-process
+        model): its snapshot is gone with it. Reported, and left out of the restore, which would fail on it."""
+        lost = [pid for pid in model.cuda_pids if pid not in model.pids]
+        if not lost or not model.pids:
+            return
+        share = model.snapshot_bytes * len(lost) // len(model.cuda_pids)
+        model.cuda_pids = [pid for pid in model.cuda_pids if pid not in lost]
+        model.snapshot_bytes -= share
+        self._emit(
+            Event(
+                EventKind.FAILURE,
+                model.name,
+                model.unit,
+                f"model {model.name}: CUDA process(es) {', '.join(map(str, lost))} ended while frozen; their "
+                f"snapshot (about {share} bytes of host RAM) is released. The model may need a restart.",
+                bytes=share,
             )
-            raise CheckpointFailed(f"model {model.name}: {e}; {outcome}") from e
+        )
 
-    async def _undo(self, checkpointed: list[int], locked: list[int]) -> list[str]:
-        """Restore what was checkpointed, unlock what was locked; returns what could not be undone."""
-        failures = []
-        for pid in checkpointed:
+    async def _settle(self, model: Model, pids: list[int], frozen: bool) -> tuple[State, list[str]]:
+        """After a failed step (or a restart mid-transition): bring every CUDA PID of the model, and its cgroup, to
+        frozen (frozen=True) or running, whatever mix of states they are in; if that fails too, to the other
+        state. Returns the state reached and what went wrong on the way. When neither works, the cgroup is frozen
+        and the model reported frozen: nothing runs half-restored, and a Thaw (or a Stop) tries again."""
+        errors: list[str] = []
+        for target in (frozen, not frozen):
             try:
-                await asyncio.to_thread(self.checkpoint.restore, pid, None)
-            except CheckpointError as e:
-                log.error("rollback: %s", e)
-                failures.append(str(e))
-        for pid in locked:
+                # The driver's copies run on a thread inside each target: the cgroup must run.
+                await self.units.thaw(model.unit)
+            except GpuschedError as e:
+                log.warning("settling %s: %s", model.name, e)
             try:
-                await asyncio.to_thread(self.checkpoint.unlock, pid)
-            except CheckpointError as e:
-                log.error("rollback: %s", e)
-                failures.append(str(e))
-        return failures
-
-    async def _restore_all(self, model: Model, pids: list[int], rollback: bool = False) -> None:
-        """Restore every PID, then unlock every PID."""
-        restored: list[int] = []
+                await asyncio.to_thread(recovery.drive, self.checkpoint, pids, target, self.config.lock_timeout_ms)
+                if target:
+                    await self.units.freeze(model.unit)
+            except (CheckpointError, GpuschedError) as e:
+                log.error("settling %s %s: %s", model.name, "frozen" if target else "running", e)
+                errors.append(str(e))
+                continue
+            return (State.FROZEN if target else State.RUNNING), errors
         try:
-            for pid in pids:
-                await asyncio.to_thread(self.checkpoint.restore, pid, None)
-                restored.append(pid)
-            for pid in pids:
-                await asyncio.to_thread(self.checkpoint.unlock, pid)
-        except CheckpointError as e:
-            if rollback:
-                log.error("rollback of %s: %s", model.name, e)
-                return
-            # Put the restored ones back to sleep so the model is consistently frozen again.
-            for pid in restored:
-                try:
-                    await asyncio.to_thread(self.checkpoint.checkpoint, pid)
-                except CheckpointError as again:
-                    log.error("re-checkpoint after failed restore: %s", again)
-            raise CheckpointFailed(f"model {model.name}: {e}; the model stays frozen") from e
+            await self.units.freeze(model.unit)
+        except GpuschedError as e:
+            errors.append(str(e))
+        return State.FROZEN, errors
+
+    @staticmethod
+    def _outcome(reached: State, errors: list[str]) -> str:
+        """The end of a failed freeze's or thaw's error message: where the model was left."""
+        if not errors:
+            return "every process was rolled back to running" if reached == State.RUNNING else "the model stays frozen"
+        text = f"rolling back failed too ({'; '.join(errors)}): the model is {reached}"
+        if len(errors) > 1:
+            text += ", but not every process could be brought there; thaw or stop it"
+        return text
 
     async def thaw(self, name: str) -> Model:
         model = self.get(name)
@@ -495,27 +766,44 @@ class Engine:
                 return model
             if model.state != State.FROZEN:
                 raise InvalidState(f"model {name!r} is {model.state}, not frozen")
-            await self._thaw_locked(model)
+            try:
+                await self._thaw_locked(model)
+            finally:
+                self._thaw_reserved.pop(model.name, None)
         return model
 
     async def _thaw_locked(self, model: Model) -> None:
         t0 = time.monotonic()
+        await self.refresh(model)
+        self._drop_lost_pids(model)
         self._check_gpu_room(model)
+        self._thaw_reserved[model.name] = dict(model.vram_by_gpu)  # no await since the check: nothing came between
         self._set_state(model, State.THAWING)
+        reached, settled = State.FROZEN, False  # where a failure leaves the model
         try:
             # The driver's restore runs on a thread inside the target: thaw the cgroup first.
             await self.units.thaw(model.unit)
             try:
-                await self._restore_all(model, model.cuda_pids)
-            except BaseException:
-                await self.units.freeze(model.unit)
-                raise
+                await asyncio.to_thread(
+                    recovery.drive, self.checkpoint, model.cuda_pids, False, self.config.lock_timeout_ms
+                )
+            except CheckpointError as e:
+                reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
+                settled = True
+                raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
         except BaseException:
-            self._set_state(model, State.FROZEN)
+            if not settled:
+                try:
+                    await self.units.freeze(model.unit)
+                except GpuschedError as again:
+                    log.error("thaw of %s failed, and freezing it again too: %s", model.name, again)
+            if reached == State.RUNNING:
+                model.cuda_pids = []
+            self._set_state(model, reached)
             raise
         model.cuda_pids = []
         model.last_thaw_usec = int((time.monotonic() - t0) * 1e6)
-        await self.refresh(model)
+        await self.refresh(model, vram=True)
         self._set_state(model, State.RUNNING)
         self._emit(
             Event(
@@ -539,15 +827,25 @@ class Engine:
         if out.state not in (State.FROZEN, State.RUNNING):
             raise InvalidState(f"model {freeze_name!r} is {out.state}, not running")
         t0 = time.monotonic()
-        await self.freeze(freeze_name)
+        # Saved while under way, so a restart in the middle still ends both-or-neither (_finish_swap). Only when
+        # the first model runs: thawing back one that was frozen before the swap would be wrong.
+        entry = (freeze_name, thaw_name)
+        if out.state == State.RUNNING:
+            self._swaps.append(entry)
         try:
-            await self.thaw(thaw_name)
-        except BaseException:
+            await self.freeze(freeze_name)
             try:
-                await self.thaw(freeze_name)
-            except Exception as e:  # the original error is the one the caller needs
-                log.error("swap rollback: thawing %s failed: %s", freeze_name, e)
-            raise
+                await self.thaw(thaw_name)
+            except BaseException:
+                try:
+                    await self.thaw(freeze_name)
+                except Exception as e:  # the original error is the one the caller needs
+                    log.error("swap rollback: thawing %s failed: %s", freeze_name, e)
+                raise
+        finally:
+            if entry in self._swaps:
+                self._swaps.remove(entry)
+                self._persist()
         self._emit(
             Event(
                 EventKind.SWAP,

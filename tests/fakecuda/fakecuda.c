@@ -13,6 +13,8 @@
  *                        get-state), until the file is removed
  *   busy/<pid>           milliseconds the process stays busy: a lock with a shorter timeout waits that
  *                        timeout and fails with CUDA_ERROR_NOT_READY, the process left RUNNING
+ *   delay/<pid>.<step>   milliseconds that step (lock, checkpoint, restore, unlock) sleeps before it acts, for
+ *   delay/all.<step>     that pid or every pid: a slow driver, so a test can kill the caller mid-operation
  *   broken/<pid>         a restore ran out of memory: every later restore fails with
  *                        CUDA_ERROR_OPERATING_SYSTEM, as the real driver does (cuda-checkpoint issue 44)
  *   req/<pid>, ack/<pid> with agent=1 the copy runs inside the target, like the real driver's restore
@@ -35,6 +37,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -175,8 +178,8 @@ static int read_file(const char *p, char *buf, size_t size)
 
 static void write_file(const char *p, const char *text)
 {
-    char tmp[PATH_MAX + 16];
-    snprintf(tmp, sizeof tmp, "%s.%d", p, getpid());
+    char tmp[PATH_MAX + 48];
+    snprintf(tmp, sizeof tmp, "%s.%d.%ld", p, getpid(), (long)syscall(SYS_gettid)); /* one per thread */
     FILE *f = fopen(tmp, "w");
     if (!f)
         return;
@@ -187,7 +190,7 @@ static void write_file(const char *p, const char *text)
 
 static void mkdirs(void)
 {
-    static const char *subs[] = {"ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack"};
+    static const char *subs[] = {"ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay"};
     char p[PATH_MAX];
     mkdir(dir(), 0755);
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
@@ -196,24 +199,24 @@ static void mkdirs(void)
     }
 }
 
-/* Serializes read-modify-write of the state files across processes. */
-static int lock_fd = -1;
-
-static void big_lock(void)
+/* Serializes read-modify-write of the state files across processes and across threads of one process (the daemon
+   calls the driver from several worker threads at once, as the real, thread-safe, driver allows): each holder has
+   its own open file description, so no thread can release another's lock. */
+static int big_lock(void)
 {
     char p[PATH_MAX];
     path(p, "lock", -1, NULL);
-    lock_fd = open(p, O_CREAT | O_RDWR | O_CLOEXEC, 0644);
-    if (lock_fd >= 0)
-        flock(lock_fd, LOCK_EX);
+    int fd = open(p, O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+    if (fd >= 0)
+        flock(fd, LOCK_EX);
+    return fd;
 }
 
-static void big_unlock(void)
+static void big_unlock(int fd)
 {
-    if (lock_fd >= 0) {
-        flock(lock_fd, LOCK_UN);
-        close(lock_fd);
-        lock_fd = -1;
+    if (fd >= 0) {
+        flock(fd, LOCK_UN);
+        close(fd);
     }
 }
 
@@ -257,6 +260,22 @@ static CUresult injected(int pid, const char *step)
     return code_of(buf);
 }
 
+static void sleep_ms(long ms);
+
+/* An injected delay for this step: delay/<pid>.<step>, else delay/all.<step> (milliseconds). */
+static void injected_delay(int pid, const char *step)
+{
+    char p[PATH_MAX], buf[32], suffix[32];
+    snprintf(suffix, sizeof suffix, ".%s", step);
+    path(p, "delay", pid, suffix);
+    if (read_file(p, buf, sizeof buf) != 0) {
+        snprintf(p, sizeof p, "%s/delay/all.%s", dir(), step);
+        if (read_file(p, buf, sizeof buf) != 0)
+            return;
+    }
+    sleep_ms(atol(buf));
+}
+
 struct ctx {
     long long vram;
     char gpu[96];
@@ -278,7 +297,8 @@ static CUresult find_ctx(int pid, struct ctx *c)
     if (read_file(p, buf, sizeof buf) != 0)
         return CUDA_ERROR_OPERATING_SYSTEM; /* a live process without CUDA: what driver 580 answers (H100) */
     memset(c, 0, sizeof *c);
-    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+    char *save = NULL;
+    for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
         if (strncmp(line, "vram=", 5) == 0)
             c->vram = atoll(line + 5);
         else if (strncmp(line, "gpu=", 4) == 0)
@@ -402,7 +422,7 @@ static CUresult run_in_target(int pid, const char *what, const struct ctx *c)
         return CUDA_SUCCESS;
     char req[PATH_MAX], ack[PATH_MAX], buf[64], token[64];
     static unsigned seq;
-    snprintf(token, sizeof token, "%s %d.%u", what, getpid(), ++seq);
+    snprintf(token, sizeof token, "%s %d.%u", what, getpid(), __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED));
     path(req, "req", pid, NULL);
     path(ack, "ack", pid, NULL);
     write_file(req, token);
@@ -433,12 +453,12 @@ static CUresult prologue(int pid, struct ctx *c, const char *step)
 static CUresult transition(int pid, CUprocessState from, CUprocessState to)
 {
     CUresult r = CUDA_SUCCESS;
-    big_lock();
+    int fd = big_lock();
     if (get_state(pid) != from)
         r = CUDA_ERROR_ILLEGAL_STATE;
     else
         set_state(pid, to);
-    big_unlock();
+    big_unlock(fd);
     return r;
 }
 
@@ -470,6 +490,7 @@ CUresult cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args)
     CUresult r = prologue(pid, &c, "lock");
     if (r != CUDA_SUCCESS)
         return logged("lock", pid, r);
+    injected_delay(pid, "lock");
     unsigned timeout = args ? args->timeoutMs : 0;
     char p[PATH_MAX], buf[32];
     path(p, "busy", pid, NULL);
@@ -493,6 +514,7 @@ CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args
         return logged("checkpoint", pid, r);
     if (get_state(pid) != CU_PROCESS_STATE_LOCKED)
         return logged("checkpoint", pid, CUDA_ERROR_ILLEGAL_STATE);
+    injected_delay(pid, "checkpoint");
     r = run_in_target(pid, "checkpoint", &c);
     if (r == CUDA_SUCCESS)
         set_state(pid, CU_PROCESS_STATE_CHECKPOINTED);
@@ -518,6 +540,7 @@ CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args)
         return logged("restore", pid, CUDA_ERROR_ILLEGAL_STATE);
     if (exists("broken", pid))
         return logged("restore", pid, CUDA_ERROR_OPERATING_SYSTEM);
+    injected_delay(pid, "restore");
     char target[96];
     snprintf(target, sizeof target, "%s", c.gpu);
     if (args && args->gpuPairsCount) {
@@ -534,20 +557,20 @@ CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args)
         if (!mapped) /* the pairs must cover every checkpointed GPU */
             return logged("restore", pid, CUDA_ERROR_INVALID_VALUE);
     }
-    big_lock();
+    int fd = big_lock();
     long long total = gpu_total(target);
     if (total == -2) {
-        big_unlock();
+        big_unlock(fd);
         return logged("restore", pid, CUDA_ERROR_INVALID_DEVICE);
     }
     if (total >= 0 && gpu_used(target, pid) + c.vram > total) {
         mark_broken(pid);
-        big_unlock();
+        big_unlock(fd);
         return logged("restore", pid, CUDA_ERROR_OUT_OF_MEMORY); /* stays CHECKPOINTED, and broken */
     }
     /* Claim the memory before the copy, so two restores cannot both fit in the same free space. */
     set_state(pid, CU_PROCESS_STATE_LOCKED);
-    big_unlock();
+    big_unlock(fd);
     r = run_in_target(pid, "restore", &c);
     if (r != CUDA_SUCCESS) {
         set_state(pid, CU_PROCESS_STATE_CHECKPOINTED);
@@ -569,6 +592,7 @@ CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args)
     CUresult r = prologue(pid, &c, "unlock");
     if (r != CUDA_SUCCESS)
         return logged("unlock", pid, r);
+    injected_delay(pid, "unlock");
     return logged("unlock", pid, transition(pid, CU_PROCESS_STATE_LOCKED, CU_PROCESS_STATE_RUNNING));
 }
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import sysutil
-from sysutil import REPO, Models, run, wait_until
+from sysutil import Models, run, wait_until
 
 HERE = Path(__file__).resolve().parent
 # GPUSCHED_SYSTEM_TESTS=1 runs them on a machine of its own anyway (a throw-away VM): they install into / there.
@@ -60,13 +60,7 @@ def daemon() -> Iterator[None]:
     if not ALLOWED:
         yield
         return
-    run(
-        "make", "-C", str(REPO), "--no-print-directory", "install",
-        "PREFIX=/usr", "PYTHON=/usr/bin/python3", "PIP_FLAGS=--no-index --find-links build/wheels",
-        timeout=300,
-    )  # fmt: skip
-    # sysusers, daemon-reload, and dbus ReloadConfig (dbus-daemon's inotify would see the policy too, but later)
-    run("make", "-C", str(REPO), "--no-print-directory", "post-install", "PREFIX=/usr")
+    sysutil.install_project()
     started = time.time()
     start = run("systemctl", "start", "gpuschedd.service", check=False, timeout=90)
     if start.returncode != 0 or not wait_until_owner():

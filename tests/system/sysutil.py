@@ -59,6 +59,18 @@ def wait_until(what: str, predicate: Callable[[], Any], timeout: float = TIMEOUT
         time.sleep(POLL)
 
 
+def install_project() -> None:
+    """Install the project into the guest as a package would (`make install`, offline from build/wheels), then what its
+    maintainer scripts do (`make post-install`: sysusers, daemon-reload, dbus ReloadConfig). Starts nothing."""
+    run(
+        "make", "-C", str(REPO), "--no-print-directory", "install",
+        "PREFIX=/usr", "PYTHON=/usr/bin/python3", "PIP_FLAGS=--no-index --find-links build/wheels",
+        timeout=300,
+    )  # fmt: skip
+    # dbus-daemon's inotify would see the policy too, but later
+    run("make", "-C", str(REPO), "--no-print-directory", "post-install", "PREFIX=/usr")
+
+
 def in_sandbox() -> bool:
     """True inside tools/sandbox.sh's guest (its systemd records container=sysd-sandbox)."""
     try:

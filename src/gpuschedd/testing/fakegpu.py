@@ -58,7 +58,7 @@ class FakeGpuDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack"):
+        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay"):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
 
     def _p(self, *parts: str) -> str:
@@ -89,6 +89,15 @@ class FakeGpuDir:
     def clear_failures(self) -> None:
         for name in os.listdir(self._p("fail")):
             os.unlink(self._p("fail", name))
+
+    def delay(self, pid: int | None, step: str, ms: int) -> None:
+        """Make `step` (lock, checkpoint, restore, unlock) sleep `ms` milliseconds before it acts, for pid (None:
+        every pid): a slow driver, so a test can kill the daemon in the middle of a freeze or a thaw."""
+        _write(self._p("delay", f"{pid if pid is not None else 'all'}.{step}"), f"{ms}\n")
+
+    def clear_delays(self) -> None:
+        for name in os.listdir(self._p("delay")):
+            os.unlink(self._p("delay", name))
 
     def busy(self, pid: int, ms: int) -> None:
         """The process cannot be locked for `ms` milliseconds (a long kernel, a held CUDA call)."""

@@ -1,0 +1,175 @@
+"""The model table on disk, so a restarted daemon remembers what the units cannot tell it.
+
+systemd knows which units run and whether their cgroups are frozen; the driver knows each PID's checkpoint state.
+Neither knows how much VRAM a frozen model held on each GPU (what its thaw needs free), how big its snapshot is, or
+that it was in the middle of a freeze or a thaw when the daemon died. That is what this file keeps.
+
+It lives in the runtime directory (/run/gpuschedd: RuntimeDirectoryPreserve=yes keeps it across restarts, and a
+reboot, which ends every model too, clears it). It is rewritten whole on every transition: JSON into a temporary
+file, then rename(2) over the old one, so a reader (a restarted daemon) sees the old table or the new one, never
+half of one. The write happens on the event loop without an await, so it is a consistent picture of every model
+without taking any model's lock. /run is a tmpfs: a daemon killed at any point leaves the last complete file
+behind (no fsync is needed against a process crash; a power loss ends the models as well).
+
+The file records the boot it was written in; a file from another boot is ignored."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import Model, State
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+FILE_NAME = "models.json"
+DEFAULT_DIR = "/run/gpuschedd"
+
+
+def default_path() -> str:
+    """$RUNTIME_DIRECTORY (set by systemd from RuntimeDirectory=) or /run/gpuschedd, plus models.json."""
+    directory = (os.environ.get("RUNTIME_DIRECTORY") or DEFAULT_DIR).split(":")[0]
+    return os.path.join(directory, FILE_NAME)
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def model_to_dict(model: Model) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "unit": model.unit,
+        "owner": model.owner,
+        "command": list(model.command),
+        "state": str(model.state),
+        "main_pid": model.main_pid,
+        "pids": list(model.pids),
+        "gpus": list(model.gpus),
+        "vram_bytes": model.vram_bytes,
+        "snapshot_bytes": model.snapshot_bytes,
+        "vram_by_gpu": dict(model.vram_by_gpu),
+        "cuda_pids": list(model.cuda_pids),
+        "last_freeze_usec": model.last_freeze_usec,
+        "last_thaw_usec": model.last_thaw_usec,
+        "state_change_usec": model.state_change_usec,
+    }
+
+
+def model_from_dict(data: dict[str, Any]) -> Model:
+    """A Model from its record; raises (KeyError, ValueError, TypeError) on a malformed one."""
+
+    def ints(key: str) -> list[int]:
+        return [int(x) for x in data.get(key, [])]
+
+    return Model(
+        name=str(data["name"]),
+        unit=str(data["unit"]),
+        owner=int(data["owner"]),
+        command=[str(x) for x in data.get("command", [])],
+        state=State(data["state"]),
+        main_pid=int(data.get("main_pid", 0)),
+        pids=ints("pids"),
+        gpus=[str(x) for x in data.get("gpus", [])],
+        vram_bytes=int(data.get("vram_bytes", 0)),
+        snapshot_bytes=int(data.get("snapshot_bytes", 0)),
+        vram_by_gpu={str(k): int(v) for k, v in dict(data.get("vram_by_gpu", {})).items()},
+        cuda_pids=ints("cuda_pids"),
+        last_freeze_usec=int(data.get("last_freeze_usec", 0)),
+        last_thaw_usec=int(data.get("last_thaw_usec", 0)),
+        state_change_usec=int(data.get("state_change_usec", 0)),
+    )
+
+
+@dataclass
+class SavedTable:
+    """What a previous daemon left: its models by name; the units it was told to forget (unit → main PID, so a
+    forgotten unit is not taken over again after a restart, while a new unit of the same name is); the swaps it was
+    in the middle of (freeze name, thaw name); and the models it was stopping."""
+
+    models: dict[str, Model] = field(default_factory=dict)
+    forgotten: dict[str, int] = field(default_factory=dict)
+    swaps: list[tuple[str, str]] = field(default_factory=list)
+    stopping: set[str] = field(default_factory=set)
+
+
+class StateFile:
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or default_path()
+        self._boot = boot_id()
+        self._warned = False
+        self.writes = 0
+
+    def save(
+        self,
+        models: list[Model],
+        forgotten: dict[str, int],
+        swaps: list[tuple[str, str]],
+        stopping: set[str] | None = None,
+    ) -> None:
+        """Write the whole table atomically. A failure is logged, never raised: an operation that worked must
+        not be reported failed because /run is full; the units stay the truth a restart falls back on."""
+        data = {
+            "version": FORMAT_VERSION,
+            "boot_id": self._boot,
+            "models": [model_to_dict(m) for m in models],
+            "forgotten": forgotten,
+            "swaps": [list(s) for s in swaps],
+            "stopping": sorted(stopping or ()),
+        }
+        tmp = f"{self.path}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(data, f, separators=(",", ":"))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if not self._warned:
+                log.error("cannot save the model table to %s: %s (a restart will rely on the units alone)", tmp, e)
+                self._warned = True
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return
+        self._warned = False
+        self.writes += 1
+
+    def load(self) -> SavedTable:
+        """The table a previous daemon of this boot saved; empty when there is none or it cannot be read."""
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return SavedTable()
+        except (OSError, ValueError) as e:
+            log.error("ignoring the saved model table %s: %s", self.path, e)
+            return SavedTable()
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            log.warning("ignoring the saved model table %s: unknown format", self.path)
+            return SavedTable()
+        if data.get("boot_id") != self._boot:
+            log.info("ignoring the saved model table %s: written before the last boot", self.path)
+            return SavedTable()
+        table = SavedTable()
+        for record in data.get("models", []):
+            try:
+                model = model_from_dict(record)
+            except (KeyError, ValueError, TypeError) as e:
+                log.error("ignoring a malformed record in %s: %s", self.path, e)
+                continue
+            table.models[model.name] = model
+        with contextlib.suppress(AttributeError, ValueError, TypeError):
+            table.forgotten = {str(k): int(v) for k, v in data.get("forgotten", {}).items()}
+        with contextlib.suppress(AttributeError, ValueError, TypeError):
+            table.swaps = [(str(a), str(b)) for a, b in data.get("swaps", [])]
+        with contextlib.suppress(ValueError, TypeError):
+            table.stopping = {str(name) for name in data.get("stopping", [])}
+        return table
