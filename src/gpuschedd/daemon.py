@@ -22,6 +22,7 @@ from .checkpoint.choose import BackendUnavailable, choose_checkpoint
 from .config import DEFAULT_PATH, Config, ConfigError
 from .engine import Engine, EngineListener
 from .journal import JournalWriter
+from .metrics import Metrics
 from .model import Model, State
 from .names import BUS_NAME, MANAGER_PATH
 from .nvml import load_telemetry
@@ -29,6 +30,8 @@ from .statefile import StateFile
 
 log = logging.getLogger("gpuschedd")
 
+# How often running models' PIDs and VRAM are re-read.
+REFRESH_SEC = 2.0
 # How long a stop waits for freezes and thaws under way (systemd's TimeoutStopSec= defaults to 90 s).
 DRAIN_TIMEOUT_SEC = 60
 
@@ -68,6 +71,37 @@ class Notifier(EngineListener):
     model_changed = model_removed = model_added
 
 
+async def start_metrics(engine: Engine, config: Config) -> None:
+    """Prometheus metrics when configured. A bad endpoint is logged, not fatal: supervising models comes first."""
+    if not (config.metrics_listen or config.metrics_textfile):
+        return
+    metrics = Metrics(engine, config.metrics_textfile)
+    engine.add_listener(metrics)
+    if config.metrics_listen:
+        try:
+            await metrics.serve(config.metrics_listen)
+        except OSError as e:
+            log.error("metrics: cannot listen on %s: %s", config.metrics_listen, e)
+
+
+async def keep_fresh(engine: Engine, publisher: BusPublisher, interval: float = REFRESH_SEC) -> None:
+    """Keep running models' Pids and VramBytes current between transitions (a model loads its weights after
+    it starts), announcing changes with PropertiesChanged. A model in a transition is left to it."""
+    while True:
+        await asyncio.sleep(interval)
+        for model in list(engine.models.values()):
+            if model.state != State.RUNNING or model.lock.locked():
+                continue
+            before = (list(model.pids), model.vram_bytes)
+            try:
+                await engine.refresh(model)
+            except Exception as e:  # a unit that vanished mid-read is reported by its own exit event
+                log.debug("refresh of %s: %s", model.name, e)
+                continue
+            if (model.pids, model.vram_bytes) != before:
+                publisher.model_changed(model)
+
+
 async def serve(config: Config) -> int:
     bus = await connect_system_bus()
     if config.unit_backend == "cgroupfs" or (config.unit_backend == "auto" and not pid1_is_systemd()):
@@ -87,10 +121,13 @@ async def serve(config: Config) -> int:
     manager = ManagerInterface(engine, authority)
     bus.export(MANAGER_PATH, manager)
     notifier = Notifier(engine)
-    for listener in (BusPublisher(bus, engine, authority, manager), JournalWriter(), notifier):
+    publisher = BusPublisher(bus, engine, authority, manager)
+    for listener in (publisher, JournalWriter(), notifier):
         engine.add_listener(listener)
+    await start_metrics(engine, config)
     await units.setup()
     await engine.start()
+    refresher = asyncio.ensure_future(keep_fresh(engine, publisher))
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply != RequestNameReply.PRIMARY_OWNER:
         log.error("could not own %s (%s): is another gpuschedd running?", BUS_NAME, reply.name)
@@ -121,6 +158,7 @@ async def serve(config: Config) -> int:
             await bus.release_name(BUS_NAME)
         if not await engine.drain(DRAIN_TIMEOUT_SEC):
             log.warning("a transition was still under way after %ds; the next start will settle it", DRAIN_TIMEOUT_SEC)
+    refresher.cancel()
     bus.disconnect()
     return 0
 

@@ -1,9 +1,9 @@
 """Prometheus text exposition of what gpuschedd manages: per model state, VRAM, snapshot bytes, freeze/thaw
 counts and duration histograms; per GPU memory; host RAM parked in frozen models.
 
-Off by default. `MetricsListen=127.0.0.1:9835` serves it over HTTP (GET /metrics, loopback or a unix-socket
-proxy's business: no TLS, no auth, so bind it where only the scraper reaches), `MetricsTextfile=PATH` writes it
-atomically after every event for node_exporter's textfile collector."""
+Off by default. `MetricsListen=127.0.0.1:9835` serves it over HTTP (GET /metrics; no TLS, no auth, so bind it
+where only the scraper reaches; the shipped unit has no network, see docs/configuration.md for the drop-in),
+`MetricsTextfile=PATH` writes it atomically after every event for node_exporter's textfile collector."""
 
 from __future__ import annotations
 
@@ -105,6 +105,7 @@ class Metrics(EngineListener):
         try:
             with open(tmp, "w") as f:
                 f.write(self.render())
+            os.chmod(tmp, 0o644)  # the daemon's umask is 077; node_exporter reads it as another user
             os.replace(tmp, self.textfile)
         except OSError as e:
             log.warning("cannot write metrics to %s: %s", self.textfile, e)
