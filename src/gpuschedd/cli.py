@@ -400,9 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("forget", "stop managing a model, leaving its unit running"),
     ):
         sub.add_parser(verb, parents=[common], help=text).add_argument("name")
+    adopt = sub.add_parser(
+        "adopt", parents=[common], help="manage a running unit in place, or move running processes into a scope"
+    )
+    adopt.add_argument("name")
+    what = adopt.add_mutually_exclusive_group(required=True)
+    what.add_argument("--unit", help="an existing service or scope, e.g. vllm.service (it keeps its name)")
+    what.add_argument(
+        "--pid", type=int, action="append", help="a process to move into gpusched-adopt-NAME.scope (repeatable)"
+    )
     swap_parser = sub.add_parser("swap", parents=[common], help="freeze one model and thaw another: both or neither")
     swap_parser.add_argument("freeze_name")
     swap_parser.add_argument("thaw_name")
+    migrate = sub.add_parser("migrate", parents=[common], help="move a model onto another GPU (freeze, restore there)")
+    migrate.add_argument("name")
+    migrate.add_argument("--to", required=True, metavar="GPU", help="the target GPU: an index or a UUID")
     status = sub.add_parser("status", parents=[common], help="the daemon, GPUs, host RAM and models, in detail")
     status.add_argument("names", nargs="*", metavar="NAME", help="only these models")
     listing = sub.add_parser("list", parents=[common], help="one line per model")
@@ -471,6 +483,20 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         transition(gs, args.command, args.name, args.json)
     elif args.command == "swap":
         swap(gs, args.freeze_name, args.thaw_name, args.json)
+    elif args.command == "adopt":
+        path = gs.adopt(args.name, args.unit) if args.unit else gs.adopt_processes(args.name, args.pid)
+        info = gs.model(args.name)
+        if args.json:
+            print(json.dumps({"name": args.name, "path": path, "unit": info["Unit"], "pids": info["Pids"]}))
+        else:
+            print(f"Adopted {args.name} as unit {info['Unit']}")
+    elif args.command == "migrate":
+        gs.migrate(args.name, args.to)
+        gpus = gs.model(args.name)["Gpus"]
+        if args.json:
+            print(json.dumps({"name": args.name, "command": "migrate", "ok": True, "gpus": gpus}))
+        else:
+            print(f"{args.name} now runs on {' '.join(gpus)}")
     elif args.command == "run":
         path = gs.run(
             args.name,

@@ -273,6 +273,20 @@ class AsyncGpuSched:
     async def forget(self, name: str) -> None:
         await self._call("Forget", "s", [name])
 
+    async def adopt(self, name: str, unit: str) -> str:
+        """Manage an existing unit (vllm.service) in place as model `name`; returns its object path."""
+        [path] = await self._call("Adopt", "ssa{sv}", [name, unit, {}])
+        return str(path)
+
+    async def adopt_processes(self, name: str, pids: list[int]) -> str:
+        """Move running processes into the scope gpusched-adopt-NAME.scope as model `name`; returns its path."""
+        [path] = await self._call("AdoptProcesses", "saua{sv}", [name, pids, {}])
+        return str(path)
+
+    async def migrate(self, name: str, gpu: str) -> None:
+        """Move a model onto another GPU (an index or a UUID); it runs there afterwards."""
+        await self._call("Migrate", "ss", [name, gpu])
+
     # ------------------------------------------------------------- reading
 
     async def models(self) -> list[ModelInfo]:
@@ -361,6 +375,15 @@ class GpuSched:
 
     def forget(self, name: str) -> None:
         self._wait(self._client.forget(name))
+
+    def adopt(self, name: str, unit: str) -> str:
+        return self._wait(self._client.adopt(name, unit))
+
+    def adopt_processes(self, name: str, pids: list[int]) -> str:
+        return self._wait(self._client.adopt_processes(name, pids))
+
+    def migrate(self, name: str, gpu: str) -> None:
+        self._wait(self._client.migrate(name, gpu))
 
     def models(self) -> list[ModelInfo]:
         return self._wait(self._client.models())

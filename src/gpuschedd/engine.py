@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pwd
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import hostmem, recovery
+from . import adopt, hostmem, recovery
 from .checkpoint import CheckpointBackend, CheckpointError
 from .config import Config
 from .errors import (
@@ -27,6 +28,7 @@ from .errors import (
     InvalidState,
     ModelExists,
     NoSuchModel,
+    NotSupported,
     RamBudgetExceeded,
     Refused,
 )
@@ -77,6 +79,14 @@ def _user_uid(name: str) -> int:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
         raise InvalidArgs(f"no such user: {name}") from None
+
+
+def _gpu_permutation(all_gpus: list[str], old: str, new: str) -> list[tuple[str, str]]:
+    """The driver's GPU pairs for moving from `old` to `new`: a permutation of every GPU of the host (old and new
+    trade places, the rest map to themselves), so a process that can see several GPUs keeps a consistent
+    view, and by UUID, never by index (CUDA_VISIBLE_DEVICES renumbers indices inside the process)."""
+    swap = {old: new, new: old}
+    return [(uuid, swap.get(uuid, uuid)) for uuid in all_gpus]
 
 
 class Engine:
@@ -182,6 +192,8 @@ class Engine:
         saved = self.state_file.load() if self.state_file is not None else SavedTable()
         live = {status.unit: status for status in await self.units.list_units(MODEL_UNIT_PREFIX)}
         for record in saved.models.values():
+            if model_name_from_unit(record.unit) is None and record.state not in ENDED:
+                self.units.track(record.unit)  # an adopted unit: watched like our own
             if record.unit not in live and record.state not in ENDED:
                 status = await self.units.status(record.unit)
                 if status is not None:
@@ -509,7 +521,118 @@ class Engine:
             if model.state not in ENDED and model.main_pid:
                 self._forgotten[model.unit] = model.main_pid  # a restart must not take it over again
             self._remove(model)
+            if model_name_from_unit(model.unit) is None:
+                self.units.untrack(model.unit)
         self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten; its unit runs on"))
+
+    # ----------------------------------------------------------------- adopt
+
+    def _check_new_model(self, name: str, unit: str, pids: list[int]) -> None:
+        """The name is free, and neither the unit nor any of the PIDs belongs to a live model. Without an await, so
+        it holds until the caller's next await."""
+        existing = self.models.get(name)
+        if existing is not None and existing.state not in ENDED:
+            raise ModelExists(f"model {name!r} exists ({existing.state})")
+        for other in self.models.values():
+            if other.state in ENDED:
+                continue
+            if other.unit == unit:
+                raise ModelExists(f"{unit} is managed already, as model {other.name!r}")
+            shared = sorted(set(other.pids) & set(pids))
+            if shared:
+                raise ModelExists(f"process {shared[0]} belongs to model {other.name!r} already")
+
+    async def adoptable_unit(self, name: str, unit: str) -> tuple[UnitStatus, int]:
+        """An existing unit that may become model `name`, and its owner (its User=, else the uid every process runs
+        as, else root). Raises a typed error saying why not."""
+        validate_model_name(name)
+        adopt.check_unit_name(unit)
+        self._check_new_model(name, unit, [])
+        status = await self.units.status(unit)
+        if status is None:
+            raise InvalidArgs(f"no such unit: {unit}")
+        if status.active_state not in ("active", "reloading"):
+            raise InvalidState(f"{unit} is {status.active_state}, not active: only a running unit can be adopted")
+        if not status.pids:
+            raise InvalidState(f"{unit} has no processes")
+        if status.frozen:
+            raise InvalidState(f"{unit} is frozen already (not by gpuschedd): thaw it first")
+        if os.getpid() in status.pids:
+            raise InvalidArgs(f"{unit} holds gpuschedd itself: it cannot be adopted")
+        self._check_new_model(name, unit, status.pids)
+        if status.user:
+            owner = self._owner_of(status)
+        else:
+            uids = [adopt.process_uid(pid) for pid in status.pids]
+            owner = adopt.common_owner([u for u in uids if u is not None], 0)
+        return status, owner
+
+    async def adopt(self, name: str, unit: str, caller: int, others: bool = False) -> Model:
+        """Manage an existing unit in place: it keeps its name, restart policy and logs. Only a unit the caller owns,
+        unless `others` (the bus layer grants it with `manage`)."""
+        if caller < 0:
+            raise AccessDenied("unknown caller")
+        status, owner = await self.adoptable_unit(name, unit)
+        if owner != caller and caller != 0 and not others:
+            raise AccessDenied(f"{unit} runs as uid {owner}: only its owner may adopt it")
+        self._check_new_model(name, unit, status.pids)  # again: the status was read with an await
+        command = list(status.command) or adopt.cmdline(status.main_pid or status.pids[0])
+        model = Model(name=name, unit=unit, owner=owner, command=command)
+        self._apply_status(model, status)
+        existing = self.models.get(name)
+        if existing is not None:
+            self._remove(existing)  # an ended model of that name
+        self.units.track(unit)
+        self._add(model)
+        self._emit(Event(EventKind.ADOPT, name, unit, f"unit {unit} adopted as model {name} (owner uid {owner})"))
+        return model
+
+    def adoptable_pids(self, name: str, pids: list[int]) -> dict[int, int]:
+        """Processes that may become model `name`: pid → owner uid. Raises a typed error saying why not."""
+        validate_model_name(name)
+        owners = adopt.check_pids(pids)
+        self._check_new_model(name, adopt.scope_unit(name), list(owners))
+        return owners
+
+    async def adopt_processes(self, name: str, pids: list[int], caller: int, others: bool = False) -> Model:
+        """Move running processes into the transient scope gpusched-adopt-NAME.scope in gpusched.slice. Only
+        processes the caller owns, unless `others` (the bus layer grants it with `manage`)."""
+        if caller < 0:
+            raise AccessDenied("unknown caller")
+        owners = self.adoptable_pids(name, pids)
+        foreign = sorted(pid for pid, uid in owners.items() if uid != caller)
+        if foreign and caller != 0 and not others:
+            raise AccessDenied(f"process {foreign[0]} runs as uid {owners[foreign[0]]}: only its owner may adopt it")
+        unit = adopt.scope_unit(name)
+        owner = adopt.common_owner(list(owners.values()), caller)
+        command = adopt.cmdline(min(owners))
+        model = Model(name=name, unit=unit, owner=owner, command=command)
+        async with model.lock:
+            existing = self.models.get(name)
+            if existing is not None:
+                self._remove(existing)
+            if name in self.models:
+                raise ModelExists(f"model {name!r} exists")
+            self.models[name] = model  # reserved while the scope starts, like Run
+            try:
+                status = await self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
+            except BaseException:
+                del self.models[name]
+                raise
+            self._apply_status(model, status)
+            del self.models[name]
+            self._add(model)
+        self._emit(
+            Event(
+                EventKind.ADOPT,
+                name,
+                unit,
+                f"process(es) {', '.join(map(str, sorted(owners)))} adopted as model {name} in {unit}",
+            )
+        )
+        if status.active_state in ("inactive", "failed"):
+            self._unit_changed(status)
+        return model
 
     # ----------------------------------------------------------------- freeze / thaw
 
@@ -772,12 +895,16 @@ class Engine:
                 self._thaw_reserved.pop(model.name, None)
         return model
 
-    async def _thaw_locked(self, model: Model) -> None:
+    async def _thaw_locked(self, model: Model, gpu_pairs: list[tuple[str, str]] | None = None) -> None:
+        """gpu_pairs: restore onto other GPUs (Migrate, which checked the target's room itself)."""
         t0 = time.monotonic()
         await self.refresh(model)
         self._drop_lost_pids(model)
-        self._check_gpu_room(model)
-        self._thaw_reserved[model.name] = dict(model.vram_by_gpu)  # no await since the check: nothing came between
+        moved = dict(gpu_pairs or [])
+        if gpu_pairs is None:
+            self._check_gpu_room(model)
+        # No await since the check: nothing came between.
+        self._thaw_reserved[model.name] = {moved.get(uuid, uuid): n for uuid, n in model.vram_by_gpu.items()}
         self._set_state(model, State.THAWING)
         reached, settled = State.FROZEN, False  # where a failure leaves the model
         try:
@@ -785,7 +912,7 @@ class Engine:
             await self.units.thaw(model.unit)
             try:
                 await asyncio.to_thread(
-                    recovery.drive, self.checkpoint, model.cuda_pids, False, self.config.lock_timeout_ms
+                    recovery.drive, self.checkpoint, model.cuda_pids, False, self.config.lock_timeout_ms, gpu_pairs
                 )
             except CheckpointError as e:
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
@@ -802,6 +929,9 @@ class Engine:
             self._set_state(model, reached)
             raise
         model.cuda_pids = []
+        if moved:
+            model.vram_by_gpu = dict(self._thaw_reserved[model.name])
+            model.gpus = sorted({moved.get(uuid, uuid) for uuid in model.gpus})
         model.last_thaw_usec = int((time.monotonic() - t0) * 1e6)
         await self.refresh(model, vram=True)
         self._set_state(model, State.RUNNING)
@@ -816,6 +946,88 @@ class Engine:
                 gpus=tuple(model.gpus),
             )
         )
+
+    async def migrate(self, name: str, gpu: str) -> Model:
+        """Move a model onto another GPU: freeze it (if it runs), restore its processes there through the driver's
+        GPU pairs, and run it. The target's room is checked first; if the restore fails, the model is settled
+        frozen where it was and thaws there as before."""
+        model = self.get(name)
+        async with model.lock:
+            if model.state not in (State.RUNNING, State.FROZEN):
+                raise InvalidState(f"model {name!r} is {model.state}, not running or frozen")
+            if self.checkpoint.name == "none":
+                raise NotSupported("migration needs the CUDA checkpoint API (CheckpointBackend is none)")
+            gpus = self.telemetry.gpus()
+            target = next((g for g in gpus if gpu in (g.uuid, str(g.index))), None)
+            if target is None:
+                raise InvalidArgs(f"no GPU {gpu!r} on this host (give an index or a UUID from `gpusched status`)")
+            if model.state == State.RUNNING:
+                await self.refresh(model, vram=True)
+            sources = sorted(model.vram_by_gpu)
+            if len(sources) != 1:
+                raise NotSupported(
+                    f"model {name!r} holds memory on {len(sources)} GPUs; migration moves a model from one GPU"
+                    if sources
+                    else f"model {name!r} holds no GPU memory that NVML can see: nothing to migrate"
+                )
+            need = 0 if sources[0] == target.uuid else model.vram_by_gpu[sources[0]]
+            promised = sum(r.get(target.uuid, 0) for r in self._thaw_reserved.values())
+            free = max(0, target.free_bytes - promised)
+            if need > free:
+                self._refuse(
+                    model,
+                    InsufficientGpuMemory(
+                        f"migrating {name} needs {need} bytes free on GPU {target.index} ({target.uuid}); {free}"
+                        f" free. The model stays {model.state} where it is."
+                    ),
+                )
+            t0 = time.monotonic()
+            if model.state == State.RUNNING:
+                await self._freeze_locked(model)
+            pairs = _gpu_permutation([g.uuid for g in gpus], sources[0], target.uuid)
+            try:
+                await self._thaw_locked(model, pairs)
+            except CheckpointFailed as e:
+                if model.state == State.FROZEN:
+                    await self._move_back(model, e, pairs)
+                raise
+            finally:
+                self._thaw_reserved.pop(model.name, None)
+        self._emit(
+            Event(
+                EventKind.MIGRATE,
+                name,
+                model.unit,
+                f"model {name} migrated from {sources[0]} to GPU {target.index} ({target.uuid})"
+                f" in {time.monotonic() - t0:.3f}s",
+                duration_usec=int((time.monotonic() - t0) * 1e6),
+                bytes=model.snapshot_bytes,
+                gpus=(target.uuid,),
+                fields={"GPUSCHED_GPU_FROM": sources[0], "GPUSCHED_GPU_TO": target.uuid},
+            )
+        )
+        return model
+
+    async def _move_back(self, model: Model, error: CheckpointFailed, pairs: list[tuple[str, str]]) -> None:
+        """A migration whose restore failed part-way was settled frozen, but the processes restored before the
+        failure sit on the target GPU now: bring them back (the pairs swap two GPUs, so they are their own
+        inverse), so the model is frozen where it was, whole."""
+        cause, pids = error.__cause__, model.cuda_pids
+        if isinstance(cause, CheckpointError) and cause.step == "restore" and cause.pid in pids:
+            moved = pids[: pids.index(cause.pid)]
+        else:
+            moved = list(pids)
+        if not moved:
+            return
+        try:
+            await self.units.thaw(model.unit)
+            for pid in moved:
+                await asyncio.to_thread(self.checkpoint.restore, pid, pairs)
+                await asyncio.to_thread(self.checkpoint.checkpoint, pid)
+        except (CheckpointError, GpuschedError) as e:
+            log.error("migration of %s failed, and so did moving pid(s) %s back: %s", model.name, moved, e)
+        finally:
+            await self.units.freeze(model.unit)
 
     async def swap(self, freeze_name: str, thaw_name: str) -> None:
         """Freeze one model and thaw another: both or neither. If the thaw fails, the first is thawed back."""

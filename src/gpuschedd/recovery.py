@@ -19,10 +19,16 @@ from .checkpoint import CheckpointBackend, CheckpointError, CudaState
 from .model import ENDED, State
 
 
-def drive(checkpoint: CheckpointBackend, pids: list[int], frozen: bool, lock_timeout_ms: int) -> None:
+def drive(
+    checkpoint: CheckpointBackend,
+    pids: list[int],
+    frozen: bool,
+    lock_timeout_ms: int,
+    gpu_pairs: list[tuple[str, str]] | None = None,
+) -> None:
     """Blocking (run it in a worker thread). Move every PID to CHECKPOINTED (frozen=True) or RUNNING, whatever
     mix of states they start in; raise the first CheckpointError. The cgroup must not be frozen: the driver's
-    copies run on a thread inside each target."""
+    copies run on a thread inside each target. gpu_pairs (old UUID, new UUID) restores onto other GPUs."""
     steps: list[tuple[CudaState, Callable[[int], None]]]
     if frozen:
         steps = [
@@ -32,7 +38,7 @@ def drive(checkpoint: CheckpointBackend, pids: list[int], frozen: bool, lock_tim
         want, verb = CudaState.CHECKPOINTED, "checkpoint"
     else:
         steps = [
-            (CudaState.CHECKPOINTED, lambda pid: checkpoint.restore(pid, None)),
+            (CudaState.CHECKPOINTED, lambda pid: checkpoint.restore(pid, gpu_pairs)),
             (CudaState.LOCKED, checkpoint.unlock),
         ]
         want, verb = CudaState.RUNNING, "unlock"

@@ -21,6 +21,7 @@ class FakeUnits:
         self.fail: dict[str, str] = {}  # operation → unit that fails it
         self.calls: list[tuple[str, str]] = []
         self._watchers: list[UnitWatcher] = []
+        self.tracked: set[str] = set()  # units watched by name (adopted)
         self._pids = itertools.count(1000)
 
     async def setup(self) -> None:
@@ -72,6 +73,28 @@ class FakeUnits:
 
     def watch(self, callback: UnitWatcher) -> None:
         self._watchers.append(callback)
+
+    def track(self, unit: str) -> None:
+        self.tracked.add(unit)
+
+    def untrack(self, unit: str) -> None:
+        self.tracked.discard(unit)
+
+    async def start_scope(
+        self, unit: str, pids: list[int], description: str, slice: str = "gpusched.slice"
+    ) -> UnitStatus:
+        self._check("start_scope", unit)
+        if unit in self.units and self.units[unit].active_state == "active":
+            raise UnitFailed(f"unit {unit} already exists")
+        status = UnitStatus(unit, "active", 0, sorted(pids), False)
+        self.units[unit] = status
+        return status
+
+    def add_unit(self, unit: str, pids: list[int], user: str = "", command: list[str] | None = None) -> UnitStatus:
+        """A unit that runs already, started by someone else (for Adopt)."""
+        status = UnitStatus(unit, "active", pids[0] if pids else 0, list(pids), False, user, list(command or ["x"]))
+        self.units[unit] = status
+        return status
 
     def exit(self, unit: str, result: str = "success") -> None:
         """The unit's main process exits by itself."""

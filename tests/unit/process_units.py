@@ -106,6 +106,12 @@ class ProcessUnits:
     def watch(self, callback: UnitWatcher) -> None:
         pass
 
+    def track(self, unit: str) -> None:
+        pass
+
+    def untrack(self, unit: str) -> None:
+        pass
+
     async def close(self) -> None:
         for unit in list(self.procs):
             await self.stop(unit)

@@ -22,7 +22,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from .. import __version__, hostmem, validate
 from ..engine import Engine, EngineListener, RunOptions
-from ..errors import GpuschedError, InvalidArgs, NoSuchModel, NotSupported, Refused
+from ..errors import GpuschedError, InvalidArgs, NoSuchModel, Refused
 from ..model import ENDED, Model
 from ..names import MANAGER_IFACE, MODEL_IFACE, is_model_name, model_path, model_unit, validate_model_name
 from . import polkit
@@ -175,6 +175,11 @@ def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
     )
 
 
+def _no_options(options: dict[str, Variant]) -> None:
+    for key in options:
+        raise InvalidArgs(f"unknown option {_shown(key)}; none are known yet")
+
+
 class ManagerInterface(_Authorizing, ServiceInterface):
     def __init__(self, engine: Engine, authority: polkit.Authority) -> None:
         super().__init__(MANAGER_IFACE)
@@ -209,12 +214,37 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @method()
     @exposed(ADOPT)
     async def Adopt(self, name: DBusStr, unit: DBusStr, options: DBusDict) -> DBusObjectPath:
-        raise NotSupported("Adopt is not implemented yet")
+        _no_options(options)
+        uid = caller_uid.get()
+        _status, owner = await self.engine.adoptable_unit(name, unit)
+        others = owner != uid and uid != 0
+        if others:
+            # Someone else's unit: a root-only choice.
+            await self._authorize(MANAGE, "adopt", (name, unit), {"unit": unit, "owner": str(owner)})
+        await self._replace_ended(name)
+        model = await self.engine.adopt(name, unit, uid, others)
+        return model_path(model.name)
 
     @method()
     @exposed(ADOPT)
     async def AdoptProcesses(self, name: DBusStr, pids: PidList, options: DBusDict) -> DBusObjectPath:
-        raise NotSupported("AdoptProcesses is not implemented yet")
+        _no_options(options)
+        uid = caller_uid.get()
+        owners = self.engine.adoptable_pids(name, list(pids))
+        foreign = sorted({owner for owner in owners.values() if owner != uid})
+        others = bool(foreign) and uid != 0
+        if others:
+            # Someone else's processes: a root-only choice.
+            await self._authorize(MANAGE, "adopt", (name,), {"unit": "", "owner": ",".join(map(str, foreign))})
+        await self._replace_ended(name)
+        model = await self.engine.adopt_processes(name, list(pids), uid, others)
+        return model_path(model.name)
+
+    async def _replace_ended(self, name: str) -> None:
+        """A new model of a name replaces its ended model: forgetting someone else's model needs control-any."""
+        ended = self.engine.models.get(name)
+        if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
+            await self._authorize(CONTROL, "adopt", (name,))
 
     @method()
     @exposed(CONTROL)
@@ -248,7 +278,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @method()
     @exposed(CONTROL)
     async def Migrate(self, name: DBusStr, gpu: DBusStr) -> None:
-        raise NotSupported("Migrate is not implemented yet")
+        await self.engine.migrate(name, validate.gpus([gpu])[0])
 
     @method()
     @exposed(READ)

@@ -60,6 +60,7 @@ class SystemdUnits:
         # reaches us). Every job on the system passes through here, so only the latest few are kept.
         self._finished: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._watchers: list[UnitWatcher] = []
+        self._tracked: set[str] = set()  # adopted units, watched though their names are not ours
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def setup(self) -> None:
@@ -100,7 +101,7 @@ class SystemdUnits:
             unit = bus_label_unescape(msg.path[len(UNIT_PATH_PREFIX) :])
             # Only our own units concern the engine; the rest of the system's units come and go unheard.
             if (
-                unit.startswith(OUR_UNIT_PREFIX)
+                (unit.startswith(OUR_UNIT_PREFIX) or unit in self._tracked)
                 and "ActiveState" in changed
                 and changed["ActiveState"].value in ("inactive", "failed")
             ):
@@ -132,6 +133,31 @@ class SystemdUnits:
 
     def watch(self, callback: UnitWatcher) -> None:
         self._watchers.append(callback)
+
+    def track(self, unit: str) -> None:
+        self._tracked.add(unit)
+
+    def untrack(self, unit: str) -> None:
+        self._tracked.discard(unit)
+
+    async def start_scope(
+        self, unit: str, pids: list[int], description: str, slice: str = "gpusched.slice"
+    ) -> UnitStatus:
+        props: list[list[Any]] = [
+            ["Description", Variant("s", description)],
+            ["Slice", Variant("s", slice)],
+            ["PIDs", Variant("au", pids)],
+            ["AddRef", Variant("b", False)],
+        ]
+        with contextlib.suppress(DBusError):
+            await self._manager("ResetFailedUnit", "s", [unit])
+        try:
+            [job] = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
+        except DBusError as e:
+            raise UnitFailed(f"systemd refused to start {unit}: {e.text}") from None
+        await self._wait_job(job, f"start of {unit}")
+        status = await self.status(unit)
+        return status or UnitStatus(unit, "inactive", 0, [], False)
 
     async def start(self, spec: UnitSpec) -> UnitStatus:
         exe = resolve_executable(spec.argv[0], spec.working_directory)

@@ -69,3 +69,14 @@ class UnitBackend(Protocol):
 
     def watch(self, callback: UnitWatcher) -> None:
         """Call back with the new status whenever a unit's active state changes (exit, crash, stop)."""
+
+    def track(self, unit: str) -> None:
+        """Watch this unit too, though it is not one of ours by name (an adopted unit)."""
+
+    def untrack(self, unit: str) -> None:
+        """Stop watching a unit given to track() (a forgotten adopted unit)."""
+
+    async def start_scope(
+        self, unit: str, pids: list[int], description: str, slice: str = "gpusched.slice"
+    ) -> UnitStatus:
+        """Move running processes into a new transient scope (AdoptProcesses). Raises UnitFailed."""

@@ -371,6 +371,32 @@ class CgroupfsUnits:
         if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
+    def track(self, unit: str) -> None:
+        pass  # every group under the root is watched; there are no other units here
+
+    def untrack(self, unit: str) -> None:
+        pass
+
+    async def start_scope(
+        self, unit: str, pids: list[int], description: str, slice: str = "gpusched.slice"
+    ) -> UnitStatus:
+        """A group of its own for running processes: each PID is written into its cgroup.procs."""
+        group = self._group(unit)
+        if _procs(group):
+            raise UnitFailed(f"unit {unit} already exists")
+        self._ended.pop(unit, None)
+        os.makedirs(group, exist_ok=True)
+        try:
+            for pid in pids:
+                with open(os.path.join(group, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+        except OSError as e:
+            raise UnitFailed(f"cannot move processes into {unit}: {e}") from None
+        self._main[unit] = min(pids)
+        self._known[unit] = "active"
+        status = await self.status(unit)
+        return status or UnitStatus(unit, "inactive", 0, [], False)
+
     def _check_ended(self, unit: str) -> UnitStatus | None:
         """The unit's end, if it ended: its main process (our child) exited, or its group emptied."""
         group = self._group(unit)
