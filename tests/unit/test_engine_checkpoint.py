@@ -7,14 +7,20 @@ import asyncio
 
 import pytest
 from counters import amoves, astill, file_counter
-from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
+from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered, wait_for
 from process_units import ProcessUnits
 
-from gpuschedd.checkpoint import CudaState
+from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine, EngineListener, RunOptions
-from gpuschedd.errors import CheckpointFailed, InsufficientGpuMemory, RamBudgetExceeded
+from gpuschedd.errors import (
+    CheckpointFailed,
+    InsufficientGpuMemory,
+    InvalidArgs,
+    NotSupported,
+    RamBudgetExceeded,
+)
 from gpuschedd.events import Event, EventKind
 from gpuschedd.model import Model, State
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
@@ -199,3 +205,80 @@ async def test_freeze_refused_when_nvml_sees_vram_the_driver_cannot(setup) -> No
         await engine.freeze(model.name)
     assert model.state == State.RUNNING
     assert states(gpu_dir, model.pids) == [CudaState.RUNNING]
+
+
+# ---------------------------------------------------------------- Migrate: GPU pairs on the restore
+
+
+def on_gpu(gpu_dir, pids: list[int]) -> set[str]:  # type: ignore[no-untyped-def]
+    return {c.gpu for c in gpu_dir.contexts() if c.pid in pids}
+
+
+async def test_migrate_a_running_model(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, events, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path, procs=2)
+    free1 = {g.uuid: g.free_bytes for g in engine.telemetry.gpus()}
+    await engine.migrate("m", "1")  # by index
+    assert model.state == State.RUNNING and model.gpus == [GPU1]
+    assert on_gpu(gpu_dir, model.pids) == {GPU1}
+    assert model.vram_by_gpu == {GPU1: model.vram_bytes}
+    free2 = {g.uuid: g.free_bytes for g in engine.telemetry.gpus()}
+    assert free2[GPU0] == free1[GPU0] + model.vram_bytes and free2[GPU1] == free1[GPU1] - model.vram_bytes
+    restores = [e for e in gpu_dir.log() if e[0] == "restore" and e[2] == "CUDA_SUCCESS"]
+    assert len(restores) == 2
+    assert [e.kind for e in events.events][-3:] == [EventKind.FREEZE, EventKind.THAW, EventKind.MIGRATE]
+    assert await amoves(file_counter(tmp_path / "m"))
+    # and back, by UUID; then a move onto the GPU it is on (an identity map) is a freeze and a thaw
+    await engine.migrate("m", GPU0)
+    assert on_gpu(gpu_dir, model.pids) == {GPU0}
+    await engine.migrate("m", GPU0)
+    assert on_gpu(gpu_dir, model.pids) == {GPU0} and model.state == State.RUNNING
+
+
+async def test_migrate_a_frozen_model_runs_it_there(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path, procs=1)
+    await engine.freeze("m")
+    await engine.migrate("m", GPU1)
+    assert model.state == State.RUNNING and on_gpu(gpu_dir, model.pids) == {GPU1}
+
+
+async def refused(engine: Engine, gpu_dir, model, error: type[Exception], gpu: str) -> None:  # type: ignore[no-untyped-def]
+    before = (model.state, on_gpu(gpu_dir, model.pids), [gpu_dir.state(p) for p in model.pids])
+    with pytest.raises(error):
+        await engine.migrate(model.name, gpu)
+    assert (model.state, on_gpu(gpu_dir, model.pids), [gpu_dir.state(p) for p in model.pids]) == before
+
+
+async def test_refusals_change_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path, procs=1)
+    await refused(engine, gpu_dir, model, InvalidArgs, "7")
+    await refused(engine, gpu_dir, model, InvalidArgs, "GPU-00000000-0000-0000-0000-000000000000")
+    gpu_dir.allocate("hog", GIB - 16 * MIB, GPU1)  # the target has less room than the model holds
+    await refused(engine, gpu_dir, model, InsufficientGpuMemory, GPU1)
+    await engine.freeze("m")
+    await refused(engine, gpu_dir, model, InsufficientGpuMemory, GPU1)  # a frozen one stays frozen
+    assert model.state == State.FROZEN
+
+
+async def test_a_failed_restore_leaves_it_frozen_where_it_was(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    model = await run_model(engine, gpu_dir, tmp_path, procs=2)
+    a, b = model.pids
+    gpu_dir.fail(b, "restore", "CUDA_ERROR_INVALID_DEVICE")
+    with pytest.raises(CheckpointFailed, match=f"restore of pid {b}"):
+        await engine.migrate("m", GPU1)
+    assert model.state == State.FROZEN
+    assert [gpu_dir.state(p) for p in (a, b)] == [CudaState.CHECKPOINTED, CudaState.CHECKPOINTED]
+    gpu_dir.clear_failures()
+    await engine.thaw("m")  # on the GPU it came from, as if nothing had been tried
+    assert model.state == State.RUNNING and on_gpu(gpu_dir, model.pids) == {GPU0}
+
+
+async def test_without_a_checkpoint_backend(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    await run_model(engine, gpu_dir, tmp_path, procs=1)
+    engine.checkpoint = NoCheckpoint()
+    with pytest.raises(NotSupported):
+        await engine.migrate("m", GPU1)
