@@ -473,6 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def report_new_model(gs: GpuSched, name: str, path: str, verb: str, as_json: bool) -> None:
+    info = gs.model(name)
+    if as_json:
+        print(json.dumps({"name": name, "path": path, "unit": info["Unit"], "pids": info["Pids"]}))
+    else:
+        print(f"{verb} {name} as unit {info['Unit']}")
+
+
 def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     simple: dict[str, Callable[[str], Any]] = {"stop": gs.stop, "forget": gs.forget}
     if args.command in simple:
@@ -485,11 +493,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         swap(gs, args.freeze_name, args.thaw_name, args.json)
     elif args.command == "adopt":
         path = gs.adopt(args.name, args.unit) if args.unit else gs.adopt_processes(args.name, args.pid)
-        info = gs.model(args.name)
-        if args.json:
-            print(json.dumps({"name": args.name, "path": path, "unit": info["Unit"], "pids": info["Pids"]}))
-        else:
-            print(f"Adopted {args.name} as unit {info['Unit']}")
+        report_new_model(gs, args.name, path, "Adopted", args.json)
     elif args.command == "migrate":
         gs.migrate(args.name, args.to)
         gpus = gs.model(args.name)["Gpus"]
@@ -507,11 +511,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             gpus=[g for g in args.gpus.split(",") if g],
             user=args.user,
         )
-        info = gs.model(args.name)
-        if args.json:
-            print(json.dumps({"name": args.name, "path": path, "unit": info["Unit"], "pids": info["Pids"]}))
-        else:
-            print(f"Running {args.name} as unit {info['Unit']}")
+        report_new_model(gs, args.name, path, "Running", args.json)
     elif args.command == "list":
         models = gs.models()
         if args.json:

@@ -13,7 +13,7 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from . import adopt, hostmem, recovery
@@ -455,35 +455,46 @@ class Engine:
             user=user,
         )
         model = Model(name=name, unit=spec.unit, owner=uid, command=list(argv), gpus=list(options.gpus))
-        async with model.lock:
-            if existing is not None:
-                self._remove(existing)
-            # Reserve the name before awaiting, so two concurrent Runs of one name cannot both start.
-            if name in self.models:
-                raise ModelExists(f"model {name!r} exists")
-            self.models[name] = model
-            t0 = time.monotonic()
-            try:
-                status = await self.units.start(spec)
-            except BaseException:
-                del self.models[name]
-                raise
-            self._apply_status(model, status)
-            del self.models[name]
-            self._add(model)
-        self._emit(
+        t0 = time.monotonic()
+        status = await self._admit(model, lambda: self.units.start(spec))
+        self._announce(
+            status,
             Event(
                 EventKind.RUN,
                 name,
                 spec.unit,
                 f"model {name} started as {spec.unit}",
                 duration_usec=int((time.monotonic() - t0) * 1e6),
-            )
+            ),
         )
-        if status.active_state in ("inactive", "failed"):
-            # It ran and ended before the start returned: report it like any exit.
-            self._unit_changed(status)
         return model
+
+    async def _admit(self, model: Model, start: Callable[[], Awaitable[UnitStatus]]) -> UnitStatus:
+        """Enter a new model in the table around the start of its unit. The name is reserved before the first
+        await, so two concurrent calls for one name cannot both start; a start that fails leaves no trace. An
+        ended model of the same name is replaced."""
+        async with model.lock:
+            existing = self.models.get(model.name)
+            if existing is not None:
+                if existing.state not in ENDED:
+                    raise ModelExists(f"model {model.name!r} exists ({existing.state})")
+                self._remove(existing)
+            self.models[model.name] = model
+            try:
+                status = await start()
+            except BaseException:
+                del self.models[model.name]
+                raise
+            self._apply_status(model, status)
+            del self.models[model.name]
+            self._add(model)
+        return status
+
+    def _announce(self, status: UnitStatus, event: Event) -> None:
+        """The event of a new model; then, if it already ended before its start returned, its exit like any."""
+        self._emit(event)
+        if status.active_state in ("inactive", "failed"):
+            self._unit_changed(status)
 
     async def stop(self, name: str) -> None:
         model = self.get(name)
@@ -607,31 +618,18 @@ class Engine:
         owner = adopt.common_owner(list(owners.values()), caller)
         command = adopt.cmdline(min(owners))
         model = Model(name=name, unit=unit, owner=owner, command=command)
-        async with model.lock:
-            existing = self.models.get(name)
-            if existing is not None:
-                self._remove(existing)
-            if name in self.models:
-                raise ModelExists(f"model {name!r} exists")
-            self.models[name] = model  # reserved while the scope starts, like Run
-            try:
-                status = await self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
-            except BaseException:
-                del self.models[name]
-                raise
-            self._apply_status(model, status)
-            del self.models[name]
-            self._add(model)
-        self._emit(
+        status = await self._admit(
+            model, lambda: self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
+        )
+        self._announce(
+            status,
             Event(
                 EventKind.ADOPT,
                 name,
                 unit,
                 f"process(es) {', '.join(map(str, sorted(owners)))} adopted as model {name} in {unit}",
-            )
+            ),
         )
-        if status.active_state in ("inactive", "failed"):
-            self._unit_changed(status)
         return model
 
     # ----------------------------------------------------------------- freeze / thaw
