@@ -176,10 +176,6 @@ class Engine:
             raise NoSuchModel(f"no model named {name!r}")
         return model
 
-    async def _blocking(self, fn: Callable[..., object], *args: object) -> object:
-        """Driver calls block for seconds: keep them off the event loop so status stays responsive."""
-        return await asyncio.to_thread(fn, *args)
-
     # ----------------------------------------------------------------- start-up
 
     async def start(self) -> None:

@@ -58,7 +58,7 @@ class FakeGpuDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay"):
+        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "util"):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
 
     def _p(self, *parts: str) -> str:
@@ -77,10 +77,6 @@ class FakeGpuDir:
     def free(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._p("alloc", name))
-
-    def register(self, pid: int, vram: int, gpu: str, agent: bool = False) -> None:
-        """Mark pid as a CUDA process (fake_model.py does this for itself, with an agent thread)."""
-        _write(self._p("ctx", str(pid)), f"vram={vram}\ngpu={gpu}\nagent={int(agent)}\n")
 
     def fail(self, pid: int, step: str, error: str) -> None:
         """Make `step` (lock, checkpoint, restore, unlock, get-state) fail for pid with CUDA_ERROR_..."""
@@ -102,6 +98,10 @@ class FakeGpuDir:
     def busy(self, pid: int, ms: int) -> None:
         """The process cannot be locked for `ms` milliseconds (a long kernel, a held CUDA call)."""
         _write(self._p("busy", str(pid)), f"{ms}\n")
+
+    def utilization(self, pid: int, percent: int) -> None:
+        """The SM utilization NVML reports for pid from now on (none set: 0, an idle process)."""
+        _write(self._p("util", str(pid)), f"{percent}\n")
 
     # ---------------------------------------------------------------- read back
 
@@ -175,3 +175,12 @@ class FakeGpuTelemetry:
             per = out.setdefault(c.pid, {})
             per[c.gpu] = per.get(c.gpu, 0) + c.vram
         return out
+
+    def busy_pids(self) -> set[int] | None:
+        """Processes holding a context whose util/PID file says above 0 (a checkpointed one runs nothing)."""
+        busy = set()
+        for c in self._holding():
+            text = _read(self.dir._p("util", str(c.pid)))
+            if text and text.isdigit() and int(text) > 0:
+                busy.add(c.pid)
+        return busy
