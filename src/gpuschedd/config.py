@@ -32,6 +32,16 @@ def parse_percent_or_size(text: str, total: int) -> int:
     return parse_size(text)
 
 
+def parse_boolean(text: str, what: str) -> bool:
+    """systemd's booleans: yes/no, true/false, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1", "y", "t"):
+        return True
+    if value in ("no", "false", "off", "0", "n", "f"):
+        return False
+    raise ConfigError(f"{what}={text}: expected yes or no")
+
+
 def host_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -48,6 +58,12 @@ class Config:
     cgroup_root: str = "/sys/fs/cgroup/gpusched"  # cgroupfs backend only
     metrics_listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty: off
     metrics_textfile: str = ""  # a .prom file for node_exporter's textfile collector; empty: off
+    # Policies (docs/configuration.md): freeze a running model whose processes used no GPU for this long (0: off);
+    # on a thaw short of VRAM, freeze lower-priority (then least recently used) models first; on a freeze over the
+    # RAM budget, stop the oldest frozen model(s) instead of refusing.
+    idle_freeze_sec: int = 0
+    evict_on_thaw: bool = False
+    ram_budget_action: str = "refuse"  # refuse, stop-oldest
 
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Config:
@@ -68,6 +84,9 @@ class Config:
             "CgroupRoot",
             "MetricsListen",
             "MetricsTextfile",
+            "IdleFreezeSec",
+            "EvictOnThaw",
+            "RamBudgetAction",
         }
         unknown = set(section) - known
         if unknown:
@@ -78,9 +97,10 @@ class Config:
         choices = {
             "CheckpointBackend": ("auto", "driver", "cli", "none"),
             "UnitBackend": ("auto", "systemd", "cgroupfs"),
+            "RamBudgetAction": ("refuse", "stop-oldest"),
         }
         for key, allowed in choices.items():
-            value = section.get(key, "auto")
+            value = section.get(key, "refuse" if key == "RamBudgetAction" else "auto")
             if value not in allowed:
                 raise ConfigError(f"{path}: {key}={value}: expected one of {', '.join(allowed)}")
         cfg.checkpoint_backend = section.get("CheckpointBackend", "auto")
@@ -91,4 +111,10 @@ class Config:
         if cfg.metrics_listen and not cfg.metrics_listen.rpartition(":")[2].isdigit():
             raise ConfigError(f"{path}: MetricsListen={cfg.metrics_listen}: expected HOST:PORT")
         cfg.metrics_textfile = section.get("MetricsTextfile", "")
+        cfg.ram_budget_action = section.get("RamBudgetAction", "refuse")
+        idle = section.get("IdleFreezeSec", "0").strip()
+        if not idle.isdigit():
+            raise ConfigError(f"{path}: IdleFreezeSec={idle}: expected whole seconds (0: off)")
+        cfg.idle_freeze_sec = int(idle)
+        cfg.evict_on_thaw = parse_boolean(section.get("EvictOnThaw", "no"), f"{path}: EvictOnThaw")
         return cfg

@@ -32,6 +32,8 @@ log = logging.getLogger("gpuschedd")
 
 # How often running models' PIDs and VRAM are re-read.
 REFRESH_SEC = 2.0
+# How often the policies (idle auto-freeze, frozen time to live) are applied.
+POLICY_SEC = 1.0
 # How long a stop waits for freezes and thaws under way (systemd's TimeoutStopSec= defaults to 90 s).
 DRAIN_TIMEOUT_SEC = 60
 
@@ -102,6 +104,19 @@ async def keep_fresh(engine: Engine, publisher: BusPublisher, interval: float = 
                 publisher.model_changed(model)
 
 
+async def apply_policies(engine: Engine, stop: asyncio.Event, interval: float = POLICY_SEC) -> None:
+    """The automatic decisions (Engine.apply_policies), every `interval` seconds, until `stop` is set (a round under
+    way is finished, not cut in half: the daemon's drain waits for it)."""
+    while not stop.is_set():
+        await asyncio.sleep(interval)
+        if stop.is_set():
+            return
+        try:
+            await engine.apply_policies()
+        except Exception:
+            log.exception("applying the policies")
+
+
 async def serve(config: Config) -> int:
     bus = await connect_system_bus()
     if config.unit_backend == "cgroupfs" or (config.unit_backend == "auto" and not pid1_is_systemd()):
@@ -128,6 +143,8 @@ async def serve(config: Config) -> int:
     await units.setup()
     await engine.start()
     refresher = asyncio.ensure_future(keep_fresh(engine, publisher))
+    stop = asyncio.Event()
+    policies = asyncio.ensure_future(apply_policies(engine, stop))
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply != RequestNameReply.PRIMARY_OWNER:
         log.error("could not own %s (%s): is another gpuschedd running?", BUS_NAME, reply.name)
@@ -142,7 +159,6 @@ async def serve(config: Config) -> int:
     )
     notifier.send("READY=1\nSTATUS=" + notifier.status())
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -159,6 +175,7 @@ async def serve(config: Config) -> int:
         if not await engine.drain(DRAIN_TIMEOUT_SEC):
             log.warning("a transition was still under way after %ds; the next start will settle it", DRAIN_TIMEOUT_SEC)
     refresher.cancel()
+    policies.cancel()
     bus.disconnect()
     return 0
 

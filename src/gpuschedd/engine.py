@@ -49,6 +49,9 @@ class RunOptions:
     environment: list[str] = field(default_factory=list)
     gpus: list[str] = field(default_factory=list)
     user: str = ""  # run as this user instead of the owner (the bus layer allows it only with `manage`)
+    priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
+    idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
+    frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
 
 
 class EngineListener:
@@ -121,6 +124,8 @@ class Engine:
         # Host memory probes; tests replace them to play a host short of RAM.
         self.mem_available: Callable[[], int] = hostmem.mem_available_bytes
         self.rss: Callable[[int], int] = hostmem.rss_bytes
+        # Wall clock of the policies (idle time, frozen time to live); tests move it instead of sleeping.
+        self.now_usec: Callable[[], int] = now_usec
 
     # ----------------------------------------------------------------- plumbing
 
@@ -450,7 +455,17 @@ class Engine:
             environment=environment,
             user=user,
         )
-        model = Model(name=name, unit=spec.unit, owner=uid, command=list(argv), gpus=list(options.gpus))
+        model = Model(
+            name=name,
+            unit=spec.unit,
+            owner=uid,
+            command=list(argv),
+            gpus=list(options.gpus),
+            priority=options.priority,
+            idle_freeze_sec=options.idle_freeze_sec,
+            frozen_ttl_sec=options.frozen_ttl_sec,
+            last_active_usec=self.now_usec(),
+        )
         t0 = time.monotonic()
         status = await self._admit(model, lambda: self.units.start(spec))
         self._announce(
@@ -492,7 +507,8 @@ class Engine:
         if status.active_state in ("inactive", "failed"):
             self._unit_changed(status)
 
-    async def stop(self, name: str) -> None:
+    async def stop(self, name: str, reason: str = "", why: str = "") -> None:
+        """`reason` and `why`: a stop the daemon decided itself (a policy), said in its event."""
         model = self.get(name)
         async with model.lock:
             if model.state in ENDED:
@@ -514,8 +530,9 @@ class Engine:
                 EventKind.STOP,
                 name,
                 model.unit,
-                f"model {name} stopped",
+                f"model {name} stopped" + (f": {why}" if why else ""),
                 duration_usec=int((time.monotonic() - t0) * 1e6),
+                fields={"GPUSCHED_REASON": reason} if reason else {},
             )
         )
 
@@ -630,17 +647,20 @@ class Engine:
 
     # ----------------------------------------------------------------- freeze / thaw
 
-    async def freeze(self, name: str) -> Model:
+    async def freeze(self, name: str, reason: str = "", why: str = "") -> Model:
+        """`reason` and `why`: a freeze the daemon decided itself (idle, eviction), said in its event."""
         model = self.get(name)
+        if model.state == State.RUNNING and self.config.ram_budget_action == "stop-oldest":
+            await self._make_ram_room(model)
         async with model.lock:
             if model.state == State.FROZEN:
                 return model
             if model.state != State.RUNNING:
                 raise InvalidState(f"model {name!r} is {model.state}, not running")
-            await self._freeze_locked(model)
+            await self._freeze_locked(model, reason, why)
         return model
 
-    async def _freeze_locked(self, model: Model) -> None:
+    async def _freeze_locked(self, model: Model, reason: str = "", why: str = "") -> None:
         t0 = time.monotonic()
         await self.refresh(model)
         self._check_ram(model)
@@ -710,10 +730,11 @@ class Engine:
                 model.name,
                 model.unit,
                 f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s"
-                f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name})",
+                f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name})" + (f": {why}" if why else ""),
                 duration_usec=model.last_freeze_usec,
                 bytes=model.snapshot_bytes,
                 gpus=tuple(model.gpus),
+                fields={"GPUSCHED_REASON": reason} if reason else {},
             )
         )
 
@@ -878,6 +899,8 @@ class Engine:
 
     async def thaw(self, name: str) -> Model:
         model = self.get(name)
+        if model.state == State.FROZEN and self.config.evict_on_thaw:
+            await self._evict_for(model)
         async with model.lock:
             if model.state == State.RUNNING:
                 return model
@@ -927,6 +950,7 @@ class Engine:
             model.vram_by_gpu = dict(self._thaw_reserved[model.name])
             model.gpus = sorted({moved.get(uuid, uuid) for uuid in model.gpus})
         model.last_thaw_usec = int((time.monotonic() - t0) * 1e6)
+        model.last_active_usec = self.now_usec()
         await self.refresh(model, vram=True)
         self._set_state(model, State.RUNNING)
         self._emit(
@@ -1062,3 +1086,124 @@ class Engine:
                 fields={"GPUSCHED_SWAP_OUT": freeze_name},
             )
         )
+
+    # ----------------------------------------------------------------- policies
+
+    def _idle_limit(self, model: Model) -> int:
+        return self.config.idle_freeze_sec if model.idle_freeze_sec < 0 else model.idle_freeze_sec
+
+    async def apply_policies(self) -> None:
+        """One round of the automatic decisions (the daemon calls it every second): freeze running models idle for
+        their IdleFreezeSec, stop frozen models past their FrozenTTLSec. A model in a transition is left alone;
+        a policy that cannot be carried out is logged (and its refusal or failure journaled) and tried again."""
+        now = self.now_usec()
+        watched = [
+            m for m in self.models.values() if m.state == State.RUNNING and self._idle_limit(m) > 0 and m.vram_bytes
+        ]
+        busy = self.telemetry.busy_pids() if watched else None
+        for model in watched:
+            if busy is None:
+                model.last_active_usec = now  # utilization unknown: never called idle
+                continue
+            if busy & set(model.pids):
+                model.last_active_usec = now
+                continue
+            limit = self._idle_limit(model)
+            idle = (now - model.last_active_usec) / 1e6
+            if idle < limit or model.lock.locked():
+                continue
+            why = f"no GPU utilization from its processes for {idle:.0f}s (IdleFreezeSec={limit})"
+            log.info("model %s: %s: freezing it", model.name, why)
+            try:
+                await self.freeze(model.name, "idle", why)
+            except GpuschedError as e:
+                log.warning("idle freeze of %s: %s", model.name, e)
+                model.last_active_usec = now  # try again after another idle period, not every second
+        for model in list(self.models.values()):
+            if model.state != State.FROZEN or model.frozen_ttl_sec <= 0 or model.lock.locked():
+                continue
+            frozen = (now - model.state_change_usec) / 1e6
+            if frozen < model.frozen_ttl_sec:
+                continue
+            why = f"frozen for {frozen:.0f}s, past its FrozenTTLSec={model.frozen_ttl_sec}"
+            log.info("model %s: %s: stopping it", model.name, why)
+            try:
+                await self.stop(model.name, "frozen-ttl", why)
+            except GpuschedError as e:
+                log.warning("stop of %s past its frozen time to live: %s", model.name, e)
+
+    async def _evict_for(self, model: Model) -> None:
+        """EvictOnThaw=yes: while the thaw of `model` lacks VRAM on a GPU, freeze running models there of lower
+        priority, then of equal priority least recently used first; never one of higher priority, and none at all
+        when all of them together would not make room. Takes no lock but each victim's own, one at a time."""
+        tried: set[str] = set()
+        while True:
+            short = self._gpu_shortfall(model)
+            uuid = getattr(short, "gpu", None)
+            if short is None or uuid is None:
+                return
+            need, free = short.needed, short.free  # type: ignore[attr-defined]
+            per_pid = self.telemetry.vram_by_pid()
+
+            def held(m: Model, uuid: str = uuid, per_pid: dict[int, dict[str, int]] = per_pid) -> int:
+                return sum(per_pid.get(pid, {}).get(uuid, 0) for pid in m.pids)
+
+            victims = sorted(
+                (
+                    m
+                    for m in self.models.values()
+                    if m is not model
+                    and m.name not in tried
+                    and m.state == State.RUNNING
+                    and m.priority <= model.priority
+                    and held(m) > 0
+                ),
+                key=lambda m: (m.priority, m.last_active_usec),
+            )
+            if not victims or free + sum(held(m) for m in victims) < need:
+                return  # the thaw is refused as without eviction: no freeze that would not make room
+            victim = victims[0]
+            tried.add(victim.name)
+            why = (
+                f"evicted for the thaw of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
+                f" {uuid} where {free} are free; {victim.name} has priority {victim.priority}"
+            )
+            log.info("model %s: %s", victim.name, why)
+            try:
+                await self.freeze(victim.name, "evicted", why)
+            except GpuschedError as e:
+                log.warning("evicting %s for %s: %s", victim.name, model.name, e)
+
+    async def _make_ram_room(self, model: Model) -> None:
+        """RamBudgetAction=stop-oldest: while freezing `model` would exceed the RAM budget, stop the frozen model
+        frozen longest ago. Nothing is stopped when stopping every frozen model would not make room."""
+        need = model.vram_bytes
+        if need <= 0:
+            return
+        budget = self.config.ram_budget_bytes
+        tried: set[str] = set()
+        while True:
+            parked = self.ram_frozen_bytes()
+            if parked + need <= budget:
+                return
+            frozen = sorted(
+                (
+                    m
+                    for m in self.models.values()
+                    if m is not model and m.name not in tried and m.state == State.FROZEN and m.snapshot_bytes
+                ),
+                key=lambda m: m.state_change_usec,
+            )
+            if not frozen or parked - sum(m.snapshot_bytes for m in frozen) + need > budget:
+                return  # refused by _check_ram as with RamBudgetAction=refuse
+            oldest = frozen[0]
+            tried.add(oldest.name)
+            why = (
+                f"the oldest frozen model, stopped to make room in the RAM budget ({budget} bytes, {parked} parked)"
+                f" for the freeze of {model.name} ({need} bytes)"
+            )
+            log.info("model %s: %s", oldest.name, why)
+            try:
+                await self.stop(oldest.name, "ram-budget", why)
+            except GpuschedError as e:
+                log.warning("stopping %s for room in the RAM budget: %s", oldest.name, e)

@@ -43,5 +43,11 @@ class Model:
     last_freeze_usec: int = 0
     last_thaw_usec: int = 0
     state_change_usec: int = field(default_factory=now_usec)
+    # Policies (Run options): eviction order, idle auto-freeze (-1: the daemon's IdleFreezeSec=, 0: never), time to
+    # live frozen (0: forever); and when the model last ran work on a GPU (or started, or thawed), wall clock.
+    priority: int = 0
+    idle_freeze_sec: int = -1
+    frozen_ttl_sec: int = 0
+    last_active_usec: int = field(default_factory=now_usec)
     # Serializes every transition of this model; never held across two models at once.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)

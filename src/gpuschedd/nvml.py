@@ -27,6 +27,8 @@ class NvmlTelemetry:
     def __init__(self, nvml: ModuleType | Any) -> None:
         self._nvml = nvml
         self._lock = threading.Lock()
+        # GPU UUID → the newest utilization sample's timestamp seen (NVML returns samples newer than it).
+        self._seen: dict[str, int] = {}
         nvml.nvmlInit()
 
     def _handles(self) -> list[tuple[int, Any]]:
@@ -64,6 +66,27 @@ class NvmlTelemetry:
                     per = out.setdefault(int(proc.pid), {})
                     per[uuid] = per.get(uuid, 0) + used
         return out
+
+    def busy_pids(self) -> set[int] | None:
+        """nvmlDeviceGetProcessUtilization since the last call: NVML_ERROR_NOT_FOUND means no process ran work
+        (no samples); a GPU that does not support it makes the answer None (unknown), so nothing is called idle."""
+        nvml = self._nvml
+        busy: set[int] = set()
+        with self._lock:
+            for _, handle in self._handles():
+                uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+                try:
+                    samples = nvml.nvmlDeviceGetProcessUtilization(handle, self._seen.get(uuid, 0))
+                except nvml.NVMLError as e:
+                    if getattr(e, "value", None) == getattr(nvml, "NVML_ERROR_NOT_FOUND", 6):
+                        continue
+                    log.debug("no per-process utilization on %s: %s", uuid, e)
+                    return None
+                for sample in samples:
+                    self._seen[uuid] = max(self._seen.get(uuid, 0), int(sample.timeStamp))
+                    if int(sample.smUtil) > 0:
+                        busy.add(int(sample.pid))
+        return busy
 
 
 def load_telemetry() -> GpuTelemetry:

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import Model, State
+from .model import Model, State, now_usec
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ def model_to_dict(model: Model) -> dict[str, Any]:
         "last_freeze_usec": model.last_freeze_usec,
         "last_thaw_usec": model.last_thaw_usec,
         "state_change_usec": model.state_change_usec,
+        "priority": model.priority,
+        "idle_freeze_sec": model.idle_freeze_sec,
+        "frozen_ttl_sec": model.frozen_ttl_sec,
+        "last_active_usec": model.last_active_usec,
     }
 
 
@@ -87,6 +91,10 @@ def model_from_dict(data: dict[str, Any]) -> Model:
         last_freeze_usec=int(data.get("last_freeze_usec", 0)),
         last_thaw_usec=int(data.get("last_thaw_usec", 0)),
         state_change_usec=int(data.get("state_change_usec", 0)),
+        priority=int(data.get("priority", 0)),
+        idle_freeze_sec=int(data.get("idle_freeze_sec", -1)),
+        frozen_ttl_sec=int(data.get("frozen_ttl_sec", 0)),
+        last_active_usec=int(data.get("last_active_usec", 0)) or now_usec(),
     )
 
 

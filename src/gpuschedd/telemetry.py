@@ -23,6 +23,10 @@ class GpuTelemetry(Protocol):
     def vram_by_pid(self) -> dict[int, dict[str, int]]:
         """Compute processes on every GPU: pid → {GPU UUID: bytes}. A checkpointed PID is absent."""
 
+    def busy_pids(self) -> set[int] | None:
+        """PIDs that ran work on a GPU (SM utilization above 0) since the previous call; None when it cannot be
+        told (no per-process samples on this GPU or driver), so no policy decides on it."""
+
 
 class NoGpus:
     """No NVIDIA driver or NVML: nothing to report."""
@@ -32,3 +36,6 @@ class NoGpus:
 
     def vram_by_pid(self) -> dict[int, dict[str, int]]:
         return {}
+
+    def busy_pids(self) -> set[int] | None:
+        return None

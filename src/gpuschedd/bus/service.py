@@ -157,21 +157,40 @@ def _shown(text: str) -> str:
     return repr(short) if short.isprintable() else "(unprintable)"
 
 
+# Policy durations (IdleFreezeSec, FrozenTTLSec) up to a year: beyond that a typo, not a policy.
+MAX_POLICY_SEC = 366 * 24 * 3600
+
+
 def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
     # D-Bus signatures of the known options (strings: dbus-fast's Variant.signature is one)
-    types = {"Description": "s", "WorkingDirectory": "s", "Environment": "as", "Gpus": "as", "User": "s"}
+    types = {
+        "Description": "s",
+        "WorkingDirectory": "s",
+        "Environment": "as",
+        "Gpus": "as",
+        "User": "s",
+        "Priority": "i",
+        "IdleFreezeSec": "t|u",  # seconds; 0: never (absent: the daemon's IdleFreezeSec=)
+        "FrozenTTLSec": "t|u",  # seconds; 0: never
+    }
     for key, value in options.items():
         if key not in types:
             raise InvalidArgs(f"unknown option {_shown(key)}; known: {', '.join(types)}")
-        if value.signature != types[key]:
-            raise InvalidArgs(f"option {key} must have type {types[key]}, not {value.signature}")
+        if value.signature not in types[key].split("|"):
+            raise InvalidArgs(f"option {key} must have type {types[key].replace('|', ' or ')}, not {value.signature}")
     get = {key: value.value for key, value in options.items()}
+    for key in ("IdleFreezeSec", "FrozenTTLSec"):
+        if get.get(key, 0) > MAX_POLICY_SEC:
+            raise InvalidArgs(f"option {key}: {get[key]} seconds is more than {MAX_POLICY_SEC}")
     return RunOptions(
         description=validate.description(get.get("Description", "")),
         working_directory=validate.working_directory(get.get("WorkingDirectory", "")),
         environment=validate.environment(get.get("Environment", [])),
         gpus=validate.gpus(get.get("Gpus", [])),
         user=validate.user(get.get("User", "")),
+        priority=int(get.get("Priority", 0)),
+        idle_freeze_sec=int(get.get("IdleFreezeSec", -1)),
+        frozen_ttl_sec=int(get.get("FrozenTTLSec", 0)),
     )
 
 

@@ -1,0 +1,66 @@
+"""Policies through the installed daemon on the fake GPU: a model run with IdleFreezeSec and FrozenTTLSec is frozen
+once the fake NVML shows its processes idle, then stopped once frozen past its time to live; each decision is a
+journal entry saying why."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from fakegpu_sys import FakeModel, FakeModels, fake_gpu_daemon, fake_model_argv, journal_entries
+from sysutil import list_models, manager_call, run, wait_until
+
+from gpuschedd.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from gpuschedd.testing.fakegpu import FakeGpuDir
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeGpuDir]:
+    with fake_gpu_daemon() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fmodels(fake: FakeGpuDir) -> Iterator[FakeModels]:
+    factory = FakeModels("pol", fake)
+    yield factory
+    factory.cleanup()
+
+
+def test_idle_freeze_then_frozen_ttl(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    model = FakeModel("pol-idle", 1)
+    fmodels.started.append(model)
+    argv = fake_model_argv(model.name, 64 << 20, 1)
+    options = ["2", "IdleFreezeSec", "t", "4", "FrozenTTLSec", "u", "2"]
+    run("busctl", "--system", "call", "--", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, "Run", "sasa{sv}", model.name,
+        str(len(argv)), *argv, *options)  # fmt: skip
+    wait_until("its CUDA process", lambda: len(model.cuda_pids(fake)) == 1)
+    (pid,) = model.cuda_pids(fake)
+    fake.utilization(pid, 60)  # busy from the start (IdleFreezeSec=4 leaves time to say so)
+    wait_until("VRAM seen", lambda: list_models()[model.name]["vram_bytes"] > 0)
+    model.assert_moving()
+    time.sleep(6)
+    assert list_models()[model.name]["state"] == "running", "busy: not idle"
+    fake.utilization(pid, 0)
+    freezes = (f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=freeze")
+    wait_until("the idle freeze's journal entry", lambda: journal_entries(*freezes), 15)
+    [entry] = journal_entries(*freezes)
+    assert entry["GPUSCHED_REASON"] == "idle" and "IdleFreezeSec=4" in entry["MESSAGE"]
+    stops = (f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=stop")
+    wait_until("the frozen TTL stop's journal entry", lambda: journal_entries(*stops), 15)
+    assert list_models()[model.name]["state"] == "stopped"
+    [entry] = journal_entries(*stops)
+    assert entry["GPUSCHED_REASON"] == "frozen-ttl" and "FrozenTTLSec=2" in entry["MESSAGE"]
+
+
+def test_bad_policy_options_are_refused(fmodels: FakeModels) -> None:
+    refusals = {
+        ("Priority", "s", "x"): "must have type i",
+        ("IdleFreezeSec", "i", "5"): "must have type t or u",
+        ("FrozenTTLSec", "t", str(10**9)): "is more than",
+    }
+    for option, why in refusals.items():
+        reply = manager_call("Run", "sasa{sv}", "pol-bad", "1", "/bin/true", "1", *option, check=False)
+        assert reply.returncode != 0 and why in reply.stderr
+    assert "pol-bad" not in list_models()
