@@ -49,6 +49,10 @@ class RunOptions:
     environment: list[str] = field(default_factory=list)
     gpus: list[str] = field(default_factory=list)
     user: str = ""  # run as this user instead of the owner (the bus layer allows it only with `manage`)
+    # Wake on first connection: the public TCP port (systemd's socket unit) and the model's own port on 127.0.0.1.
+    port: int = 0
+    backend_port: int = 0
+    listen_address: str = ""  # empty: every address
     priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
     idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
     frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
@@ -466,8 +470,17 @@ class Engine:
             frozen_ttl_sec=options.frozen_ttl_sec,
             last_active_usec=self.now_usec(),
         )
+        start_wake = getattr(self.units, "start_wake", None)
+        if options.port and start_wake is None:
+            raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
         t0 = time.monotonic()
         status = await self._admit(model, lambda: self.units.start(spec))
+        if options.port and start_wake is not None:
+            try:
+                await start_wake(name, options.port, options.backend_port, user, options.listen_address)
+            except BaseException:
+                await self.stop(name)
+                raise
         self._announce(
             status,
             Event(
@@ -519,6 +532,7 @@ class Engine:
             self._stopping.add(name)
             self._persist()
             try:
+                await self._stop_wake(name)
                 await self.units.stop(model.unit)
             finally:
                 self._stopping.discard(name)
@@ -536,12 +550,19 @@ class Engine:
             )
         )
 
+    async def _stop_wake(self, name: str) -> None:
+        """Stop a model's wake-on-connection socket and proxy, if it has them (none: nothing happens)."""
+        stop_wake = getattr(self.units, "stop_wake", None)
+        if stop_wake is not None:
+            await stop_wake(name)
+
     async def forget(self, name: str) -> None:
         """Stop managing a model; its unit keeps running, untouched."""
         model = self.get(name)
         async with model.lock:
             if model.state in (State.FROZEN, State.FREEZING, State.THAWING):
                 raise InvalidState(f"model {name!r} is {model.state}: thaw it before forgetting it")
+            await self._stop_wake(name)  # its public port goes: nobody would thaw it any more
             if model.state not in ENDED and model.main_pid:
                 self._forgotten[model.unit] = model.main_pid  # a restart must not take it over again
             self._remove(model)

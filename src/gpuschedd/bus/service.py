@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -151,9 +152,9 @@ class _Authorizing:
             raise NoSuchModel(f"model {model.name!r} was replaced while the call was being authorized; retry")
 
 
-def _shown(text: str) -> str:
+def _shown(text: str, limit: int = 64) -> str:
     """A caller's string, safe to echo back in an error message: short and printable."""
-    short = text[:64] + ("…" if len(text) > 64 else "")
+    short = text[:limit] + ("…" if len(text) > limit else "")
     return repr(short) if short.isprintable() else "(unprintable)"
 
 
@@ -169,13 +170,16 @@ def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
         "Environment": "as",
         "Gpus": "as",
         "User": "s",
+        "Port": "q",  # wake on first connection: the public TCP port
+        "BackendPort": "q",  # the port the model listens on, on 127.0.0.1
+        "ListenAddress": "s",  # the public port's address; absent: every address
         "Priority": "i",
         "IdleFreezeSec": "t|u",  # seconds; 0: never (absent: the daemon's IdleFreezeSec=)
         "FrozenTTLSec": "t|u",  # seconds; 0: never
     }
     for key, value in options.items():
         if key not in types:
-            raise InvalidArgs(f"unknown option {_shown(key)}; known: {', '.join(types)}")
+            raise InvalidArgs(f"unknown option {_shown(key, 24)}; known: {', '.join(types)}")
         if value.signature not in types[key].split("|"):
             raise InvalidArgs(f"option {key} must have type {types[key].replace('|', ' or ')}, not {value.signature}")
     get = {key: value.value for key, value in options.items()}
@@ -188,10 +192,31 @@ def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
         environment=validate.environment(get.get("Environment", [])),
         gpus=validate.gpus(get.get("Gpus", [])),
         user=validate.user(get.get("User", "")),
+        **_wake_options(get),
         priority=int(get.get("Priority", 0)),
         idle_freeze_sec=int(get.get("IdleFreezeSec", -1)),
         frozen_ttl_sec=int(get.get("FrozenTTLSec", 0)),
     )
+
+
+def _wake_options(get: dict[str, Any]) -> dict[str, Any]:
+    """Port, BackendPort, ListenAddress: wake on first connection (gpuschedd.wake)."""
+    port, backend = int(get.get("Port", 0)), int(get.get("BackendPort", 0))
+    address = get.get("ListenAddress", "")
+    if not port and (backend or address):
+        raise InvalidArgs("BackendPort and ListenAddress need Port")
+    if port and not backend:
+        raise InvalidArgs("Port needs BackendPort: the port the model itself listens on, on 127.0.0.1")
+    if port and port == backend:
+        raise InvalidArgs("Port and BackendPort must differ: both are on this host")
+    if address:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise InvalidArgs(f"ListenAddress must be an IP address, not {_shown(address)}") from None
+        if ":" in address:
+            address = f"[{address}]"
+    return {"port": port, "backend_port": backend, "listen_address": address}
 
 
 def _no_options(options: dict[str, Variant]) -> None:

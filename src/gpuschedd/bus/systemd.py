@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
@@ -37,6 +38,11 @@ OUR_UNIT_PREFIX = "gpusched-"  # gpusched-model@NAME.service, gpusched-adopt-NAM
 _MAX_FINISHED_JOBS = 256
 # systemd's own default search path for services (what ExecStart= resolves bare names against).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def wake_units(name: str) -> tuple[str, str]:
+    """The socket and the proxy service of a model's public port (wake on first connection)."""
+    return f"gpusched-wake@{name}.socket", f"gpusched-wake@{name}.service"
 
 
 def resolve_executable(argv0: str, working_directory: str) -> str:
@@ -193,6 +199,45 @@ class SystemdUnits:
         if status is None:
             return UnitStatus(spec.unit, "inactive", 0, [], False)
         return status
+
+    async def start_wake(self, name: str, port: int, backend_port: int, user: str, address: str = "") -> None:
+        """Wake on first connection: gpusched-wake@NAME.socket listens on the public port (systemd owns it, the
+        daemon has no network) and starts gpusched-wake@NAME.service, the proxy (gpuschedd.wake) as `user`."""
+        socket_unit, service_unit = wake_units(name)
+        pydir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = f"import sys; sys.path.insert(0, {pydir!r}); from gpuschedd.wake import main; sys.exit(main())"
+        argv = [sys.executable, "-I", "-c", code, name, str(backend_port)]
+        service: list[list[Any]] = [
+            ["Description", Variant("s", f"gpusched wake-on-connection proxy of model {name}")],
+            ["Slice", Variant("s", "gpusched.slice")],
+            ["ExecStart", Variant("a(sasb)", [[sys.executable, argv, False]])],
+            ["NoNewPrivileges", Variant("b", True)],
+            ["ProtectSystem", Variant("s", "strict")],
+            ["PrivateTmp", Variant("b", True)],
+            ["RestrictAddressFamilies", Variant("(bas)", [True, ["AF_UNIX", "AF_INET", "AF_INET6"]])],
+        ]
+        if user:
+            service.append(["User", Variant("s", user)])
+        listen = f"{address}:{port}" if address else str(port)
+        props: list[list[Any]] = [
+            ["Description", Variant("s", f"gpusched public port of model {name}")],
+            ["Listen", Variant("a(ss)", [["Stream", listen]])],
+            ["Accept", Variant("b", False)],
+            ["ReusePort", Variant("b", False)],
+            ["AddRef", Variant("b", False)],
+        ]
+        await self.stop_wake(name)
+        try:
+            [job] = await self._manager(
+                "StartTransientUnit", "ssa(sv)a(sa(sv))", [socket_unit, "fail", props, [[service_unit, service]]]
+            )
+        except DBusError as e:
+            raise UnitFailed(f"systemd refused to start {socket_unit}: {e.text}") from None
+        await self._wait_job(job, f"start of {socket_unit}")
+
+    async def stop_wake(self, name: str) -> None:
+        for unit in wake_units(name):
+            await self.stop(unit)
 
     async def stop(self, unit: str) -> None:
         try:
