@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 import sysutil
+from fakegpu_sys import FakeModels, fake_gpu_daemon
 from sysutil import Models, run, wait_until
+
+from gpuschedd.testing.fakegpu import FakeGpuDir
 
 HERE = Path(__file__).resolve().parent
 # GPUSCHED_SYSTEM_TESTS=1 runs them on a machine of its own anyway (a throw-away VM): they install into / there.
@@ -82,10 +85,27 @@ def wait_until_owner(timeout: float = 10) -> bool:
     return True
 
 
+def model_prefix(request: pytest.FixtureRequest) -> str:
+    """Model names from the test's name: unique per test, and easy to find in the journal."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-.")
+
+
 @pytest.fixture
 def models(request: pytest.FixtureRequest) -> Iterator[Models]:
-    # model names from the test's name: unique per test, and easy to find in the journal
-    prefix = re.sub(r"[^A-Za-z0-9.-]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-.")
-    factory = Models(prefix)
+    factory = Models(model_prefix(request))
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeGpuDir]:
+    """The installed daemon on the fake GPU, for the tests of one module (fakegpu_sys.py)."""
+    with fake_gpu_daemon() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fmodels(request: pytest.FixtureRequest, fake: FakeGpuDir) -> Iterator[FakeModels]:
+    factory = FakeModels(model_prefix(request), fake)
     yield factory
     factory.cleanup()

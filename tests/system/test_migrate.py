@@ -4,26 +4,10 @@ GPUs: docs/gpu-results.md.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-from fakegpu_sys import GPU0, GPU1, FakeModels, check_consistent, fake_gpu_daemon, journal_entries
+from fakegpu_sys import GPU0, GPU1, FakeModels, check_consistent, journal_entries
 from sysutil import gpusched, manager_call, model_property
 
 from gpuschedd.testing.fakegpu import FakeGpuDir, FakeGpuTelemetry
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeGpuDir]:
-    with fake_gpu_daemon() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fmodels(fake: FakeGpuDir) -> Iterator[FakeModels]:
-    factory = FakeModels("migrate", fake)
-    yield factory
-    factory.cleanup()
 
 
 def placed(fake: FakeGpuDir, pids: list[int]) -> set[str]:

@@ -5,27 +5,12 @@ journal entry saying why."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
-from fakegpu_sys import FakeModel, FakeModels, fake_gpu_daemon, fake_model_argv, journal_entries
+from fakegpu_sys import FakeModel, FakeModels, fake_model_argv, journal_entries
 from sysutil import list_models, manager_call, run, wait_until
 
 from gpuschedd.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from gpuschedd.testing.fakegpu import FakeGpuDir
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeGpuDir]:
-    with fake_gpu_daemon() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fmodels(fake: FakeGpuDir) -> Iterator[FakeModels]:
-    factory = FakeModels("pol", fake)
-    yield factory
-    factory.cleanup()
 
 
 def test_idle_freeze_then_frozen_ttl(fmodels: FakeModels, fake: FakeGpuDir) -> None:

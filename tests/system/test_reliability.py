@@ -5,11 +5,9 @@ that dies while frozen, status while a freeze is slow, and `systemctl stop` / a 
 
 from __future__ import annotations
 
-import re
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
 
 import dbus
 import pytest
@@ -18,7 +16,6 @@ from fakegpu_sys import (
     MIB,
     FakeModels,
     check_consistent,
-    fake_gpu_daemon,
     journal_entries,
     kill_daemon,
     manager_property,
@@ -42,20 +39,6 @@ from gpuschedd.testing.fakegpu import FakeGpuDir
 
 R, L, C = CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED
 SLOW_MS = 8000  # a driver call this slow: the kill lands inside it
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeGpuDir]:
-    with fake_gpu_daemon() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fmodels(request: pytest.FixtureRequest, fake: FakeGpuDir) -> Iterator[FakeModels]:
-    prefix = re.sub(r"[^A-Za-z0-9.-]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-.")
-    factory = FakeModels(prefix, fake)
-    yield factory
-    factory.cleanup()
 
 
 def states(fake: FakeGpuDir, pids: list[int]) -> list[CudaState | None]:
