@@ -391,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-E", "--setenv", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--gpus", default="", help="comma-separated GPU indices or UUIDs (CUDA_VISIBLE_DEVICES)")
     run.add_argument("--user", default="", help="run as this user (needs the manage privilege)")
+    run.add_argument("--port", type=int, default=0, help="wake on first connection: the public TCP port")
+    run.add_argument("--backend-port", type=int, default=0, help="the port the model serves on, on 127.0.0.1")
+    run.add_argument("--listen-address", default="", help="the public port's address (default: every address)")
+    run.add_argument("--priority", type=int, default=0, help="eviction priority (higher is evicted later)")
+    run.add_argument(
+        "--idle-freeze-sec", type=int, default=None, help="freeze after this long without GPU use (0: never)"
+    )
+    run.add_argument("--frozen-ttl-sec", type=int, default=0, help="stop after this long frozen (0: never)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     for verb, text in (
@@ -510,6 +518,12 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             environment=args.setenv,
             gpus=[g for g in args.gpus.split(",") if g],
             user=args.user,
+            port=args.port,
+            backend_port=args.backend_port,
+            listen_address=args.listen_address,
+            priority=args.priority,
+            idle_freeze_sec=args.idle_freeze_sec,
+            frozen_ttl_sec=args.frozen_ttl_sec,
         )
         report_new_model(gs, args.name, path, "Running", args.json)
     elif args.command == "list":

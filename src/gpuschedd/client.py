@@ -241,19 +241,33 @@ class AsyncGpuSched:
         environment: list[str] | None = None,
         gpus: list[str] | None = None,
         user: str = "",
+        port: int = 0,
+        backend_port: int = 0,
+        listen_address: str = "",
+        priority: int = 0,
+        idle_freeze_sec: int | None = None,
+        frozen_ttl_sec: int = 0,
     ) -> str:
-        """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path."""
-        options: dict[str, Variant] = {}
-        if description:
-            options["Description"] = Variant("s", description)
-        if working_directory:
-            options["WorkingDirectory"] = Variant("s", working_directory)
-        if environment:
-            options["Environment"] = Variant("as", environment)
-        if gpus:
-            options["Gpus"] = Variant("as", gpus)
-        if user:
-            options["User"] = Variant("s", user)
+        """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path. The options are
+        Run's (docs/dbus-api.md): port/backend_port/listen_address wake the model on a connection,
+        priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md)."""
+        given: list[tuple[str, str, Any]] = [
+            ("Description", "s", description),
+            ("WorkingDirectory", "s", working_directory),
+            ("Environment", "as", environment),
+            ("Gpus", "as", gpus),
+            ("User", "s", user),
+            ("Port", "q", port),
+            ("BackendPort", "q", backend_port),
+            ("ListenAddress", "s", listen_address),
+            ("Priority", "i", priority),
+            ("IdleFreezeSec", "t", idle_freeze_sec),
+            ("FrozenTTLSec", "t", frozen_ttl_sec),
+        ]
+        # An option left at its default is not sent: the daemon's default applies (IdleFreezeSec=0 is sent: never).
+        options = {
+            key: Variant(sig, value) for key, sig, value in given if value or (value == 0 and key == "IdleFreezeSec")
+        }
         [path] = await self._call("Run", "sasa{sv}", [name, argv, options])
         return str(path)
 

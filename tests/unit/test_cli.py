@@ -3,6 +3,7 @@ mapping, and the hand-written man pages (tests/system/test_cli.py and test_sdk.p
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import shutil
@@ -144,3 +145,32 @@ def test_man_page_knows_every_command() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     for command in sub.choices:  # type: ignore[union-attr]
         assert re.search(rf"^\.B[IR]? {command}\b", text, re.M), f"{command} is not in gpusched.1"
+
+
+def test_run_options_reach_the_bus_with_their_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `gpusched run` flag becomes the Run option of DESIGN.md's type; defaults are left to the daemon."""
+    from gpuschedd.client import AsyncGpuSched
+
+    sent: list[dict[str, object]] = []
+
+    async def fake_call(self: AsyncGpuSched, member: str, signature: str = "", body: list | None = None, **kw: object):  # type: ignore[no-untyped-def]
+        if member == "Run":
+            sent.append({k: (v.signature, v.value) for k, v in body[2].items()})  # type: ignore[index]
+            return ["/org/gpusched1/model/m"]
+        return [{"Unit": Variant("s", "gpusched-model@m.service"), "Pids": Variant("au", [])}]
+
+    monkeypatch.setattr(AsyncGpuSched, "_call", fake_call)
+    monkeypatch.setattr(AsyncGpuSched, "connect", lambda self: asyncio.sleep(0, self))
+    argv = ["run", "--name", "m", "--port", "8080", "--backend-port", "8081", "--priority", "-2"]
+    argv += ["--idle-freeze-sec", "0", "--frozen-ttl-sec", "600", "--workdir", "/srv", "--", "serve"]
+    assert cli.main(argv) == 0
+    assert sent[-1] == {
+        "WorkingDirectory": ("s", "/srv"),
+        "Port": ("q", 8080),
+        "BackendPort": ("q", 8081),
+        "Priority": ("i", -2),
+        "IdleFreezeSec": ("t", 0),
+        "FrozenTTLSec": ("t", 600),
+    }
+    assert cli.main(["run", "--name", "m", "--workdir", "/srv", "--", "serve"]) == 0
+    assert sent[-1] == {"WorkingDirectory": ("s", "/srv")}
