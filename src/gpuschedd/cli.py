@@ -166,6 +166,10 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
         add("VRAM", human_bytes(m["VramBytes"]))
     if m["LastFreezeUSec"] or m["LastThawUSec"]:
         add("Last freeze", f"{m['LastFreezeUSec'] / 1e6:.3f} s, last thaw {m['LastThawUSec'] / 1e6:.3f} s")
+    if m.get("Agent"):
+        path = m.get("FreezePath") or "not frozen yet"
+        parked = f", {human_bytes(m['ParkedBytes'])} parked by its agent" if m.get("FreezePath") == "agent" else ""
+        add("Fast path", f"agent; last freeze: {path}{parked}")
     return lines
 
 
@@ -399,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-freeze-sec", type=int, default=None, help="freeze after this long without GPU use (0: never)"
     )
     run.add_argument("--frozen-ttl-sec", type=int, default=0, help="stop after this long frozen (0: never)")
+    run.add_argument("--agent", action="store_true", help="the model enables gpuschedd.agent: the fast path")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     for verb, text in (
@@ -524,6 +529,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             priority=args.priority,
             idle_freeze_sec=args.idle_freeze_sec,
             frozen_ttl_sec=args.frozen_ttl_sec,
+            agent=args.agent,
         )
         report_new_model(gs, args.name, path, "Running", args.json)
     elif args.command == "list":

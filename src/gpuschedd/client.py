@@ -247,10 +247,12 @@ class AsyncGpuSched:
         priority: int = 0,
         idle_freeze_sec: int | None = None,
         frozen_ttl_sec: int = 0,
+        agent: bool = False,
     ) -> str:
         """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path. The options are
         Run's (docs/dbus-api.md): port/backend_port/listen_address wake the model on a connection,
-        priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md)."""
+        priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md), agent the fast path
+        (docs/fast-path.md)."""
         given: list[tuple[str, str, Any]] = [
             ("Description", "s", description),
             ("WorkingDirectory", "s", working_directory),
@@ -263,6 +265,7 @@ class AsyncGpuSched:
             ("Priority", "i", priority),
             ("IdleFreezeSec", "t", idle_freeze_sec),
             ("FrozenTTLSec", "t", frozen_ttl_sec),
+            ("Agent", "b", agent),
         ]
         # An option left at its default is not sent: the daemon's default applies (IdleFreezeSec=0 is sent: never).
         options = {

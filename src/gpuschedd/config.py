@@ -64,6 +64,10 @@ class Config:
     idle_freeze_sec: int = 0
     evict_on_thaw: bool = False
     ram_budget_action: str = "refuse"  # refuse, stop-oldest
+    # The fast path: how long a model's agent may take to park its memory before the driver path is taken, and
+    # where the models' agent directories are (systemd creates each as the unit's RuntimeDirectory).
+    agent_timeout_ms: int = 30_000
+    agent_root: str = "/run/gpusched-agent"
 
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Config:
@@ -87,13 +91,18 @@ class Config:
             "IdleFreezeSec",
             "EvictOnThaw",
             "RamBudgetAction",
+            "AgentTimeoutSec",
         }
         unknown = set(section) - known
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) in [Daemon]: {', '.join(sorted(unknown))}")
         cfg = cls(ram_budget_bytes=parse_percent_or_size(section.get("RamBudget", "50%"), host_ram_bytes()))
-        if "LockTimeoutSec" in section:
-            cfg.lock_timeout_ms = int(float(section["LockTimeoutSec"]) * 1000)
+        for key, attr in (("LockTimeoutSec", "lock_timeout_ms"), ("AgentTimeoutSec", "agent_timeout_ms")):
+            if key in section:
+                try:
+                    setattr(cfg, attr, int(float(section[key]) * 1000))
+                except ValueError:
+                    raise ConfigError(f"{path}: {key}={section[key]}: expected seconds") from None
         choices = {
             "CheckpointBackend": ("auto", "driver", "cli", "none"),
             "UnitBackend": ("auto", "systemd", "cgroupfs"),

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from . import adopt, hostmem, recovery
+from .agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
+from .agentlink import AgentFailed, AgentLink
 from .checkpoint import CheckpointBackend, CheckpointError
 from .config import Config
 from .errors import (
@@ -56,6 +58,7 @@ class RunOptions:
     priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
     idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
     frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
+    agent: bool = False  # the model enables gpuschedd.agent: freezes park its memory through it (fast path)
 
 
 class EngineListener:
@@ -125,6 +128,9 @@ class Engine:
         # VRAM promised to thaws under way (model name → GPU UUID → bytes): NVML shows it only once restored, and
         # two thaws checked against the same free memory would both pass, and one restore would run out of it.
         self._thaw_reserved: dict[str, dict[str, int]] = {}
+        # Open connections to the agents that parked a frozen model's memory (model name → one per process). A
+        # park lasts as long as its connection; a daemon restart drops them and the agents unpark by themselves.
+        self._parked: dict[str, list[AgentLink]] = {}
         # Host memory probes; tests replace them to play a host short of RAM.
         self.mem_available: Callable[[], int] = hostmem.mem_available_bytes
         self.rss: Callable[[int], int] = hostmem.rss_bytes
@@ -391,8 +397,9 @@ class Engine:
         failed = status.active_state == "failed" or status.result != "success"
         was = model.state
         released = model.snapshot_bytes if model.cuda_pids else 0
+        self._drop_parked(model.name)
         model.pids, model.main_pid, model.cuda_pids = [], 0, []
-        model.snapshot_bytes = model.vram_bytes = 0
+        model.snapshot_bytes = model.vram_bytes = model.parked_bytes = 0
         self._set_state(model, State.FAILED if failed else State.STOPPED)
         message = f"model {model.name} exited ({status.result})"
         if was != State.RUNNING:
@@ -451,6 +458,9 @@ class Engine:
         environment = list(options.environment)
         if options.gpus:
             environment.append("CUDA_VISIBLE_DEVICES=" + ",".join(options.gpus))
+        agent_dir = os.path.join(self.config.agent_root, name) if options.agent else ""
+        if agent_dir:
+            environment += [f"{AGENT_DIR_ENV}={agent_dir}", f"{DAEMON_UID_ENV}={os.geteuid()}"]
         spec = UnitSpec(
             unit=model_unit(name),
             argv=list(argv),
@@ -458,6 +468,7 @@ class Engine:
             working_directory=options.working_directory,
             environment=environment,
             user=user,
+            runtime_directory=agent_dir,
         )
         model = Model(
             name=name,
@@ -469,6 +480,7 @@ class Engine:
             idle_freeze_sec=options.idle_freeze_sec,
             frozen_ttl_sec=options.frozen_ttl_sec,
             last_active_usec=self.now_usec(),
+            agent=options.agent,
         )
         start_wake = getattr(self.units, "start_wake", None)
         if options.port and start_wake is None:
@@ -536,8 +548,9 @@ class Engine:
                 await self.units.stop(model.unit)
             finally:
                 self._stopping.discard(name)
+            self._drop_parked(name)
             model.pids, model.main_pid, model.cuda_pids = [], 0, []
-            model.snapshot_bytes = model.vram_bytes = 0
+            model.snapshot_bytes = model.vram_bytes = model.parked_bytes = 0
             self._set_state(model, State.STOPPED)
         self._emit(
             Event(
@@ -705,6 +718,9 @@ class Engine:
                     f"model {model.name}: pid {unseen[0]} holds VRAM (NVML) but the checkpoint backend cannot see"
                     " its CUDA context; nothing was changed"
                 )
+            model.parked_bytes = 0
+            if model.agent:
+                await self._park(model, cuda)
             rss_before = {pid: self.rss(pid) for pid in cuda}
             late: list[int] = []
             for _attempt in range(3):
@@ -734,14 +750,17 @@ class Engine:
                     f"model {model.name}: new CUDA processes kept appearing during the freeze; "
                     f"{self._outcome(reached, errors)}"
                 )
-            # The snapshot lives in the targets' own memory: its size is their RSS growth. Where that does not
-            # show (RSS not readable), the VRAM NVML saw is the estimate.
+            # The snapshot lives in the targets' own memory: what the agents parked, plus the driver's part, their
+            # RSS growth since. Where that does not show (RSS not readable), the VRAM NVML saw is the estimate.
             grown = sum(self.rss(pid) - before for pid, before in rss_before.items())
-            model.snapshot_bytes = grown if grown > 0 else (model.vram_bytes if cuda else 0)
+            model.snapshot_bytes = grown + model.parked_bytes if grown > 0 else (model.vram_bytes if cuda else 0)
         except BaseException:
             model.cuda_pids = cuda if reached == State.FROZEN else []
+            if reached == State.RUNNING:
+                await self._unpark(model)
             self._set_state(model, reached)
             raise
+        model.freeze_path = "agent" if self._parked.get(model.name) else "driver"
         model.cuda_pids = cuda
         model.last_freeze_usec = int((time.monotonic() - t0) * 1e6)
         self._set_state(model, State.FROZEN)
@@ -751,7 +770,10 @@ class Engine:
                 model.name,
                 model.unit,
                 f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s"
-                f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name})" + (f": {why}" if why else ""),
+                f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name}"
+                + (f", {model.parked_bytes} bytes parked by the agent" if model.freeze_path == "agent" else "")
+                + ")"
+                + (f": {why}" if why else ""),
                 duration_usec=model.last_freeze_usec,
                 bytes=model.snapshot_bytes,
                 gpus=tuple(model.gpus),
@@ -770,6 +792,58 @@ class Engine:
         except CheckpointError as e:
             raise CheckpointFailed(f"model {model.name}: {e}") from e
         return [pid for pid in found if pid not in known]
+
+    async def _park(self, model: Model, pids: list[int]) -> None:
+        """The fast path: each process's agent copies its memory out and releases it, keeping the addresses.
+        A process without an agent, or whose agent fails or misses the deadline, is left whole to the driver's
+        checkpoint that follows, which works for any process."""
+        directory = os.path.join(self.config.agent_root, model.name)
+        timeout_ms = self.config.agent_timeout_ms
+
+        def park_one(pid: int) -> tuple[AgentLink | None, int, str]:
+            link = None
+            try:
+                link = AgentLink.connect(directory, pid, timeout_ms / 1000)
+                return (link, link.park(timeout_ms), "") if link else (None, 0, "")
+            except AgentFailed as e:
+                if link is not None:
+                    link.close()  # a park that finishes late is undone by the agent when it sees this
+                return None, 0, str(e)
+
+        results = await asyncio.gather(*(asyncio.to_thread(park_one, pid) for pid in pids))
+        model.parked_bytes = sum(n for _link, n, _error in results)
+        links = [link for link, _n, _error in results if link is not None]
+        if links:
+            self._parked[model.name] = links
+        for pid, (_link, _n, error) in zip(pids, results, strict=True):
+            if error:
+                log.warning("freeze of %s: pid %d takes the driver path: %s", model.name, pid, error)
+
+    async def _unpark(self, model: Model) -> str:
+        """Give the agents their memory back; returns what failed ("" when nothing did). An agent that answered
+        with a failure (no room on the GPU) keeps its memory parked and its connection, for the next thaw; one
+        that cannot be reached unparks by itself once its connection is gone."""
+
+        async def unpark_one(link: AgentLink) -> str:
+            try:
+                await asyncio.to_thread(link.unpark, self.config.agent_timeout_ms / 1000)
+            except AgentFailed as e:
+                if e.answered:
+                    return str(e)
+            link.close()
+            return ""
+
+        links = self._parked.pop(model.name, [])
+        errors = await asyncio.gather(*(unpark_one(link) for link in links))
+        kept = [link for link, error in zip(links, errors, strict=True) if error]
+        if kept:
+            self._parked[model.name] = kept
+        return "; ".join(error for error in errors if error)
+
+    def _drop_parked(self, name: str) -> None:
+        """The model's processes are gone: their agents' connections with them."""
+        for link in self._parked.pop(name, []):
+            link.close()
 
     def ram_frozen_bytes(self) -> int:
         """Host RAM held by the snapshots of frozen (or freezing, thawing) models."""
@@ -956,6 +1030,13 @@ class Engine:
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True
                 raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
+            failed = await self._unpark(model)
+            if failed:
+                # A process is back on the GPU without its parked memory (the GPU filled up meanwhile): freeze
+                # it again, memory still parked, so a later thaw finishes the job.
+                reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
+                settled = True
+                raise CheckpointFailed(f"model {model.name}: {failed}; {self._outcome(reached, errors)}")
         except BaseException:
             if not settled:
                 try:

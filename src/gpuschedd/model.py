@@ -49,5 +49,10 @@ class Model:
     idle_freeze_sec: int = -1
     frozen_ttl_sec: int = 0
     last_active_usec: int = field(default_factory=now_usec)
+    # The fast path (Run option Agent): the model's processes run gpuschedd.agent; how the last freeze went
+    # ("agent": their agents parked `parked_bytes`, the driver took the rest; "driver": all by the driver).
+    agent: bool = False
+    freeze_path: str = ""
+    parked_bytes: int = 0
     # Serializes every transition of this model; never held across two models at once.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)

@@ -66,6 +66,9 @@ def model_to_dict(model: Model) -> dict[str, Any]:
         "idle_freeze_sec": model.idle_freeze_sec,
         "frozen_ttl_sec": model.frozen_ttl_sec,
         "last_active_usec": model.last_active_usec,
+        "agent": model.agent,
+        "freeze_path": model.freeze_path,
+        "parked_bytes": model.parked_bytes,
     }
 
 
@@ -95,6 +98,9 @@ def model_from_dict(data: dict[str, Any]) -> Model:
         idle_freeze_sec=int(data.get("idle_freeze_sec", -1)),
         frozen_ttl_sec=int(data.get("frozen_ttl_sec", 0)),
         last_active_usec=int(data.get("last_active_usec", 0)) or now_usec(),
+        agent=bool(data.get("agent", False)),
+        freeze_path=str(data.get("freeze_path", "")),
+        parked_bytes=int(data.get("parked_bytes", 0)),
     )
 
 

@@ -8,7 +8,13 @@ agent thread that answers the fake driver's checkpoint/restore requests the way 
 in-process thread does: a checkpoint moves the "VRAM" into this process's RSS (an anonymous mapping
 touched page by page), a restore gives it back. A process frozen by the cgroup freezer cannot answer.
 
+With --park-bytes N it also runs gpuschedd's own agent (gpuschedd.agent, the fast path; then gpuschedd must
+be importable) over N bytes of parkable fake device memory: every unit of work reads all of it inside
+agent.busy(), so work that touched parked memory would crash the process (its pages are inaccessible), and
+memory that came back different stops the counter with "CORRUPT" in the counter file.
+
     fake_model.py --dir D --vram BYTES --gpu UUID --counter FILE [--procs N] [--noncuda-child] [--no-agent]
+                  [--park-bytes N]
 """
 
 from __future__ import annotations
@@ -85,11 +91,43 @@ class FakeCudaProcess:
                 os.unlink(self.path(sub))
 
 
-def work(proc: FakeCudaProcess | None, counter: str) -> None:
+class ParkableMemory:
+    """N bytes of the agent's parkable memory in 6 MiB segments, each filled with its own byte."""
+
+    SEGMENT = 6 << 20
+
+    def __init__(self, nbytes: int) -> None:
+        import ctypes
+
+        from gpuschedd.agent.cuda import Cuda
+        from gpuschedd.agent.parking import ParkingLot
+        from gpuschedd.agent.protocol import AGENT_DIR_ENV, daemon_uid
+        from gpuschedd.agent.server import Agent
+
+        self.ctypes = ctypes
+        self.lot = ParkingLot(Cuda(), threads=4, chunk=4 << 20)
+        self.segments = [(self.lot.malloc(self.SEGMENT, 0), i % 251 + 1) for i in range(-(-nbytes // self.SEGMENT))]
+        for address, byte in self.segments:
+            ctypes.memset(address, byte, self.SEGMENT)
+        self.agent = Agent(self.lot, os.environ.get(AGENT_DIR_ENV), daemon_uid())
+        self.agent.start()
+
+    def intact(self) -> bool:
+        """Reads every byte (crashes if any page is not mapped: parked memory must never be touched)."""
+        string_at = self.ctypes.string_at
+        return all(string_at(a, self.SEGMENT) == bytes([b]) * self.SEGMENT for a, b in self.segments)
+
+
+def work(proc: FakeCudaProcess | None, counter: str, memory: ParkableMemory | None = None) -> None:
     n = 0
     while True:
         if proc is not None:
             proc.cuda_call()
+        if memory is not None:
+            with memory.agent.busy():
+                if not memory.intact():
+                    write_atomic(counter, "CORRUPT")
+                    return
         n += 1
         write_atomic(counter, str(n))
         time.sleep(0.01)
@@ -104,6 +142,7 @@ def main() -> int:
     parser.add_argument("--procs", type=int, default=1, help="CUDA processes: this one plus N-1 children")
     parser.add_argument("--noncuda-child", action="store_true", help="also run a child that never uses CUDA")
     parser.add_argument("--no-agent", action="store_true", help="copies need no thread in the target")
+    parser.add_argument("--park-bytes", type=int, default=0, help="run gpuschedd.agent over this much memory")
     args = parser.parse_args()
 
     counter = args.counter
@@ -127,7 +166,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     if proc is not None and proc.agent:
         threading.Thread(target=proc.serve, daemon=True).start()
-    work(proc, counter)
+    memory = ParkableMemory(args.park_bytes) if proc is not None and args.park_bytes else None
+    work(proc, counter, memory)
     return 0
 
 

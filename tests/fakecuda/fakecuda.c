@@ -20,6 +20,7 @@
  *   req/<pid>, ack/<pid> with agent=1 the copy runs inside the target, like the real driver's restore
  *                        thread: the call waits for the target's agent thread to answer, so a target
  *                        frozen by the cgroup freezer cannot be checkpointed or restored
+ *   (the virtual memory management, copy and stream calls gpuschedd.agent uses are below, over host memory)
  *   log                  one line per call: "<step> <pid> <result name>" (cuInit: "init <caller pid>")
  *
  * Build: gcc -shared -fPIC -O2 -o libcuda.so.1 fakecuda.c
@@ -57,6 +58,8 @@ enum {
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_NOT_PERMITTED = 800,
     CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
+    CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
     CUDA_ERROR_TIMEOUT = 909,
     CUDA_ERROR_UNKNOWN = 999,
 };
@@ -78,6 +81,8 @@ static const struct {
     {CUDA_ERROR_NOT_READY, "CUDA_ERROR_NOT_READY"},
     {CUDA_ERROR_NOT_PERMITTED, "CUDA_ERROR_NOT_PERMITTED"},
     {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED"},
+    {CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED, "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"},
+    {CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED, "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED"},
     {CUDA_ERROR_TIMEOUT, "CUDA_ERROR_TIMEOUT"},
     {CUDA_ERROR_UNKNOWN, "CUDA_ERROR_UNKNOWN"},
 };
@@ -594,6 +599,424 @@ CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args)
         return logged("unlock", pid, r);
     injected_delay(pid, "unlock");
     return logged("unlock", pid, transition(pid, CU_PROCESS_STATE_LOCKED, CU_PROCESS_STATE_RUNNING));
+}
+
+
+/* ---------------------------------------------------------------- virtual memory management (gpuschedd.agent)
+ *
+ * Device memory is host memory: a reservation is a PROT_NONE mapping, a physical allocation a memfd, a map
+ * maps the memfd at the reserved address (inaccessible until cuMemSetAccess), an unmap puts PROT_NONE back,
+ * so a stale pointer faults as it would on the GPU.  cuMemCreate and cuMemRelease add to and take from the
+ * caller's ctx/<pid> vram= (what fake NVML shows), and cuMemCreate fails with CUDA_ERROR_OUT_OF_MEMORY when the
+ * GPU is full.  Every call blocks while the caller is locked or checkpointed, as a real CUDA call does.
+ * fail/<pid>.<step> injects a failure for steps mem-create, mem-map, memcpy, host-register. */
+
+#include <pthread.h>
+#include <sys/mman.h>
+
+typedef unsigned long long CUdeviceptr_t;
+typedef unsigned long long CUmemGenericAllocationHandle;
+
+typedef struct {
+    int type;
+    int id;
+} CUmemLocation;
+
+typedef struct {
+    int type;
+    int requestedHandleTypes;
+    CUmemLocation location;
+    void *win32HandleMetaData;
+    struct {
+        unsigned char compressionType, gpuDirectRDMACapable;
+        unsigned short usage;
+        unsigned char reserved[4];
+    } allocFlags;
+} CUmemAllocationProp;
+
+typedef struct {
+    CUmemLocation location;
+    int flags;
+} CUmemAccessDesc;
+
+_Static_assert(sizeof(CUmemAllocationProp) == 32, "CUmemAllocationProp is 32 bytes");
+_Static_assert(sizeof(CUmemAccessDesc) == 12, "CUmemAccessDesc is 12 bytes");
+
+#define GRANULARITY (2ULL << 20)
+#define MAX_ENTRIES 4096
+
+struct reservation {
+    CUdeviceptr_t base;
+    size_t size;
+    void *raw; /* what mmap returned (base is aligned inside it) */
+    size_t raw_size;
+};
+struct physical {
+    int fd;
+    size_t size;
+    int device;
+};
+struct mapping {
+    CUdeviceptr_t ptr;
+    size_t size;
+    int accessible;
+};
+
+static pthread_mutex_t vmm_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct reservation reservations[MAX_ENTRIES];
+static struct physical physicals[MAX_ENTRIES]; /* handle = index + 1 */
+static struct mapping mappings[MAX_ENTRIES];
+static void *registered[MAX_ENTRIES];
+
+static CUresult vmm_prologue(const char *step)
+{
+    if (initialized_pid != getpid())
+        return CUDA_ERROR_NOT_INITIALIZED;
+    while (get_state(getpid()) != CU_PROCESS_STATE_RUNNING)
+        sleep_ms(2);
+    return injected(getpid(), step);
+}
+
+/* Add delta bytes to the caller's vram=, failing (nothing changed) if the GPU would be over its total. A fake
+   process has one GPU (its ctx's gpu=), device ordinal 0. */
+static CUresult charge(int device, long long delta)
+{
+    int pid = getpid(), fd = big_lock();
+    struct ctx c;
+    char p[PATH_MAX], buf[256];
+    CUresult r = find_ctx(pid, &c);
+    if (r == CUDA_SUCCESS && device != 0)
+        r = CUDA_ERROR_INVALID_DEVICE;
+    if (r == CUDA_SUCCESS && delta > 0) {
+        long long total = gpu_total(c.gpu);
+        if (total >= 0 && gpu_used(c.gpu, pid) + c.vram + delta > total)
+            r = CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if (r == CUDA_SUCCESS) {
+        path(p, "ctx", pid, NULL);
+        snprintf(buf, sizeof buf, "vram=%lld\ngpu=%s\nagent=%d\n", c.vram + delta, c.gpu, c.agent);
+        write_file(p, buf);
+    }
+    big_unlock(fd);
+    return r;
+}
+
+static struct mapping *find_mapping(CUdeviceptr_t ptr, size_t size, int exact)
+{
+    for (int i = 0; i < MAX_ENTRIES; i++) {
+        struct mapping *m = &mappings[i];
+        if (!m->size)
+            continue;
+        if (exact ? (m->ptr == ptr && m->size == size) : (ptr >= m->ptr && ptr + size <= m->ptr + m->size))
+            return m;
+    }
+    return NULL;
+}
+
+static int overlaps_mapping(CUdeviceptr_t ptr, size_t size)
+{
+    for (int i = 0; i < MAX_ENTRIES; i++)
+        if (mappings[i].size && ptr < mappings[i].ptr + mappings[i].size && mappings[i].ptr < ptr + size)
+            return 1;
+    return 0;
+}
+
+static struct reservation *find_reservation(CUdeviceptr_t ptr, size_t size)
+{
+    for (int i = 0; i < MAX_ENTRIES; i++) {
+        struct reservation *r = &reservations[i];
+        if (r->size && ptr >= r->base && ptr + size <= r->base + r->size)
+            return r;
+    }
+    return NULL;
+}
+
+CUresult cuMemGetAllocationGranularity(size_t *granularity, const CUmemAllocationProp *prop, int option)
+{
+    (void)option;
+    if (!granularity || !prop)
+        return CUDA_ERROR_INVALID_VALUE;
+    *granularity = GRANULARITY;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemAddressReserve(CUdeviceptr_t *ptr, size_t size, size_t alignment, CUdeviceptr_t addr,
+                             unsigned long long flags)
+{
+    (void)addr;
+    CUresult r = vmm_prologue("mem-reserve");
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!ptr || !size || size % GRANULARITY || flags)
+        return CUDA_ERROR_INVALID_VALUE;
+    size_t align = alignment > GRANULARITY ? alignment : GRANULARITY;
+    size_t raw_size = size + align;
+    void *raw = mmap(NULL, raw_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED)
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    CUdeviceptr_t base = ((CUdeviceptr_t)raw + align - 1) / align * align;
+    pthread_mutex_lock(&vmm_lock);
+    int i = 0;
+    while (i < MAX_ENTRIES && reservations[i].size)
+        i++;
+    if (i == MAX_ENTRIES) {
+        pthread_mutex_unlock(&vmm_lock);
+        munmap(raw, raw_size);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    reservations[i] = (struct reservation){base, size, raw, raw_size};
+    pthread_mutex_unlock(&vmm_lock);
+    *ptr = base;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemAddressFree(CUdeviceptr_t ptr, size_t size)
+{
+    CUresult r = vmm_prologue("mem-free");
+    if (r != CUDA_SUCCESS)
+        return r;
+    pthread_mutex_lock(&vmm_lock);
+    struct reservation *res = find_reservation(ptr, size);
+    if (!res || res->base != ptr || res->size != size || overlaps_mapping(ptr, size)) {
+        pthread_mutex_unlock(&vmm_lock);
+        return CUDA_ERROR_INVALID_VALUE; /* the driver wants every mapping in the range gone first */
+    }
+    munmap(res->raw, res->raw_size);
+    memset(res, 0, sizeof *res);
+    pthread_mutex_unlock(&vmm_lock);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop,
+                     unsigned long long flags)
+{
+    CUresult r = vmm_prologue("mem-create");
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!handle || !prop || !size || size % GRANULARITY || flags || prop->type != 1 || prop->location.type != 1)
+        return CUDA_ERROR_INVALID_VALUE;
+    r = charge(prop->location.id, (long long)size);
+    if (r != CUDA_SUCCESS)
+        return r;
+    int fd = memfd_create("fakecuda-vram", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, (off_t)size) != 0) {
+        if (fd >= 0)
+            close(fd);
+        charge(prop->location.id, -(long long)size);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    pthread_mutex_lock(&vmm_lock);
+    int i = 0;
+    while (i < MAX_ENTRIES && physicals[i].size)
+        i++;
+    if (i < MAX_ENTRIES)
+        physicals[i] = (struct physical){fd, size, prop->location.id};
+    pthread_mutex_unlock(&vmm_lock);
+    if (i == MAX_ENTRIES) {
+        close(fd);
+        charge(prop->location.id, -(long long)size);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *handle = (CUmemGenericAllocationHandle)i + 1;
+    return CUDA_SUCCESS;
+}
+
+static struct physical *find_physical(CUmemGenericAllocationHandle handle)
+{
+    if (handle < 1 || handle > MAX_ENTRIES || !physicals[handle - 1].size)
+        return NULL;
+    return &physicals[handle - 1];
+}
+
+CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
+{
+    CUresult r = vmm_prologue("mem-release");
+    if (r != CUDA_SUCCESS)
+        return r;
+    pthread_mutex_lock(&vmm_lock);
+    struct physical *ph = find_physical(handle);
+    if (!ph) {
+        pthread_mutex_unlock(&vmm_lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    struct physical gone = *ph;
+    memset(ph, 0, sizeof *ph);
+    pthread_mutex_unlock(&vmm_lock);
+    close(gone.fd); /* a mapping still using it keeps the memory, as the driver does until cuMemUnmap */
+    charge(gone.device, -(long long)gone.size);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemMap(CUdeviceptr_t ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
+                  unsigned long long flags)
+{
+    CUresult r = vmm_prologue("mem-map");
+    if (r != CUDA_SUCCESS)
+        return r;
+    pthread_mutex_lock(&vmm_lock);
+    struct physical *ph = find_physical(handle);
+    int i = 0;
+    while (i < MAX_ENTRIES && mappings[i].size)
+        i++;
+    if (!ph || flags || offset + size > ph->size || !find_reservation(ptr, size) || overlaps_mapping(ptr, size) ||
+        i == MAX_ENTRIES) {
+        pthread_mutex_unlock(&vmm_lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (mmap((void *)ptr, size, PROT_NONE, MAP_SHARED | MAP_FIXED, ph->fd, (off_t)offset) == MAP_FAILED) {
+        pthread_mutex_unlock(&vmm_lock);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    mappings[i] = (struct mapping){ptr, size, 0};
+    pthread_mutex_unlock(&vmm_lock);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemSetAccess(CUdeviceptr_t ptr, size_t size, const CUmemAccessDesc *desc, size_t count)
+{
+    CUresult r = vmm_prologue("mem-access");
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!desc || count != 1 || desc->location.type != 1 || desc->flags != 3)
+        return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&vmm_lock);
+    struct mapping *m = find_mapping(ptr, size, 1);
+    if (!m || mprotect((void *)ptr, size, PROT_READ | PROT_WRITE) != 0) {
+        pthread_mutex_unlock(&vmm_lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    m->accessible = 1;
+    pthread_mutex_unlock(&vmm_lock);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemUnmap(CUdeviceptr_t ptr, size_t size)
+{
+    CUresult r = vmm_prologue("mem-unmap");
+    if (r != CUDA_SUCCESS)
+        return r;
+    pthread_mutex_lock(&vmm_lock);
+    struct mapping *m = find_mapping(ptr, size, 1);
+    if (!m) {
+        pthread_mutex_unlock(&vmm_lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    mmap((void *)ptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    memset(m, 0, sizeof *m);
+    pthread_mutex_unlock(&vmm_lock);
+    return CUDA_SUCCESS;
+}
+
+/* ---------------------------------------------------------------- copies, streams, contexts, host memory */
+
+static CUresult device_range(CUdeviceptr_t ptr, size_t size)
+{
+    pthread_mutex_lock(&vmm_lock);
+    struct mapping *m = find_mapping(ptr, size, 0);
+    int ok = m && m->accessible;
+    pthread_mutex_unlock(&vmm_lock);
+    return ok ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr_t src, size_t size, void *stream)
+{
+    (void)stream;
+    CUresult r = vmm_prologue("memcpy");
+    if (r == CUDA_SUCCESS)
+        r = dst ? device_range(src, size) : CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS)
+        memcpy(dst, (const void *)src, size);
+    return r;
+}
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr_t dst, const void *src, size_t size, void *stream)
+{
+    (void)stream;
+    CUresult r = vmm_prologue("memcpy");
+    if (r == CUDA_SUCCESS)
+        r = src ? device_range(dst, size) : CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS)
+        memcpy((void *)dst, src, size);
+    return r;
+}
+
+static int fake_stream;
+
+CUresult cuStreamCreate(void **stream, unsigned int flags)
+{
+    (void)flags;
+    CUresult r = vmm_prologue("stream");
+    if (r == CUDA_SUCCESS)
+        *stream = &fake_stream;
+    return r;
+}
+
+CUresult cuStreamSynchronize(void *stream)
+{
+    return stream == &fake_stream ? vmm_prologue("stream") : CUDA_ERROR_INVALID_VALUE;
+}
+
+CUresult cuStreamDestroy_v2(void *stream)
+{
+    return stream == &fake_stream ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+static int fake_context;
+
+CUresult cuCtxGetCurrent(void **ctx)
+{
+    if (initialized_pid != getpid())
+        return CUDA_ERROR_NOT_INITIALIZED;
+    *ctx = &fake_context;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxSetCurrent(void *ctx)
+{
+    return ctx == &fake_context ? vmm_prologue("ctx") : CUDA_ERROR_INVALID_CONTEXT;
+}
+
+CUresult cuCtxSynchronize(void)
+{
+    return vmm_prologue("ctx");
+}
+
+CUresult cuMemHostRegister_v2(void *p, size_t size, unsigned int flags)
+{
+    (void)flags;
+    CUresult r = vmm_prologue("host-register");
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!p || !size)
+        return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&vmm_lock);
+    int free_slot = -1;
+    for (int i = 0; i < MAX_ENTRIES; i++) {
+        if (registered[i] == p) {
+            pthread_mutex_unlock(&vmm_lock);
+            return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+        }
+        if (!registered[i] && free_slot < 0)
+            free_slot = i;
+    }
+    if (free_slot >= 0)
+        registered[free_slot] = p;
+    pthread_mutex_unlock(&vmm_lock);
+    return free_slot >= 0 ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+CUresult cuMemHostUnregister(void *p)
+{
+    pthread_mutex_lock(&vmm_lock);
+    for (int i = 0; i < MAX_ENTRIES; i++) {
+        if (registered[i] == p) {
+            registered[i] = NULL;
+            pthread_mutex_unlock(&vmm_lock);
+            return CUDA_SUCCESS;
+        }
+    }
+    pthread_mutex_unlock(&vmm_lock);
+    return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
 }
 
 #endif /* FAKECUDA_NO_CHECKPOINT */

@@ -46,6 +46,8 @@ class ProcessUnits:
         self.calls.append(("start", spec.unit))
         env = dict(os.environ)
         env.update(item.split("=", 1) for item in spec.environment)
+        if spec.runtime_directory:
+            os.makedirs(spec.runtime_directory, exist_ok=True)
         self.procs[spec.unit] = subprocess.Popen(spec.argv, start_new_session=True, env=env)
         status = await self.status(spec.unit)
         assert status is not None

@@ -282,3 +282,77 @@ async def test_without_a_checkpoint_backend(setup) -> None:  # type: ignore[no-u
     engine.checkpoint = NoCheckpoint()
     with pytest.raises(NotSupported):
         await engine.migrate("m", GPU1)
+
+
+# ---------------------------------------------------------------- the fast path (gpuschedd.agent)
+
+PARKED = 60 * MIB  # ten of fake_model.py's 6 MiB segments
+
+
+async def run_agent_model(engine: Engine, gpu_dir, tmp_path, name: str = "fast") -> Model:  # type: ignore[no-untyped-def]
+    engine.config.agent_root = str(tmp_path / "agents")
+    argv = [*fake_model_argv(gpu_dir, tmp_path / name, VRAM, GPU0, 1), "--park-bytes", str(PARKED)]
+    model = await engine.run(name, argv, RunOptions(agent=True), 0)
+    await asyncio.to_thread(
+        wait_for, lambda: list((tmp_path / "agents" / name).glob("agent-*.sock")), 10.0, "the agent's socket"
+    )
+    await engine.refresh(model)
+    return model
+
+
+def not_corrupt(tmp_path, name: str = "fast") -> bool:  # type: ignore[no-untyped-def]
+    return (tmp_path / name).read_text() != "CORRUPT"
+
+
+async def test_the_agent_parks_and_the_driver_takes_the_rest(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, events, tmp_path = setup
+    model = await run_agent_model(engine, gpu_dir, tmp_path)
+    assert model.vram_bytes == VRAM + PARKED
+    for _cycle in range(2):
+        await engine.freeze("fast")
+        assert (model.freeze_path, model.parked_bytes) == ("agent", PARKED)
+        assert engine.telemetry.vram_by_pid() == {}, "parked and checkpointed: nothing left on the GPU"
+        assert model.snapshot_bytes >= (VRAM + PARKED) * 0.9, "both halves are in host RAM"
+        assert "bytes parked by the agent" in events.events[-1].message
+        assert await astill(file_counter(tmp_path / "fast"))
+        await engine.thaw("fast")
+        assert model.state == State.RUNNING
+        assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
+    assert engine.telemetry.vram_by_pid()[model.main_pid] == {GPU0: VRAM + PARKED}
+
+
+async def test_an_agent_that_fails_leaves_the_driver_path(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    model = await run_agent_model(engine, gpu_dir, tmp_path)
+    gpu_dir.fail(model.main_pid, "memcpy", "CUDA_ERROR_UNKNOWN")
+    await engine.freeze("fast")
+    assert (model.state, model.freeze_path, model.parked_bytes) == (State.FROZEN, "driver", 0)
+    gpu_dir.clear_failures()
+    await engine.thaw("fast")
+    assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
+
+
+async def test_a_model_without_an_agent_takes_the_driver_path(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    engine.config.agent_root = str(tmp_path / "agents")
+    await engine.run("plain", fake_model_argv(gpu_dir, tmp_path / "plain", VRAM, GPU0, 1), RunOptions(agent=True), 0)
+    await asyncio.to_thread(wait_for, lambda: registered(gpu_dir, 1), 5.0, "registration")
+    model = await engine.freeze("plain")
+    assert (model.freeze_path, model.parked_bytes) == ("driver", 0)
+    await engine.thaw("plain")
+
+
+async def test_an_unpark_that_finds_no_memory_leaves_the_model_frozen(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, units, gpu_dir, _events, tmp_path = setup
+    model = await run_agent_model(engine, gpu_dir, tmp_path)
+    await engine.freeze("fast")
+    gpu_dir.fail(model.main_pid, "mem-create", "CUDA_ERROR_OUT_OF_MEMORY")
+    with pytest.raises(CheckpointFailed, match="stay parked"):
+        await engine.thaw("fast")
+    assert model.state == State.FROZEN and units.frozen == {model.unit}
+    assert await astill(file_counter(tmp_path / "fast"))
+    gpu_dir.clear_failures()
+    await engine.thaw("fast")
+    assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
+    await engine.freeze("fast")
+    assert model.freeze_path == "agent"

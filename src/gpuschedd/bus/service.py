@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
+from dbus_fast.annotations import DBusBool, DBusDict, DBusObjectPath, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
@@ -176,6 +176,7 @@ def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
         "Priority": "i",
         "IdleFreezeSec": "t|u",  # seconds; 0: never (absent: the daemon's IdleFreezeSec=)
         "FrozenTTLSec": "t|u",  # seconds; 0: never
+        "Agent": "b",  # the fast path: the model runs gpuschedd.agent
     }
     for key, value in options.items():
         if key not in types:
@@ -196,6 +197,7 @@ def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
         priority=int(get.get("Priority", 0)),
         idle_freeze_sec=int(get.get("IdleFreezeSec", -1)),
         frozen_ttl_sec=int(get.get("FrozenTTLSec", 0)),
+        agent=bool(get.get("Agent", False)),
     )
 
 
@@ -424,6 +426,8 @@ class ModelInterface(_Authorizing, ServiceInterface):
                 "LastFreezeUSec": m.last_freeze_usec,
                 "LastThawUSec": m.last_thaw_usec,
                 "StateChangeTimestamp": m.state_change_usec,
+                "FreezePath": m.freeze_path,
+                "ParkedBytes": m.parked_bytes,
             }
         )
 
@@ -493,6 +497,18 @@ class ModelInterface(_Authorizing, ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Command(self) -> StrList:
         return self.model.command
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Agent(self) -> DBusBool:
+        return self.model.agent
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FreezePath(self) -> DBusStr:
+        return self.model.freeze_path
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ParkedBytes(self) -> DBusUInt64:
+        return self.model.parked_bytes
 
 
 class BusPublisher(EngineListener):

@@ -180,6 +180,8 @@ class SystemdUnits:
             props.append(["Environment", Variant("as", spec.environment)])
         if spec.user:
             props.append(["User", Variant("s", spec.user)])
+        if spec.runtime_directory:
+            props.append(["RuntimeDirectory", Variant("as", [os.path.relpath(spec.runtime_directory, "/run")])])
         # A failed unit of the same name (an earlier run of this model) would block the name.
         with contextlib.suppress(DBusError):
             await self._manager("ResetFailedUnit", "s", [spec.unit])

@@ -21,6 +21,7 @@ class UnitSpec:
     environment: list[str] = field(default_factory=list)
     user: str = ""  # empty: the daemon's own user (root)
     slice: str = "gpusched.slice"
+    runtime_directory: str = ""  # an absolute path under /run, created for the unit (owned by user), removed after
 
 
 @dataclass(frozen=True)

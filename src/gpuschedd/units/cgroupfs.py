@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import time
@@ -111,6 +112,7 @@ class CgroupfsUnits:
         self._ended: dict[str, UnitStatus] = {}  # units whose end was seen and not yet reported gone
         self._watchers: list[UnitWatcher] = []
         self._known: dict[str, str] = {}  # unit → last active_state reported to watchers
+        self._runtime: dict[str, str] = {}  # unit → its runtime directory, removed on stop
         self._poller: asyncio.Task[None] | None = None
 
     def _group(self, unit: str) -> str:
@@ -170,6 +172,13 @@ class CgroupfsUnits:
                 self._rmdir(group)
                 raise UnitFailed(f"no such user: {spec.user}") from None
             user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
+        if spec.runtime_directory:
+            # As systemd's RuntimeDirectory=: a fresh directory owned by the unit's user.
+            shutil.rmtree(spec.runtime_directory, ignore_errors=True)
+            os.makedirs(spec.runtime_directory, mode=0o755)
+            if spec.user:
+                os.chown(spec.runtime_directory, user["user"], user["group"])  # type: ignore[arg-type]
+            self._runtime[spec.unit] = spec.runtime_directory
         out: int | None = None
         if self.log_dir:
             out = os.open(os.path.join(self.log_dir, f"{spec.unit}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -291,6 +300,8 @@ class CgroupfsUnits:
                 raise UnitFailed(f"unit {unit}: processes survive SIGKILL: {_procs(group)}")
         self._reap(unit)
         self._rmdir(group)
+        if unit in self._runtime:
+            shutil.rmtree(self._runtime.pop(unit), ignore_errors=True)
         self._known.pop(unit, None)
         self._ended.pop(unit, None)
         self._main.pop(unit, None)

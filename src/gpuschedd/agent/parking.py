@@ -1,0 +1,196 @@
+"""Parkable device memory: every segment is its own reserved address range with physical memory mapped into
+it. Parking copies each segment's bytes to host memory, then unmaps and releases the physical memory while the
+address range stays reserved; unparking maps fresh physical memory at the same addresses and copies the bytes
+back. Pointers held anywhere (tensors, CUDA graphs, caches) stay valid across a park.
+
+Framework-neutral: torch_pool.py feeds malloc/free from PyTorch's allocator; tests drive it directly."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .cuda import Cuda, CudaError
+from .staging import DEFAULT_CHUNK, DEFAULT_MODE, DEFAULT_THREADS, Copier, HostArea, Piece, split, timed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Segment:
+    address: int  # start of the reserved range, handed to the allocator's caller
+    size: int  # rounded up to the device's allocation granularity
+    device: int
+    context: int  # the CUDA context current at malloc: copies run in it
+    handle: int = 0  # the physical allocation while mapped; 0 while parked
+
+
+@dataclass
+class ParkReport:
+    parked_bytes: int = 0
+    segments: int = 0
+    copy_s: float = 0.0
+    total_s: float = 0.0
+    mode: str = DEFAULT_MODE
+    errors: list[str] = field(default_factory=list)
+
+
+class ParkError(Exception):
+    """A park or unpark could not complete; the message says where the memory is."""
+
+
+class ParkingLot:
+    """The segments of one process. malloc/free may come from any thread; park/unpark are serialized with them."""
+
+    def __init__(
+        self, cuda: Cuda, mode: str = DEFAULT_MODE, threads: int = DEFAULT_THREADS, chunk: int = DEFAULT_CHUNK
+    ) -> None:
+        self.cuda, self.mode, self.threads, self.chunk = cuda, mode, threads, chunk
+        self.segments: dict[int, Segment] = {}
+        self.area: HostArea | None = None  # the parked bytes, while parked
+        self._plans: list[tuple[int, list[Segment], list[Piece]]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def parked(self) -> bool:
+        return self.area is not None
+
+    def managed_bytes(self) -> int:
+        with self._lock:
+            return sum(s.size for s in self.segments.values())
+
+    # ---------------------------------------------------------------- the allocator's side
+
+    def malloc(self, size: int, device: int) -> int:
+        """A new segment of at least `size` bytes; raises CudaError (out of memory, ...) with nothing left behind."""
+        cuda = self.cuda
+        g = cuda.granularity(device)
+        rounded = max(g, -(-size // g) * g)
+        with self._lock:
+            if self.parked:
+                raise ParkError("allocation while the process's memory is parked")
+            context = cuda.current_context()
+            address = cuda.reserve(rounded, g)
+            handle = 0
+            try:
+                handle = cuda.create(rounded, device)
+                cuda.map(address, rounded, handle, device)
+            except CudaError:
+                if handle:
+                    cuda.release(handle)
+                cuda.address_free(address, rounded)
+                raise
+            self.segments[address] = Segment(address, rounded, device, context, handle)
+        return address
+
+    def free(self, address: int) -> None:
+        with self._lock:
+            seg = self.segments.pop(address, None)
+            if seg is None:
+                log.error("free of %#x, which this allocator did not hand out", address)
+                return
+            if seg.handle:
+                self.cuda.unmap(seg.address, seg.size)
+                self.cuda.release(seg.handle)
+            self.cuda.address_free(seg.address, seg.size)
+
+    # ---------------------------------------------------------------- park and unpark
+
+    def _plan(self) -> list[tuple[int, list[Segment], list[Piece]]]:
+        """Per CUDA context: its segments and their pieces, laid out back to back in one host area."""
+        groups: dict[int, list[Segment]] = {}
+        for seg in sorted(self.segments.values(), key=lambda s: s.address):
+            groups.setdefault(seg.context, []).append(seg)
+        plans, offset = [], 0
+        for context, segs in groups.items():
+            plans.append((context, segs, split([(s.address, s.size) for s in segs], self.chunk, offset)))
+            offset += sum(s.size for s in segs)
+        return plans
+
+    def _copy(self, context: int, pieces: list[Piece], to_host: bool) -> float:
+        assert self.area is not None
+        copier = Copier(self.cuda, context, self.mode, self.threads, self.chunk)
+        return timed(lambda: (copier.out if to_host else copier.back)(pieces, self.area))  # type: ignore[arg-type]
+
+    def park(self) -> ParkReport:
+        """Copy every segment out, then give its physical memory back. A failure while copying changes nothing;
+        a failure while releasing maps back what was released, so a failed park leaves everything in place."""
+        t0 = time.monotonic()
+        report = ParkReport(mode=self.mode)
+        with self._lock:
+            if self.parked:
+                raise ParkError("already parked")
+            plans = self._plan()
+            self.area = HostArea(sum(s.size for s in self.segments.values()))
+            try:
+                for context, _segs, pieces in plans:
+                    self.cuda.set_context(context)
+                    self.cuda.synchronize()  # work queued on any stream must finish before its memory is copied
+                    report.copy_s += self._copy(context, pieces, to_host=True)
+            except CudaError as e:
+                self.area.close()
+                self.area = None
+                raise ParkError(f"copying out failed ({e}); nothing was released") from e
+            self._plans = plans
+            released: list[Segment] = []
+            try:
+                for seg in (s for _c, segs, _p in plans for s in segs):
+                    self.cuda.unmap(seg.address, seg.size)
+                    self.cuda.release(seg.handle)
+                    seg.handle = 0
+                    released.append(seg)
+            except CudaError as e:
+                self._unpark_locked(only=released)
+                raise ParkError(f"releasing GPU memory failed ({e}); what was released is mapped back") from e
+            report.parked_bytes, report.segments = self.area.size, len(self.segments)
+        report.total_s = time.monotonic() - t0
+        return report
+
+    def unpark(self) -> ParkReport:
+        """Map fresh physical memory at every parked address and copy the bytes back. If the GPU has no room, the
+        bytes stay parked (what was mapped stays mapped) and a later unpark finishes the job."""
+        with self._lock:
+            return self._unpark_locked()
+
+    def _unpark_locked(self, only: list[Segment] | None = None) -> ParkReport:
+        t0 = time.monotonic()
+        if self.area is None:
+            raise ParkError("not parked")
+        report = ParkReport(parked_bytes=self.area.size, mode=self.mode)
+        live = [
+            (context, [s for s in segs if self.segments.get(s.address) is s and (only is None or s in only)])
+            for context, segs, _p in self._plans
+        ]
+        try:
+            for context, segs in live:
+                self.cuda.set_context(context)
+                for seg in segs:
+                    if not seg.handle:
+                        handle = self.cuda.create(seg.size, seg.device)
+                        try:
+                            self.cuda.map(seg.address, seg.size, handle, seg.device)
+                        except CudaError:
+                            self.cuda.release(handle)
+                            raise
+                        seg.handle = handle
+            for (context, segs), (_c, _s, pieces) in zip(live, self._plans, strict=True):
+                wanted = {s.address for s in segs}
+                mine = [p for p in pieces if _owner(p, segs) in wanted]
+                report.copy_s += self._copy(context, mine, to_host=False)
+        except CudaError as e:
+            raise ParkError(f"restoring GPU memory failed ({e}); the bytes stay parked: unpark again") from e
+        self.area.close()
+        self.area, self._plans = None, []
+        report.segments = sum(len(segs) for _c, segs in live)
+        report.total_s = time.monotonic() - t0
+        return report
+
+
+def _owner(piece: Piece, segs: list[Segment]) -> int:
+    """The address of the segment a piece belongs to."""
+    for seg in segs:
+        if seg.address <= piece.device < seg.address + seg.size:
+            return seg.address
+    return -1

@@ -1,0 +1,77 @@
+"""The daemon ↔ agent protocol: one JSON object per line over a Unix stream socket.
+
+The agent of process PID listens on DIR/agent-PID.sock, where DIR is the model's agent directory (the daemon
+passes it as $GPUSCHED_AGENT_DIR; systemd creates it as the unit's RuntimeDirectory, owned by the model's user).
+The daemon connects, checks the listener's credentials (it must be PID), and sends:
+
+    {"op": "park", "timeout_ms": N}  →  {"ok": true, "parked_bytes": B, "segments": S, "seconds": T}
+    {"op": "unpark"}                  →  {"ok": true, "seconds": T}
+    any failure                       →  {"ok": false, "error": "..."}
+
+A park belongs to its connection: the daemon keeps it open while the model is frozen and sends "unpark" on
+thaw. If the connection ends while parked (the daemon gave up waiting, or restarted), the agent unparks on its
+own as soon as it runs again, so a process is never left without its memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any
+
+AGENT_DIR_ENV = "GPUSCHED_AGENT_DIR"
+DAEMON_UID_ENV = "GPUSCHED_AGENT_DAEMON_UID"  # the uid allowed to connect besides root (the daemon's own)
+MAX_LINE = 4096
+
+
+def daemon_uid() -> int:
+    """The uid the daemon told this process it runs as (root if it did not say)."""
+    try:
+        return int(os.environ.get(DAEMON_UID_ENV, "0"))
+    except ValueError:
+        return 0
+
+
+def socket_path(directory: str, pid: int) -> str:
+    return os.path.join(directory, f"agent-{pid}.sock")
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a protocol message, or hung up."""
+
+
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+class Reader:
+    """Reads one message per line; a line longer than MAX_LINE or not a JSON object is a ProtocolError."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def read(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            if len(self.buf) > MAX_LINE:
+                raise ProtocolError("message too long")
+            data = self.sock.recv(MAX_LINE)
+            if not data:
+                raise ProtocolError("connection closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ProtocolError("not JSON") from None
+        if not isinstance(message, dict):
+            raise ProtocolError("not a JSON object")
+        return message
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel (SO_PEERCRED)."""
+    import struct
+
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid

@@ -1,0 +1,164 @@
+"""Copy device memory into ordinary host memory and back, at PCIe speed, without leaving large page-locked
+regions registered while the driver checkpoints the process (pinned memory makes the driver's checkpoint and
+restore slow, and pinning gigabytes takes seconds).
+
+Modes (bench/staging.py measures them; docs/fast-path.md has the figures):
+- ``ring``: each worker thread owns one small pinned bounce buffer (registered only for the copy); the DMA
+  fills it, and the worker copies it into the ordinary destination with memmove (no GIL, so workers overlap).
+- ``pin``: each worker page-locks its own piece of the destination just for that piece's copy.
+- ``pageable``: the driver copies straight into the ordinary destination (it bounces through its own buffers).
+- ``register``: the destination is page-locked for the copy and unlocked afterwards.
+
+The host side is one anonymous mapping with transparent huge pages asked for: fewer page faults and TLB
+misses, and it is given back to the system (munmap) as soon as it has been copied back."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .cuda import Cuda
+
+MODES = ("ring", "pin", "pageable", "register")
+DEFAULT_MODE = "ring"
+DEFAULT_THREADS = min(16, max(2, len(os.sched_getaffinity(0))))  # the copy is CPU-bound (memmove)
+DEFAULT_CHUNK = 16 << 20  # small pieces keep the workers' DMA and memmove overlapping
+
+
+@dataclass(frozen=True)
+class Piece:
+    """`size` bytes at device address `device` ↔ host area offset `offset`."""
+
+    device: int
+    offset: int
+    size: int
+
+
+class HostArea:
+    """Anonymous host memory for parked bytes, THP-advised."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._map = mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._map.madvise(mmap.MADV_HUGEPAGE)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    def view(self, offset: int, size: int) -> memoryview:
+        return memoryview(self._map)[offset : offset + size]
+
+    def close(self) -> None:
+        """Give the memory back; the caller holds no views any more."""
+        self._map.close()
+
+
+def split(segments: Iterable[tuple[int, int]], chunk: int, offset: int = 0) -> list[Piece]:
+    """(device address, size) segments → pieces of at most `chunk` bytes, laid out back to back on the host
+    from `offset`."""
+    pieces = []
+    for device, size in segments:
+        done = 0
+        while done < size:
+            n = min(chunk, size - done)
+            pieces.append(Piece(device + done, offset + done, n))
+            done += n
+        offset += size
+    return pieces
+
+
+class Copier:
+    """Moves pieces between the GPU and a HostArea with `threads` workers, each with its own stream."""
+
+    def __init__(
+        self, cuda: Cuda, context: int, mode: str = DEFAULT_MODE, threads: int = DEFAULT_THREADS,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:  # fmt: skip
+        if mode not in MODES:
+            raise ValueError(f"staging mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.cuda, self.context, self.mode, self.threads, self.chunk = cuda, context, mode, threads, chunk
+
+    def out(self, pieces: list[Piece], area: HostArea) -> None:
+        self._run(pieces, area, to_host=True)
+
+    def back(self, pieces: list[Piece], area: HostArea) -> None:
+        self._run(pieces, area, to_host=False)
+
+    def _run(self, pieces: list[Piece], area: HostArea, to_host: bool) -> None:
+        if not pieces:
+            return
+        if self.mode == "register":
+            self.cuda.host_register(area.address, area.size)
+        try:
+            shares = [pieces[i :: self.threads] for i in range(min(self.threads, len(pieces)))]
+            with ThreadPoolExecutor(len(shares), thread_name_prefix="gpusched-stage") as pool:
+                for future in [pool.submit(self._worker, share, area, to_host) for share in shares]:
+                    future.result()
+        finally:
+            if self.mode == "register":
+                self.cuda.host_unregister(area.address)
+
+    def _worker(self, share: list[Piece], area: HostArea, to_host: bool) -> None:
+        cuda = self.cuda
+        cuda.set_context(self.context)
+        stream = cuda.stream()
+        try:
+            if self.mode == "pin":
+                for p in share:
+                    host = area.address + p.offset
+                    cuda.host_register(host, p.size)
+                    try:
+                        (cuda.copy_out if to_host else cuda.copy_in)(*self._direct(p, area, to_host), stream)
+                        cuda.stream_sync(stream)
+                    finally:
+                        cuda.host_unregister(host)
+                return
+            if self.mode != "ring":
+                for p in share:
+                    (cuda.copy_out if to_host else cuda.copy_in)(*self._direct(p, area, to_host), stream)
+                cuda.stream_sync(stream)
+                return
+            with _Bounce(cuda, max(p.size for p in share)) as bounce:
+                for p in share:
+                    if to_host:
+                        cuda.copy_out(bounce.address, p.device, p.size, stream)
+                        cuda.stream_sync(stream)
+                        ctypes.memmove(area.address + p.offset, bounce.address, p.size)
+                    else:
+                        ctypes.memmove(bounce.address, area.address + p.offset, p.size)
+                        cuda.copy_in(p.device, bounce.address, p.size, stream)
+                        cuda.stream_sync(stream)
+        finally:
+            cuda.stream_destroy(stream)
+
+    @staticmethod
+    def _direct(p: Piece, area: HostArea, to_host: bool) -> tuple[int, int, int]:
+        host = area.address + p.offset
+        return (host, p.device, p.size) if to_host else (p.device, host, p.size)
+
+
+class _Bounce:
+    """A page-locked bounce buffer that is registered only while it is in use."""
+
+    def __init__(self, cuda: Cuda, size: int) -> None:
+        self.cuda, self.area = cuda, HostArea(size)
+        self.address = self.area.address
+
+    def __enter__(self) -> _Bounce:
+        ctypes.memset(self.address, 0, self.area.size)  # fault it in before pinning
+        self.cuda.host_register(self.address, self.area.size)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cuda.host_unregister(self.address)
+        self.area.close()
+
+
+def timed(fn: Callable[[], None]) -> float:
+    """Seconds `fn` took (for the agent's reports and the staging benchmark)."""
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0

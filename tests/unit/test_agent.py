@@ -1,0 +1,243 @@
+"""The fast path's agent over the fake libcuda's virtual memory management: parking keeps every address and byte,
+releases the memory, and a failure at any step leaves the memory where a process can use it; the protocol
+between the daemon's AgentLink and the agent, including an attacker's and a vanished daemon's cases."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakegpu_fixtures import GPU0, MIB, wait_for
+
+from gpuschedd.agent.cuda import Cuda
+from gpuschedd.agent.parking import ParkError, ParkingLot
+from gpuschedd.agent.protocol import socket_path
+from gpuschedd.agent.server import Agent
+from gpuschedd.agent.staging import MODES
+from gpuschedd.agentlink import AgentFailed, AgentLink
+from gpuschedd.testing.fakegpu import FakeGpuDir
+
+
+@pytest.fixture
+def fake(gpu_dir: FakeGpuDir) -> Iterator[FakeGpuDir]:
+    """This test process as a CUDA process of the fake driver (its allocations count as its VRAM)."""
+    ctx = Path(gpu_dir.path, "ctx", str(os.getpid()))
+    ctx.parent.mkdir(parents=True, exist_ok=True)
+    ctx.write_text(f"vram=0\ngpu={GPU0}\nagent=0\n")
+    yield gpu_dir
+    ctx.unlink()
+
+
+def vram(gpu_dir: FakeGpuDir) -> int:
+    return next(c.vram for c in gpu_dir.contexts() if c.pid == os.getpid())
+
+
+def filled(lot: ParkingLot, sizes: list[int]) -> list[tuple[int, int, int]]:
+    """Segments of these sizes, each filled with its own byte: (address, size asked, byte)."""
+    out = []
+    for i, size in enumerate(sizes):
+        address = lot.malloc(size, 0)
+        ctypes.memset(address, i + 7, size)
+        out.append((address, size, i + 7))
+    return out
+
+
+def intact(segments: list[tuple[int, int, int]]) -> bool:
+    return all(ctypes.string_at(a, n) == bytes([b]) * n for a, n, b in segments)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_park_releases_the_memory_and_unpark_restores_it_in_place(fake: FakeGpuDir, mode: str) -> None:
+    lot = ParkingLot(Cuda(), mode=mode, threads=3, chunk=1 * MIB)
+    segments = filled(lot, [1 * MIB, 5 * MIB, 2 * MIB])
+    assert vram(fake) == 10 * MIB, "sizes round up to the 2 MiB granularity"
+
+    report = lot.park()
+    assert (report.parked_bytes, report.segments) == (10 * MIB, 3) and lot.parked
+    assert vram(fake) == 0, "the physical memory is released"
+
+    lot.unpark()
+    assert not lot.parked and vram(fake) == 10 * MIB
+    assert intact(segments), "same addresses, same bytes"
+    for address, _n, _b in segments:
+        lot.free(address)
+    assert vram(fake) == 0
+
+
+def test_a_failed_copy_out_releases_nothing(fake: FakeGpuDir) -> None:
+    lot = ParkingLot(Cuda(), threads=2, chunk=1 * MIB)
+    segments = filled(lot, [4 * MIB, 4 * MIB])
+    fake.fail(os.getpid(), "memcpy", "CUDA_ERROR_ILLEGAL_STATE")
+    with pytest.raises(ParkError, match="nothing was released"):
+        lot.park()
+    assert not lot.parked and vram(fake) == 8 * MIB and intact(segments)
+    fake.clear_failures()
+    lot.park()
+    lot.unpark()
+    assert intact(segments)
+
+
+def test_an_unpark_without_room_keeps_the_bytes_parked_until_there_is(fake: FakeGpuDir) -> None:
+    lot = ParkingLot(Cuda(), threads=2, chunk=1 * MIB)
+    segments = filled(lot, [6 * MIB, 6 * MIB])
+    lot.park()
+    fake.allocate("squatter", (1 << 30) - 8 * MIB, GPU0)  # room for one segment, not both
+    with pytest.raises(ParkError, match="stay parked"):
+        lot.unpark()
+    assert lot.parked and vram(fake) == 6 * MIB, "what was mapped stays mapped"
+    fake.free("squatter")
+    lot.unpark()
+    assert not lot.parked and vram(fake) == 12 * MIB and intact(segments)
+
+
+def test_no_allocation_while_parked(fake: FakeGpuDir) -> None:
+    lot = ParkingLot(Cuda())
+    filled(lot, [2 * MIB])
+    lot.park()
+    with pytest.raises(ParkError):
+        lot.malloc(2 * MIB, 0)
+    lot.unpark()
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+@pytest.fixture
+def agent(fake: FakeGpuDir, tmp_path: Path) -> Iterator[tuple[Agent, list[tuple[int, int, int]]]]:
+    lot = ParkingLot(Cuda(), threads=2, chunk=1 * MIB)
+    segments = filled(lot, [4 * MIB, 2 * MIB])
+    agent = Agent(lot, str(tmp_path))
+    agent.start()
+    yield agent, segments
+    agent.close()
+
+
+def test_the_daemon_parks_and_unparks_through_the_link(agent, tmp_path: Path, fake: FakeGpuDir) -> None:  # type: ignore[no-untyped-def]
+    a, segments = agent
+    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    assert link is not None
+    assert link.park(5000) == 6 * MIB
+    assert a.lot.parked and vram(fake) == 0
+    assert not a.gate.acquire(blocking=False), "the model's work waits while parked"
+    link.unpark(5.0)
+    assert not a.lot.parked and intact(segments)
+    assert a.gate.acquire(blocking=False)
+    a.gate.release()
+    link.close()
+
+
+def test_a_process_without_an_agent_has_no_link(tmp_path: Path) -> None:
+    assert AgentLink.connect(str(tmp_path), os.getpid(), 1.0) is None
+
+
+def test_a_busy_model_is_not_parked(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    a, _segments = agent
+    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    assert link is not None
+    with a.busy(), pytest.raises(AgentFailed, match="busy") as e:
+        link.park(100)
+    assert e.value.answered and not a.lot.parked
+    link.close()
+
+
+def test_when_the_daemon_goes_away_the_agent_unparks_by_itself(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    a, segments = agent
+    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    assert link is not None
+    link.park(5000)
+    link.close()
+    wait_for(lambda: not a.lot.parked, what="the agent's own unpark")
+    assert intact(segments)
+    wait_for(lambda: a.gate.acquire(blocking=False), what="the gate")
+    a.gate.release()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"not json\n", b"[1]\n", b'{"op": "park", "timeout_ms": -1}\n', b'{"op": "park", "timeout_ms": true}\n',
+     b'{"op": "unpark"}\n', b'{"op": "rm -rf"}\n', b"x" * 10000],
+)  # fmt: skip
+def test_bad_requests_change_nothing(agent, tmp_path: Path, message: bytes) -> None:  # type: ignore[no-untyped-def]
+    a, segments = agent
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(socket_path(str(tmp_path), os.getpid()))
+        s.sendall(message)
+        with contextlib.suppress(OSError):
+            reply = s.recv(4096)
+            assert not reply or b'"ok":false' in reply
+    assert not a.lot.parked and intact(segments)
+
+
+def test_a_socket_served_by_another_process_is_refused(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with socket.socket(socket.AF_UNIX) as impostor:
+            impostor.bind(socket_path(str(tmp_path), child.pid))  # this process answers for the child
+            impostor.listen(1)
+            with pytest.raises(AgentFailed, match=f"served by pid {os.getpid()}, not {child.pid}"):
+                AgentLink.connect(str(tmp_path), child.pid, 2.0)
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_other_users_are_not_served(agent) -> None:  # type: ignore[no-untyped-def]
+    a, _segments = agent
+    directory = tempfile.mkdtemp(prefix="gpusched-agent-test-", dir="/tmp")  # reachable by nobody
+    os.chmod(directory, 0o755)
+    b = Agent(a.lot, directory)
+    b.start()
+    path = socket_path(directory, os.getpid())
+    os.chmod(path, 0o666)  # even where the file lets them in, the agent checks who connected
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+        "try:\n"
+        '    s.sendall(b\'{"op": "park", "timeout_ms": 1000}\\n\')\n'
+        "    print('refused' if s.recv(4096) == b'' else 'served')\n"
+        "except (BrokenPipeError, ConnectionResetError):\n"
+        "    print('refused')\n"
+    )
+    try:
+        argv = [sys.executable, "-c", probe, path]
+        out = subprocess.run(argv, user=65534, capture_output=True, text=True, timeout=30)
+    finally:
+        b.close()
+        os.rmdir(directory)
+    assert out.stdout.strip() == "refused", out.stderr
+    assert not a.lot.parked
+
+
+def test_park_and_work_take_turns(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A model thread working inside busy() never sees its memory parked."""
+    a, segments = agent
+    stop, seen_bad = threading.Event(), []
+
+    def work() -> None:
+        while not stop.is_set():
+            with a.busy():
+                if not intact(segments):
+                    seen_bad.append(True)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    assert link is not None
+    for _ in range(5):
+        link.park(5000)
+        link.unpark(5.0)
+    link.close()
+    stop.set()
+    worker.join()
+    assert not seen_bad
