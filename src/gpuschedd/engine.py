@@ -13,8 +13,9 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import adopt, hostmem, recovery
 from .checkpoint import CheckpointBackend, CheckpointError
@@ -286,7 +287,8 @@ class Engine:
                 f"model {model.name} "
                 + ("stopped" if stopped else "ended")
                 + f" while gpuschedd was not running (it was {was}; result {result})"
-                + (f"; {released} bytes of host RAM released" if released else ""),
+                + (f"; {released} bytes of host RAM released" if released else "")
+                + self._close_wake(model),
                 bytes=released,
                 fields={"GPUSCHED_RESULT": result, "GPUSCHED_STATE_BEFORE": str(was)},
             )
@@ -363,14 +365,18 @@ class Engine:
             return
         if model.lock.locked():
             # A transition is under way (it may be failing because of this very exit): look again once it is over.
-            try:
-                task = asyncio.get_running_loop().create_task(self._recheck_exit(model, status))
-            except RuntimeError:  # no loop: nothing can hold the lock either
-                return
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(lambda: self._recheck_exit(model, status))
             return
         self._ended(model, status)
+
+    def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `work` as a task of its own (kept, so drain() waits for it); from a callback that cannot await."""
+        try:
+            task = asyncio.get_running_loop().create_task(work())
+        except RuntimeError:  # no loop: nothing can hold a lock or wait on a unit either
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _recheck_exit(self, model: Model, seen: UnitStatus) -> None:
         async with model.lock:
@@ -399,6 +405,7 @@ class Engine:
             message += f" while {was}"
         if released:
             message += f"; its snapshot is lost and {released} bytes of host RAM were released"
+        message += self._close_wake(model)
         self._emit(
             Event(
                 EventKind.EXIT,
@@ -469,6 +476,9 @@ class Engine:
             idle_freeze_sec=options.idle_freeze_sec,
             frozen_ttl_sec=options.frozen_ttl_sec,
             last_active_usec=self.now_usec(),
+            port=options.port,
+            backend_port=options.backend_port,
+            listen_address=options.listen_address,
         )
         start_wake = getattr(self.units, "start_wake", None)
         if options.port and start_wake is None:
@@ -549,6 +559,24 @@ class Engine:
                 fields={"GPUSCHED_REASON": reason} if reason else {},
             )
         )
+
+    def _close_wake(self, model: Model) -> str:
+        """A model that ended by itself takes its public port with it: the proxy would keep every client waiting
+        for a model that never runs again (a new Run of the name opens the port again). Returns what the exit's
+        event says about it."""
+        if not model.port:
+            return ""
+
+        async def close() -> None:
+            if self.models.get(model.name) is not model or model.state not in ENDED:
+                return  # the name was run again meanwhile: its wake units are the new model's
+            try:
+                await self._stop_wake(model.name)
+            except GpuschedError as e:
+                log.warning("closing the public port of %s, which ended: %s", model.name, e)
+
+        self._spawn(close)
+        return f"; its public port {model.port} is closed"
 
     async def _stop_wake(self, name: str) -> None:
         """Stop a model's wake-on-connection socket and proxy, if it has them (none: nothing happens)."""

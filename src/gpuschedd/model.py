@@ -49,5 +49,10 @@ class Model:
     idle_freeze_sec: int = -1
     frozen_ttl_sec: int = 0
     last_active_usec: int = field(default_factory=now_usec)
+    # Wake on first connection (Run options): the public port of gpusched-wake@NAME.socket (0: none), the model's own
+    # port on 127.0.0.1, and the public port's address (empty: every address).
+    port: int = 0
+    backend_port: int = 0
+    listen_address: str = ""
     # Serializes every transition of this model; never held across two models at once.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)

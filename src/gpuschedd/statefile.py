@@ -66,6 +66,9 @@ def model_to_dict(model: Model) -> dict[str, Any]:
         "idle_freeze_sec": model.idle_freeze_sec,
         "frozen_ttl_sec": model.frozen_ttl_sec,
         "last_active_usec": model.last_active_usec,
+        "port": model.port,
+        "backend_port": model.backend_port,
+        "listen_address": model.listen_address,
     }
 
 
@@ -95,6 +98,9 @@ def model_from_dict(data: dict[str, Any]) -> Model:
         idle_freeze_sec=int(data.get("idle_freeze_sec", -1)),
         frozen_ttl_sec=int(data.get("frozen_ttl_sec", 0)),
         last_active_usec=int(data.get("last_active_usec", 0)) or now_usec(),
+        port=int(data.get("port", 0)),
+        backend_port=int(data.get("backend_port", 0)),
+        listen_address=str(data.get("listen_address", "")),
     )
 
 
