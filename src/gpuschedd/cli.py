@@ -166,6 +166,16 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
         add("VRAM", human_bytes(m["VramBytes"]))
     if m["LastFreezeUSec"] or m["LastThawUSec"]:
         add("Last freeze", f"{m['LastFreezeUSec'] / 1e6:.3f} s, last thaw {m['LastThawUSec'] / 1e6:.3f} s")
+    if "Priority" in m:  # a daemon older than the CLI has no policy properties
+
+        def after(seconds: int) -> str:
+            return f"after {seconds}s" if seconds else "never"
+
+        add(
+            "Policies",
+            f"priority {m['Priority']}, idle freeze {after(m['IdleFreezeSec'])}, "
+            f"stop when frozen {after(m['FrozenTTLSec'])}",
+        )
     return lines
 
 
@@ -380,7 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpusched {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="run a command as a model (unit gpusched-model@NAME.service)")
+    # The policies of every new model, run or adopted (docs/configuration.md); defaults are left to the daemon.
+    policies = argparse.ArgumentParser(add_help=False)
+    policies.add_argument("--priority", type=int, default=0, help="eviction priority (higher is evicted later)")
+    policies.add_argument(
+        "--idle-freeze-sec", type=int, default=None, help="freeze after this long without GPU use (0: never)"
+    )
+    policies.add_argument("--frozen-ttl-sec", type=int, default=0, help="stop after this long frozen (0: never)")
+
+    run = sub.add_parser(
+        "run", parents=[common, policies], help="run a command as a model (unit gpusched-model@NAME.service)"
+    )
     run.add_argument("--name", required=True)
     run.add_argument("--description", default="")
     run.add_argument(
@@ -394,11 +414,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=0, help="wake on first connection: the public TCP port")
     run.add_argument("--backend-port", type=int, default=0, help="the port the model serves on, on 127.0.0.1")
     run.add_argument("--listen-address", default="", help="the public port's address (default: every address)")
-    run.add_argument("--priority", type=int, default=0, help="eviction priority (higher is evicted later)")
-    run.add_argument(
-        "--idle-freeze-sec", type=int, default=None, help="freeze after this long without GPU use (0: never)"
-    )
-    run.add_argument("--frozen-ttl-sec", type=int, default=0, help="stop after this long frozen (0: never)")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     for verb, text in (
@@ -409,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(verb, parents=[common], help=text).add_argument("name")
     adopt = sub.add_parser(
-        "adopt", parents=[common], help="manage a running unit in place, or move running processes into a scope"
+        "adopt",
+        parents=[common, policies],
+        help="manage a running unit in place, or move running processes into a scope",
     )
     adopt.add_argument("name")
     what = adopt.add_mutually_exclusive_group(required=True)
@@ -489,6 +506,11 @@ def report_new_model(gs: GpuSched, name: str, path: str, verb: str, as_json: boo
         print(f"{verb} {name} as unit {info['Unit']}")
 
 
+def policy_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--priority, --idle-freeze-sec, --frozen-ttl-sec, as the SDK's keywords (run and adopt take them alike)."""
+    return {"priority": args.priority, "idle_freeze_sec": args.idle_freeze_sec, "frozen_ttl_sec": args.frozen_ttl_sec}
+
+
 def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     simple: dict[str, Callable[[str], Any]] = {"stop": gs.stop, "forget": gs.forget}
     if args.command in simple:
@@ -500,7 +522,10 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     elif args.command == "swap":
         swap(gs, args.freeze_name, args.thaw_name, args.json)
     elif args.command == "adopt":
-        path = gs.adopt(args.name, args.unit) if args.unit else gs.adopt_processes(args.name, args.pid)
+        given = policy_args(args)
+        path = (
+            gs.adopt(args.name, args.unit, **given) if args.unit else gs.adopt_processes(args.name, args.pid, **given)
+        )
         report_new_model(gs, args.name, path, "Adopted", args.json)
     elif args.command == "migrate":
         gs.migrate(args.name, args.to)
@@ -521,9 +546,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             port=args.port,
             backend_port=args.backend_port,
             listen_address=args.listen_address,
-            priority=args.priority,
-            idle_freeze_sec=args.idle_freeze_sec,
-            frozen_ttl_sec=args.frozen_ttl_sec,
+            **policy_args(args),
         )
         report_new_model(gs, args.name, path, "Running", args.json)
     elif args.command == "list":

@@ -44,7 +44,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunOptions:
+class Policies:
+    """A model's policies (docs/configuration.md): options of Run, Adopt and AdoptProcesses alike."""
+
+    priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
+    idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
+    frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
+
+
+@dataclass
+class RunOptions(Policies):
     description: str = ""
     working_directory: str = ""
     environment: list[str] = field(default_factory=list)
@@ -54,9 +63,6 @@ class RunOptions:
     port: int = 0
     backend_port: int = 0
     listen_address: str = ""  # empty: every address
-    priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
-    idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
-    frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
 
 
 class EngineListener:
@@ -472,14 +478,11 @@ class Engine:
             owner=uid,
             command=list(argv),
             gpus=list(options.gpus),
-            priority=options.priority,
-            idle_freeze_sec=options.idle_freeze_sec,
-            frozen_ttl_sec=options.frozen_ttl_sec,
-            last_active_usec=self.now_usec(),
             port=options.port,
             backend_port=options.backend_port,
             listen_address=options.listen_address,
         )
+        self._set_policies(model, options)
         start_wake = getattr(self.units, "start_wake", None)
         if options.port and start_wake is None:
             raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
@@ -502,6 +505,13 @@ class Engine:
             ),
         )
         return model
+
+    def _set_policies(self, model: Model, policies: Policies) -> None:
+        """A new model's policies; its idle time starts now."""
+        model.priority = policies.priority
+        model.idle_freeze_sec = policies.idle_freeze_sec
+        model.frozen_ttl_sec = policies.frozen_ttl_sec
+        model.last_active_usec = self.now_usec()
 
     async def _admit(self, model: Model, start: Callable[[], Awaitable[UnitStatus]]) -> UnitStatus:
         """Enter a new model in the table around the start of its unit. The name is reserved before the first
@@ -640,7 +650,9 @@ class Engine:
             owner = adopt.common_owner([u for u in uids if u is not None], 0)
         return status, owner
 
-    async def adopt(self, name: str, unit: str, caller: int, others: bool = False) -> Model:
+    async def adopt(
+        self, name: str, unit: str, caller: int, others: bool = False, policies: Policies | None = None
+    ) -> Model:
         """Manage an existing unit in place: it keeps its name, restart policy and logs. Only a unit the caller owns,
         unless `others` (the bus layer grants it with `manage`)."""
         if caller < 0:
@@ -651,6 +663,7 @@ class Engine:
         self._check_new_model(name, unit, status.pids)  # again: the status was read with an await
         command = list(status.command) or adopt.cmdline(status.main_pid or status.pids[0])
         model = Model(name=name, unit=unit, owner=owner, command=command)
+        self._set_policies(model, policies or Policies())
         self._apply_status(model, status)
         existing = self.models.get(name)
         if existing is not None:
@@ -667,7 +680,9 @@ class Engine:
         self._check_new_model(name, adopt.scope_unit(name), list(owners))
         return owners
 
-    async def adopt_processes(self, name: str, pids: list[int], caller: int, others: bool = False) -> Model:
+    async def adopt_processes(
+        self, name: str, pids: list[int], caller: int, others: bool = False, policies: Policies | None = None
+    ) -> Model:
         """Move running processes into the transient scope gpusched-adopt-NAME.scope in gpusched.slice. Only
         processes the caller owns, unless `others` (the bus layer grants it with `manage`)."""
         if caller < 0:
@@ -680,6 +695,7 @@ class Engine:
         owner = adopt.common_owner(list(owners.values()), caller)
         command = adopt.cmdline(min(owners))
         model = Model(name=name, unit=unit, owner=owner, command=command)
+        self._set_policies(model, policies or Policies())
         status = await self._admit(
             model, lambda: self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
         )
@@ -1138,7 +1154,8 @@ class Engine:
 
     # ----------------------------------------------------------------- policies
 
-    def _idle_limit(self, model: Model) -> int:
+    def idle_limit(self, model: Model) -> int:
+        """The idle time in force for a model: its own IdleFreezeSec, else the daemon's (0: never frozen idle)."""
         return self.config.idle_freeze_sec if model.idle_freeze_sec < 0 else model.idle_freeze_sec
 
     async def apply_policies(self) -> None:
@@ -1147,7 +1164,7 @@ class Engine:
         a policy that cannot be carried out is logged (and its refusal or failure journaled) and tried again."""
         now = self.now_usec()
         watched = [
-            m for m in self.models.values() if m.state == State.RUNNING and self._idle_limit(m) > 0 and m.vram_bytes
+            m for m in self.models.values() if m.state == State.RUNNING and self.idle_limit(m) > 0 and m.vram_bytes
         ]
         busy = self.telemetry.busy_pids() if watched else None
         for model in watched:
@@ -1157,7 +1174,7 @@ class Engine:
             if busy & set(model.pids):
                 model.last_active_usec = now
                 continue
-            limit = self._idle_limit(model)
+            limit = self.idle_limit(model)
             idle = (now - model.last_active_usec) / 1e6
             if idle < limit or model.lock.locked():
                 continue
