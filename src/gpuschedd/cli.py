@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from . import __version__, eventlog, hostmem
 from .client import GpuSched, ModelInfo
+from .config import ConfigError, parse_size
 from .errors import GpuschedError, NoSuchModel
 from .names import model_unit, validate_model_name
 
@@ -371,6 +372,14 @@ def show_logs(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 
 
+def size_arg(text: str) -> int:
+    """A size as systemd and gpuschedd.conf write it: 8G, 512M, 1.5T, plain bytes (powers of 1024)."""
+    try:
+        return parse_size(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M, 1.5T)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The global options work before or after the command word (`gpusched --json list`, `gpusched list --json`):
     # the subcommands' copies default to SUPPRESS so they never overwrite a value given earlier.
@@ -411,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-E", "--setenv", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--gpus", default="", help="comma-separated GPU indices or UUIDs (CUDA_VISIBLE_DEVICES)")
     run.add_argument("--user", default="", help="run as this user (needs the manage privilege)")
+    run.add_argument(
+        "--gpu-memory",
+        type=size_arg,
+        default=0,
+        metavar="SIZE",
+        help="GPU memory the model needs free on each of its GPUs before it starts (e.g. 8G)",
+    )
     run.add_argument("--port", type=int, default=0, help="wake on first connection: the public TCP port")
     run.add_argument("--backend-port", type=int, default=0, help="the port the model serves on, on 127.0.0.1")
     run.add_argument("--listen-address", default="", help="the public port's address (default: every address)")
@@ -546,6 +562,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             port=args.port,
             backend_port=args.backend_port,
             listen_address=args.listen_address,
+            gpu_memory=args.gpu_memory,
             **policy_args(args),
         )
         report_new_model(gs, args.name, path, "Running", args.json)

@@ -261,10 +261,12 @@ class AsyncGpuSched:
         priority: int = 0,
         idle_freeze_sec: int | None = None,
         frozen_ttl_sec: int = 0,
+        gpu_memory: int = 0,
     ) -> str:
         """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path. The options are
         Run's (docs/dbus-api.md): port/backend_port/listen_address wake the model on a connection,
-        priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md)."""
+        priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md), gpu_memory the bytes it
+        needs free on each of its GPUs before it starts (InsufficientGpuMemory when they cannot be had)."""
         given: list[tuple[str, str, Any]] = [
             ("Description", "s", description),
             ("WorkingDirectory", "s", working_directory),
@@ -274,6 +276,7 @@ class AsyncGpuSched:
             ("Port", "q", port),
             ("BackendPort", "q", backend_port),
             ("ListenAddress", "s", listen_address),
+            ("GpuMemory", "t", gpu_memory),
         ]
         options = _options(given, priority, idle_freeze_sec, frozen_ttl_sec)
         [path] = await self._call("Run", "sasa{sv}", [name, argv, options])

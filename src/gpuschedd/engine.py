@@ -37,7 +37,7 @@ from .events import Event, EventKind
 from .model import ENDED, Model, State, now_usec
 from .names import MODEL_UNIT_PREFIX, model_name_from_unit, model_unit, validate_model_name
 from .statefile import SavedTable, StateFile
-from .telemetry import GpuTelemetry
+from .telemetry import GpuInfo, GpuTelemetry
 from .units import UnitBackend, UnitSpec, UnitStatus
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ class RunOptions(Policies):
     port: int = 0
     backend_port: int = 0
     listen_address: str = ""  # empty: every address
+    # Bytes the model needs free on each GPU it will use (its gpus, else every GPU), made room for before it starts
+    # (evicting with EvictOnThaw=yes); 0: not checked.
+    gpu_memory: int = 0
 
 
 class EngineListener:
@@ -101,6 +104,14 @@ def _gpu_permutation(all_gpus: list[str], old: str, new: str) -> list[tuple[str,
     view, and by UUID, never by index (CUDA_VISIBLE_DEVICES renumbers indices inside the process)."""
     swap = {old: new, new: old}
     return [(uuid, swap.get(uuid, uuid)) for uuid in all_gpus]
+
+
+def _find_gpu(gpus: list[GpuInfo], gpu: str) -> GpuInfo:
+    """The GPU a caller named by index or UUID; InvalidArgs when the host has none such."""
+    found = next((g for g in gpus if gpu in (g.uuid, str(g.index))), None)
+    if found is None:
+        raise InvalidArgs(f"no GPU {gpu!r} on this host (give an index or a UUID from `gpusched status`)")
+    return found
 
 
 class Engine:
@@ -486,6 +497,10 @@ class Engine:
         start_wake = getattr(self.units, "start_wake", None)
         if options.port and start_wake is None:
             raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
+        shortfall = self._start_shortfall(model, options)
+        if self.config.evict_on_thaw:
+            await self._evict_for(model, shortfall, "the start")
+        self._check_gpu_room(model, shortfall())
         t0 = time.monotonic()
         status = await self._admit(model, lambda: self.units.start(spec))
         if options.port and start_wake is not None:
@@ -864,12 +879,11 @@ class Engine:
                 ),
             )
 
-    def _check_gpu_room(self, model: Model) -> None:
-        """Refuse a thaw that would not fit: a restore that runs out of VRAM leaves the process unrecoverable
-        (cuda-checkpoint issue 44), so this is checked before anything moves."""
-        error = self._gpu_shortfall(model)
-        if error is not None:
-            self._refuse(model, error)
+    def _check_gpu_room(self, model: Model, shortfall: InsufficientGpuMemory | None) -> None:
+        """Refuse a thaw (or a start with GpuMemory) that would not fit: a restore that runs out of VRAM leaves the
+        process unrecoverable (cuda-checkpoint issue 44), so this is checked before anything moves."""
+        if shortfall is not None:
+            self._refuse(model, shortfall)
 
     def _gpu_shortfall(self, model: Model) -> InsufficientGpuMemory | None:
         """What a thaw would lack: per GPU, the VRAM the model held running (NVML, before its freeze) less what
@@ -891,19 +905,49 @@ class Engine:
                 )
             return None
         per_pid = self.telemetry.vram_by_pid()
-        for uuid, held in sorted(model.vram_by_gpu.items()):
-            need = held - sum(per_pid.get(pid, {}).get(uuid, 0) for pid in model.pids)
+        need = {
+            uuid: held - sum(per_pid.get(pid, {}).get(uuid, 0) for pid in model.pids)
+            for uuid, held in model.vram_by_gpu.items()
+        }
+        return self._lacking(model, need, gpus, f"thawing {model.name}", "The model stays frozen.")
+
+    def _lacking(
+        self, model: Model, need: dict[str, int], gpus: dict[str, GpuInfo], doing: str, outcome: str
+    ) -> InsufficientGpuMemory | None:
+        """The first GPU (by UUID) with less free memory than `need` says, counting what thaws under way were
+        promised there; the error carries needed, free and gpu for eviction."""
+        for uuid, bytes_needed in sorted(need.items()):
             gpu = gpus.get(uuid)
             promised = sum(r.get(uuid, 0) for name, r in self._thaw_reserved.items() if name != model.name)
             free = max(0, gpu.free_bytes - promised) if gpu else 0
-            if need > free:
+            if bytes_needed > free:
                 where = f"GPU {gpu.index} ({uuid})" if gpu else f"GPU {uuid}, which is not present"
                 error = InsufficientGpuMemory(
-                    f"thawing {model.name} needs {need} bytes free on {where}; {free} free. The model stays frozen."
+                    f"{doing} needs {bytes_needed} bytes free on {where}; {free} free. {outcome}"
                 )
-                error.needed, error.free, error.gpu = need, free, uuid  # type: ignore[attr-defined]
+                error.needed, error.free, error.gpu = bytes_needed, free, uuid  # type: ignore[attr-defined]
                 return error
         return None
+
+    def _start_shortfall(self, model: Model, options: RunOptions) -> Callable[[], InsufficientGpuMemory | None]:
+        """GpuMemory: what the start of a new model would lack, on each GPU it will use: its Gpus, else every GPU
+        of the host (it can see them all). A GPU named but not on the host is InvalidArgs. Without GPU telemetry
+        nothing can be checked, as for a thaw."""
+        if options.gpu_memory <= 0:
+            return lambda: None
+        found = self.telemetry.gpus()
+        if not found:
+            log.warning("run of %s: no GPU telemetry, cannot check GpuMemory", model.name)
+            return lambda: None
+        targets = [_find_gpu(found, gpu) for gpu in options.gpus] if options.gpus else found
+        need = {gpu.uuid: options.gpu_memory for gpu in targets}
+        return lambda: self._lacking(
+            model,
+            need,
+            {g.uuid: g for g in self.telemetry.gpus()},
+            f"starting {model.name} (GpuMemory)",
+            "Nothing was started.",
+        )
 
     def _drop_lost_pids(self, model: Model) -> None:
         """A CUDA process of a frozen model that ended while the unit lives on (one rank of a multi-process
@@ -965,7 +1009,7 @@ class Engine:
     async def thaw(self, name: str) -> Model:
         model = self.get(name)
         if model.state == State.FROZEN and self.config.evict_on_thaw:
-            await self._evict_for(model)
+            await self._evict_for(model, lambda: self._gpu_shortfall(model), "the thaw")
         async with model.lock:
             if model.state == State.RUNNING:
                 return model
@@ -984,7 +1028,7 @@ class Engine:
         self._drop_lost_pids(model)
         moved = dict(gpu_pairs or [])
         if gpu_pairs is None:
-            self._check_gpu_room(model)
+            self._check_gpu_room(model, self._gpu_shortfall(model))
         # No await since the check: nothing came between.
         self._thaw_reserved[model.name] = {moved.get(uuid, uuid): n for uuid, n in model.vram_by_gpu.items()}
         self._set_state(model, State.THAWING)
@@ -1041,9 +1085,7 @@ class Engine:
             if self.checkpoint.name == "none":
                 raise NotSupported("migration needs the CUDA checkpoint API (CheckpointBackend is none)")
             gpus = self.telemetry.gpus()
-            target = next((g for g in gpus if gpu in (g.uuid, str(g.index))), None)
-            if target is None:
-                raise InvalidArgs(f"no GPU {gpu!r} on this host (give an index or a UUID from `gpusched status`)")
+            target = _find_gpu(gpus, gpu)
             if model.state == State.RUNNING:
                 await self.refresh(model, vram=True)
             sources = sorted(model.vram_by_gpu)
@@ -1198,13 +1240,16 @@ class Engine:
             except GpuschedError as e:
                 log.warning("stop of %s past its frozen time to live: %s", model.name, e)
 
-    async def _evict_for(self, model: Model) -> None:
-        """EvictOnThaw=yes: while the thaw of `model` lacks VRAM on a GPU, freeze running models there of lower
-        priority, then of equal priority least recently used first; never one of higher priority, and none at all
-        when all of them together would not make room. Takes no lock but each victim's own, one at a time."""
+    async def _evict_for(
+        self, model: Model, shortfall: Callable[[], InsufficientGpuMemory | None], purpose: str
+    ) -> None:
+        """EvictOnThaw=yes: while `purpose` (the thaw of `model`, or its start with GpuMemory) lacks VRAM on a GPU
+        (`shortfall`), freeze running models there of lower priority, then of equal priority least recently used
+        first; never one of higher priority, and none at all when all of them together would not make room. Takes
+        no lock but each victim's own, one at a time."""
         tried: set[str] = set()
         while True:
-            short = self._gpu_shortfall(model)
+            short = shortfall()
             uuid = getattr(short, "gpu", None)
             if short is None or uuid is None:
                 return
@@ -1231,7 +1276,7 @@ class Engine:
             victim = victims[0]
             tried.add(victim.name)
             why = (
-                f"evicted for the thaw of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
+                f"evicted for {purpose} of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
                 f" {uuid} where {free} are free; {victim.name} has priority {victim.priority}"
             )
             log.info("model %s: %s", victim.name, why)

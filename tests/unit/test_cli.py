@@ -164,9 +164,10 @@ def test_run_options_reach_the_bus_with_their_types(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(AsyncGpuSched, "_call", fake_call)
     monkeypatch.setattr(AsyncGpuSched, "connect", lambda self: asyncio.sleep(0, self))
     argv = ["run", "--name", "m", "--port", "8080", "--backend-port", "8081", "--priority", "-2"]
-    argv += ["--idle-freeze-sec", "0", "--frozen-ttl-sec", "600", "--workdir", "/srv", "--", "serve"]
-    assert cli.main(argv) == 0
+    argv += ["--idle-freeze-sec", "0", "--frozen-ttl-sec", "600", "--gpu-memory", "1.5G", "--workdir", "/srv", "--"]
+    assert cli.main([*argv, "serve"]) == 0
     assert sent[-1] == {
+        "GpuMemory": ("t", 3 << 29),
         "WorkingDirectory": ("s", "/srv"),
         "Port": ("q", 8080),
         "BackendPort": ("q", 8081),
@@ -176,6 +177,9 @@ def test_run_options_reach_the_bus_with_their_types(monkeypatch: pytest.MonkeyPa
     }
     assert cli.main(["run", "--name", "m", "--workdir", "/srv", "--", "serve"]) == 0
     assert sent[-1] == {"WorkingDirectory": ("s", "/srv")}
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["run", "--name", "m", "--gpu-memory", "lots", "--", "serve"])
+    assert usage.value.code == 2 and len(sent) == 2
     # adopt takes the same policy flags, for a unit and for processes
     policies = ["--priority", "3", "--idle-freeze-sec", "60", "--frozen-ttl-sec", "0"]
     assert cli.main(["adopt", "m", "--unit", "vllm.service", *policies]) == 0

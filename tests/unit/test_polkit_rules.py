@@ -230,8 +230,10 @@ def test_run_options_types_and_keys() -> None:
             "Environment": Variant("as", ["A=1"]),
             "Gpus": Variant("as", ["0", "GPU-1234abcd"]),
             "User": Variant("s", "nobody"),
+            "GpuMemory": Variant("t", 8 << 30),
         }
     )
+    assert opts.gpu_memory == 8 << 30
     assert (opts.description, opts.working_directory, opts.environment, opts.gpus, opts.user) == (
         "d",
         "/srv",
@@ -253,6 +255,8 @@ def test_run_options_types_and_keys() -> None:
         {"Gpus": Variant("as", ["0,1"])},
         {"Gpus": Variant("as", ["../0"])},
         {"User": Variant("s", "root;id")},
+        {"GpuMemory": Variant("s", "8G")},
+        {"GpuMemory": Variant("i", 1)},
     ]
     for options in bad:
         with pytest.raises(InvalidArgs) as info:
@@ -272,6 +276,7 @@ def test_adopt_takes_the_policy_options_of_run_and_no_others() -> None:
         {"Priority": Variant("s", "high")},
         {"IdleFreezeSec": Variant("i", 5)},
         {"FrozenTTLSec": Variant("t", 10**9)},
+        {"GpuMemory": Variant("t", 1 << 30)},  # adopted processes hold their memory already
     ]
     for options in bad:
         with pytest.raises(InvalidArgs) as info:

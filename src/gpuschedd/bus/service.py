@@ -183,6 +183,7 @@ OPTION_TYPES = {
     "Priority": "i",
     "IdleFreezeSec": "t|u",  # seconds; 0: never (absent: the daemon's IdleFreezeSec=)
     "FrozenTTLSec": "t|u",  # seconds; 0: never
+    "GpuMemory": "t",  # bytes needed free on each GPU the model will use, made room for before it starts
 }
 # What Adopt and AdoptProcesses take: the policies. The rest is about starting a unit, which they do not.
 POLICY_OPTIONS = ("Priority", "IdleFreezeSec", "FrozenTTLSec")
@@ -212,6 +213,7 @@ def _parse_options(options: dict[str, Variant], known: tuple[str, ...] = tuple(O
         priority=int(get.get("Priority", 0)),
         idle_freeze_sec=int(get.get("IdleFreezeSec", -1)),
         frozen_ttl_sec=int(get.get("FrozenTTLSec", 0)),
+        gpu_memory=int(get.get("GpuMemory", 0)),
     )
 
 
