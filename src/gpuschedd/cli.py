@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from . import __version__, eventlog, hostmem
 from .client import GpuSched, ModelInfo
+from .config import ConfigError, parse_size
 from .errors import GpuschedError, NoSuchModel
 from .names import model_unit, validate_model_name
 
@@ -170,6 +171,16 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
         path = m.get("FreezePath") or "not frozen yet"
         parked = f", {human_bytes(m['ParkedBytes'])} parked by its agent" if m.get("FreezePath") == "agent" else ""
         add("Fast path", f"agent; last freeze: {path}{parked}")
+    if "Priority" in m:  # a daemon older than the CLI has no policy properties
+
+        def after(seconds: int) -> str:
+            return f"after {seconds}s" if seconds else "never"
+
+        add(
+            "Policies",
+            f"priority {m['Priority']}, idle freeze {after(m['IdleFreezeSec'])}, "
+            f"stop when frozen {after(m['FrozenTTLSec'])}",
+        )
     return lines
 
 
@@ -365,6 +376,14 @@ def show_logs(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 
 
+def size_arg(text: str) -> int:
+    """A size as systemd and gpuschedd.conf write it: 8G, 512M, 1.5T, plain bytes (powers of 1024)."""
+    try:
+        return parse_size(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M, 1.5T)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The global options work before or after the command word (`gpusched --json list`, `gpusched list --json`):
     # the subcommands' copies default to SUPPRESS so they never overwrite a value given earlier.
@@ -384,7 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpusched {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", parents=[common], help="run a command as a model (unit gpusched-model@NAME.service)")
+    # The policies of every new model, run or adopted (docs/configuration.md); defaults are left to the daemon.
+    policies = argparse.ArgumentParser(add_help=False)
+    policies.add_argument("--priority", type=int, default=0, help="eviction priority (higher is evicted later)")
+    policies.add_argument(
+        "--idle-freeze-sec", type=int, default=None, help="freeze after this long without GPU use (0: never)"
+    )
+    policies.add_argument("--frozen-ttl-sec", type=int, default=0, help="stop after this long frozen (0: never)")
+
+    run = sub.add_parser(
+        "run", parents=[common, policies], help="run a command as a model (unit gpusched-model@NAME.service)"
+    )
     run.add_argument("--name", required=True)
     run.add_argument("--description", default="")
     run.add_argument(
@@ -395,14 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-E", "--setenv", action="append", default=[], metavar="NAME=VALUE")
     run.add_argument("--gpus", default="", help="comma-separated GPU indices or UUIDs (CUDA_VISIBLE_DEVICES)")
     run.add_argument("--user", default="", help="run as this user (needs the manage privilege)")
+    run.add_argument(
+        "--gpu-memory",
+        type=size_arg,
+        default=0,
+        metavar="SIZE",
+        help="GPU memory the model needs free on each of its GPUs before it starts (e.g. 8G)",
+    )
     run.add_argument("--port", type=int, default=0, help="wake on first connection: the public TCP port")
     run.add_argument("--backend-port", type=int, default=0, help="the port the model serves on, on 127.0.0.1")
     run.add_argument("--listen-address", default="", help="the public port's address (default: every address)")
-    run.add_argument("--priority", type=int, default=0, help="eviction priority (higher is evicted later)")
-    run.add_argument(
-        "--idle-freeze-sec", type=int, default=None, help="freeze after this long without GPU use (0: never)"
-    )
-    run.add_argument("--frozen-ttl-sec", type=int, default=0, help="stop after this long frozen (0: never)")
     run.add_argument("--agent", action="store_true", help="the model enables gpuschedd.agent: the fast path")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
@@ -414,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub.add_parser(verb, parents=[common], help=text).add_argument("name")
     adopt = sub.add_parser(
-        "adopt", parents=[common], help="manage a running unit in place, or move running processes into a scope"
+        "adopt",
+        parents=[common, policies],
+        help="manage a running unit in place, or move running processes into a scope",
     )
     adopt.add_argument("name")
     what = adopt.add_mutually_exclusive_group(required=True)
@@ -494,6 +527,11 @@ def report_new_model(gs: GpuSched, name: str, path: str, verb: str, as_json: boo
         print(f"{verb} {name} as unit {info['Unit']}")
 
 
+def policy_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--priority, --idle-freeze-sec, --frozen-ttl-sec, as the SDK's keywords (run and adopt take them alike)."""
+    return {"priority": args.priority, "idle_freeze_sec": args.idle_freeze_sec, "frozen_ttl_sec": args.frozen_ttl_sec}
+
+
 def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     simple: dict[str, Callable[[str], Any]] = {"stop": gs.stop, "forget": gs.forget}
     if args.command in simple:
@@ -505,7 +543,10 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     elif args.command == "swap":
         swap(gs, args.freeze_name, args.thaw_name, args.json)
     elif args.command == "adopt":
-        path = gs.adopt(args.name, args.unit) if args.unit else gs.adopt_processes(args.name, args.pid)
+        given = policy_args(args)
+        path = (
+            gs.adopt(args.name, args.unit, **given) if args.unit else gs.adopt_processes(args.name, args.pid, **given)
+        )
         report_new_model(gs, args.name, path, "Adopted", args.json)
     elif args.command == "migrate":
         gs.migrate(args.name, args.to)
@@ -526,9 +567,8 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             port=args.port,
             backend_port=args.backend_port,
             listen_address=args.listen_address,
-            priority=args.priority,
-            idle_freeze_sec=args.idle_freeze_sec,
-            frozen_ttl_sec=args.frozen_ttl_sec,
+            gpu_memory=args.gpu_memory,
+            **policy_args(args),
             agent=args.agent,
         )
         report_new_model(gs, args.name, path, "Running", args.json)

@@ -178,6 +178,20 @@ class EventStream:
         await self.close()
 
 
+def _options(
+    given: list[tuple[str, str, Any]], priority: int, idle_freeze_sec: int | None, frozen_ttl_sec: int
+) -> dict[str, Variant]:
+    """A method's a{sv} options: `given` (key, signature, value) and the policies every new model takes. An option
+    left at its default is not sent, so the daemon's default applies (IdleFreezeSec=0 is sent: never)."""
+    given = [
+        *given,
+        ("Priority", "i", priority),
+        ("IdleFreezeSec", "t", idle_freeze_sec),
+        ("FrozenTTLSec", "t", frozen_ttl_sec),
+    ]
+    return {key: Variant(sig, value) for key, sig, value in given if value or (value == 0 and key == "IdleFreezeSec")}
+
+
 class AsyncGpuSched:
     def __init__(self, interactive: bool = True, bus_type: BusType = BusType.SYSTEM) -> None:
         """interactive: let polkit ask for a password (the caller's agent answers); False fails at once."""
@@ -247,12 +261,14 @@ class AsyncGpuSched:
         priority: int = 0,
         idle_freeze_sec: int | None = None,
         frozen_ttl_sec: int = 0,
+        gpu_memory: int = 0,
         agent: bool = False,
     ) -> str:
         """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path. The options are
         Run's (docs/dbus-api.md): port/backend_port/listen_address wake the model on a connection,
-        priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md), agent the fast path
-        (docs/fast-path.md)."""
+        priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md), gpu_memory the bytes it
+        needs free on each of its GPUs before it starts (InsufficientGpuMemory when they cannot be had), agent the
+        fast path (docs/fast-path.md)."""
         given: list[tuple[str, str, Any]] = [
             ("Description", "s", description),
             ("WorkingDirectory", "s", working_directory),
@@ -262,15 +278,10 @@ class AsyncGpuSched:
             ("Port", "q", port),
             ("BackendPort", "q", backend_port),
             ("ListenAddress", "s", listen_address),
-            ("Priority", "i", priority),
-            ("IdleFreezeSec", "t", idle_freeze_sec),
-            ("FrozenTTLSec", "t", frozen_ttl_sec),
+            ("GpuMemory", "t", gpu_memory),
             ("Agent", "b", agent),
         ]
-        # An option left at its default is not sent: the daemon's default applies (IdleFreezeSec=0 is sent: never).
-        options = {
-            key: Variant(sig, value) for key, sig, value in given if value or (value == 0 and key == "IdleFreezeSec")
-        }
+        options = _options(given, priority, idle_freeze_sec, frozen_ttl_sec)
         [path] = await self._call("Run", "sasa{sv}", [name, argv, options])
         return str(path)
 
@@ -290,14 +301,28 @@ class AsyncGpuSched:
     async def forget(self, name: str) -> None:
         await self._call("Forget", "s", [name])
 
-    async def adopt(self, name: str, unit: str) -> str:
-        """Manage an existing unit (vllm.service) in place as model `name`; returns its object path."""
-        [path] = await self._call("Adopt", "ssa{sv}", [name, unit, {}])
+    async def adopt(
+        self, name: str, unit: str, *, priority: int = 0, idle_freeze_sec: int | None = None, frozen_ttl_sec: int = 0
+    ) -> str:
+        """Manage an existing unit (vllm.service) in place as model `name`; returns its object path. The policies
+        are Run's."""
+        options = _options([], priority, idle_freeze_sec, frozen_ttl_sec)
+        [path] = await self._call("Adopt", "ssa{sv}", [name, unit, options])
         return str(path)
 
-    async def adopt_processes(self, name: str, pids: list[int]) -> str:
-        """Move running processes into the scope gpusched-adopt-NAME.scope as model `name`; returns its path."""
-        [path] = await self._call("AdoptProcesses", "saua{sv}", [name, pids, {}])
+    async def adopt_processes(
+        self,
+        name: str,
+        pids: list[int],
+        *,
+        priority: int = 0,
+        idle_freeze_sec: int | None = None,
+        frozen_ttl_sec: int = 0,
+    ) -> str:
+        """Move running processes into the scope gpusched-adopt-NAME.scope as model `name`; returns its path. The
+        policies are Run's."""
+        options = _options([], priority, idle_freeze_sec, frozen_ttl_sec)
+        [path] = await self._call("AdoptProcesses", "saua{sv}", [name, pids, options])
         return str(path)
 
     async def migrate(self, name: str, gpu: str) -> None:
@@ -393,11 +418,11 @@ class GpuSched:
     def forget(self, name: str) -> None:
         self._wait(self._client.forget(name))
 
-    def adopt(self, name: str, unit: str) -> str:
-        return self._wait(self._client.adopt(name, unit))
+    def adopt(self, name: str, unit: str, **policies: Any) -> str:
+        return self._wait(self._client.adopt(name, unit, **policies))
 
-    def adopt_processes(self, name: str, pids: list[int]) -> str:
-        return self._wait(self._client.adopt_processes(name, pids))
+    def adopt_processes(self, name: str, pids: list[int], **policies: Any) -> str:
+        return self._wait(self._client.adopt_processes(name, pids, **policies))
 
     def migrate(self, name: str, gpu: str) -> None:
         self._wait(self._client.migrate(name, gpu))

@@ -13,8 +13,9 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import adopt, hostmem, recovery
 from .agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
@@ -38,14 +39,23 @@ from .events import Event, EventKind
 from .model import ENDED, Model, State, now_usec
 from .names import MODEL_UNIT_PREFIX, model_name_from_unit, model_unit, validate_model_name
 from .statefile import SavedTable, StateFile
-from .telemetry import GpuTelemetry
+from .telemetry import GpuInfo, GpuTelemetry
 from .units import UnitBackend, UnitSpec, UnitStatus
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunOptions:
+class Policies:
+    """A model's policies (docs/configuration.md): options of Run, Adopt and AdoptProcesses alike."""
+
+    priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
+    idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
+    frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
+
+
+@dataclass
+class RunOptions(Policies):
     description: str = ""
     working_directory: str = ""
     environment: list[str] = field(default_factory=list)
@@ -55,9 +65,9 @@ class RunOptions:
     port: int = 0
     backend_port: int = 0
     listen_address: str = ""  # empty: every address
-    priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
-    idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
-    frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
+    # Bytes the model needs free on each GPU it will use (its gpus, else every GPU), made room for before it starts
+    # (evicting with EvictOnThaw=yes); 0: not checked.
+    gpu_memory: int = 0
     agent: bool = False  # the model enables gpuschedd.agent: freezes park its memory through it (fast path)
 
 
@@ -97,6 +107,14 @@ def _gpu_permutation(all_gpus: list[str], old: str, new: str) -> list[tuple[str,
     view, and by UUID, never by index (CUDA_VISIBLE_DEVICES renumbers indices inside the process)."""
     swap = {old: new, new: old}
     return [(uuid, swap.get(uuid, uuid)) for uuid in all_gpus]
+
+
+def _find_gpu(gpus: list[GpuInfo], gpu: str) -> GpuInfo:
+    """The GPU a caller named by index or UUID; InvalidArgs when the host has none such."""
+    found = next((g for g in gpus if gpu in (g.uuid, str(g.index))), None)
+    if found is None:
+        raise InvalidArgs(f"no GPU {gpu!r} on this host (give an index or a UUID from `gpusched status`)")
+    return found
 
 
 class Engine:
@@ -292,7 +310,8 @@ class Engine:
                 f"model {model.name} "
                 + ("stopped" if stopped else "ended")
                 + f" while gpuschedd was not running (it was {was}; result {result})"
-                + (f"; {released} bytes of host RAM released" if released else ""),
+                + (f"; {released} bytes of host RAM released" if released else "")
+                + self._close_wake(model),
                 bytes=released,
                 fields={"GPUSCHED_RESULT": result, "GPUSCHED_STATE_BEFORE": str(was)},
             )
@@ -369,14 +388,18 @@ class Engine:
             return
         if model.lock.locked():
             # A transition is under way (it may be failing because of this very exit): look again once it is over.
-            try:
-                task = asyncio.get_running_loop().create_task(self._recheck_exit(model, status))
-            except RuntimeError:  # no loop: nothing can hold the lock either
-                return
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(lambda: self._recheck_exit(model, status))
             return
         self._ended(model, status)
+
+    def _spawn(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `work` as a task of its own (kept, so drain() waits for it); from a callback that cannot await."""
+        try:
+            task = asyncio.get_running_loop().create_task(work())
+        except RuntimeError:  # no loop: nothing can hold a lock or wait on a unit either
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _recheck_exit(self, model: Model, seen: UnitStatus) -> None:
         async with model.lock:
@@ -406,6 +429,7 @@ class Engine:
             message += f" while {was}"
         if released:
             message += f"; its snapshot is lost and {released} bytes of host RAM were released"
+        message += self._close_wake(model)
         self._emit(
             Event(
                 EventKind.EXIT,
@@ -476,15 +500,19 @@ class Engine:
             owner=uid,
             command=list(argv),
             gpus=list(options.gpus),
-            priority=options.priority,
-            idle_freeze_sec=options.idle_freeze_sec,
-            frozen_ttl_sec=options.frozen_ttl_sec,
-            last_active_usec=self.now_usec(),
+            port=options.port,
+            backend_port=options.backend_port,
+            listen_address=options.listen_address,
             agent=options.agent,
         )
+        self._set_policies(model, options)
         start_wake = getattr(self.units, "start_wake", None)
         if options.port and start_wake is None:
             raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
+        shortfall = self._start_shortfall(model, options)
+        if self.config.evict_on_thaw:
+            await self._evict_for(model, shortfall, "the start")
+        self._check_gpu_room(model, shortfall())
         t0 = time.monotonic()
         status = await self._admit(model, lambda: self.units.start(spec))
         if options.port and start_wake is not None:
@@ -504,6 +532,13 @@ class Engine:
             ),
         )
         return model
+
+    def _set_policies(self, model: Model, policies: Policies) -> None:
+        """A new model's policies; its idle time starts now."""
+        model.priority = policies.priority
+        model.idle_freeze_sec = policies.idle_freeze_sec
+        model.frozen_ttl_sec = policies.frozen_ttl_sec
+        model.last_active_usec = self.now_usec()
 
     async def _admit(self, model: Model, start: Callable[[], Awaitable[UnitStatus]]) -> UnitStatus:
         """Enter a new model in the table around the start of its unit. The name is reserved before the first
@@ -562,6 +597,24 @@ class Engine:
                 fields={"GPUSCHED_REASON": reason} if reason else {},
             )
         )
+
+    def _close_wake(self, model: Model) -> str:
+        """A model that ended by itself takes its public port with it: the proxy would keep every client waiting
+        for a model that never runs again (a new Run of the name opens the port again). Returns what the exit's
+        event says about it."""
+        if not model.port:
+            return ""
+
+        async def close() -> None:
+            if self.models.get(model.name) is not model or model.state not in ENDED:
+                return  # the name was run again meanwhile: its wake units are the new model's
+            try:
+                await self._stop_wake(model.name)
+            except GpuschedError as e:
+                log.warning("closing the public port of %s, which ended: %s", model.name, e)
+
+        self._spawn(close)
+        return f"; its public port {model.port} is closed"
 
     async def _stop_wake(self, name: str) -> None:
         """Stop a model's wake-on-connection socket and proxy, if it has them (none: nothing happens)."""
@@ -625,7 +678,9 @@ class Engine:
             owner = adopt.common_owner([u for u in uids if u is not None], 0)
         return status, owner
 
-    async def adopt(self, name: str, unit: str, caller: int, others: bool = False) -> Model:
+    async def adopt(
+        self, name: str, unit: str, caller: int, others: bool = False, policies: Policies | None = None
+    ) -> Model:
         """Manage an existing unit in place: it keeps its name, restart policy and logs. Only a unit the caller owns,
         unless `others` (the bus layer grants it with `manage`)."""
         if caller < 0:
@@ -636,6 +691,7 @@ class Engine:
         self._check_new_model(name, unit, status.pids)  # again: the status was read with an await
         command = list(status.command) or adopt.cmdline(status.main_pid or status.pids[0])
         model = Model(name=name, unit=unit, owner=owner, command=command)
+        self._set_policies(model, policies or Policies())
         self._apply_status(model, status)
         existing = self.models.get(name)
         if existing is not None:
@@ -652,7 +708,9 @@ class Engine:
         self._check_new_model(name, adopt.scope_unit(name), list(owners))
         return owners
 
-    async def adopt_processes(self, name: str, pids: list[int], caller: int, others: bool = False) -> Model:
+    async def adopt_processes(
+        self, name: str, pids: list[int], caller: int, others: bool = False, policies: Policies | None = None
+    ) -> Model:
         """Move running processes into the transient scope gpusched-adopt-NAME.scope in gpusched.slice. Only
         processes the caller owns, unless `others` (the bus layer grants it with `manage`)."""
         if caller < 0:
@@ -665,6 +723,7 @@ class Engine:
         owner = adopt.common_owner(list(owners.values()), caller)
         command = adopt.cmdline(min(owners))
         model = Model(name=name, unit=unit, owner=owner, command=command)
+        self._set_policies(model, policies or Policies())
         status = await self._admit(
             model, lambda: self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
         )
@@ -894,12 +953,11 @@ class Engine:
                 ),
             )
 
-    def _check_gpu_room(self, model: Model) -> None:
-        """Refuse a thaw that would not fit: a restore that runs out of VRAM leaves the process unrecoverable
-        (cuda-checkpoint issue 44), so this is checked before anything moves."""
-        error = self._gpu_shortfall(model)
-        if error is not None:
-            self._refuse(model, error)
+    def _check_gpu_room(self, model: Model, shortfall: InsufficientGpuMemory | None) -> None:
+        """Refuse a thaw (or a start with GpuMemory) that would not fit: a restore that runs out of VRAM leaves the
+        process unrecoverable (cuda-checkpoint issue 44), so this is checked before anything moves."""
+        if shortfall is not None:
+            self._refuse(model, shortfall)
 
     def _gpu_shortfall(self, model: Model) -> InsufficientGpuMemory | None:
         """What a thaw would lack: per GPU, the VRAM the model held running (NVML, before its freeze) less what
@@ -921,19 +979,49 @@ class Engine:
                 )
             return None
         per_pid = self.telemetry.vram_by_pid()
-        for uuid, held in sorted(model.vram_by_gpu.items()):
-            need = held - sum(per_pid.get(pid, {}).get(uuid, 0) for pid in model.pids)
+        need = {
+            uuid: held - sum(per_pid.get(pid, {}).get(uuid, 0) for pid in model.pids)
+            for uuid, held in model.vram_by_gpu.items()
+        }
+        return self._lacking(model, need, gpus, f"thawing {model.name}", "The model stays frozen.")
+
+    def _lacking(
+        self, model: Model, need: dict[str, int], gpus: dict[str, GpuInfo], doing: str, outcome: str
+    ) -> InsufficientGpuMemory | None:
+        """The first GPU (by UUID) with less free memory than `need` says, counting what thaws under way were
+        promised there; the error carries needed, free and gpu for eviction."""
+        for uuid, bytes_needed in sorted(need.items()):
             gpu = gpus.get(uuid)
             promised = sum(r.get(uuid, 0) for name, r in self._thaw_reserved.items() if name != model.name)
             free = max(0, gpu.free_bytes - promised) if gpu else 0
-            if need > free:
+            if bytes_needed > free:
                 where = f"GPU {gpu.index} ({uuid})" if gpu else f"GPU {uuid}, which is not present"
                 error = InsufficientGpuMemory(
-                    f"thawing {model.name} needs {need} bytes free on {where}; {free} free. The model stays frozen."
+                    f"{doing} needs {bytes_needed} bytes free on {where}; {free} free. {outcome}"
                 )
-                error.needed, error.free, error.gpu = need, free, uuid  # type: ignore[attr-defined]
+                error.needed, error.free, error.gpu = bytes_needed, free, uuid  # type: ignore[attr-defined]
                 return error
         return None
+
+    def _start_shortfall(self, model: Model, options: RunOptions) -> Callable[[], InsufficientGpuMemory | None]:
+        """GpuMemory: what the start of a new model would lack, on each GPU it will use: its Gpus, else every GPU
+        of the host (it can see them all). A GPU named but not on the host is InvalidArgs. Without GPU telemetry
+        nothing can be checked, as for a thaw."""
+        if options.gpu_memory <= 0:
+            return lambda: None
+        found = self.telemetry.gpus()
+        if not found:
+            log.warning("run of %s: no GPU telemetry, cannot check GpuMemory", model.name)
+            return lambda: None
+        targets = [_find_gpu(found, gpu) for gpu in options.gpus] if options.gpus else found
+        need = {gpu.uuid: options.gpu_memory for gpu in targets}
+        return lambda: self._lacking(
+            model,
+            need,
+            {g.uuid: g for g in self.telemetry.gpus()},
+            f"starting {model.name} (GpuMemory)",
+            "Nothing was started.",
+        )
 
     def _drop_lost_pids(self, model: Model) -> None:
         """A CUDA process of a frozen model that ended while the unit lives on (one rank of a multi-process
@@ -995,7 +1083,7 @@ class Engine:
     async def thaw(self, name: str) -> Model:
         model = self.get(name)
         if model.state == State.FROZEN and self.config.evict_on_thaw:
-            await self._evict_for(model)
+            await self._evict_for(model, lambda: self._gpu_shortfall(model), "the thaw")
         async with model.lock:
             if model.state == State.RUNNING:
                 return model
@@ -1014,7 +1102,7 @@ class Engine:
         self._drop_lost_pids(model)
         moved = dict(gpu_pairs or [])
         if gpu_pairs is None:
-            self._check_gpu_room(model)
+            self._check_gpu_room(model, self._gpu_shortfall(model))
         # No await since the check: nothing came between.
         self._thaw_reserved[model.name] = {moved.get(uuid, uuid): n for uuid, n in model.vram_by_gpu.items()}
         self._set_state(model, State.THAWING)
@@ -1078,9 +1166,7 @@ class Engine:
             if self.checkpoint.name == "none":
                 raise NotSupported("migration needs the CUDA checkpoint API (CheckpointBackend is none)")
             gpus = self.telemetry.gpus()
-            target = next((g for g in gpus if gpu in (g.uuid, str(g.index))), None)
-            if target is None:
-                raise InvalidArgs(f"no GPU {gpu!r} on this host (give an index or a UUID from `gpusched status`)")
+            target = _find_gpu(gpus, gpu)
             if model.state == State.RUNNING:
                 await self.refresh(model, vram=True)
             sources = sorted(model.vram_by_gpu)
@@ -1191,7 +1277,8 @@ class Engine:
 
     # ----------------------------------------------------------------- policies
 
-    def _idle_limit(self, model: Model) -> int:
+    def idle_limit(self, model: Model) -> int:
+        """The idle time in force for a model: its own IdleFreezeSec, else the daemon's (0: never frozen idle)."""
         return self.config.idle_freeze_sec if model.idle_freeze_sec < 0 else model.idle_freeze_sec
 
     async def apply_policies(self) -> None:
@@ -1200,7 +1287,7 @@ class Engine:
         a policy that cannot be carried out is logged (and its refusal or failure journaled) and tried again."""
         now = self.now_usec()
         watched = [
-            m for m in self.models.values() if m.state == State.RUNNING and self._idle_limit(m) > 0 and m.vram_bytes
+            m for m in self.models.values() if m.state == State.RUNNING and self.idle_limit(m) > 0 and m.vram_bytes
         ]
         busy = self.telemetry.busy_pids() if watched else None
         for model in watched:
@@ -1210,7 +1297,7 @@ class Engine:
             if busy & set(model.pids):
                 model.last_active_usec = now
                 continue
-            limit = self._idle_limit(model)
+            limit = self.idle_limit(model)
             idle = (now - model.last_active_usec) / 1e6
             if idle < limit or model.lock.locked():
                 continue
@@ -1234,13 +1321,16 @@ class Engine:
             except GpuschedError as e:
                 log.warning("stop of %s past its frozen time to live: %s", model.name, e)
 
-    async def _evict_for(self, model: Model) -> None:
-        """EvictOnThaw=yes: while the thaw of `model` lacks VRAM on a GPU, freeze running models there of lower
-        priority, then of equal priority least recently used first; never one of higher priority, and none at all
-        when all of them together would not make room. Takes no lock but each victim's own, one at a time."""
+    async def _evict_for(
+        self, model: Model, shortfall: Callable[[], InsufficientGpuMemory | None], purpose: str
+    ) -> None:
+        """EvictOnThaw=yes: while `purpose` (the thaw of `model`, or its start with GpuMemory) lacks VRAM on a GPU
+        (`shortfall`), freeze running models there of lower priority, then of equal priority least recently used
+        first; never one of higher priority, and none at all when all of them together would not make room. Takes
+        no lock but each victim's own, one at a time."""
         tried: set[str] = set()
         while True:
-            short = self._gpu_shortfall(model)
+            short = shortfall()
             uuid = getattr(short, "gpu", None)
             if short is None or uuid is None:
                 return
@@ -1267,7 +1357,7 @@ class Engine:
             victim = victims[0]
             tried.add(victim.name)
             why = (
-                f"evicted for the thaw of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
+                f"evicted for {purpose} of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
                 f" {uuid} where {free} are free; {victim.name} has priority {victim.priority}"
             )
             log.info("model %s: %s", victim.name, why)

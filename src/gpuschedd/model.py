@@ -54,5 +54,10 @@ class Model:
     agent: bool = False
     freeze_path: str = ""
     parked_bytes: int = 0
+    # Wake on first connection (Run options): the public port of gpusched-wake@NAME.socket (0: none), the model's own
+    # port on 127.0.0.1, and the public port's address (empty: every address).
+    port: int = 0
+    backend_port: int = 0
+    listen_address: str = ""
     # Serializes every transition of this model; never held across two models at once.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)

@@ -69,6 +69,9 @@ def model_to_dict(model: Model) -> dict[str, Any]:
         "agent": model.agent,
         "freeze_path": model.freeze_path,
         "parked_bytes": model.parked_bytes,
+        "port": model.port,
+        "backend_port": model.backend_port,
+        "listen_address": model.listen_address,
     }
 
 
@@ -101,6 +104,9 @@ def model_from_dict(data: dict[str, Any]) -> Model:
         agent=bool(data.get("agent", False)),
         freeze_path=str(data.get("freeze_path", "")),
         parked_bytes=int(data.get("parked_bytes", 0)),
+        port=int(data.get("port", 0)),
+        backend_port=int(data.get("backend_port", 0)),
+        listen_address=str(data.get("listen_address", "")),
     )
 
 

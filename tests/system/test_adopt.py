@@ -17,6 +17,7 @@ from sysutil import (
     ensure_workdir,
     gpusched,
     list_models,
+    manager_call,
     model_property,
     name_has_owner,
     run,
@@ -88,6 +89,25 @@ def test_an_adopted_unit_that_ends_is_reported(cleanup: list[str]) -> None:
     gpusched("adopt", name, "--unit", unit)
     run("systemctl", "kill", "--signal=SIGKILL", unit)
     wait_until("the model reported failed", lambda: list_models()[name]["state"] == "failed")
+
+
+def test_adopt_with_policies(cleanup: list[str]) -> None:
+    """Adopt takes Run's policy options; the model object shows them, and so does `gpusched status`. A Run option
+    that is about starting a unit is refused, and nothing is adopted."""
+    ensure_workdir()
+    unit, name = "adopt-policies.service", "adopted-policies"
+    cleanup += [name, unit]
+    start_unit(unit, Counter(WORKDIR / f"{name}.count"))
+    bad = manager_call("Adopt", "ssa{sv}", name, unit, "1", "Port", "q", "8000", check=False)
+    assert bad.returncode != 0 and "unknown option 'Port'; known: Priority" in bad.stderr
+    bad = manager_call("Adopt", "ssa{sv}", name, unit, "1", "Priority", "s", "high", check=False)
+    assert bad.returncode != 0 and "option Priority must have type i" in bad.stderr
+    assert name not in list_models()
+    gpusched("adopt", name, "--unit", unit, "--priority", "4", "--idle-freeze-sec", "0", "--frozen-ttl-sec", "900")
+    props = [model_property(name, p) for p in ("Priority", "IdleFreezeSec", "FrozenTTLSec")]
+    assert props == [4, 0, 900]
+    shown = gpusched("status", name).stdout
+    assert "Policies: priority 4, idle freeze never, stop when frozen after 900s" in shown
 
 
 def test_refusals(cleanup: list[str]) -> None:

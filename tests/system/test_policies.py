@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from fakegpu_sys import FakeModel, FakeModels, fake_model_argv, journal_entries
-from sysutil import list_models, manager_call, run, wait_until
+from sysutil import gpusched, list_models, manager_call, run, unit_property, wait_until
 
 from gpuschedd.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from gpuschedd.testing.fakegpu import FakeGpuDir
@@ -49,3 +49,17 @@ def test_bad_policy_options_are_refused(fmodels: FakeModels) -> None:
         reply = manager_call("Run", "sasa{sv}", "pol-bad", "1", "/bin/true", "1", *option, check=False)
         assert reply.returncode != 0 and why in reply.stderr
     assert "pol-bad" not in list_models()
+
+
+def test_run_with_gpu_memory(fmodels: FakeModels) -> None:
+    """`gpusched run --gpu-memory SIZE`: refused with InsufficientGpuMemory, nothing started, when a GPU of the model
+    lacks it (EvictOnThaw=no here: nothing is evicted); started when it has it."""
+    model = FakeModel("pol-gpumem", 1)
+    fmodels.started.append(model)
+    argv = ["--", *fake_model_argv(model.name, 64 << 20, 1)]
+    refused = gpusched("run", "--name", model.name, "--gpus", "0", "--gpu-memory", "5G", *argv, check=False)
+    assert refused.returncode == 1 and "org.gpusched1.Error.InsufficientGpuMemory" in refused.stderr
+    assert "needs 5368709120 bytes free on GPU 0" in refused.stderr and "Nothing was started" in refused.stderr
+    assert model.name not in list_models() and unit_property(model.unit, "LoadState") == "not-found"
+    gpusched("run", "--name", model.name, "--gpus", "0", "--gpu-memory", "1G", *argv)
+    wait_until("it runs", lambda: list_models()[model.name]["state"] == "running")

@@ -63,16 +63,32 @@ def test_connection_thaws_a_frozen_model(models: Models) -> None:
     )
 
     manager_call("Stop", "s", name)
-    wait_until(
-        "the wake units are gone",
-        lambda: (
-            unit_property(f"gpusched-wake@{name}.socket", "LoadState") == "not-found"
-            or unit_property(f"gpusched-wake@{name}.socket", "ActiveState") == "inactive"
-        ),
-    )
+    wait_until("the wake units are gone", lambda: wake_socket_gone(name))
     connect = f"import socket; socket.create_connection(('127.0.0.1', {PUBLIC}), 2)"
     refused = run(GUEST_PYTHON, "-c", connect, check=False)
     assert refused.returncode != 0
+
+
+def wake_socket_gone(name: str) -> bool:
+    return unit_property(f"gpusched-wake@{name}.socket", "LoadState") == "not-found" or unit_property(
+        f"gpusched-wake@{name}.socket", "ActiveState"
+    ) in ("inactive", "failed")
+
+
+def test_a_model_that_dies_closes_its_public_port(models: Models) -> None:
+    """The model's unit ends by itself (killed here): the model is failed, and its port goes with it instead of
+    keeping clients waiting for a model that will not run again."""
+    name = models.name("wakedie")
+    models.names.append(name)
+    port, backend = PUBLIC + 3, BACKEND + 3
+    run_with_port(name, port, backend)
+    first_byte(port)
+    run("systemctl", "kill", "--signal=SIGKILL", f"gpusched-model@{name}.service")
+    wait_until("the model is failed", lambda: model_property(name, "State") == "failed")
+    wait_until("the wake units are gone", lambda: wake_socket_gone(name))
+    assert unit_property(f"gpusched-wake@{name}.service", "ActiveState") in ("inactive", "failed", "")
+    connect = f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"
+    assert run(GUEST_PYTHON, "-c", connect, check=False).returncode != 0
 
 
 def test_port_options_are_checked(models: Models) -> None:

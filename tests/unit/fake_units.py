@@ -22,6 +22,7 @@ class FakeUnits:
         self.calls: list[tuple[str, str]] = []
         self._watchers: list[UnitWatcher] = []
         self.tracked: set[str] = set()  # units watched by name (adopted)
+        self.wake: dict[str, tuple[int, int, str, str]] = {}  # model name → its open public port (port, backend, …)
         self._pids = itertools.count(1000)
 
     async def setup(self) -> None:
@@ -89,6 +90,14 @@ class FakeUnits:
         status = UnitStatus(unit, "active", 0, sorted(pids), False)
         self.units[unit] = status
         return status
+
+    async def start_wake(self, name: str, port: int, backend_port: int, user: str, address: str = "") -> None:
+        self._check("start_wake", name)
+        self.wake[name] = (port, backend_port, user, address)
+
+    async def stop_wake(self, name: str) -> None:
+        self._check("stop_wake", name)
+        self.wake.pop(name, None)
 
     def add_unit(self, unit: str, pids: list[int], user: str = "", command: list[str] | None = None) -> UnitStatus:
         """A unit that runs already, started by someone else (for Adopt)."""

@@ -15,10 +15,10 @@ from fake_units import FakeUnits
 from gpuschedd import adopt
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine
+from gpuschedd.engine import Engine, Policies
 from gpuschedd.errors import AccessDenied, InvalidArgs, InvalidState, ModelExists, NoSuchModel
 from gpuschedd.events import Event, EventKind
-from gpuschedd.model import State
+from gpuschedd.model import State, now_usec
 from gpuschedd.statefile import StateFile
 from gpuschedd.telemetry import NoGpus
 
@@ -144,6 +144,26 @@ async def test_adopted_units_survive_a_restart_and_forget_lets_go(tmp_path: Path
     assert "llm" not in third.models and "other" in third.models
     # Adopting it again is allowed.
     await third.adopt("llm", "vllm.service", ME)
+
+
+async def test_adopted_models_take_policies_like_run(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
+    units = FakeUnits()
+    units.add_unit("vllm.service", [4242], user=MY_NAME)
+    state = tmp_path / "models.json"
+    engine, events = await make_engine(units, state)
+    llm = await engine.adopt("llm", "vllm.service", ME, policies=Policies(priority=3, frozen_ttl_sec=10))
+    nb = await engine.adopt_processes("nb", [sleeper.pid], ME, policies=Policies(priority=-1, idle_freeze_sec=0))
+    plain = await engine.adopt("plain", units.add_unit("p.service", [4243], user=MY_NAME).unit, ME)
+    assert (llm.priority, llm.idle_freeze_sec, llm.frozen_ttl_sec) == (3, -1, 10)
+    assert (nb.priority, nb.idle_freeze_sec, nb.frozen_ttl_sec) == (-1, 0, 0)
+    assert (plain.priority, plain.idle_freeze_sec, plain.frozen_ttl_sec) == (0, -1, 0)
+    again, events = await make_engine(units, state)
+    kept = again.models["llm"]
+    assert (kept.priority, kept.frozen_ttl_sec, again.models["nb"].idle_freeze_sec) == (3, 10, 0)
+    await again.freeze("llm")
+    again.now_usec = lambda: now_usec() + 11_000_000  # type: ignore[method-assign]
+    await again.apply_policies()
+    assert kept.state == State.STOPPED and events[-1].fields["GPUSCHED_REASON"] == "frozen-ttl"
 
 
 # ------------------------------------------------------------------------------------------- AdoptProcesses

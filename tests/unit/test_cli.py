@@ -148,13 +148,15 @@ def test_man_page_knows_every_command() -> None:
 
 
 def test_run_options_reach_the_bus_with_their_types(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every `gpusched run` flag becomes the Run option of DESIGN.md's type; defaults are left to the daemon."""
+    """Every `gpusched run` (and adopt) flag becomes the option of DESIGN.md's type; defaults are left to the daemon."""
     from gpuschedd.client import AsyncGpuSched
 
     sent: list[dict[str, object]] = []
+    methods: list[str] = []
 
     async def fake_call(self: AsyncGpuSched, member: str, signature: str = "", body: list | None = None, **kw: object):  # type: ignore[no-untyped-def]
-        if member == "Run":
+        if member in ("Run", "Adopt", "AdoptProcesses"):
+            methods.append(member)
             sent.append({k: (v.signature, v.value) for k, v in body[2].items()})  # type: ignore[index]
             return ["/org/gpusched1/model/m"]
         return [{"Unit": Variant("s", "gpusched-model@m.service"), "Pids": Variant("au", [])}]
@@ -162,9 +164,10 @@ def test_run_options_reach_the_bus_with_their_types(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(AsyncGpuSched, "_call", fake_call)
     monkeypatch.setattr(AsyncGpuSched, "connect", lambda self: asyncio.sleep(0, self))
     argv = ["run", "--name", "m", "--port", "8080", "--backend-port", "8081", "--priority", "-2"]
-    argv += ["--idle-freeze-sec", "0", "--frozen-ttl-sec", "600", "--workdir", "/srv", "--", "serve"]
-    assert cli.main(argv) == 0
+    argv += ["--idle-freeze-sec", "0", "--frozen-ttl-sec", "600", "--gpu-memory", "1.5G", "--workdir", "/srv", "--"]
+    assert cli.main([*argv, "serve"]) == 0
     assert sent[-1] == {
+        "GpuMemory": ("t", 3 << 29),
         "WorkingDirectory": ("s", "/srv"),
         "Port": ("q", 8080),
         "BackendPort": ("q", 8081),
@@ -174,3 +177,24 @@ def test_run_options_reach_the_bus_with_their_types(monkeypatch: pytest.MonkeyPa
     }
     assert cli.main(["run", "--name", "m", "--workdir", "/srv", "--", "serve"]) == 0
     assert sent[-1] == {"WorkingDirectory": ("s", "/srv")}
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["run", "--name", "m", "--gpu-memory", "lots", "--", "serve"])
+    assert usage.value.code == 2 and len(sent) == 2
+    # adopt takes the same policy flags, for a unit and for processes
+    policies = ["--priority", "3", "--idle-freeze-sec", "60", "--frozen-ttl-sec", "0"]
+    assert cli.main(["adopt", "m", "--unit", "vllm.service", *policies]) == 0
+    assert (methods[-1], sent[-1]) == ("Adopt", {"Priority": ("i", 3), "IdleFreezeSec": ("t", 60)})
+    assert cli.main(["adopt", "m", "--pid", "42", "--frozen-ttl-sec", "5"]) == 0
+    assert (methods[-1], sent[-1]) == ("AdoptProcesses", {"FrozenTTLSec": ("t", 5)})
+
+
+def test_status_shows_a_models_policies() -> None:
+    model = {
+        "Name": "m", "State": "running", "Unit": "gpusched-model@m.service", "Owner": 0, "Command": ["serve"],
+        "StateChangeTimestamp": 0, "MainPid": 7, "Pids": [7], "Gpus": [], "SnapshotBytes": 0, "VramBytes": 0,
+        "LastFreezeUSec": 0, "LastThawUSec": 0, "Priority": -1, "IdleFreezeSec": 300, "FrozenTTLSec": 0,
+    }  # fmt: skip
+    lines = cli.model_lines(model, [], False, time.time())
+    assert "    Policies: priority -1, idle freeze after 300s, stop when frozen never" in lines
+    del model["Priority"], model["IdleFreezeSec"], model["FrozenTTLSec"]  # a daemon older than the CLI
+    assert not any("Policies" in line for line in cli.model_lines(model, [], False, time.time()))

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
+from fakegpu_fixtures import GPU0, GPU1, MIB, fake_model_argv, registered, wait_for
 from process_units import ProcessUnits
 
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine, EngineListener, RunOptions
-from gpuschedd.errors import InsufficientGpuMemory, RamBudgetExceeded
+from gpuschedd.errors import InsufficientGpuMemory, InvalidArgs, RamBudgetExceeded
 from gpuschedd.events import Event, EventKind
 from gpuschedd.model import Model, State
 from gpuschedd.statefile import model_from_dict, model_to_dict
@@ -178,6 +178,42 @@ async def test_no_eviction_by_default(setup) -> None:  # type: ignore[no-untyped
     with pytest.raises(InsufficientGpuMemory):
         await engine.thaw("hi")
     assert hi.state == State.FROZEN and lo.state == State.RUNNING and events.reasons() == []
+
+
+async def test_run_with_gpu_memory_evicts_for_the_start(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, gpu_dir, events, _, tmp_path = setup
+    engine.config.evict_on_thaw = True
+    lo = await run_model(engine, gpu_dir, tmp_path, "lo", 400 * MIB, priority=0)
+    mid = await run_model(engine, gpu_dir, tmp_path, "mid", 400 * MIB, priority=2)
+    # GPU 0 has 224 MiB free; "new" says it needs 400 MiB there (Gpus by index, as CUDA_VISIBLE_DEVICES takes it)
+    new = await run_model(engine, gpu_dir, tmp_path, "new", 400 * MIB, priority=1, gpus=["0"], gpu_memory=400 * MIB)
+    assert (lo.state, mid.state, new.state) == (State.FROZEN, State.RUNNING, State.RUNNING)
+    assert events.reasons() == [(EventKind.FREEZE, "lo", "evicted")]
+    evicted = next(e for e in events.events if e.fields.get("GPUSCHED_REASON") == "evicted")
+    assert "evicted for the start of new (priority 1)" in evicted.message and f"GPU {GPU0}" in evicted.message
+
+
+async def test_run_with_gpu_memory_refused_starts_nothing(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, gpu_dir, events, _, tmp_path = setup
+    a = await run_model(engine, gpu_dir, tmp_path, "a", 400 * MIB, priority=1)
+    b = await run_model(engine, gpu_dir, tmp_path, "b", 400 * MIB, priority=1)
+    starts = len(engine.units.calls)
+    argv = fake_model_argv(gpu_dir, tmp_path / "new", 400 * MIB, GPU0, 1)
+    # no Gpus: every GPU it can see must have room; GPU 1 has, GPU 0 not. EvictOnThaw=no: nothing is evicted.
+    with pytest.raises(InsufficientGpuMemory, match=r"starting new \(GpuMemory\) needs 419430400 bytes free on GPU 0"):
+        await engine.run("new", argv, RunOptions(gpu_memory=400 * MIB), 0)
+    engine.config.evict_on_thaw = True  # ... and never models of higher priority
+    with pytest.raises(InsufficientGpuMemory):
+        await engine.run("new", argv, RunOptions(gpu_memory=400 * MIB, priority=0), 0)
+    with pytest.raises(InvalidArgs, match="no GPU '7'"):
+        await engine.run("new", argv, RunOptions(gpus=["7"], gpu_memory=1), 0)
+    assert "new" not in engine.models and len(engine.units.calls) == starts
+    assert (a.state, b.state) == (State.RUNNING, State.RUNNING) and events.reasons() == []
+    refusals = [e for e in events.events if e.kind == EventKind.REFUSAL and e.model == "new"]
+    assert len(refusals) == 2 and "Nothing was started" in refusals[0].message
+    # room on GPU 1: started, nothing evicted
+    await run_model(engine, gpu_dir, tmp_path, "one", 100 * MIB, gpus=[GPU1], gpu_memory=900 * MIB)
+    assert events.reasons() == []
 
 
 async def test_ram_budget_stop_oldest(setup) -> None:  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ from fake_units import FakeUnits
 
 from gpuschedd.bus import polkit
 from gpuschedd.bus.connection import current_message
-from gpuschedd.bus.service import ManagerInterface, ModelInterface, _parse_run_options
+from gpuschedd.bus.service import POLICY_OPTIONS, ManagerInterface, ModelInterface, _parse_options
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine, EngineListener, RunOptions
@@ -223,15 +223,17 @@ async def test_engine_never_gives_a_non_root_caller_a_root_process(engine: Engin
 
 
 def test_run_options_types_and_keys() -> None:
-    opts = _parse_run_options(
+    opts = _parse_options(
         {
             "Description": Variant("s", "d"),
             "WorkingDirectory": Variant("s", "/srv"),
             "Environment": Variant("as", ["A=1"]),
             "Gpus": Variant("as", ["0", "GPU-1234abcd"]),
             "User": Variant("s", "nobody"),
+            "GpuMemory": Variant("t", 8 << 30),
         }
     )
+    assert opts.gpu_memory == 8 << 30
     assert (opts.description, opts.working_directory, opts.environment, opts.gpus, opts.user) == (
         "d",
         "/srv",
@@ -253,11 +255,33 @@ def test_run_options_types_and_keys() -> None:
         {"Gpus": Variant("as", ["0,1"])},
         {"Gpus": Variant("as", ["../0"])},
         {"User": Variant("s", "root;id")},
+        {"GpuMemory": Variant("s", "8G")},
+        {"GpuMemory": Variant("i", 1)},
     ]
     for options in bad:
         with pytest.raises(InvalidArgs) as info:
-            _parse_run_options(options)
+            _parse_options(options)
         assert len(info.value.message) < 200 and "typing" not in info.value.message and "\0" not in info.value.message
+
+
+def test_adopt_takes_the_policy_options_of_run_and_no_others() -> None:
+    policies = {"Priority": Variant("i", -2), "IdleFreezeSec": Variant("u", 300), "FrozenTTLSec": Variant("t", 60)}
+    for known in (POLICY_OPTIONS, (*policies, "Description")):
+        opts = _parse_options(policies, known)
+        assert (opts.priority, opts.idle_freeze_sec, opts.frozen_ttl_sec) == (-2, 300, 60)
+    assert _parse_options({}, POLICY_OPTIONS).idle_freeze_sec == -1  # absent: the daemon's IdleFreezeSec=
+    bad = [
+        {"Description": Variant("s", "d")},  # about starting a unit: Run's alone
+        {"Port": Variant("q", 8000), "BackendPort": Variant("q", 8001)},
+        {"Priority": Variant("s", "high")},
+        {"IdleFreezeSec": Variant("i", 5)},
+        {"FrozenTTLSec": Variant("t", 10**9)},
+        {"GpuMemory": Variant("t", 1 << 30)},  # adopted processes hold their memory already
+    ]
+    for options in bad:
+        with pytest.raises(InvalidArgs) as info:
+            _parse_options(options, POLICY_OPTIONS)
+        assert "Priority" in info.value.message or "FrozenTTLSec" in info.value.message or "type" in info.value.message
 
 
 # ----------------------------------------------------------------- the shipped policy

@@ -17,7 +17,16 @@ from typing import Annotated, Any
 
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusBool, DBusDict, DBusObjectPath, DBusSignature, DBusStr, DBusUInt32, DBusUInt64
+from dbus_fast.annotations import (
+    DBusBool,
+    DBusDict,
+    DBusInt32,
+    DBusObjectPath,
+    DBusSignature,
+    DBusStr,
+    DBusUInt32,
+    DBusUInt64,
+)
 from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
@@ -162,27 +171,36 @@ def _shown(text: str, limit: int = 64) -> str:
 MAX_POLICY_SEC = 366 * 24 * 3600
 
 
-def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
-    # D-Bus signatures of the known options (strings: dbus-fast's Variant.signature is one)
-    types = {
-        "Description": "s",
-        "WorkingDirectory": "s",
-        "Environment": "as",
-        "Gpus": "as",
-        "User": "s",
-        "Port": "q",  # wake on first connection: the public TCP port
-        "BackendPort": "q",  # the port the model listens on, on 127.0.0.1
-        "ListenAddress": "s",  # the public port's address; absent: every address
-        "Priority": "i",
-        "IdleFreezeSec": "t|u",  # seconds; 0: never (absent: the daemon's IdleFreezeSec=)
-        "FrozenTTLSec": "t|u",  # seconds; 0: never
-        "Agent": "b",  # the fast path: the model runs gpuschedd.agent
-    }
+# D-Bus signatures of the known options (strings: dbus-fast's Variant.signature is one; "t|u": either)
+OPTION_TYPES = {
+    "Description": "s",
+    "WorkingDirectory": "s",
+    "Environment": "as",
+    "Gpus": "as",
+    "User": "s",
+    "Port": "q",  # wake on first connection: the public TCP port
+    "BackendPort": "q",  # the port the model listens on, on 127.0.0.1
+    "ListenAddress": "s",  # the public port's address; absent: every address
+    "Priority": "i",
+    "IdleFreezeSec": "t|u",  # seconds; 0: never (absent: the daemon's IdleFreezeSec=)
+    "FrozenTTLSec": "t|u",  # seconds; 0: never
+    "GpuMemory": "t",  # bytes needed free on each GPU the model will use, made room for before it starts
+    "Agent": "b",  # the fast path: the model runs gpuschedd.agent
+}
+# What Adopt and AdoptProcesses take: the policies. The rest is about starting a unit, which they do not.
+POLICY_OPTIONS = ("Priority", "IdleFreezeSec", "FrozenTTLSec")
+
+
+def _parse_options(options: dict[str, Variant], known: tuple[str, ...] = tuple(OPTION_TYPES)) -> RunOptions:
+    """The options of Run (every key) or of Adopt/AdoptProcesses (`known`: the policies), checked alike: an unknown
+    key, a wrong type or a bad value is InvalidArgs, before anything changes."""
     for key, value in options.items():
-        if key not in types:
-            raise InvalidArgs(f"unknown option {_shown(key, 24)}; known: {', '.join(types)}")
-        if value.signature not in types[key].split("|"):
-            raise InvalidArgs(f"option {key} must have type {types[key].replace('|', ' or ')}, not {value.signature}")
+        if key not in known:
+            raise InvalidArgs(f"unknown option {_shown(key, 24)}; known: {', '.join(known)}")
+        if value.signature not in OPTION_TYPES[key].split("|"):
+            raise InvalidArgs(
+                f"option {key} must have type {OPTION_TYPES[key].replace('|', ' or ')}, not {value.signature}"
+            )
     get = {key: value.value for key, value in options.items()}
     for key in ("IdleFreezeSec", "FrozenTTLSec"):
         if get.get(key, 0) > MAX_POLICY_SEC:
@@ -198,6 +216,7 @@ def _parse_run_options(options: dict[str, Variant]) -> RunOptions:
         idle_freeze_sec=int(get.get("IdleFreezeSec", -1)),
         frozen_ttl_sec=int(get.get("FrozenTTLSec", 0)),
         agent=bool(get.get("Agent", False)),
+        gpu_memory=int(get.get("GpuMemory", 0)),
     )
 
 
@@ -221,11 +240,6 @@ def _wake_options(get: dict[str, Any]) -> dict[str, Any]:
     return {"port": port, "backend_port": backend, "listen_address": address}
 
 
-def _no_options(options: dict[str, Variant]) -> None:
-    for key in options:
-        raise InvalidArgs(f"unknown option {_shown(key)}; none are known yet")
-
-
 class ManagerInterface(_Authorizing, ServiceInterface):
     def __init__(self, engine: Engine, authority: polkit.Authority) -> None:
         super().__init__(MANAGER_IFACE)
@@ -246,7 +260,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @exposed(RUN)
     async def Run(self, name: DBusStr, argv: StrList, options: DBusDict) -> DBusObjectPath:
         validate_model_name(name)
-        run_options = _parse_run_options(options)
+        run_options = _parse_options(options)
         if run_options.user:
             # Running as somebody else is a root-only choice.
             await self._authorize(MANAGE, "run", (name,), {"user": run_options.user})
@@ -260,7 +274,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @method()
     @exposed(ADOPT)
     async def Adopt(self, name: DBusStr, unit: DBusStr, options: DBusDict) -> DBusObjectPath:
-        _no_options(options)
+        policies = _parse_options(options, POLICY_OPTIONS)
         uid = caller_uid.get()
         _status, owner = await self.engine.adoptable_unit(name, unit)
         others = owner != uid and uid != 0
@@ -268,13 +282,13 @@ class ManagerInterface(_Authorizing, ServiceInterface):
             # Someone else's unit: a root-only choice.
             await self._authorize(MANAGE, "adopt", (name, unit), {"unit": unit, "owner": str(owner)})
         await self._replace_ended(name)
-        model = await self.engine.adopt(name, unit, uid, others)
+        model = await self.engine.adopt(name, unit, uid, others, policies)
         return model_path(model.name)
 
     @method()
     @exposed(ADOPT)
     async def AdoptProcesses(self, name: DBusStr, pids: PidList, options: DBusDict) -> DBusObjectPath:
-        _no_options(options)
+        policies = _parse_options(options, POLICY_OPTIONS)
         uid = caller_uid.get()
         owners = self.engine.adoptable_pids(name, list(pids))
         foreign = sorted({owner for owner in owners.values() if owner != uid})
@@ -283,7 +297,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
             # Someone else's processes: a root-only choice.
             await self._authorize(MANAGE, "adopt", (name,), {"unit": "", "owner": ",".join(map(str, foreign))})
         await self._replace_ended(name)
-        model = await self.engine.adopt_processes(name, list(pids), uid, others)
+        model = await self.engine.adopt_processes(name, list(pids), uid, others, policies)
         return model_path(model.name)
 
     async def _replace_ended(self, name: str) -> None:
@@ -509,6 +523,18 @@ class ModelInterface(_Authorizing, ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def ParkedBytes(self) -> DBusUInt64:
         return self.model.parked_bytes
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Priority(self) -> DBusInt32:
+        return self.model.priority
+
+    @dbus_property(access=PropertyAccess.READ)
+    def IdleFreezeSec(self) -> DBusUInt64:
+        return self.engine.idle_limit(self.model)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def FrozenTTLSec(self) -> DBusUInt64:
+        return self.model.frozen_ttl_sec
 
 
 class BusPublisher(EngineListener):
