@@ -2,10 +2,13 @@
 served by bench/serve.py, run and frozen through gpuschedd's engine (cgroupfs units, driver checkpoint).
 
     sudo PYTHONPATH=src python3 bench/bench.py [--sizes 0.5B,1.5B,7B] [--runs 3] [--thp always,madvise]
+        [--paths driver,agent]
 
 Prints a table: GPU memory, freeze, thaw, thaw → first token, cold start (process start → first token), the
-ratio of gpuschedd's freeze/thaw to the bare driver API on the same process (goal ≤ 1.05), per THP mode.
-Medians over --runs."""
+ratio of gpuschedd's freeze/thaw to the bare driver API on the same process (goal ≤ 1.05), per THP mode; per
+path: `driver` (the driver's checkpoint moves everything) and `agent` (the fast path: serve.py enables
+gpuschedd.agent, which parks the model's memory, and the driver moves the rest). Every token after a thaw is
+checked to be the token the model gave before its first freeze. Medians over --runs."""
 
 from __future__ import annotations
 
@@ -58,13 +61,17 @@ def make_model(size: str, workdir: Path) -> Path:
     return out
 
 
-def first_token(sock_path: str) -> float:
+def first_token(sock_path: str, expected: str) -> float:
+    """Seconds for one request; the model must answer `expected`, the token it gave when it started."""
     t0 = time.monotonic()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(sock_path)
         s.sendall(b"go\n")
-        s.recv(64)
-    return time.monotonic() - t0
+        token = s.recv(64).decode().strip()
+    elapsed = time.monotonic() - t0
+    if token != expected:
+        raise RuntimeError(f"token {token} after a thaw; the model gave {expected} before")
+    return elapsed
 
 
 async def wait_file(path: str, timeout: float) -> str:
@@ -79,11 +86,14 @@ async def wait_file(path: str, timeout: float) -> str:
 @dataclass
 class Row:
     size: str
+    path: str = "driver"
     vram: int = 0
+    parked: int = 0
+    token: str = ""  # what the model answered when it started
     cold: list[float] = field(default_factory=list)
     freeze: dict[str, list[float]] = field(default_factory=dict)
     thaw: dict[str, list[float]] = field(default_factory=dict)
-    token: dict[str, list[float]] = field(default_factory=dict)
+    first: dict[str, list[float]] = field(default_factory=dict)
     bare_freeze: list[float] = field(default_factory=list)
     bare_thaw: list[float] = field(default_factory=list)
     ratio_freeze: list[float] = field(default_factory=list)
@@ -95,22 +105,27 @@ def set_thp(mode: str) -> None:
         f.write(mode)
 
 
-async def start(engine: Engine, name: str, model_dir: Path, sock: str) -> float:
+async def start(engine: Engine, name: str, model_dir: Path, sock: str, row: Row) -> float:
     for stale in (sock, sock + ".ready"):
         if os.path.exists(stale):
             os.unlink(stale)
     t0 = time.time()
-    await engine.run(name, [sys.executable, str(HERE / "serve.py"), str(model_dir), sock], RunOptions(), 0)
-    ready = await wait_file(sock + ".ready", 600)
-    return float(ready.split()[1]) - t0
+    agent = row.path == "agent"
+    argv = [sys.executable, str(HERE / "serve.py"), str(model_dir), sock] + (["--agent"] if agent else [])
+    # serve.py --agent imports gpuschedd.agent: from this checkout (a user pip-installs gpuschedd in the model's env).
+    env = [f"PYTHONPATH={HERE.parent / 'src'}"] if agent else []
+    await engine.run(name, argv, RunOptions(agent=agent, environment=env), 0)
+    ready = (await wait_file(sock + ".ready", 600)).split()
+    row.token = ready[2]
+    return float(ready[1]) - t0
 
 
-async def bench_size(engine: Engine, size: str, args: argparse.Namespace, workdir: Path) -> Row:
-    row = Row(size)
+async def bench_size(engine: Engine, size: str, path: str, args: argparse.Namespace, workdir: Path) -> Row:
+    row = Row(size, path)
     model_dir = make_model(size, workdir)
-    name, sock = f"bench-{size.replace('.', '_')}", str(workdir / f"{size}.sock")
+    name, sock = f"bench-{size.replace('.', '_')}-{path}", str(workdir / f"{size}.sock")
     for i in range(args.cold_runs):
-        row.cold.append(await start(engine, name, model_dir, sock))
+        row.cold.append(await start(engine, name, model_dir, sock, row))
         if i < args.cold_runs - 1:
             await engine.stop(name)
     model = engine.get(name)
@@ -126,10 +141,13 @@ async def bench_size(engine: Engine, size: str, args: argparse.Namespace, workdi
             t0 = time.monotonic()
             await engine.thaw(name)
             row.thaw.setdefault(mode, []).append(time.monotonic() - t0)
-            row.token.setdefault(mode, []).append(row.thaw[mode][-1] + first_token(sock))
+            row.first.setdefault(mode, []).append(row.thaw[mode][-1] + first_token(sock, row.token))
+            row.parked = model.parked_bytes
+            if path == "agent" and model.freeze_path != "agent":
+                raise RuntimeError(f"{name}: the freeze took the {model.freeze_path} path, not the agent's")
     # gpuschedd against the bare driver API on the same process, alternating, in the last THP mode.
     pids = driver.cuda_pids(model.pids)
-    for _ in range(args.runs):
+    for _ in range(args.runs if path == "driver" else 0):
         t0 = time.monotonic()
         for pid in pids:
             driver.lock(pid, 10_000)
@@ -150,7 +168,7 @@ async def bench_size(engine: Engine, size: str, args: argparse.Namespace, workdi
         ours_thaw = time.monotonic() - t0
         row.ratio_freeze.append(ours_freeze / row.bare_freeze[-1])
         row.ratio_thaw.append(ours_thaw / row.bare_thaw[-1])
-    first_token(sock)  # still serving after all of it
+    first_token(sock, row.token)  # still serving, and right, after all of it
     await engine.stop(name)
     return row
 
@@ -160,15 +178,16 @@ def med(values: list[float]) -> str:
 
 
 def print_table(rows: list[Row], modes: list[str], command: str) -> None:
-    header = ["model", "GPU mem"]
+    header = ["model", "path", "GPU mem", "parked"]
     for mode in modes:
         header += [f"freeze s ({mode})", f"thaw s ({mode})", f"thaw→1st token s ({mode})"]
     header += ["cold start s", "freeze/bare", "thaw/bare"]
     lines = [header]
     for r in rows:
-        line = [f"Qwen2.5-{r.size}", f"{r.vram / 2**30:.1f} GiB"]
+        parked = f"{r.parked / 2**30:.1f} GiB" if r.parked else "-"
+        line = [f"Qwen2.5-{r.size}", r.path, f"{r.vram / 2**30:.1f} GiB", parked]
         for mode in modes:
-            line += [med(r.freeze.get(mode, [])), med(r.thaw.get(mode, [])), med(r.token.get(mode, []))]
+            line += [med(r.freeze.get(mode, [])), med(r.thaw.get(mode, [])), med(r.first.get(mode, []))]
         line += [med(r.cold), med(r.ratio_freeze), med(r.ratio_thaw)]
         lines.append(line)
     widths = [max(len(x[i]) for x in lines) for i in range(len(header))]
@@ -185,6 +204,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cold-runs", type=int, default=2)
     parser.add_argument("--thp", default="madvise,always")
+    parser.add_argument("--paths", default="driver,agent")
     parser.add_argument("--workdir", default="/var/tmp/gpusched-bench")
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup/gpusched-bench")
     args = parser.parse_args()
@@ -200,8 +220,9 @@ async def main() -> None:
     rows = []
     try:
         for size in args.sizes.split(","):
-            rows.append(await bench_size(engine, size, args, workdir))
-            print(f"done {size}", file=sys.stderr, flush=True)
+            for path in args.paths.split(","):
+                rows.append(await bench_size(engine, size, path, args, workdir))
+                print(f"done {size} {path}", file=sys.stderr, flush=True)
     finally:
         for name in list(engine.models):
             await engine.stop(name)

@@ -1,13 +1,16 @@
 """A minimal LLM server for the benchmark: loads a saved model, generates its first token, then answers
 "generate one token" requests on a Unix socket.
 
-    serve.py MODEL_DIR SOCKET
+    serve.py MODEL_DIR SOCKET [--agent]
+
+--agent enables gpuschedd.agent (the fast path) before loading, and answers each request inside agent.busy().
 
 Cold start is measured by the caller from process start to the line "FIRST_TOKEN <unix time>" written to
 SOCKET + ".ready"; after a thaw the caller connects and times one request (thaw → first token)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -19,6 +22,11 @@ from transformers import AutoModelForCausalLM
 
 def main() -> None:
     model_dir, sock_path = sys.argv[1], sys.argv[2]
+    busy = contextlib.nullcontext
+    if "--agent" in sys.argv[3:]:
+        import gpuschedd.agent
+
+        busy = gpuschedd.agent.enable().busy
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda", generator=None)
@@ -42,7 +50,9 @@ def main() -> None:
         conn, _ = server.accept()
         with conn:
             conn.recv(16)
-            conn.sendall(f"{one_token()}\n".encode())
+            with busy():
+                token = one_token()
+            conn.sendall(f"{token}\n".encode())
 
 
 if __name__ == "__main__":

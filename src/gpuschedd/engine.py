@@ -20,7 +20,7 @@ from typing import Any
 from . import adopt, hostmem, recovery
 from .agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
 from .agentlink import AgentFailed, AgentLink
-from .checkpoint import CheckpointBackend, CheckpointError
+from .checkpoint import CheckpointBackend, CheckpointError, CudaState
 from .config import Config
 from .errors import (
     AccessDenied,
@@ -247,7 +247,7 @@ class Engine:
                 self._add(model)  # as it was; its stop is finished below, before anything else is touched
                 stops.append(name)
                 continue
-            cuda = await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+            cuda = await self._found_cuda_states(model, status, record)
             truth = recovery.Truth(status.frozen, cuda)
             before = recovery.saved_state(record.state if record else None)
             target, why = recovery.target_for(before, truth)
@@ -282,6 +282,21 @@ class Engine:
         for out, into in saved.swaps:
             await self._finish_swap(out, into)
         self._persist()
+
+    async def _found_cuda_states(self, model: Model, status: UnitStatus, record: Model | None) -> dict[int, CudaState]:
+        """The driver state of each CUDA process of a unit found on start. The driver's GetState blocks on a
+        process the cgroup freezer holds (measured on driver 580, H100): a model saved frozen and found frozen is
+        read from the saved table and NVML, untouched; any other frozen unit is thawed for the question (a
+        checkpointed process only blocks in its next CUDA call) and frozen again."""
+        if not status.frozen or self.checkpoint.name == "none":
+            return await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+        if record is not None and record.state == State.FROZEN:
+            return recovery.frozen_cuda_states(model.pids, record.cuda_pids, set(self.telemetry.vram_by_pid()))
+        await self.units.thaw(model.unit)
+        try:
+            return await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+        finally:
+            await self.units.freeze(model.unit)
 
     def _owner_of(self, status: UnitStatus) -> int:
         try:
@@ -841,16 +856,14 @@ class Engine:
         )
 
     async def _late_cuda_pids(self, model: Model, known: list[int]) -> list[int]:
-        """CUDA processes of the (frozen) unit that the freeze has not checkpointed."""
+        """Processes of the (frozen) unit that hold GPU memory the freeze has not checkpointed. NVML answers, not
+        the driver: GetState blocks on a process the cgroup freezer holds (measured on driver 580, H100)."""
         status = await self.units.status(model.unit)
         if status is None:
             return []
         self._apply_status(model, status)
-        try:
-            found = await asyncio.to_thread(self.checkpoint.cuda_pids, model.pids)
-        except CheckpointError as e:
-            raise CheckpointFailed(f"model {model.name}: {e}") from e
-        return [pid for pid in found if pid not in known]
+        holding = self.telemetry.vram_by_pid()
+        return [pid for pid in model.pids if pid in holding and pid not in known]
 
     async def _park(self, model: Model, pids: list[int]) -> None:
         """The fast path: each process's agent copies its memory out and releases it, keeping the addresses.

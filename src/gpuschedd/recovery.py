@@ -67,6 +67,16 @@ def cuda_states(checkpoint: CheckpointBackend, pids: list[int]) -> dict[int, Cud
     return out
 
 
+def frozen_cuda_states(pids: list[int], checkpointed: list[int], holding: set[int]) -> dict[int, CudaState]:
+    """The driver state of each CUDA PID of a unit the cgroup freezer holds, without asking the driver: its
+    GetState blocks on a frozen process (measured on driver 580, H100). A PID that NVML sees holding GPU memory
+    has not been checkpointed (taken as running: settling thaws the cgroup and asks the driver then); one the
+    saved table says was checkpointed, and that holds none, is checkpointed."""
+    out = {pid: CudaState.RUNNING for pid in pids if pid in holding}
+    out.update({pid: CudaState.CHECKPOINTED for pid in checkpointed if pid in pids and pid not in holding})
+    return out
+
+
 @dataclass(frozen=True)
 class Truth:
     """What systemd and the driver say about one live unit."""

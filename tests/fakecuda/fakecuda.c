@@ -467,15 +467,49 @@ static CUresult transition(int pid, CUprocessState from, CUprocessState to)
     return r;
 }
 
+/* Whether the process is stopped (SIGSTOP) or held by the cgroup freezer. */
+static int held(int pid)
+{
+    char p[64], buf[2048];
+    snprintf(p, sizeof p, "/proc/%d/stat", pid);
+    if (read_file(p, buf, sizeof buf) == 0) {
+        char *r = strrchr(buf, ')');
+        if (r && r[1] == ' ' && (r[2] == 'T' || r[2] == 't'))
+            return 1;
+    }
+    snprintf(p, sizeof p, "/proc/%d/cgroup", pid);
+    if (read_file(p, buf, sizeof buf) == 0 && strncmp(buf, "0::", 3) == 0) {
+        char *nl = strchr(buf, '\n');
+        if (nl)
+            *nl = '\0';
+        char events[PATH_MAX + 64], text[512];
+        snprintf(events, sizeof events, "/sys/fs/cgroup%s/cgroup.events", buf + 3);
+        if (read_file(events, text, sizeof text) == 0 && strstr(text, "frozen 1"))
+            return 1;
+    }
+    return 0;
+}
+
+/* As the real driver (measured on 580, H100), GetState needs the target to run: on a stopped or frozen process
+   it blocks until the process runs again. Here it gives up after FAKECUDA_AGENT_TIMEOUT_MS with
+   CUDA_ERROR_TIMEOUT and logs it, so a test that asks about a frozen process fails instead of hanging. */
 CUresult cuCheckpointProcessGetState(int pid, CUprocessState *state)
 {
     struct ctx c;
     if (!state)
         return CUDA_ERROR_INVALID_VALUE;
     CUresult r = prologue(pid, &c, "get-state");
-    if (r == CUDA_SUCCESS)
-        *state = get_state(pid);
-    return r; /* not logged: status reads would drown the ordering the log is for */
+    if (r != CUDA_SUCCESS)
+        return r; /* not logged: status reads would drown the ordering the log is for */
+    const char *t = getenv("FAKECUDA_AGENT_TIMEOUT_MS");
+    long long deadline = now_ms() + (t ? atoll(t) : 5000);
+    while (held(pid)) {
+        if (now_ms() > deadline)
+            return logged("get-state-frozen", pid, CUDA_ERROR_TIMEOUT);
+        sleep_ms(5);
+    }
+    *state = get_state(pid);
+    return CUDA_SUCCESS;
 }
 
 CUresult cuCheckpointProcessGetRestoreThreadId(int pid, int *tid)

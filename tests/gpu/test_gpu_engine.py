@@ -19,7 +19,7 @@ import pytest
 
 from gpuschedd.config import Config, host_ram_bytes
 from gpuschedd.engine import Engine, RunOptions
-from gpuschedd.errors import InsufficientGpuMemory
+from gpuschedd.errors import InsufficientGpuMemory, InvalidArgs
 from gpuschedd.hostmem import rss_bytes
 from gpuschedd.model import State
 
@@ -100,10 +100,12 @@ async def verify(d: Path, pids: list[int]) -> dict[int, bool]:
     raise TimeoutError("verify")
 
 
-async def run_model(engine: Engine, name: str, d: Path, *extra: str, procs: int = 1) -> list[int]:
+async def run_model(
+    engine: Engine, name: str, d: Path, *extra: str, procs: int = 1, options: RunOptions | None = None
+) -> list[int]:
     d.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d), *extra]
-    await engine.run(name, argv, RunOptions(), 0)
+    await engine.run(name, argv, options or RunOptions(), 0)
     return sorted((await wait_ready(d, procs)).keys())
 
 
@@ -199,3 +201,42 @@ async def test_real_get_state_tells_cuda_processes_apart(engine: Engine, tmp_pat
     finally:
         plain.kill()
         plain.wait()
+
+
+async def test_the_agent_parks_a_torch_model_and_the_driver_takes_the_rest(engine: Engine, tmp_path: Path) -> None:
+    """The fast path on the real driver: addresses kept, bytes and a CUDA graph captured before the freeze intact."""
+    d = tmp_path / "fast"
+    # The model's Python imports gpuschedd.agent: here from the checkout (a user pip-installs gpuschedd).
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    options = RunOptions(agent=True, environment=[f"PYTHONPATH={src}"])
+    pids = await run_model(engine, "fast", d, "--agent", "--matmul", options=options)
+    model = engine.get("fast")
+    await engine.refresh(model)
+    used_before = gpu_used(engine)
+    for _cycle in range(3):
+        await engine.freeze("fast")
+        assert (model.freeze_path, model.state) == ("agent", State.FROZEN)
+        assert model.parked_bytes >= MIB << 20, "the tensors went through the agent"
+        assert not any(pid in engine.telemetry.vram_by_pid() for pid in pids)
+        assert used_before - gpu_used(engine) >= (MIB << 20) * 0.9
+        assert not await counters_move(d, 0.5)
+        await engine.thaw("fast")
+        assert await counters_move(d)
+        assert await verify(d, pids) == {pid: True for pid in pids}
+
+
+async def test_migrate_onto_the_same_gpu_is_an_identity_map(engine: Engine, tmp_path: Path) -> None:
+    """Issue 8 on one GPU: the driver accepts gpuPairs mapping the GPU onto itself; an unknown target is refused."""
+    d = tmp_path / "mig"
+    pids = await run_model(engine, "mig", d)
+    gpu = engine.telemetry.gpus()[0]
+    with pytest.raises(InvalidArgs):
+        await engine.migrate("mig", "7")
+    assert engine.get("mig").state == State.RUNNING and await counters_move(d)
+    model = await engine.migrate("mig", gpu.uuid)
+    assert model.state == State.RUNNING and set(model.vram_by_gpu) == {gpu.uuid}
+    assert await counters_move(d)
+    assert await verify(d, pids) == {pid: True for pid in pids}
+    await engine.freeze("mig")
+    await engine.migrate("mig", "0")
+    assert engine.get("mig").state == State.RUNNING and await counters_move(d)

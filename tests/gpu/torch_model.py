@@ -7,11 +7,15 @@ Every process (the main one and each child, each with its own CUDA context) writ
 (JSON: pid, counter, ready) about ten times a second; the counter moves only while the process computes.
 On SIGUSR1 it re-hashes its tensors on the GPU and writes DIR/verify.<pid> (JSON: ok, digest), so a test can
 prove every byte came back bit-identical after a thaw. --matmul keeps the GPU busy between status writes
-(a freeze then lands mid-compute)."""
+(a freeze then lands mid-compute). --agent enables gpuschedd.agent (the fast path) first, does each step inside
+agent.busy(), and also captures a CUDA graph before the first freeze: verify then also replays it and compares
+its output with the one computed at start."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import hashlib
 import json
 import os
@@ -44,7 +48,14 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=0)
     parser.add_argument("--matmul", action="store_true")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--agent", action="store_true")
     args = parser.parse_args()
+    faulthandler.register(signal.SIGQUIT, all_threads=True)  # a stuck test can ask every thread where it is
+    busy = contextlib.nullcontext
+    if args.agent:
+        import gpuschedd.agent
+
+        busy = gpuschedd.agent.enable().busy
 
     children = [
         subprocess.Popen(
@@ -63,6 +74,19 @@ def main() -> None:
         tensors.append(torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda"))
         remaining -= n
     a = torch.randn(2048, 2048, device="cuda")
+    graph, graph_out, graph_ref = None, None, None
+    if args.agent:
+        w, x = torch.randn(1024, 1024, device="cuda"), torch.randn(64, 1024, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.tanh(x @ w)  # warm-up, as graph capture needs
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_out = torch.tanh(x @ w)
+        graph.replay()
+        graph_ref = graph_out.clone()
     original = digest(tensors)
     pid = os.getpid()
     requested = []
@@ -73,17 +97,23 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, on_usr1)
     counter = 0
     while True:
-        if requested:
-            requested.clear()
-            now = digest(tensors)
-            write_json(os.path.join(args.dir, f"verify.{pid}"), {"ok": now == original, "digest": now})
-        if args.matmul:
-            for _ in range(20):
-                a = torch.tanh(a @ a)
-        # Wait for the GPU through a device-to-host copy, as inference servers do (.item()). Measured on the H100:
-        # a thread inside torch.cuda.synchronize() when the driver lock is taken gets an error and PyTorch
-        # raises, so a test model must not sit in it (docs/gpu-results.md).
-        float(a[0, 0].item())
+        with busy():
+            if requested:
+                requested.clear()
+                now = digest(tensors)
+                ok = now == original
+                if graph is not None:
+                    graph_out.zero_()
+                    graph.replay()
+                    ok = ok and torch.equal(graph_out, graph_ref)
+                write_json(os.path.join(args.dir, f"verify.{pid}"), {"ok": ok, "digest": now})
+            if args.matmul:
+                for _ in range(20):
+                    a = torch.tanh(a @ a)
+            # Wait for the GPU through a device-to-host copy, as inference servers do (.item()). Measured on the
+            # H100: a thread inside torch.cuda.synchronize() when the driver lock is taken gets an error and PyTorch
+            # raises, so a test model must not sit in it (docs/gpu-results.md).
+            float(a[0, 0].item())
         counter += 1
         write_json(os.path.join(args.dir, f"status.{pid}"), {"pid": pid, "counter": counter, "ready": True})
         time.sleep(0.05)

@@ -532,7 +532,10 @@ async def test_a_cuda_context_created_during_the_freeze_is_checkpointed_too(firs
         return [a] if len(calls) == 1 else real(pids)  # b "creates its context" right after the first look
 
     engine.checkpoint.cuda_pids = cuda_pids  # type: ignore[method-assign]
-    engine.telemetry.vram_by_pid = lambda: {}  # type: ignore[method-assign]
+    # NVML too sees b's memory only once it has a context; the check after the cgroup freeze asks NVML (the driver
+    # cannot answer for a frozen process).
+    real_nvml = engine.telemetry.vram_by_pid
+    engine.telemetry.vram_by_pid = lambda: real_nvml() if calls else {}  # type: ignore[method-assign]
     await engine.freeze("m")
     assert model.state == State.FROZEN and sorted(model.cuda_pids) == sorted([a, b])
     assert states(gpu_dir, [a, b]) == [C, C] and units.frozen == {model.unit}

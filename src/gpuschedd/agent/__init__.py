@@ -41,7 +41,7 @@ def enable() -> Agent:
 
             lot = ParkingLot(Cuda(), mode=os.environ.get(STAGING_ENV, DEFAULT_MODE))
             pool = TorchPool(lot)
-            pool.route_this_thread()
+            pool.route()
             _agent = Agent(lot, os.environ.get(AGENT_DIR_ENV), daemon_uid(), before_park=pool.release_cache)
             _agent.start()
         return _agent

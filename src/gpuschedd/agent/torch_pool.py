@@ -4,7 +4,9 @@ PyTorch's caching allocator stays in charge (block splitting, caching, streams);
 (2 MiB and up, a few hundred for a 7B model) come from us, through ctypes callbacks registered as a pluggable
 allocator backing a `torch.cuda.MemPool`. The thread that enables the pool routes its allocations there from
 then on; allocations of other threads, and CUDA graphs' private pools, stay with the default allocator and are
-moved by the driver's checkpoint like any process's memory."""
+moved by the driver's checkpoint like any process's memory. (Routing every thread with PyTorch's
+`_cuda_beginAllocateToPool` would also take graph captures' allocations, and leaves the allocator believing a
+capture is always under way: not done.)"""
 
 from __future__ import annotations
 
@@ -50,8 +52,8 @@ class TorchPool:
         self.pool = torch.cuda.MemPool(self.allocator)
         self._routing: Any = None
 
-    def route_this_thread(self) -> None:
-        """From now on, this thread's CUDA tensors are allocated in the pool."""
+    def route(self) -> None:
+        """From now on, the calling thread's CUDA tensors are allocated in the pool."""
         import torch
 
         self._routing = torch.cuda.use_mem_pool(self.pool)
