@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shlex
 import socket
@@ -209,6 +210,8 @@ async def main() -> None:
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup/gpusched-bench")
     args = parser.parse_args()
     args.thp = args.thp.split(",")
+    # The engine's log on stderr: how long each agent took to park and unpark.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     original_thp = thp_mode()

@@ -3,7 +3,8 @@
 
     serve.py MODEL_DIR SOCKET [--agent]
 
---agent enables gpuschedd.agent (the fast path) before loading, and answers each request inside agent.busy().
+--agent enables gpuschedd.agent (the fast path), loads the model inside agent.parkable(), and answers each
+request inside agent.busy().
 
 Cold start is measured by the caller from process start to the line "FIRST_TOKEN <unix time>" written to
 SOCKET + ".ready"; after a thaw the caller connects and times one request (thaw → first token)."""
@@ -22,12 +23,14 @@ from transformers import AutoModelForCausalLM
 
 def main() -> None:
     model_dir, sock_path = sys.argv[1], sys.argv[2]
-    busy = contextlib.nullcontext
+    busy = parkable = contextlib.nullcontext
     if "--agent" in sys.argv[3:]:
         import gpuschedd.agent
 
-        busy = gpuschedd.agent.enable().busy
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
+        agent = gpuschedd.agent.enable()
+        busy, parkable = agent.busy, agent.parkable
+    with parkable():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda", generator=None)
 

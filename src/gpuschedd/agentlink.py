@@ -31,6 +31,7 @@ class AgentLink:
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock, self.pid, self._reader = sock, pid, Reader(sock)
+        self.seconds = 0.0  # the agent's time for its last park or unpark, as it reported it
 
     @classmethod
     def connect(cls, directory: str, pid: int, timeout_s: float) -> AgentLink | None:
@@ -69,15 +70,20 @@ class AgentLink:
         return reply
 
     def park(self, timeout_ms: int) -> int:
-        """Park; returns the bytes parked."""
+        """Park; returns the bytes parked (the agent's own time for it in `seconds`)."""
         reply = self._call({"op": "park", "timeout_ms": timeout_ms}, timeout_ms / 1000 + GRACE_S)
         parked = reply.get("parked_bytes")
         if type(parked) is not int or parked < 0:
             raise AgentFailed(f"agent of pid {self.pid}: bad reply {reply!r:.200}")
+        self._took(reply)
         return parked
 
     def unpark(self, timeout_s: float) -> None:
-        self._call({"op": "unpark"}, timeout_s)
+        self._took(self._call({"op": "unpark"}, timeout_s))
+
+    def _took(self, reply: dict[str, Any]) -> None:
+        seconds = reply.get("seconds")
+        self.seconds = float(seconds) if type(seconds) in (int, float) else 0.0
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

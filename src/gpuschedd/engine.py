@@ -887,9 +887,11 @@ class Engine:
         links = [link for link, _n, _error in results if link is not None]
         if links:
             self._parked[model.name] = links
-        for pid, (_link, _n, error) in zip(pids, results, strict=True):
+        for pid, (link, n, error) in zip(pids, results, strict=True):
             if error:
                 log.warning("freeze of %s: pid %d takes the driver path: %s", model.name, pid, error)
+            elif link is not None:
+                log.info("freeze of %s: the agent of pid %d parked %d bytes in %.3fs", model.name, pid, n, link.seconds)
 
     async def _unpark(self, model: Model) -> str:
         """Give the agents their memory back; returns what failed ("" when nothing did). An agent that answered
@@ -899,6 +901,7 @@ class Engine:
         async def unpark_one(link: AgentLink) -> str:
             try:
                 await asyncio.to_thread(link.unpark, self.config.agent_timeout_ms / 1000)
+                log.info("thaw of %s: the agent of pid %d unparked in %.3fs", model.name, link.pid, link.seconds)
             except AgentFailed as e:
                 if e.answered:
                     return str(e)

@@ -240,3 +240,35 @@ async def test_migrate_onto_the_same_gpu_is_an_identity_map(engine: Engine, tmp_
     await engine.freeze("mig")
     await engine.migrate("mig", "0")
     assert engine.get("mig").state == State.RUNNING and await counters_move(d)
+
+
+async def test_idle_freeze_reads_real_per_process_utilization(engine: Engine, tmp_path: Path) -> None:
+    """Issue 9 on the GPU: NVML's per-process utilization tells a model that computes (--matmul) from one that
+    only holds its memory; after IdleFreezeSec only the idle one is frozen, with the reason in its event."""
+    from gpuschedd.engine import EngineListener
+    from gpuschedd.events import Event, EventKind
+
+    events: list[Event] = []
+
+    class Collect(EngineListener):
+        def event(self, event: Event) -> None:
+            events.append(event)
+
+    engine.add_listener(Collect())
+    idle, busy = tmp_path / "idle", tmp_path / "busy"
+    await run_model(engine, "idle", idle, options=RunOptions(idle_freeze_sec=2))
+    await run_model(engine, "busy", busy, "--matmul", options=RunOptions(idle_freeze_sec=2))
+    for name in ("idle", "busy"):
+        await engine.refresh(engine.get(name))
+    deadline = time.monotonic() + 20
+    while engine.get("idle").state != State.FROZEN and time.monotonic() < deadline:
+        await engine.apply_policies()
+        await asyncio.sleep(1)
+    assert engine.get("idle").state == State.FROZEN
+    assert engine.get("busy").state == State.RUNNING
+    assert await counters_move(busy)
+    [freeze] = [e for e in events if e.model == "idle" and e.kind == EventKind.FREEZE]
+    assert freeze.fields.get("GPUSCHED_REASON") == "idle", freeze
+    assert "no GPU utilization" in freeze.message
+    await engine.thaw("idle")
+    assert await counters_move(idle)

@@ -1,4 +1,4 @@
-"""A real PyTorch "model" for the GPU tests: holds a known amount of VRAM filled with seeded random data,
+"""A real PyTorch "model" for the GPU tests: holds a known amount of VRAM filled with random data,
 and shows it is alive and intact.
 
     torch_model.py --mib 2048 --dir DIR [--children 1] [--matmul]
@@ -7,9 +7,10 @@ Every process (the main one and each child, each with its own CUDA context) writ
 (JSON: pid, counter, ready) about ten times a second; the counter moves only while the process computes.
 On SIGUSR1 it re-hashes its tensors on the GPU and writes DIR/verify.<pid> (JSON: ok, digest), so a test can
 prove every byte came back bit-identical after a thaw. --matmul keeps the GPU busy between status writes
-(a freeze then lands mid-compute). --agent enables gpuschedd.agent (the fast path) first, does each step inside
-agent.busy(), and also captures a CUDA graph before the first freeze: verify then also replays it and compares
-its output with the one computed at start."""
+(a freeze then lands mid-compute). The tensors are allocated by two worker threads, as transformers' loader
+does. --agent enables gpuschedd.agent (the fast path), allocates the tensors inside agent.parkable(), does each
+step inside agent.busy(), and also captures a CUDA graph (outside it) before the first freeze: verify then also
+replays it and compares its output with the one computed at start."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,11 +53,12 @@ def main() -> None:
     parser.add_argument("--agent", action="store_true")
     args = parser.parse_args()
     faulthandler.register(signal.SIGQUIT, all_threads=True)  # a stuck test can ask every thread where it is
-    busy = contextlib.nullcontext
+    busy = parkable = contextlib.nullcontext
     if args.agent:
         import gpuschedd.agent
 
-        busy = gpuschedd.agent.enable().busy
+        agent = gpuschedd.agent.enable()
+        busy, parkable = agent.busy, agent.parkable
 
     children = [
         subprocess.Popen(
@@ -65,14 +68,15 @@ def main() -> None:
         for i in range(args.children)
     ]
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the bytes differ from run to run (threads); each run compares with itself
     chunk = 256 << 20
-    tensors = []
     remaining = args.mib << 20
+    sizes = []
     while remaining > 0:
-        n = min(chunk, remaining)
-        tensors.append(torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda"))
-        remaining -= n
+        sizes.append(min(chunk, remaining))
+        remaining -= sizes[-1]
+    with parkable(), ThreadPoolExecutor(2) as loaders:  # worker threads allocate, as transformers' loader does
+        tensors = list(loaders.map(lambda n: torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda"), sizes))
     a = torch.randn(2048, 2048, device="cuda")
     graph, graph_out, graph_ref = None, None, None
     if args.agent:

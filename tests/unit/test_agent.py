@@ -127,6 +127,7 @@ def test_the_daemon_parks_and_unparks_through_the_link(agent, tmp_path: Path, fa
     assert link is not None
     assert link.park(5000) == 6 * MIB
     assert a.lot.parked and vram(fake) == 0
+    assert link.seconds > 0, "the agent says how long it took"
     assert not a.gate.acquire(blocking=False), "the model's work waits while parked"
     link.unpark(5.0)
     assert not a.lot.parked and intact(segments)
@@ -146,6 +147,21 @@ def test_a_busy_model_is_not_parked(agent, tmp_path: Path) -> None:  # type: ign
     with a.busy(), pytest.raises(AgentFailed, match="busy") as e:
         link.park(100)
     assert e.value.answered and not a.lot.parked
+    link.close()
+
+
+def test_a_model_loading_inside_parkable_is_not_parked(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A park waits for the load (its threads may still be writing the memory), as it waits for busy()."""
+    a, _segments = agent
+    routed = []
+    a.routing = lambda: contextlib.nullcontext(routed.append(True))
+    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    assert link is not None
+    with a.parkable(), pytest.raises(AgentFailed, match="busy"):
+        link.park(100)
+    assert routed and not a.lot.parked
+    assert link.park(5000) == 6 * MIB
+    link.unpark(5.0)
     link.close()
 
 

@@ -1,10 +1,11 @@
 """The fast path's in-process agent for PyTorch models (opt in: `gpusched run --agent`, Run option Agent=true).
 
-In the model's code, once, before the model is loaded, in the thread that loads and serves it:
+In the model's code, once, before the model is loaded:
 
     import gpuschedd.agent
     agent = gpuschedd.agent.enable()
-    model = AutoModelForCausalLM.from_pretrained(...).cuda()
+    with agent.parkable():          # what is allocated here (and by threads started here) is parked
+        model = AutoModelForCausalLM.from_pretrained(..., device_map="cuda")
     while True:
         request = next_request()
         with agent.busy():          # a freeze waits for the request; the next one waits for the thaw
@@ -12,8 +13,8 @@ In the model's code, once, before the model is loaded, in the thread that loads 
 
 On freeze, gpuschedd asks the agent to park: it copies the model's CUDA memory into host RAM at PCIe speed and
 releases it, keeping every address; the driver's checkpoint then moves only what is left (the CUDA context,
-other threads' memory). On thaw, the reverse. Without gpuschedd (no $GPUSCHED_AGENT_DIR) `enable()` only
-routes the memory; nothing is ever parked. This package imports neither D-Bus nor (until enable) PyTorch."""
+activations, CUDA graphs). On thaw, the reverse. Without gpuschedd (no $GPUSCHED_AGENT_DIR) the memory is
+parkable but nothing is ever parked. This package imports neither D-Bus nor (until enable) PyTorch."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ _lock = threading.Lock()
 
 
 def enable() -> Agent:
-    """Route this thread's PyTorch CUDA allocations through parkable memory and serve the daemon. Idempotent."""
+    """Serve the daemon, with a pool of parkable memory for PyTorch (`Agent.parkable()`). Idempotent."""
     global _agent
     with _lock:
         if _agent is None:
@@ -41,7 +42,8 @@ def enable() -> Agent:
 
             lot = ParkingLot(Cuda(), mode=os.environ.get(STAGING_ENV, DEFAULT_MODE))
             pool = TorchPool(lot)
-            pool.route()
-            _agent = Agent(lot, os.environ.get(AGENT_DIR_ENV), daemon_uid(), before_park=pool.release_cache)
+            _agent = Agent(
+                lot, os.environ.get(AGENT_DIR_ENV), daemon_uid(), before_park=pool.release_cache, routing=pool.routing
+            )
             _agent.start()
         return _agent

@@ -11,9 +11,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 from .parking import ParkError, ParkingLot
-from .protocol import ProtocolError, Reader, peer_credentials, send, socket_path
+from .protocol import AGENT_DIR_ENV, ProtocolError, Reader, peer_credentials, send, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +24,14 @@ RETRY_UNPARK_S = 1.0
 
 class Agent:
     def __init__(
-        self, lot: ParkingLot, directory: str | None, daemon_uid: int = 0, before_park: Callable[[], None] | None = None
+        self,
+        lot: ParkingLot,
+        directory: str | None,
+        daemon_uid: int = 0,
+        before_park: Callable[[], None] | None = None,
+        routing: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
-        self.lot, self.directory, self.before_park = lot, directory, before_park
+        self.lot, self.directory, self.before_park, self.routing = lot, directory, before_park, routing
         self.allowed_uids = {0, daemon_uid}
         self.gate = threading.Lock()  # held by the model around its work, and by the agent while parked
         self.path = socket_path(directory, os.getpid()) if directory else ""
@@ -38,10 +44,17 @@ class Agent:
         with self.gate:
             yield
 
+    @contextlib.contextmanager
+    def parkable(self) -> Iterator[None]:
+        """Allocate inside this scope what a freeze should park: load the model, allocate its caches. Like
+        busy(), a park waits for it; capture CUDA graphs outside it."""
+        with self.gate, self.routing() if self.routing else contextlib.nullcontext():
+            yield
+
     def start(self) -> None:
         """Listen for the daemon, if it gave this process an agent directory."""
         if not self.path:
-            log.info("gpusched agent: no %s, so no daemon to serve; memory is parkable but never parked", self.path)
+            log.info("gpusched agent: no $%s, so no daemon to serve; memory is parkable, never parked", AGENT_DIR_ENV)
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # left by an earlier process with this PID

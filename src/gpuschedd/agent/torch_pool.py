@@ -2,17 +2,20 @@
 
 PyTorch's caching allocator stays in charge (block splitting, caching, streams); only the segments it asks for
 (2 MiB and up, a few hundred for a 7B model) come from us, through ctypes callbacks registered as a pluggable
-allocator backing a `torch.cuda.MemPool`. The thread that enables the pool routes its allocations there from
-then on; allocations of other threads, and CUDA graphs' private pools, stay with the default allocator and are
-moved by the driver's checkpoint like any process's memory. (Routing every thread with PyTorch's
-`_cuda_beginAllocateToPool` would also take graph captures' allocations, and leaves the allocator believing a
-capture is always under way: not done.)"""
+allocator backing a `torch.cuda.MemPool`. What any thread allocates inside `routing()` lands there: transformers
+loads weights in worker threads (measured: routing the calling thread alone, with `use_mem_pool`, left a Qwen2.5
+model's weights outside the pool, and PyTorch refuses to route a second thread to the same pool at once).
+Outside the scope, activations and CUDA graphs' private pools stay with the default allocator and are moved by
+the driver's checkpoint like any process's memory. Routing stays scoped because, while it is on, PyTorch treats
+the process as capturing a graph: graph captures' own allocations would land in the pool, and blocks used on
+several streams are not recycled."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
-from typing import Any
+from collections.abc import Iterator
 
 from .parking import ParkingLot
 
@@ -50,17 +53,22 @@ class TorchPool:
         faddr = ctypes.cast(self._free, ctypes.c_void_p).value
         self.allocator = torch._C._cuda_customAllocator(addr, faddr)
         self.pool = torch.cuda.MemPool(self.allocator)
-        self._routing: Any = None
 
-    def route(self) -> None:
-        """From now on, the calling thread's CUDA tensors are allocated in the pool."""
+    @contextlib.contextmanager
+    def routing(self) -> Iterator[None]:
+        """Allocate in the pool every thread's CUDA tensors on the current device, inside the scope."""
         import torch
 
-        self._routing = torch.cuda.use_mem_pool(self.pool)
-        self._routing.__enter__()
+        device = torch.cuda.current_device()
+        torch._C._cuda_beginAllocateToPool(device, self.pool.id)
+        try:
+            yield
+        finally:
+            torch._C._cuda_endAllocateToPool(device, self.pool.id)
+            torch._C._cuda_releasePool(device, self.pool.id)
 
     def release_cache(self) -> None:
-        """Give cached, unused blocks of every pool back (so they are neither parked nor checkpointed)."""
+        """Give cached, unused blocks back (so they are neither parked nor checkpointed)."""
         import torch
 
         torch.cuda.empty_cache()
