@@ -1,7 +1,8 @@
 """The whole daemon under a real systemd with a real GPU: a PyTorch unit run, frozen and thawed through the CLI
 and the bus, checked against NVML, the journal and its own tensors.
 
-Runs inside the GPU sandbox (skipped elsewhere), e.g. on the GPU machine:
+Runs inside the GPU sandbox (skipped elsewhere), e.g. on the GPU machine (.carry/gpu made here by
+`tools/gpu-sandbox.sh fetch .carry/gpu`):
     tools/gpu-sandbox.sh with .carry/gpu env PYTHONPATH=.carry/site /opt/torch/.venv/bin/python3 \\
         -m pytest -p no:cacheprovider tests/gpu/test_daemon_gpu.py -v
 """
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,12 +59,26 @@ def counter(d: Path, pid: int) -> int:
     return int(json.loads((d / f"status.{pid}").read_text())["counter"])
 
 
+def verified(d: Path, pid: int) -> bool:
+    """The model re-hashes its tensors (and replays its CUDA graph) and says whether they are as at its start."""
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while not (d / f"verify.{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return bool(json.loads((d / f"verify.{pid}").read_text())["ok"])
+
+
+def model_dir(name: str) -> Path:
+    d = Path(f"/var/tmp/gpusched-daemon-test-{name}")
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    return d
+
+
 def test_daemon_freezes_and_thaws_a_pytorch_unit(daemon: None) -> None:
     import pynvml
 
-    d = Path("/var/tmp/gpusched-daemon-test")
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
+    d = model_dir("torch")
     sh("gpusched", "run", "--name", "torch", "--", sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d))
     try:
         [pid] = ready(d)
@@ -91,11 +107,7 @@ def test_daemon_freezes_and_thaws_a_pytorch_unit(daemon: None) -> None:
         assert prop(path, "org.gpusched1.Model", "State") == '"running"'
         time.sleep(0.5)
         assert counter(d, pid) > frozen_at
-        os.kill(pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 60
-        while not (d / f"verify.{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert json.loads((d / f"verify.{pid}").read_text())["ok"], "tensors changed across freeze/thaw"
+        assert verified(d, pid), "tensors changed across freeze/thaw"
 
         events = sh("journalctl", "--no-pager", "-o", "json", "GPUSCHED_MODEL=torch", "GPUSCHED_EVENT=freeze")
         entry = json.loads(events.splitlines()[-1])
@@ -104,3 +116,61 @@ def test_daemon_freezes_and_thaws_a_pytorch_unit(daemon: None) -> None:
         print(sh("gpusched", "status"))
     finally:
         subprocess.run(["gpusched", "stop", "torch"])
+
+
+def test_the_fast_path_under_systemd(daemon: None) -> None:
+    """gpusched run --agent: the model's agent listens in its unit's RuntimeDirectory, the daemon (sandboxed by
+    its unit) parks through it, the driver takes the rest, and every tensor and a CUDA graph come back intact."""
+    d = model_dir("fast")
+    src = Path(__file__).resolve().parents[2] / "src"  # the model imports gpuschedd.agent from the checkout
+    argv = [sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d), "--agent"]
+    sh("gpusched", "run", "--name", "fast", "--agent", f"--setenv=PYTHONPATH={src}", "--", *argv)
+    try:
+        [pid] = ready(d)
+        path = "/org/gpusched1/model/fast"
+        for _cycle in range(2):
+            sh("gpusched", "freeze", "fast")
+            assert prop(path, "org.gpusched1.Model", "FreezePath") == '"agent"'
+            assert int(prop(path, "org.gpusched1.Model", "ParkedBytes")) >= MIB << 20
+            sh("gpusched", "thaw", "fast")
+            assert verified(d, pid), "tensors or the CUDA graph changed across freeze/thaw"
+        print(sh("gpusched", "status", "fast"))
+    finally:
+        subprocess.run(["gpusched", "stop", "fast"])
+
+
+def first_line(port: int) -> tuple[float, str]:
+    """Seconds from connecting to 127.0.0.1:port to the first byte, and the line received."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        first = s.recv(1)
+        elapsed = time.monotonic() - t0
+        line = (first + s.makefile("rb").readline()).decode().strip()
+    return elapsed, line
+
+
+def test_a_connection_wakes_a_frozen_pytorch_model(daemon: None) -> None:
+    """Wake on first connection with a real CUDA model: the first connection to the public port of a frozen model
+    thaws it and gets its answer, computed on the GPU from its tensors, as before the freeze. Prints connect ->
+    first byte for a cold start, a frozen model and a running one (docs/configuration.md)."""
+    d = model_dir("wake")
+    port, backend = 18080, 18081
+    argv = [sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d), "--port", str(backend)]
+    t0 = time.monotonic()
+    sh("gpusched", "run", "--name", "wake", "--port", str(port), "--backend-port", str(backend), "--", *argv)
+    try:
+        cold, answer = first_line(port)
+        run_to_byte = time.monotonic() - t0
+        path = "/org/gpusched1/model/wake"
+        sh("gpusched", "freeze", "wake")
+        assert prop(path, "org.gpusched1.Model", "State") == '"frozen"'
+        frozen, again = first_line(port)
+        assert again == answer, "the model answered differently after the wake"
+        assert prop(path, "org.gpusched1.Model", "State") == '"running"'
+        running, _ = first_line(port)
+        print(
+            f"\nwake, {MIB} MiB PyTorch model: connect->first byte: cold start {cold * 1000:.0f} ms (Run->first byte"
+            f" {run_to_byte * 1000:.0f} ms), frozen {frozen * 1000:.0f} ms, running {running * 1000:.1f} ms"
+        )
+    finally:
+        subprocess.run(["gpusched", "stop", "wake"])

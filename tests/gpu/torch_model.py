@@ -1,7 +1,7 @@
 """A real PyTorch "model" for the GPU tests: holds a known amount of VRAM filled with random data,
 and shows it is alive and intact.
 
-    torch_model.py --mib 2048 --dir DIR [--children 1] [--matmul]
+    torch_model.py --mib 2048 --dir DIR [--children 1] [--matmul] [--agent] [--port P]
 
 Every process (the main one and each child, each with its own CUDA context) writes DIR/status.<pid>
 (JSON: pid, counter, ready) about ten times a second; the counter moves only while the process computes.
@@ -10,7 +10,8 @@ prove every byte came back bit-identical after a thaw. --matmul keeps the GPU bu
 (a freeze then lands mid-compute). The tensors are allocated by two worker threads, as transformers' loader
 does. --agent enables gpuschedd.agent (the fast path), allocates the tensors inside agent.parkable(), does each
 step inside agent.busy(), and also captures a CUDA graph (outside it) before the first freeze: verify then also
-replays it and compares its output with the one computed at start."""
+replays it and compares its output with the one computed at start. --port P answers each TCP connection to
+127.0.0.1:P with "PID SUM\\n", SUM computed on the GPU from its first tensor."""
 
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -43,6 +47,15 @@ def write_json(path: str, data: dict[str, object]) -> None:
     os.replace(tmp, path)
 
 
+def serve(port: int, tensor: torch.Tensor, busy: Any) -> None:
+    """--port: answer each TCP connection on 127.0.0.1 with a line computed on the GPU from the tensors."""
+    server = socket.create_server(("127.0.0.1", port))
+    while True:
+        conn, _ = server.accept()
+        with conn, busy():
+            conn.sendall(f"{os.getpid()} {int(tensor[: 1 << 20].sum())}\n".encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, required=True)
@@ -51,6 +64,7 @@ def main() -> None:
     parser.add_argument("--matmul", action="store_true")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--agent", action="store_true")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     faulthandler.register(signal.SIGQUIT, all_threads=True)  # a stuck test can ask every thread where it is
     busy = parkable = contextlib.nullcontext
@@ -99,6 +113,8 @@ def main() -> None:
         requested.append(True)
 
     signal.signal(signal.SIGUSR1, on_usr1)
+    if args.port:
+        threading.Thread(target=serve, args=(args.port, tensors[0], busy), daemon=True).start()
     counter = 0
     while True:
         with busy():
