@@ -272,3 +272,28 @@ async def test_idle_freeze_reads_real_per_process_utilization(engine: Engine, tm
     assert "no GPU utilization" in freeze.message
     await engine.thaw("idle")
     assert await counters_move(idle)
+
+
+async def test_adopted_pytorch_processes_freeze_and_thaw(engine: Engine, tmp_path: Path) -> None:
+    """Issue 9 on the GPU: a PyTorch process started by hand, not by gpuschedd, adopted with AdoptProcesses into
+    its scope, is frozen and thawed like any model, its tensors intact; Forget lets it go, still computing."""
+    import subprocess
+
+    d = tmp_path / "adopted"
+    d.mkdir()
+    proc = subprocess.Popen([sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d)])
+    try:
+        [pid] = (await wait_ready(d, 1)).keys()
+        await engine.adopt_processes("adopted", [pid], 0)
+        await engine.freeze("adopted")
+        assert engine.get("adopted").cuda_pids == [pid]
+        assert pid not in engine.telemetry.vram_by_pid()
+        assert not await counters_move(d, 0.5)
+        await engine.thaw("adopted")
+        assert await counters_move(d)
+        assert await verify(d, [pid]) == {pid: True}
+        await engine.forget("adopted")
+        assert proc.poll() is None and await counters_move(d)
+    finally:
+        proc.kill()
+        proc.wait()
