@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
         "--configs",
-        default="pageable:1:64,pageable:8:64,register:8:64,pin:8:64,pin:16:64,ring:8:64,ring:16:64",
+        default="pageable:1:64,pageable:8:64,register:8:64,pin:8:64,pin:16:64,ring:8:64,ring:16:64,ring:16:16,ring:8:4,"
+        "ring:16:8,ring:16:4,ring:16:2",
         help="mode:threads:chunk MiB, comma-separated",
     )
     parser.add_argument("--pinned-gib", default="0,0.25,1,4")

@@ -27,7 +27,7 @@ from .cuda import Cuda
 MODES = ("ring", "pin", "pageable", "register")
 DEFAULT_MODE = "ring"
 DEFAULT_THREADS = min(16, max(2, len(os.sched_getaffinity(0))))  # the copy is CPU-bound (memmove)
-DEFAULT_CHUNK = 16 << 20  # small pieces keep the workers' DMA and memmove overlapping
+DEFAULT_CHUNK = 4 << 20  # small pieces keep the workers' DMA and memmove overlapping (measured: docs/fast-path.md)
 
 
 @dataclass(frozen=True)
