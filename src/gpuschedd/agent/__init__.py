@@ -4,7 +4,7 @@ In the model's code, once, before the model is loaded:
 
     import gpuschedd.agent
     agent = gpuschedd.agent.enable()
-    with agent.parkable():          # what is allocated here (and by threads started here) is parked
+    with agent.parkable():          # what any thread allocates here is parked on a freeze
         model = AutoModelForCausalLM.from_pretrained(..., device_map="cuda")
     while True:
         request = next_request()

@@ -47,7 +47,8 @@ class Agent:
     @contextlib.contextmanager
     def parkable(self) -> Iterator[None]:
         """Allocate inside this scope what a freeze should park: load the model, allocate its caches. Like
-        busy(), a park waits for it; capture CUDA graphs outside it."""
+        busy(), a park waits for it (so never open it inside busy() or itself: the gate is one lock); capture
+        CUDA graphs outside it."""
         with self.gate, self.routing() if self.routing else contextlib.nullcontext():
             yield
 
