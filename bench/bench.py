@@ -2,13 +2,14 @@
 served by bench/serve.py, run and frozen through gpuschedd's engine (cgroupfs units, driver checkpoint).
 
     sudo PYTHONPATH=src python3 bench/bench.py [--sizes 0.5B,1.5B,7B] [--runs 3] [--thp always,madvise]
-        [--paths driver,agent]
+        [--paths driver,agent,agent-only]
 
-Prints a table: GPU memory, freeze, thaw, thaw → first token, cold start (process start → first token), the
-ratio of gpuschedd's freeze/thaw to the bare driver API on the same process (goal ≤ 1.05), per THP mode; per
-path: `driver` (the driver's checkpoint moves everything) and `agent` (the fast path: serve.py enables
-gpuschedd.agent, which parks the model's memory, and the driver moves the rest). Every token after a thaw is
-checked to be the token the model gave before its first freeze. Medians over --runs."""
+Prints a table: GPU memory, what the agent parked, what stays on the GPU while frozen, freeze, thaw, thaw → first
+token, cold start (process start → first token), the ratio of gpuschedd's freeze/thaw to the bare driver API on the
+same process (goal ≤ 1.05), per THP mode; per path: `driver` (the driver's checkpoint moves everything), `agent`
+(the fast path: serve.py enables gpuschedd.agent, which parks the model's memory, and the driver moves the rest)
+and `agent-only` (KeepContext: the agent parks, the driver is not called, the CUDA context stays on the GPU). Every
+token after a thaw is checked to be the token the model gave before its first freeze. Medians over --runs."""
 
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ class Row:
     path: str = "driver"
     vram: int = 0
     parked: int = 0
+    held: int = 0  # GPU memory the model's processes still hold while frozen (KeepContext: their contexts)
     token: str = ""  # what the model answered when it started
     cold: list[float] = field(default_factory=list)
     freeze: dict[str, list[float]] = field(default_factory=dict)
@@ -111,11 +113,12 @@ async def start(engine: Engine, name: str, model_dir: Path, sock: str, row: Row)
         if os.path.exists(stale):
             os.unlink(stale)
     t0 = time.time()
-    agent = row.path == "agent"
+    agent = row.path != "driver"
     argv = [sys.executable, str(HERE / "serve.py"), str(model_dir), sock] + (["--agent"] if agent else [])
     # serve.py --agent imports gpuschedd.agent: from this checkout (a user pip-installs gpuschedd in the model's env).
     env = [f"PYTHONPATH={HERE.parent / 'src'}"] if agent else []
-    await engine.run(name, argv, RunOptions(agent=agent, environment=env), 0)
+    options = RunOptions(agent=agent, keep_context=row.path == "agent-only", environment=env)
+    await engine.run(name, argv, options, 0)
     ready = (await wait_file(sock + ".ready", 600)).split()
     row.token = ready[2]
     return float(ready[1]) - t0
@@ -139,13 +142,14 @@ async def bench_size(engine: Engine, size: str, path: str, args: argparse.Namesp
             t0 = time.monotonic()
             await engine.freeze(name)
             row.freeze.setdefault(mode, []).append(time.monotonic() - t0)
+            row.held = sum(sum(v.values()) for pid, v in engine.telemetry.vram_by_pid().items() if pid in model.pids)
             t0 = time.monotonic()
             await engine.thaw(name)
             row.thaw.setdefault(mode, []).append(time.monotonic() - t0)
             row.first.setdefault(mode, []).append(row.thaw[mode][-1] + first_token(sock, row.token))
             row.parked = model.parked_bytes
-            if path == "agent" and model.freeze_path != "agent":
-                raise RuntimeError(f"{name}: the freeze took the {model.freeze_path} path, not the agent's")
+            if model.freeze_path != path:
+                raise RuntimeError(f"{name}: the freeze took the {model.freeze_path} path, not the {path} path")
     # gpuschedd against the bare driver API on the same process, alternating, in the last THP mode.
     pids = driver.cuda_pids(model.pids)
     for _ in range(args.runs if path == "driver" else 0):
@@ -179,14 +183,14 @@ def med(values: list[float]) -> str:
 
 
 def print_table(rows: list[Row], modes: list[str], command: str) -> None:
-    header = ["model", "path", "GPU mem", "parked"]
+    header = ["model", "path", "GPU mem", "parked", "held frozen"]
     for mode in modes:
         header += [f"freeze s ({mode})", f"thaw s ({mode})", f"thaw→1st token s ({mode})"]
     header += ["cold start s", "freeze/bare", "thaw/bare"]
     lines = [header]
     for r in rows:
         parked = f"{r.parked / 2**30:.1f} GiB" if r.parked else "-"
-        line = [f"Qwen2.5-{r.size}", r.path, f"{r.vram / 2**30:.1f} GiB", parked]
+        line = [f"Qwen2.5-{r.size}", r.path, f"{r.vram / 2**30:.1f} GiB", parked, f"{r.held / 2**30:.2f} GiB"]
         for mode in modes:
             line += [med(r.freeze.get(mode, [])), med(r.thaw.get(mode, [])), med(r.first.get(mode, []))]
         line += [med(r.cold), med(r.ratio_freeze), med(r.ratio_thaw)]

@@ -169,8 +169,13 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
         add("Last freeze", f"{m['LastFreezeUSec'] / 1e6:.3f} s, last thaw {m['LastThawUSec'] / 1e6:.3f} s")
     if m.get("Agent"):
         path = m.get("FreezePath") or "not frozen yet"
-        parked = f", {human_bytes(m['ParkedBytes'])} parked by its agent" if m.get("FreezePath") == "agent" else ""
-        add("Fast path", f"agent; last freeze: {path}{parked}")
+        parked = (
+            f", {human_bytes(m['ParkedBytes'])} parked by its agent"
+            if m.get("FreezePath") in ("agent", "agent-only")
+            else ""
+        )
+        kept = ", keeps its CUDA contexts" if m.get("KeepContext") else ""
+        add("Fast path", f"agent{kept}; last freeze: {path}{parked}")
     if "Priority" in m:  # a daemon older than the CLI has no policy properties
 
         def after(seconds: int) -> str:
@@ -435,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend-port", type=int, default=0, help="the port the model serves on, on 127.0.0.1")
     run.add_argument("--listen-address", default="", help="the public port's address (default: every address)")
     run.add_argument("--agent", action="store_true", help="the model enables gpuschedd.agent: the fast path")
+    run.add_argument(
+        "--keep-context",
+        action="store_true",
+        help="with --agent: a freeze leaves the CUDA contexts on the GPU (faster; some VRAM stays held)",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     for verb, text in (
@@ -570,6 +580,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
             gpu_memory=args.gpu_memory,
             **policy_args(args),
             agent=args.agent,
+            keep_context=args.keep_context,
         )
         report_new_model(gs, args.name, path, "Running", args.json)
     elif args.command == "list":

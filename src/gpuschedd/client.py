@@ -263,12 +263,13 @@ class AsyncGpuSched:
         frozen_ttl_sec: int = 0,
         gpu_memory: int = 0,
         agent: bool = False,
+        keep_context: bool = False,
     ) -> str:
         """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path. The options are
         Run's (docs/dbus-api.md): port/backend_port/listen_address wake the model on a connection,
         priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md), gpu_memory the bytes it
         needs free on each of its GPUs before it starts (InsufficientGpuMemory when they cannot be had), agent the
-        fast path (docs/fast-path.md)."""
+        fast path and keep_context its freezes that leave the CUDA contexts on the GPU (docs/fast-path.md)."""
         given: list[tuple[str, str, Any]] = [
             ("Description", "s", description),
             ("WorkingDirectory", "s", working_directory),
@@ -280,6 +281,7 @@ class AsyncGpuSched:
             ("ListenAddress", "s", listen_address),
             ("GpuMemory", "t", gpu_memory),
             ("Agent", "b", agent),
+            ("KeepContext", "b", keep_context),
         ]
         options = _options(given, priority, idle_freeze_sec, frozen_ttl_sec)
         [path] = await self._call("Run", "sasa{sv}", [name, argv, options])

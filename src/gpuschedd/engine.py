@@ -69,6 +69,7 @@ class RunOptions(Policies):
     # (evicting with EvictOnThaw=yes); 0: not checked.
     gpu_memory: int = 0
     agent: bool = False  # the model enables gpuschedd.agent: freezes park its memory through it (fast path)
+    keep_context: bool = False  # with agent: a freeze whose agents all parked leaves the CUDA contexts on the GPU
 
 
 class EngineListener:
@@ -291,7 +292,8 @@ class Engine:
         if not status.frozen or self.checkpoint.name == "none":
             return await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
         if record is not None and record.state == State.FROZEN:
-            return recovery.frozen_cuda_states(model.pids, record.cuda_pids, set(self.telemetry.vram_by_pid()))
+            kept = record.freeze_path == "agent-only"
+            return recovery.frozen_cuda_states(model.pids, record.cuda_pids, set(self.telemetry.vram_by_pid()), kept)
         await self.units.thaw(model.unit)
         try:
             return await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
@@ -343,6 +345,8 @@ class Engine:
         if reached == State.RUNNING:
             model.cuda_pids, model.snapshot_bytes = [], 0
             await self.refresh(model, vram=True)
+        elif model.freeze_path == "agent-only":
+            model.freeze_path = "agent"  # settled frozen by the driver: the contexts are checkpointed now
         self._set_state(model, reached)
         self._recovered(model, before, reached, why, errors)
 
@@ -494,6 +498,8 @@ class Engine:
             # The bus layer allows User= only with `manage`; this holds even if that check ever goes wrong:
             # a caller that is not root never gets a process running as root (any name with uid 0 included).
             raise AccessDenied("only root may run a model as root")
+        if options.keep_context and not options.agent:
+            raise InvalidArgs("KeepContext needs Agent: only a model whose agents park its memory keeps its contexts")
         environment = list(options.environment)
         if options.gpus:
             environment.append("CUDA_VISIBLE_DEVICES=" + ",".join(options.gpus))
@@ -519,6 +525,7 @@ class Engine:
             backend_port=options.backend_port,
             listen_address=options.listen_address,
             agent=options.agent,
+            keep_context=options.keep_context,
         )
         self._set_policies(model, options)
         start_wake = getattr(self.units, "start_wake", None)
@@ -765,15 +772,19 @@ class Engine:
                 return model
             if model.state != State.RUNNING:
                 raise InvalidState(f"model {name!r} is {model.state}, not running")
-            await self._freeze_locked(model, reason, why)
+            # An eviction is there to give the GPU back: no context is kept.
+            await self._freeze_locked(model, reason, why, release_gpu=reason == "evicted")
         return model
 
-    async def _freeze_locked(self, model: Model, reason: str = "", why: str = "") -> None:
+    async def _freeze_locked(self, model: Model, reason: str = "", why: str = "", release_gpu: bool = False) -> None:
+        """release_gpu: the driver checkpoints every CUDA process even of a KeepContext model (a migration, an
+        eviction)."""
         t0 = time.monotonic()
         await self.refresh(model)
         self._check_ram(model)
         self._set_state(model, State.FREEZING)
         cuda: list[int] = []
+        kept = False  # KeepContext honoured: no driver call
         reached = State.RUNNING  # where a failure leaves the model; a rollback that cannot run ends it frozen
         try:
             # NVML first: a process that creates its CUDA context in between is then seen by the driver too,
@@ -795,11 +806,18 @@ class Engine:
             model.parked_bytes = 0
             if model.agent:
                 await self._park(model, cuda)
+            # KeepContext: when every CUDA process's agent parked, the driver is not called at all; each process
+            # keeps its CUDA context (and what it allocated outside parkable()) on the GPU, frozen by the cgroup.
+            parked_pids = {link.pid for link in self._parked.get(model.name, [])}
+            kept = model.keep_context and not release_gpu and bool(cuda) and parked_pids >= set(cuda)
             rss_before = {pid: self.rss(pid) for pid in cuda}
             late: list[int] = []
             for _attempt in range(3):
                 try:
-                    await asyncio.to_thread(recovery.drive, self.checkpoint, cuda, True, self.config.lock_timeout_ms)
+                    if not kept:
+                        await asyncio.to_thread(
+                            recovery.drive, self.checkpoint, cuda, True, self.config.lock_timeout_ms
+                        )
                 except CheckpointError as e:
                     reached, errors = await self._settle(model, cuda, frozen=False)
                     raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
@@ -818,6 +836,7 @@ class Engine:
                     break
                 rss_before.update({pid: self.rss(pid) for pid in late})
                 cuda = cuda + late
+                kept = False  # a process whose agent did not park: the driver checkpoints them all
             else:
                 reached, errors = await self._settle(model, cuda, frozen=False)
                 raise CheckpointFailed(
@@ -827,14 +846,17 @@ class Engine:
             # The snapshot lives in the targets' own memory: what the agents parked, plus the driver's part, their
             # RSS growth since. Where that does not show (RSS not readable), the VRAM NVML saw is the estimate.
             grown = sum(self.rss(pid) - before for pid, before in rss_before.items())
-            model.snapshot_bytes = grown + model.parked_bytes if grown > 0 else (model.vram_bytes if cuda else 0)
+            if kept:
+                model.snapshot_bytes = max(grown, 0) + model.parked_bytes
+            else:
+                model.snapshot_bytes = grown + model.parked_bytes if grown > 0 else (model.vram_bytes if cuda else 0)
         except BaseException:
             model.cuda_pids = cuda if reached == State.FROZEN else []
             if reached == State.RUNNING:
                 await self._unpark(model)
             self._set_state(model, reached)
             raise
-        model.freeze_path = "agent" if self._parked.get(model.name) else "driver"
+        model.freeze_path = "agent-only" if kept else "agent" if self._parked.get(model.name) else "driver"
         model.cuda_pids = cuda
         model.last_freeze_usec = int((time.monotonic() - t0) * 1e6)
         self._set_state(model, State.FROZEN)
@@ -845,7 +867,8 @@ class Engine:
                 model.unit,
                 f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s"
                 f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name}"
-                + (f", {model.parked_bytes} bytes parked by the agent" if model.freeze_path == "agent" else "")
+                + (f", {model.parked_bytes} bytes parked by the agent" if model.parked_bytes else "")
+                + (", CUDA contexts kept on the GPU" if kept else "")
                 + ")"
                 + (f": {why}" if why else ""),
                 duration_usec=model.last_freeze_usec,
@@ -1181,6 +1204,11 @@ class Engine:
                 raise InvalidState(f"model {name!r} is {model.state}, not running or frozen")
             if self.checkpoint.name == "none":
                 raise NotSupported("migration needs the CUDA checkpoint API (CheckpointBackend is none)")
+            if model.state == State.FROZEN and model.freeze_path == "agent-only":
+                raise NotSupported(
+                    f"model {name!r} was frozen keeping its CUDA contexts on its GPU (KeepContext): thaw it, then"
+                    " migrate it (a migration's freeze gives the GPU back)"
+                )
             gpus = self.telemetry.gpus()
             target = _find_gpu(gpus, gpu)
             if model.state == State.RUNNING:
@@ -1205,7 +1233,7 @@ class Engine:
                 )
             t0 = time.monotonic()
             if model.state == State.RUNNING:
-                await self._freeze_locked(model)
+                await self._freeze_locked(model, release_gpu=True)
             pairs = _gpu_permutation([g.uuid for g in gpus], sources[0], target.uuid)
             try:
                 await self._thaw_locked(model, pairs)

@@ -50,8 +50,10 @@ class Model:
     frozen_ttl_sec: int = 0
     last_active_usec: int = field(default_factory=now_usec)
     # The fast path (Run option Agent): the model's processes run gpuschedd.agent; how the last freeze went
-    # ("agent": their agents parked `parked_bytes`, the driver took the rest; "driver": all by the driver).
+    # ("agent": their agents parked `parked_bytes`, the driver took the rest; "driver": all by the driver;
+    # "agent-only": the agents parked, and with KeepContext the CUDA contexts stayed on the GPU, no driver call).
     agent: bool = False
+    keep_context: bool = False
     freeze_path: str = ""
     parked_bytes: int = 0
     # Wake on first connection (Run options): the public port of gpusched-wake@NAME.socket (0: none), the model's own

@@ -67,13 +67,19 @@ def cuda_states(checkpoint: CheckpointBackend, pids: list[int]) -> dict[int, Cud
     return out
 
 
-def frozen_cuda_states(pids: list[int], checkpointed: list[int], holding: set[int]) -> dict[int, CudaState]:
+def frozen_cuda_states(
+    pids: list[int], checkpointed: list[int], holding: set[int], kept_contexts: bool = False
+) -> dict[int, CudaState]:
     """The driver state of each CUDA PID of a unit the cgroup freezer holds, without asking the driver: its
     GetState blocks on a frozen process (measured on driver 580, H100). A PID that NVML sees holding GPU memory
     has not been checkpointed (taken as running: settling thaws the cgroup and asks the driver then); one the
-    saved table says was checkpointed, and that holds none, is checkpointed."""
-    out = {pid: CudaState.RUNNING for pid in pids if pid in holding}
-    out.update({pid: CudaState.CHECKPOINTED for pid in checkpointed if pid in pids and pid not in holding})
+    saved table says was checkpointed, and that holds none, is checkpointed. kept_contexts: the model was frozen
+    keeping its CUDA contexts (KeepContext, FreezePath agent-only): its saved processes hold GPU memory by design
+    and count as frozen (a thaw's restore finds them running and does nothing; their agents unpark)."""
+    saved = set(checkpointed) & set(pids)
+    kept = saved if kept_contexts else set()
+    out = {pid: CudaState.RUNNING for pid in pids if pid in holding and pid not in kept}
+    out.update({pid: CudaState.CHECKPOINTED for pid in saved if pid not in holding or pid in kept})
     return out
 
 

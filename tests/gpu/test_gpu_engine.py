@@ -203,21 +203,27 @@ async def test_real_get_state_tells_cuda_processes_apart(engine: Engine, tmp_pat
         plain.wait()
 
 
-async def test_the_agent_parks_a_torch_model_and_the_driver_takes_the_rest(engine: Engine, tmp_path: Path) -> None:
-    """The fast path on the real driver: addresses kept, bytes and a CUDA graph captured before the freeze intact."""
+@pytest.mark.parametrize("keep_context", [False, True], ids=["agent", "agent-only"])
+async def test_the_agent_parks_a_torch_model(engine: Engine, tmp_path: Path, keep_context: bool) -> None:
+    """The fast path on the real driver: addresses kept, bytes and a CUDA graph captured before the freeze intact;
+    the driver takes the rest, or (KeepContext) is not called and the context stays on the GPU."""
     d = tmp_path / "fast"
     # The model's Python imports gpuschedd.agent: here from the checkout (a user pip-installs gpuschedd).
     src = str(Path(__file__).resolve().parents[2] / "src")
-    options = RunOptions(agent=True, environment=[f"PYTHONPATH={src}"])
+    options = RunOptions(agent=True, keep_context=keep_context, environment=[f"PYTHONPATH={src}"])
     pids = await run_model(engine, "fast", d, "--agent", "--matmul", options=options)
     model = engine.get("fast")
     await engine.refresh(model)
     used_before = gpu_used(engine)
     for _cycle in range(3):
         await engine.freeze("fast")
-        assert (model.freeze_path, model.state) == ("agent", State.FROZEN)
+        assert (model.freeze_path, model.state) == ("agent-only" if keep_context else "agent", State.FROZEN)
         assert model.parked_bytes >= MIB << 20, "the tensors went through the agent"
-        assert not any(pid in engine.telemetry.vram_by_pid() for pid in pids)
+        held = engine.telemetry.vram_by_pid()
+        if keep_context:
+            assert all(sum(held[pid].values()) < MIB << 20 for pid in pids), "only the context stays"
+        else:
+            assert not any(pid in held for pid in pids)
         assert used_before - gpu_used(engine) >= (MIB << 20) * 0.9
         assert not await counters_move(d, 0.5)
         await engine.thaw("fast")

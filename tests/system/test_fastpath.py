@@ -1,7 +1,9 @@
 """The fast path through the installed daemon on the fake GPU: `gpusched run --agent` for a model that runs
 gpuschedd.agent (fake_model.py --park-bytes). A freeze parks through the agent's socket in the model's
 RuntimeDirectory, the driver checkpoints the rest, and the properties, `gpusched status` and the journal say
-which path was taken; a thaw gives every byte back; a stop removes the agent's directory."""
+which path was taken; a thaw gives every byte back; a stop removes the agent's directory. With --keep-context the
+driver is not called: the processes keep their contexts on the GPU, frozen by the cgroup, across a daemon restart
+too."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 from fakegpu_sys import (
     FAKE_DIR,
+    GPU0,
     LIB_DIR,
     MIB,
     FakeModel,
@@ -16,24 +19,31 @@ from fakegpu_sys import (
     check_consistent,
     fake_model_argv,
     journal_entries,
+    restart_daemon,
 )
-from sysutil import REPO, gpusched, model_property, wait_until
+from sysutil import REPO, cgroup_frozen, gpusched, list_models, model_property, unit_property, wait_until
 
-from gpuschedd.testing.fakegpu import FakeGpuDir
+from gpuschedd.checkpoint import CudaState
+from gpuschedd.testing.fakegpu import FakeGpuDir, FakeGpuTelemetry
 
 PARKED = 48 * MIB  # eight of fake_model.py's 6 MiB segments
 AGENT_ROOT = Path("/run/gpusched-agent")
 
 
-def test_the_daemon_parks_through_the_agent(fmodels: FakeModels, fake: FakeGpuDir) -> None:
-    model = FakeModel(f"{fmodels.prefix}-fast", 1)
+def run_agent_model(fmodels: FakeModels, suffix: str, *flags: str) -> FakeModel:
+    model = FakeModel(f"{fmodels.prefix}-{suffix}", 1)
     fmodels.started.append(model)
     env = [f"PYTHONPATH={REPO / 'src'}", f"GPUSCHED_LIBCUDA={LIB_DIR / 'libcuda.so.1'}", f"FAKECUDA_DIR={FAKE_DIR}"]
     argv = [*fake_model_argv(model.name, 64 * MIB, 1), "--park-bytes", str(PARKED)]
-    gpusched("run", "--name", model.name, "--agent", *(f"--setenv={e}" for e in env), "--", *argv)
-    agent_dir = AGENT_ROOT / model.name
-    wait_until("the agent's socket", lambda: list(agent_dir.glob("agent-*.sock")))
+    gpusched("run", "--name", model.name, "--agent", *flags, *(f"--setenv={e}" for e in env), "--", *argv)
+    wait_until("the agent's socket", lambda: list((AGENT_ROOT / model.name).glob("agent-*.sock")))
     model.assert_moving()
+    return model
+
+
+def test_the_daemon_parks_through_the_agent(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    model = run_agent_model(fmodels, "fast")
+    agent_dir = AGENT_ROOT / model.name
     assert model_property(model.name, "Agent") is True
 
     for _cycle in range(2):
@@ -52,3 +62,26 @@ def test_the_daemon_parks_through_the_agent(fmodels: FakeModels, fake: FakeGpuDi
 
     gpusched("stop", model.name)
     wait_until("the agent's directory removed", lambda: not agent_dir.exists())
+
+
+def test_keep_context_freezes_without_the_driver_and_survives_a_restart(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    model = run_agent_model(fmodels, "keep", "--keep-context")
+    [pid] = model.cuda_pids(fake)
+    assert model_property(model.name, "KeepContext") is True
+    gpusched("freeze", model.name)
+    assert model_property(model.name, "FreezePath") == "agent-only"
+    assert model_property(model.name, "ParkedBytes") == PARKED
+    assert cgroup_frozen(model.unit) and unit_property(model.unit, "FreezerState") == "frozen"
+    assert fake.state(pid) == CudaState.RUNNING, "no driver call: the context stays"
+    assert FakeGpuTelemetry(fake.path).vram_by_pid()[pid] == {GPU0: 64 * MIB}, "only the parked memory left"
+    model.assert_still()
+    assert "keeps its CUDA contexts; last freeze: agent-only" in gpusched("status", model.name).stdout
+    [entry] = journal_entries(f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=freeze")
+    assert "CUDA contexts kept on the GPU" in entry["MESSAGE"]
+
+    restart_daemon()  # its connection to the agent ends; the model stays frozen, untouched
+    assert list_models()[model.name]["state"] == "frozen" and cgroup_frozen(model.unit)
+    assert fake.state(pid) == CudaState.RUNNING
+    gpusched("thaw", model.name)
+    assert check_consistent(model.name, fake) == "running"
+    model.assert_moving()  # the agent unparked by itself; a wrong byte would stop the counter

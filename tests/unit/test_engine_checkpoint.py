@@ -289,10 +289,10 @@ async def test_without_a_checkpoint_backend(setup) -> None:  # type: ignore[no-u
 PARKED = 60 * MIB  # ten of fake_model.py's 6 MiB segments
 
 
-async def run_agent_model(engine: Engine, gpu_dir, tmp_path, name: str = "fast") -> Model:  # type: ignore[no-untyped-def]
+async def run_agent_model(engine: Engine, gpu_dir, tmp_path, name: str = "fast", keep_context: bool = False) -> Model:  # type: ignore[no-untyped-def]
     engine.config.agent_root = str(tmp_path / "agents")
     argv = [*fake_model_argv(gpu_dir, tmp_path / name, VRAM, GPU0, 1), "--park-bytes", str(PARKED)]
-    model = await engine.run(name, argv, RunOptions(agent=True), 0)
+    model = await engine.run(name, argv, RunOptions(agent=True, keep_context=keep_context), 0)
     await asyncio.to_thread(
         wait_for, lambda: list((tmp_path / "agents" / name).glob("agent-*.sock")), 10.0, "the agent's socket"
     )
@@ -356,3 +356,56 @@ async def test_an_unpark_that_finds_no_memory_leaves_the_model_frozen(setup) -> 
     assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
     await engine.freeze("fast")
     assert model.freeze_path == "agent"
+
+
+# ---------------------------------------------------------------- KeepContext: the agents park, no driver call
+
+
+async def test_keep_context_freezes_without_the_driver(setup) -> None:  # type: ignore[no-untyped-def]
+    """Every process's agent parked: the driver is not called, each process keeps its context's memory (here
+    the fake model's VRAM outside the agent) on the GPU, the cgroup holds it; the thaw unparks."""
+    engine, units, gpu_dir, events, tmp_path = setup
+    model = await run_agent_model(engine, gpu_dir, tmp_path, keep_context=True)
+    pid = model.main_pid
+    calls = len(steps(gpu_dir, [pid]))
+    for _cycle in range(2):
+        await engine.freeze("fast")
+        assert (model.state, model.freeze_path, model.parked_bytes) == (State.FROZEN, "agent-only", PARKED)
+        assert units.frozen == {model.unit} and gpu_dir.state(pid) == CudaState.RUNNING
+        assert len(steps(gpu_dir, [pid])) == calls, "no lock, no checkpoint"
+        assert engine.telemetry.vram_by_pid() == {pid: {GPU0: VRAM}}, "the context stays, the parked memory left"
+        assert model.snapshot_bytes >= PARKED and engine.ram_frozen_bytes() == model.snapshot_bytes
+        assert "CUDA contexts kept on the GPU" in events.events[-1].message
+        assert await astill(file_counter(tmp_path / "fast"))
+        await engine.thaw("fast")
+        assert model.state == State.RUNNING and len(steps(gpu_dir, [pid])) == calls
+        assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
+    assert engine.telemetry.vram_by_pid()[pid] == {GPU0: VRAM + PARKED}
+
+
+async def test_keep_context_gives_way_where_the_gpu_must_be_released(setup) -> None:  # type: ignore[no-untyped-def]
+    """KeepContext needs Agent; an agent that fails, an eviction and a migration take the driver path; a model
+    frozen keeping its contexts is not migrated (they are on its GPU)."""
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    with pytest.raises(InvalidArgs, match="KeepContext needs Agent"):
+        await engine.run("nope", ["/bin/true"], RunOptions(keep_context=True), 0)
+    assert "nope" not in engine.models
+    model = await run_agent_model(engine, gpu_dir, tmp_path, keep_context=True)
+    pid = model.main_pid
+    gpu_dir.fail(pid, "memcpy", "CUDA_ERROR_UNKNOWN")
+    await engine.freeze("fast")
+    assert model.freeze_path == "driver" and gpu_dir.state(pid) == CudaState.CHECKPOINTED
+    gpu_dir.clear_failures()
+    await engine.thaw("fast")
+    await engine.freeze("fast", "evicted", "for a test")
+    assert model.freeze_path == "agent" and gpu_dir.state(pid) == CudaState.CHECKPOINTED
+    await engine.thaw("fast")
+    await engine.freeze("fast")
+    assert model.freeze_path == "agent-only"
+    with pytest.raises(NotSupported, match="keeping its CUDA contexts"):
+        await engine.migrate("fast", GPU1)
+    await engine.thaw("fast")
+    await engine.migrate("fast", GPU1)
+    assert model.freeze_path == "agent" and model.state == State.RUNNING
+    assert engine.telemetry.vram_by_pid()[pid] == {GPU1: VRAM + PARKED}
+    assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)

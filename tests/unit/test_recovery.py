@@ -542,3 +542,36 @@ async def test_a_cuda_context_created_during_the_freeze_is_checkpointed_too(firs
     assert ("thaw", model.unit) in units.calls, "the cgroup was thawed to checkpoint the late one"
     await engine.thaw("m")
     assert states(gpu_dir, [a, b]) == [R, R]
+
+
+async def test_a_model_frozen_keeping_its_contexts_stays_frozen_across_a_restart(gpu_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """KeepContext: its processes hold GPU memory while frozen, by design. A restarted daemon takes it as frozen
+    from the saved table (no driver call, nothing thawed); its thaw then finds the processes running, and their
+    agents, whose daemon connections ended with the old daemon, unpark by themselves."""
+    units = ProcessUnits()
+    try:
+        engine, _ = driver_engine(units, gpu_dir, tmp_path / "run" / "models.json")
+        engine.config.agent_root = str(tmp_path / "agents")
+        await engine.start()
+        argv = [*fake_model_argv(gpu_dir, tmp_path / "k", VRAM, GPU0, 1), "--park-bytes", str(48 * MIB)]
+        model = await engine.run("k", argv, RunOptions(agent=True, keep_context=True), 0)
+        await asyncio.to_thread(
+            wait_for, lambda: list((tmp_path / "agents" / "k").glob("agent-*.sock")), 10.0, "the agent's socket"
+        )
+        await engine.refresh(model)
+        await engine.freeze("k")
+        assert model.freeze_path == "agent-only"
+        pid, calls = model.main_pid, len(gpu_dir.log())
+        for link in engine._parked.pop("k"):  # the old daemon's ends of the connections die with it
+            link.close()
+        again, _events = await restart(engine, units, gpu_dir, tmp_path)
+        found = again.get("k")
+        assert (found.state, found.freeze_path, found.cuda_pids) == (State.FROZEN, "agent-only", [pid])
+        assert units.frozen == {found.unit} and gpu_dir.state(pid) == CudaState.RUNNING
+        assert not [step for step, p, _r in gpu_dir.log()[calls:] if p == pid and step != "get-state"]
+        assert not await counting(tmp_path / "k")
+        await again.thaw("k")
+        assert found.state == State.RUNNING
+        assert await counting(tmp_path / "k", 1.0) and (tmp_path / "k").read_text() != "CORRUPT"
+    finally:
+        await units.close()

@@ -186,6 +186,7 @@ OPTION_TYPES = {
     "FrozenTTLSec": "t|u",  # seconds; 0: never
     "GpuMemory": "t",  # bytes needed free on each GPU the model will use, made room for before it starts
     "Agent": "b",  # the fast path: the model runs gpuschedd.agent
+    "KeepContext": "b",  # with Agent: a freeze leaves the CUDA contexts on the GPU (no driver checkpoint)
 }
 # What Adopt and AdoptProcesses take: the policies. The rest is about starting a unit, which they do not.
 POLICY_OPTIONS = ("Priority", "IdleFreezeSec", "FrozenTTLSec")
@@ -216,6 +217,7 @@ def _parse_options(options: dict[str, Variant], known: tuple[str, ...] = tuple(O
         idle_freeze_sec=int(get.get("IdleFreezeSec", -1)),
         frozen_ttl_sec=int(get.get("FrozenTTLSec", 0)),
         agent=bool(get.get("Agent", False)),
+        keep_context=bool(get.get("KeepContext", False)),
         gpu_memory=int(get.get("GpuMemory", 0)),
     )
 
@@ -515,6 +517,10 @@ class ModelInterface(_Authorizing, ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Agent(self) -> DBusBool:
         return self.model.agent
+
+    @dbus_property(access=PropertyAccess.READ)
+    def KeepContext(self) -> DBusBool:
+        return self.model.keep_context
 
     @dbus_property(access=PropertyAccess.READ)
     def FreezePath(self) -> DBusStr:
