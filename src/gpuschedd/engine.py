@@ -345,8 +345,6 @@ class Engine:
         if reached == State.RUNNING:
             model.cuda_pids, model.snapshot_bytes = [], 0
             await self.refresh(model, vram=True)
-        elif model.freeze_path == "agent-only":
-            model.freeze_path = "agent"  # settled frozen by the driver: the contexts are checkpointed now
         self._set_state(model, reached)
         self._recovered(model, before, reached, why, errors)
 
@@ -1098,6 +1096,8 @@ class Engine:
                 await asyncio.to_thread(recovery.drive, self.checkpoint, pids, target, self.config.lock_timeout_ms)
                 if target:
                     await self.units.freeze(model.unit)
+                    if model.freeze_path == "agent-only":
+                        model.freeze_path = "agent"  # frozen by the driver now: the contexts are checkpointed too
             except (CheckpointError, GpuschedError) as e:
                 log.error("settling %s %s: %s", model.name, "frozen" if target else "running", e)
                 errors.append(str(e))

@@ -404,6 +404,11 @@ async def test_keep_context_gives_way_where_the_gpu_must_be_released(setup) -> N
     assert model.freeze_path == "agent-only"
     with pytest.raises(NotSupported, match="keeping its CUDA contexts"):
         await engine.migrate("fast", GPU1)
+    gpu_dir.fail(pid, "mem-create", "CUDA_ERROR_OUT_OF_MEMORY")  # the unpark finds no room: settled by the driver
+    with pytest.raises(CheckpointFailed, match="stay parked"):
+        await engine.thaw("fast")
+    assert (model.state, model.freeze_path, gpu_dir.state(pid)) == (State.FROZEN, "agent", CudaState.CHECKPOINTED)
+    gpu_dir.clear_failures()
     await engine.thaw("fast")
     await engine.migrate("fast", GPU1)
     assert model.freeze_path == "agent" and model.state == State.RUNNING
