@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 from .errors import InvalidArgs, ModelExists
 from .names import MODEL_UNIT_PREFIX, SLICE
@@ -43,15 +44,60 @@ def check_unit_name(unit: object) -> str:
 
 
 def process_uid(pid: int) -> int | None:
-    """The real uid of a process (/proc/PID/status Uid:), None when it does not exist."""
+    """The uid a process counts as (/proc/PID/status Uid: real, effective, saved, filesystem), None when it does
+    not exist. One whose uids differ (a setuid program, a process half-way through changing user) counts as the
+    first that is not its real uid: it holds that user's rights, so only that user (or `manage`) may adopt it."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("Uid:"):
-                    return int(line.split()[1])
+                    real, *others = (int(u) for u in line.split()[1:5])
+                    return next((u for u in others if u != real), real)
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+class Pins:
+    """The processes of an AdoptProcesses call, held by pidfd from their check to their move: a PID checked before
+    the polkit wait may meanwhile have ended and been given to another process, which must not be moved in its
+    place. A pidfd refers to one process for good; while it lives its PID is not reused (a zombie keeps it too)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.fds: dict[int, int] = {}
+        try:
+            for pid in pids:
+                if isinstance(pid, int) and pid > 0 and pid not in self.fds:
+                    self.fds[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.close()
+            raise InvalidArgs(f"no such process: {pid}") from None
+        except OSError as e:
+            self.close()
+            raise InvalidArgs(f"process {pid} cannot be held: {e.strerror}") from None
+
+    def verify(self) -> None:
+        """Every pinned process still lives, so each PID still names the process that was checked; raises
+        InvalidArgs naming the first that ended (nothing has been moved yet)."""
+        for pid, fd in self.fds.items():
+            try:
+                signal.pidfd_send_signal(fd, 0)
+            except ProcessLookupError:
+                raise InvalidArgs(
+                    f"process {pid} ended while the call was being authorized (its PID may be another process's"
+                    " now): nothing was adopted"
+                ) from None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> Pins:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_kernel_thread(pid: int) -> bool:
