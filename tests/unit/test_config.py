@@ -41,3 +41,28 @@ def test_settings_and_errors(tmp_path: Path) -> None:
     conf.write_text("[Daemon]\nCheckpointBackend=magic\n")
     with pytest.raises(ConfigError, match="magic"):
         Config.load(str(conf))
+
+
+def test_what_callers_without_manage_may_ask(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text("[Daemon]\n")
+    cfg = Config.load(str(conf))
+    assert (cfg.max_user_priority, cfg.unprivileged_port_start) == (0, 1024)
+    assert not cfg.wake_allow_ports and not cfg.wake_allow_addresses
+    conf.write_text(
+        "[Daemon]\nMaxUserPriority=10\nUnprivilegedPortStart=2048\nWakeAllowPorts=80 8000-8002\n"
+        "WakeAllowAddresses=0.0.0.0 0:0::0\n"
+    )
+    cfg = Config.load(str(conf))
+    assert (cfg.max_user_priority, cfg.unprivileged_port_start) == (10, 2048)
+    assert cfg.wake_allow_ports == {80, 8000, 8001, 8002} and cfg.wake_allow_addresses == {"0.0.0.0", "::"}
+    for bad in (
+        "WakeAllowPorts=0",
+        "WakeAllowPorts=http",
+        "WakeAllowPorts=9-8",
+        "WakeAllowAddresses=any",
+        "MaxUserPriority=x",
+    ):
+        conf.write_text(f"[Daemon]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            Config.load(str(conf))
