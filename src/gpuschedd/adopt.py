@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-import signal
+import select
 
 from .errors import InvalidArgs, ModelExists
 from .names import MODEL_UNIT_PREFIX, SLICE
@@ -61,7 +61,7 @@ def process_uid(pid: int) -> int | None:
 class Pins:
     """The processes of an AdoptProcesses call, held by pidfd from their check to their move: a PID checked before
     the polkit wait may meanwhile have ended and been given to another process, which must not be moved in its
-    place. A pidfd refers to one process for good; while it lives its PID is not reused (a zombie keeps it too)."""
+    place. A pidfd refers to one process for good; until it has exited and been reaped its PID is not reused."""
 
     def __init__(self, pids: list[int]) -> None:
         self.fds: dict[int, int] = {}
@@ -80,13 +80,12 @@ class Pins:
         """Every pinned process still lives, so each PID still names the process that was checked; raises
         InvalidArgs naming the first that ended (nothing has been moved yet)."""
         for pid, fd in self.fds.items():
-            try:
-                signal.pidfd_send_signal(fd, 0)
-            except ProcessLookupError:
+            # A pidfd turns readable once its process has exited (no signal sent: the daemon has no CAP_KILL).
+            if select.select([fd], [], [], 0)[0]:
                 raise InvalidArgs(
                     f"process {pid} ended while the call was being authorized (its PID may be another process's"
                     " now): nothing was adopted"
-                ) from None
+                )
 
     def close(self) -> None:
         for fd in self.fds.values():
