@@ -65,6 +65,7 @@ class Pins:
 
     def __init__(self, pids: list[int]) -> None:
         self.fds: dict[int, int] = {}
+        _check_count(pids)  # before a descriptor is opened
         try:
             for pid in pids:
                 if isinstance(pid, int) and pid > 0 and pid not in self.fds:
@@ -127,13 +128,17 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def check_pids(pids: object) -> dict[int, int]:
-    """Processes that may be moved into a scope: pid → owner uid. Refuses PID 1, the daemon itself, kernel threads,
-    processes that do not exist, and processes already in gpusched.slice (another model's)."""
+def _check_count(pids: object) -> None:
     if not isinstance(pids, list) or not pids:
         raise InvalidArgs("give at least one PID")
     if len(pids) > MAX_PIDS:
         raise InvalidArgs(f"at most {MAX_PIDS} PIDs")
+
+
+def check_pids(pids: object) -> dict[int, int]:
+    """Processes that may be moved into a scope: pid → owner uid. Refuses PID 1, the daemon itself, kernel threads,
+    processes that do not exist, and processes already in gpusched.slice (another model's)."""
+    _check_count(pids)
     owners: dict[int, int] = {}
     for pid in pids:
         if not isinstance(pid, int) or pid <= 0:
