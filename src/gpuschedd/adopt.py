@@ -1,4 +1,4 @@
-"""What may be adopted: checks on unit names and on processes (read from /proc), without D-Bus.
+"""What may be adopted: checks on unit names and on processes (psutil, /proc), without D-Bus.
 
 `Adopt(name, unit)` manages an existing unit in place; `AdoptProcesses(name, pids)` moves running processes into
 the transient scope `gpusched-adopt-NAME.scope` (systemd refuses scopes with an instance, hence no '@')."""
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import re
+
+import psutil
 
 from .errors import InvalidArgs, ModelExists
 from .names import MODEL_UNIT_PREFIX, SLICE
@@ -43,18 +45,15 @@ def check_unit_name(unit: object) -> str:
 
 
 def process_uid(pid: int) -> int | None:
-    """The real uid of a process (/proc/PID/status Uid:), None when it does not exist."""
+    """The real uid of a process, None when it does not exist."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).uids().real
+    except psutil.Error:
         return None
-    return None
 
 
 def is_kernel_thread(pid: int) -> bool:
+    """PF_KTHREAD in /proc/PID/stat's flags: psutil does not expose a process's flags."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -64,6 +63,7 @@ def is_kernel_thread(pid: int) -> bool:
 
 
 def process_cgroup(pid: int) -> str:
+    """The process's cgroup v2 path (psutil does not read cgroups)."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
@@ -75,10 +75,10 @@ def process_cgroup(pid: int) -> str:
 
 
 def cmdline(pid: int) -> list[str]:
+    """The process's arguments; [] when it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [arg.decode(errors="replace") for arg in f.read().split(b"\0") if arg]
-    except OSError:
+        return [arg for arg in psutil.Process(pid).cmdline() if arg]
+    except psutil.Error:
         return []
 
 
