@@ -1,4 +1,4 @@
-"""What may be adopted: checks on unit names and on processes (read from /proc), without D-Bus.
+"""What may be adopted: checks on unit names and on processes (psutil, /proc), without D-Bus.
 
 `Adopt(name, unit)` manages an existing unit in place; `AdoptProcesses(name, pids)` moves running processes into
 the transient scope `gpusched-adopt-NAME.scope` (systemd refuses scopes with an instance, hence no '@')."""
@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import re
 import select
+
+import psutil
 
 from .errors import InvalidArgs, ModelExists
 from .names import MODEL_UNIT_PREFIX, SLICE
@@ -46,7 +48,8 @@ def check_unit_name(unit: object) -> str:
 def process_uid(pid: int) -> int | None:
     """The uid a process counts as (/proc/PID/status Uid: real, effective, saved, filesystem), None when it does
     not exist. One whose uids differ (a setuid program, a process half-way through changing user) counts as the
-    first that is not its real uid: it holds that user's rights, so only that user (or `manage`) may adopt it."""
+    first that is not its real uid: it holds that user's rights, so only that user (or `manage`) may adopt it.
+    Read by hand: psutil's uids() lacks the filesystem uid."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -101,6 +104,7 @@ class Pins:
 
 
 def is_kernel_thread(pid: int) -> bool:
+    """PF_KTHREAD in /proc/PID/stat's flags: psutil does not expose a process's flags."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -110,6 +114,7 @@ def is_kernel_thread(pid: int) -> bool:
 
 
 def process_cgroup(pid: int) -> str:
+    """The process's cgroup v2 path (psutil does not read cgroups)."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
@@ -121,10 +126,10 @@ def process_cgroup(pid: int) -> str:
 
 
 def cmdline(pid: int) -> list[str]:
+    """The process's arguments; [] when it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [arg.decode(errors="replace") for arg in f.read().split(b"\0") if arg]
-    except OSError:
+        return [arg for arg in psutil.Process(pid).cmdline() if arg]
+    except psutil.Error:
         return []
 
 

@@ -1,8 +1,10 @@
-"""Daemon settings from /etc/gpusched/gpuschedd.conf (systemd-style INI, section [Daemon])."""
+"""Daemon settings from /etc/gpusched/gpuschedd.conf and its drop-ins /etc/gpusched/gpuschedd.conf.d/*.conf
+(systemd-style INI, section [Daemon])."""
 
 from __future__ import annotations
 
 import configparser
+import glob
 import ipaddress
 import os
 import re
@@ -80,13 +82,21 @@ class Config:
 
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Config:
-        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        # strict=False: a key or section given twice is no error, the last one wins (systemd's rule), also across
+        # the drop-ins, read after the main file in lexical order of their names.
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"), strict=False)
         parser.optionxform = str  # type: ignore[assignment,method-assign]
-        try:
-            with open(path) as f:
-                parser.read_file(f)
-        except FileNotFoundError:
-            pass
+        dropins = sorted(glob.glob(os.path.join(glob.escape(path + ".d"), "*.conf")))
+        for name in [path, *dropins]:
+            try:
+                with open(name) as f:
+                    parser.read_file(f)
+            except FileNotFoundError:
+                pass
+            except configparser.Error as e:
+                raise ConfigError(f"{name}: {e.message}") from None
+        if dropins:
+            path = f"{path} (and {', '.join(dropins)})"  # the errors below name every file a setting may come from
         section = parser["Daemon"] if parser.has_section("Daemon") else {}
         known = {
             "RamBudget",
