@@ -9,17 +9,18 @@ layer (or tests) and reports through listeners.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import adopt, hostmem, recovery
 from .agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
-from .agentlink import AgentFailed, AgentLink
+from .agentlink import GRACE_S, AgentFailed, AgentLink
 from .checkpoint import CheckpointBackend, CheckpointError, CudaState
 from .config import Config
 from .errors import (
@@ -43,6 +44,7 @@ from .telemetry import GpuInfo, GpuTelemetry
 from .units import UnitBackend, UnitSpec, UnitStatus
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -150,6 +152,10 @@ class Engine:
         # Open connections to the agents that parked a frozen model's memory (model name → one per process). A
         # park lasts as long as its connection; a daemon restart drops them and the agents unpark by themselves.
         self._parked: dict[str, list[AgentLink]] = {}
+        # The agents' wait of a freeze or thaw under way (model name → task), and the models a Stop waits for: a
+        # Stop cancels that wait instead of waiting behind it (_agent_wait).
+        self._agent_waits: dict[str, asyncio.Future[Any]] = {}
+        self._stop_requested: set[str] = set()
         # Host memory probes; tests replace them to play a host short of RAM.
         self.mem_available: Callable[[], int] = hostmem.mem_available_bytes
         self.rss: Callable[[int], int] = hostmem.rss_bytes
@@ -590,7 +596,7 @@ class Engine:
     async def stop(self, name: str, reason: str = "", why: str = "") -> None:
         """`reason` and `why`: a stop the daemon decided itself (a policy), said in its event."""
         model = self.get(name)
-        async with model.lock:
+        async with self._cutting_agent_waits(name), model.lock:
             if model.state in ENDED:
                 return
             t0 = time.monotonic()
@@ -617,6 +623,19 @@ class Engine:
                 fields={"GPUSCHED_REASON": reason} if reason else {},
             )
         )
+
+    @contextlib.asynccontextmanager
+    async def _cutting_agent_waits(self, name: str) -> AsyncIterator[None]:
+        """While a Stop waits for the model and runs: a freeze or thaw waiting on the model's agents gives up at
+        once (_agent_wait), rather than the Stop waiting behind it for the agents' deadline."""
+        self._stop_requested.add(name)
+        wait = self._agent_waits.get(name)
+        if wait is not None:
+            wait.cancel()
+        try:
+            yield
+        finally:
+            self._stop_requested.discard(name)
 
     def _close_wake(self, model: Model) -> str:
         """A model that ended by itself takes its public port with it: the proxy would keep every client waiting
@@ -889,21 +908,31 @@ class Engine:
     async def _park(self, model: Model, pids: list[int]) -> None:
         """The fast path: each process's agent copies its memory out and releases it, keeping the addresses.
         A process without an agent, or whose agent fails or misses the deadline, is left whole to the driver's
-        checkpoint that follows, which works for any process."""
+        checkpoint that follows, which works for any process. A Stop cuts the wait: the freeze is rolled back
+        (nothing was checkpointed or frozen yet) and raises InvalidState."""
         directory = os.path.join(self.config.agent_root, model.name)
         timeout_ms = self.config.agent_timeout_ms
+        deadline_s = timeout_ms / 1000 + GRACE_S
 
-        def park_one(pid: int) -> tuple[AgentLink | None, int, str]:
+        async def park_one(pid: int) -> tuple[AgentLink | None, int, str]:
             link = None
             try:
-                link = AgentLink.connect(directory, pid, timeout_ms / 1000)
-                return (link, link.park(timeout_ms), "") if link else (None, 0, "")
-            except AgentFailed as e:
+                # One deadline for the whole call: reaching the agent, the request and its whole answer.
+                async with asyncio.timeout(deadline_s):
+                    link = await AgentLink.connect(directory, pid, timeout_ms / 1000)
+                    return (link, await link.park(timeout_ms), "") if link else (None, 0, "")
+            except (AgentFailed, TimeoutError) as e:
                 if link is not None:
                     link.close()  # a park that finishes late is undone by the agent when it sees this
-                return None, 0, str(e)
+                return None, 0, str(e) if isinstance(e, AgentFailed) else f"no whole answer in {deadline_s:g}s"
+            except asyncio.CancelledError:
+                if link is not None:
+                    link.close()
+                raise
 
-        results = await asyncio.gather(*(asyncio.to_thread(park_one, pid) for pid in pids))
+        results = await self._agent_wait(model, asyncio.gather(*(park_one(pid) for pid in pids)))
+        if results is None:
+            raise InvalidState(f"model {model.name!r} is being stopped: its freeze was cancelled, nothing was changed")
         model.parked_bytes = sum(n for _link, n, _error in results)
         links = [link for link, _n, _error in results if link is not None]
         if links:
@@ -917,11 +946,11 @@ class Engine:
     async def _unpark(self, model: Model) -> str:
         """Give the agents their memory back; returns what failed ("" when nothing did). An agent that answered
         with a failure (no room on the GPU) keeps its memory parked and its connection, for the next thaw; one
-        that cannot be reached unparks by itself once its connection is gone."""
+        that cannot be reached (or whose wait a Stop cut) unparks by itself once its connection is gone."""
 
         async def unpark_one(link: AgentLink) -> str:
             try:
-                await asyncio.to_thread(link.unpark, self.config.agent_timeout_ms / 1000)
+                await link.unpark(self.config.agent_timeout_ms / 1000)
                 log.info("thaw of %s: the agent of pid %d unparked in %.3fs", model.name, link.pid, link.seconds)
             except AgentFailed as e:
                 if e.answered:
@@ -930,11 +959,32 @@ class Engine:
             return ""
 
         links = self._parked.pop(model.name, [])
-        errors = await asyncio.gather(*(unpark_one(link) for link in links))
+        errors = await self._agent_wait(model, asyncio.gather(*(unpark_one(link) for link in links)))
+        if errors is None:
+            for link in links:
+                link.close()
+            return ""
         kept = [link for link, error in zip(links, errors, strict=True) if error]
         if kept:
             self._parked[model.name] = kept
         return "; ".join(error for error in errors if error)
+
+    async def _agent_wait(self, model: Model, work: Awaitable[_T]) -> _T | None:
+        """Wait for `work` on a model's agents, in a task a Stop of the model cancels (None when it did): agent
+        I/O is bounded by its deadline, but a Stop does not wait even that long."""
+        task = asyncio.ensure_future(work)
+        if model.name in self._stop_requested:
+            task.cancel()
+        self._agent_waits[model.name] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this call itself is cancelled (the daemon stops), not only the agents' wait
+            return None
+        finally:
+            self._agent_waits.pop(model.name, None)
 
     def _drop_parked(self, name: str) -> None:
         """The model's processes are gone: their agents' connections with them."""
