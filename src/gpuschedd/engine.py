@@ -156,6 +156,8 @@ class Engine:
         # Stop cancels that wait instead of waiting behind it (_agent_wait).
         self._agent_waits: dict[str, asyncio.Future[Any]] = {}
         self._stop_requested: set[str] = set()
+        # Unit exits seen while a transition held the model's lock (model name → status), until looked at again.
+        self._exits_seen: dict[str, UnitStatus] = {}
         # Host memory probes; tests replace them to play a host short of RAM.
         self.mem_available: Callable[[], int] = hostmem.mem_available_bytes
         self.rss: Callable[[int], int] = hostmem.rss_bytes
@@ -262,9 +264,11 @@ class Engine:
             if recovery.consistent(target, truth):
                 model.state = target
                 if target == State.RUNNING:
-                    model.snapshot_bytes = 0
+                    model.snapshot_bytes = model.parked_bytes = 0
                 self._add(model)
-                if before in (State.FREEZING, State.THAWING):
+                if before in (State.FREEZING, State.THAWING) or (before == State.FROZEN and target == State.RUNNING):
+                    if before == State.FROZEN:
+                        await self.refresh(model, vram=True)  # its VRAM now, not the table's
                     self._recovered(model, before, target, why, [])
                 log.info("found %s (%s, %s)", unit, model.state, ",".join(map(str, model.pids)))
             else:
@@ -296,7 +300,8 @@ class Engine:
         read from the saved table and NVML, untouched; any other frozen unit is thawed for the question (a
         checkpointed process only blocks in its next CUDA call) and frozen again."""
         if not status.frozen or self.checkpoint.name == "none":
-            return await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+            cuda = await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+            return cuda if status.frozen else recovery.with_nvml(cuda, model.pids, set(self.telemetry.vram_by_pid()))
         if record is not None and record.state == State.FROZEN:
             kept = record.freeze_path == "agent-only"
             return recovery.frozen_cuda_states(model.pids, record.cuda_pids, set(self.telemetry.vram_by_pid()), kept)
@@ -358,7 +363,7 @@ class Engine:
         interrupted = {State.FREEZING: "freeze", State.THAWING: "thaw"}.get(before) if before else None
         if errors:
             why = f"{why}; it could not be done ({'; '.join(errors)}): the model is {reached}"
-        if interrupted == "thaw" and reached == State.RUNNING:
+        if reached == State.RUNNING and (interrupted == "thaw" or (before == State.FROZEN and not errors)):
             kind = EventKind.THAW
         elif reached == State.FROZEN and not errors and before == State.FROZEN:
             kind = EventKind.FREEZE
@@ -411,6 +416,7 @@ class Engine:
             return
         if model.lock.locked():
             # A transition is under way (it may be failing because of this very exit): look again once it is over.
+            self._exits_seen[model.name] = status
             self._spawn(lambda: self._recheck_exit(model, status))
             return
         self._ended(model, status)
@@ -426,6 +432,7 @@ class Engine:
 
     async def _recheck_exit(self, model: Model, seen: UnitStatus) -> None:
         async with model.lock:
+            self._exits_seen.pop(model.name, None)
             if self.models.get(model.name) is not model or model.state in ENDED:
                 return  # the transition itself dealt with it (a Stop), or the model is gone
             try:
@@ -673,7 +680,8 @@ class Engine:
             self._remove(model)
             if model_name_from_unit(model.unit) is None:
                 self.units.untrack(model.unit)
-        self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten; its unit runs on"))
+        runs_on = "" if model.state in ENDED else "; its unit runs on"
+        self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten{runs_on}"))
 
     # ----------------------------------------------------------------- adopt
 
@@ -837,7 +845,8 @@ class Engine:
                         )
                 except CheckpointError as e:
                     reached, errors = await self._settle(model, cuda, frozen=False)
-                    raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
+                    left = await self._left(model, reached, errors)
+                    raise CheckpointFailed(f"model {model.name}: {e}; {left}") from e
                 try:
                     await self.units.freeze(model.unit)
                     # With the cgroup frozen the set of processes and contexts holds still: check it once more. A
@@ -858,7 +867,7 @@ class Engine:
                 reached, errors = await self._settle(model, cuda, frozen=False)
                 raise CheckpointFailed(
                     f"model {model.name}: new CUDA processes kept appearing during the freeze; "
-                    f"{self._outcome(reached, errors)}"
+                    f"{await self._left(model, reached, errors)}"
                 )
             # The snapshot lives in the targets' own memory: what the agents parked, plus the driver's part, their
             # RSS growth since. Where that does not show (RSS not readable), the VRAM NVML saw is the estimate.
@@ -868,6 +877,8 @@ class Engine:
             else:
                 model.snapshot_bytes = grown + model.parked_bytes if grown > 0 else (model.vram_bytes if cuda else 0)
         except BaseException:
+            if await self._ended_meanwhile(model):
+                raise
             model.cuda_pids = cuda if reached == State.FROZEN else []
             if reached == State.RUNNING:
                 await self._unpark(model)
@@ -1159,6 +1170,29 @@ class Engine:
             errors.append(str(e))
         return State.FROZEN, errors
 
+    async def _ended_meanwhile(self, model: Model) -> bool:
+        """After a failed freeze or thaw step: whether the model's unit ended during it (killed mid-step, which is
+        likely why the step failed). If so it is reported as the exit it is (state failed or stopped), never as a
+        model left frozen or running."""
+        if model.state in ENDED:
+            return True
+        try:
+            status = await self.units.status(model.unit)
+        except GpuschedError as e:
+            log.warning("checking %s after a failed step: %s", model.unit, e)
+            return False
+        if status is not None and status.active_state not in ("inactive", "failed"):
+            return False
+        seen = self._exits_seen.get(model.name)  # the unit is gone: what its exit said, if it was seen
+        self._ended(model, status or seen or UnitStatus(model.unit, "inactive", 0, [], False, result="unknown"))
+        return True
+
+    async def _left(self, model: Model, reached: State, errors: list[str]) -> str:
+        """The end of a failed freeze's or thaw's error message: where the model was left, or that it ended."""
+        if await self._ended_meanwhile(model):
+            return f"the model ended meanwhile: it is {model.state}"
+        return self._outcome(reached, errors)
+
     @staticmethod
     def _outcome(reached: State, errors: list[str]) -> str:
         """The end of a failed freeze's or thaw's error message: where the model was left."""
@@ -1206,15 +1240,17 @@ class Engine:
             except CheckpointError as e:
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True
-                raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
+                raise CheckpointFailed(f"model {model.name}: {e}; {await self._left(model, reached, errors)}") from e
             failed = await self._unpark(model)
             if failed:
                 # A process is back on the GPU without its parked memory (the GPU filled up meanwhile): freeze
                 # it again, memory still parked, so a later thaw finishes the job.
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True
-                raise CheckpointFailed(f"model {model.name}: {failed}; {self._outcome(reached, errors)}")
+                raise CheckpointFailed(f"model {model.name}: {failed}; {await self._left(model, reached, errors)}")
         except BaseException:
+            if await self._ended_meanwhile(model):
+                raise
             if not settled:
                 try:
                     await self.units.freeze(model.unit)

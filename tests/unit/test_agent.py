@@ -258,3 +258,67 @@ async def test_park_and_work_take_turns(agent, tmp_path: Path) -> None:  # type:
     stop.set()
     worker.join()
     assert not seen_bad
+
+
+async def _drip(writer: asyncio.StreamWriter) -> None:
+    while True:  # a valid reply, one byte at a time: every read gets something, the whole never comes
+        writer.write(b"{")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def _silent(writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(3600)
+
+
+async def _garbage(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"\x00\xff not json\n")
+    await writer.drain()
+
+
+async def _huge(writer: asyncio.StreamWriter) -> None:
+    while True:  # an endless line
+        writer.write(b"x" * 65536)
+        await writer.drain()
+
+
+async def _hangs_up(writer: asyncio.StreamWriter) -> None:
+    writer.write(b'{"ok": true, "parked_by')
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [(_drip, "no whole answer in 0.3s"), (_silent, "no whole answer in 0.3s"), (_garbage, "not JSON"),
+     (_huge, "message too long"), (_hangs_up, "connection closed")],
+)  # fmt: skip
+async def test_a_hostile_agent_fails_only_its_own_call_within_its_deadline(tmp_path: Path, behaviour, error) -> None:  # type: ignore[no-untyped-def]
+    """Whatever the agent (code of the model's user) answers, the daemon's call ends by its one deadline with
+    AgentFailed, holds no thread, and other work on the event loop goes on meanwhile."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            await reader.readuntil(b"\n")
+            await behaviour(writer)
+
+    server = await asyncio.start_unix_server(serve, socket_path(str(tmp_path), os.getpid()))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 1.0)
+    assert link is not None
+    with pytest.raises(AgentFailed, match=error) as e:
+        await link.unpark(0.3)
+    assert not e.value.answered
+    link.close()
+    ticker.cancel()
+    server.close()
+    if behaviour in (_drip, _silent):
+        assert ticks > 1, "the event loop ran on while the agent stalled"
