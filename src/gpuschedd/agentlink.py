@@ -1,17 +1,21 @@
 """The daemon's end of the fast path: talk to the agent inside a model process (gpuschedd.agent.protocol).
 
-Blocking calls: the engine runs them in worker threads. Anything that goes wrong raises AgentFailed, and the
-engine then takes the driver path for that process, which works for every process."""
+Asyncio sockets on the daemon's event loop, not worker threads: an agent is code of the model's user, and a
+thread blocked on a slow or silent agent would be a thread every other freeze and checkpoint call waits for.
+Every call (connect, request, whole reply) has one overall deadline and a bounded reply, so a hostile agent
+(drip-feeding, silent, garbage, endless line, hanging up) costs only its own process's park, and a caller can
+cancel the wait (a Stop). Anything that goes wrong raises AgentFailed, and the engine then takes the driver
+path for that process, which works for every process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-import socket
 import stat
 from typing import Any
 
-from .agent.protocol import ProtocolError, Reader, peer_credentials, send, socket_path
+from .agent.protocol import MAX_LINE, ProtocolError, encode, parse, peer_credentials, socket_path
 
 GRACE_S = 5.0  # beyond the agent's own deadline: the time to answer once it gave up
 
@@ -29,12 +33,12 @@ class AgentLink:
     """One connection to the agent of one process. A park lasts as long as the connection: close it only after
     an unpark, or to let the agent unpark by itself."""
 
-    def __init__(self, sock: socket.socket, pid: int) -> None:
-        self.sock, self.pid, self._reader = sock, pid, Reader(sock)
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int) -> None:
+        self.reader, self.writer, self.pid = reader, writer, pid
         self.seconds = 0.0  # the agent's time for its last park or unpark, as it reported it
 
     @classmethod
-    def connect(cls, directory: str, pid: int, timeout_s: float) -> AgentLink | None:
+    async def connect(cls, directory: str, pid: int, timeout_s: float) -> AgentLink | None:
         """The agent of `pid`, or None where the process has none (no socket: it did not enable one)."""
         path = socket_path(directory, pid)
         try:
@@ -42,49 +46,61 @@ class AgentLink:
                 raise AgentFailed(f"{path} is not a socket")
         except FileNotFoundError:
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout_s)
         try:
-            sock.connect(path)
-            # Whoever can write the model's directory could put a socket there: only `pid` itself may answer.
-            peer = peer_credentials(sock)[0]
-            if peer != pid:
-                raise AgentFailed(f"{path} is served by pid {peer}, not {pid}")
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
+        except TimeoutError:
+            raise AgentFailed(f"cannot reach the agent of pid {pid}: no answer in {timeout_s:g}s") from None
         except OSError as e:
-            sock.close()
             raise AgentFailed(f"cannot reach the agent of pid {pid}: {e.strerror or e}") from None
-        except AgentFailed:
-            sock.close()
-            raise
-        return cls(sock, pid)
-
-    def _call(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        self.sock.settimeout(timeout_s)
+        link = cls(reader, writer, pid)
         try:
-            send(self.sock, message)
-            reply = self._reader.read()
+            # Whoever can write the model's directory could put a socket there: only `pid` itself may answer.
+            peer = peer_credentials(writer.get_extra_info("socket"))[0]
+        except OSError as e:
+            link.close()
+            raise AgentFailed(f"cannot reach the agent of pid {pid}: {e.strerror or e}") from None
+        if peer != pid:
+            link.close()
+            raise AgentFailed(f"{path} is served by pid {peer}, not {pid}")
+        return link
+
+    async def _call(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """One request and its whole reply within `timeout_s`, the reply at most one MAX_LINE line."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                self.writer.write(encode(message))
+                await self.writer.drain()
+                reply = parse(await self.reader.readuntil(b"\n"))
+        except TimeoutError:
+            raise AgentFailed(f"agent of pid {self.pid}: no whole answer in {timeout_s:g}s") from None
+        except asyncio.LimitOverrunError:
+            raise AgentFailed(f"agent of pid {self.pid}: message too long") from None
+        except asyncio.IncompleteReadError:
+            raise AgentFailed(f"agent of pid {self.pid}: connection closed") from None
         except (OSError, ProtocolError) as e:
             raise AgentFailed(f"agent of pid {self.pid}: {e}") from None
         if reply.get("ok") is not True:
             raise AgentFailed(f"agent of pid {self.pid}: {str(reply.get('error', 'failed'))[:500]}", answered=True)
         return reply
 
-    def park(self, timeout_ms: int) -> int:
+    async def park(self, timeout_ms: int) -> int:
         """Park; returns the bytes parked (the agent's own time for it in `seconds`)."""
-        reply = self._call({"op": "park", "timeout_ms": timeout_ms}, timeout_ms / 1000 + GRACE_S)
+        reply = await self._call({"op": "park", "timeout_ms": timeout_ms}, timeout_ms / 1000 + GRACE_S)
         parked = reply.get("parked_bytes")
         if type(parked) is not int or parked < 0:
             raise AgentFailed(f"agent of pid {self.pid}: bad reply {reply!r:.200}")
         self._took(reply)
         return parked
 
-    def unpark(self, timeout_s: float) -> None:
-        self._took(self._call({"op": "unpark"}, timeout_s))
+    async def unpark(self, timeout_s: float) -> None:
+        self._took(await self._call({"op": "unpark"}, timeout_s))
 
     def _took(self, reply: dict[str, Any]) -> None:
         seconds = reply.get("seconds")
         self.seconds = float(seconds) if type(seconds) in (int, float) else 0.0
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        """Hang up now (no wait for the peer: a hostile one could make a graceful close wait)."""
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.transport.abort()

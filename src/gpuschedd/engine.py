@@ -14,13 +14,13 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import adopt, hostmem, recovery
 from .agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
-from .agentlink import AgentFailed, AgentLink
+from .agentlink import GRACE_S, AgentFailed, AgentLink
 from .checkpoint import CheckpointBackend, CheckpointError, CudaState
 from .config import Config
 from .errors import (
@@ -44,6 +44,7 @@ from .telemetry import GpuInfo, GpuTelemetry
 from .units import UnitBackend, UnitSpec, UnitStatus
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,12 @@ class Engine:
         # Open connections to the agents that parked a frozen model's memory (model name → one per process). A
         # park lasts as long as its connection; a daemon restart drops them and the agents unpark by themselves.
         self._parked: dict[str, list[AgentLink]] = {}
+        # The agents' wait of a freeze or thaw under way (model name → task), and the models a Stop waits for: a
+        # Stop cancels that wait instead of waiting behind it (_agent_wait).
+        self._agent_waits: dict[str, asyncio.Future[Any]] = {}
+        self._stop_requested: set[str] = set()
+        # Unit exits seen while a transition held the model's lock (model name → status), until looked at again.
+        self._exits_seen: dict[str, UnitStatus] = {}
         # Host memory probes; tests replace them to play a host short of RAM.
         self.mem_available: Callable[[], int] = hostmem.mem_available_bytes
         self.rss: Callable[[int], int] = hostmem.rss_bytes
@@ -277,9 +284,11 @@ class Engine:
             if recovery.consistent(target, truth):
                 model.state = target
                 if target == State.RUNNING:
-                    model.snapshot_bytes = 0
+                    model.snapshot_bytes = model.parked_bytes = 0
                 self._add(model)
-                if before in (State.FREEZING, State.THAWING):
+                if before in (State.FREEZING, State.THAWING) or (before == State.FROZEN and target == State.RUNNING):
+                    if before == State.FROZEN:
+                        await self.refresh(model, vram=True)  # its VRAM now, not the table's
                     self._recovered(model, before, target, why, [])
                 log.info("found %s (%s, %s)", unit, model.state, ",".join(map(str, model.pids)))
             else:
@@ -311,7 +320,8 @@ class Engine:
         read from the saved table and NVML, untouched; any other frozen unit is thawed for the question (a
         checkpointed process only blocks in its next CUDA call) and frozen again."""
         if not status.frozen or self.checkpoint.name == "none":
-            return await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+            cuda = await asyncio.to_thread(recovery.cuda_states, self.checkpoint, model.pids)
+            return cuda if status.frozen else recovery.with_nvml(cuda, model.pids, set(self.telemetry.vram_by_pid()))
         if record is not None and record.state == State.FROZEN:
             kept = record.freeze_path == "agent-only"
             return recovery.frozen_cuda_states(model.pids, record.cuda_pids, set(self.telemetry.vram_by_pid()), kept)
@@ -373,7 +383,7 @@ class Engine:
         interrupted = {State.FREEZING: "freeze", State.THAWING: "thaw"}.get(before) if before else None
         if errors:
             why = f"{why}; it could not be done ({'; '.join(errors)}): the model is {reached}"
-        if interrupted == "thaw" and reached == State.RUNNING:
+        if reached == State.RUNNING and (interrupted == "thaw" or (before == State.FROZEN and not errors)):
             kind = EventKind.THAW
         elif reached == State.FROZEN and not errors and before == State.FROZEN:
             kind = EventKind.FREEZE
@@ -426,6 +436,7 @@ class Engine:
             return
         if model.lock.locked():
             # A transition is under way (it may be failing because of this very exit): look again once it is over.
+            self._exits_seen[model.name] = status
             self._spawn(lambda: self._recheck_exit(model, status))
             return
         self._ended(model, status)
@@ -441,6 +452,7 @@ class Engine:
 
     async def _recheck_exit(self, model: Model, seen: UnitStatus) -> None:
         async with model.lock:
+            self._exits_seen.pop(model.name, None)
             if self.models.get(model.name) is not model or model.state in ENDED:
                 return  # the transition itself dealt with it (a Stop), or the model is gone
             try:
@@ -614,7 +626,7 @@ class Engine:
     async def stop(self, name: str, reason: str = "", why: str = "") -> None:
         """`reason` and `why`: a stop the daemon decided itself (a policy), said in its event."""
         model = self.get(name)
-        async with model.lock:
+        async with self._cutting_agent_waits(name), model.lock:
             if model.state in ENDED:
                 return
             t0 = time.monotonic()
@@ -641,6 +653,19 @@ class Engine:
                 fields={"GPUSCHED_REASON": reason} if reason else {},
             )
         )
+
+    @contextlib.asynccontextmanager
+    async def _cutting_agent_waits(self, name: str) -> AsyncIterator[None]:
+        """While a Stop waits for the model and runs: a freeze or thaw waiting on the model's agents gives up at
+        once (_agent_wait), rather than the Stop waiting behind it for the agents' deadline."""
+        self._stop_requested.add(name)
+        wait = self._agent_waits.get(name)
+        if wait is not None:
+            wait.cancel()
+        try:
+            yield
+        finally:
+            self._stop_requested.discard(name)
 
     def _close_wake(self, model: Model) -> str:
         """A model that ended by itself takes its public port with it: the proxy would keep every client waiting
@@ -678,7 +703,8 @@ class Engine:
             self._remove(model)
             if model_name_from_unit(model.unit) is None:
                 self.units.untrack(model.unit)
-        self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten; its unit runs on"))
+        runs_on = "" if model.state in ENDED else "; its unit runs on"
+        self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten{runs_on}"))
 
     # ----------------------------------------------------------------- adopt
 
@@ -860,7 +886,8 @@ class Engine:
                         )
                 except CheckpointError as e:
                     reached, errors = await self._settle(model, cuda, frozen=False)
-                    raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
+                    left = await self._left(model, reached, errors)
+                    raise CheckpointFailed(f"model {model.name}: {e}; {left}") from e
                 try:
                     await self.units.freeze(model.unit)
                     # With the cgroup frozen the set of processes and contexts holds still: check it once more. A
@@ -881,7 +908,7 @@ class Engine:
                 reached, errors = await self._settle(model, cuda, frozen=False)
                 raise CheckpointFailed(
                     f"model {model.name}: new CUDA processes kept appearing during the freeze; "
-                    f"{self._outcome(reached, errors)}"
+                    f"{await self._left(model, reached, errors)}"
                 )
             # The snapshot lives in the targets' own memory: what the agents parked, plus the driver's part, their
             # RSS growth since. Where that does not show (RSS not readable), the VRAM NVML saw is the estimate.
@@ -891,6 +918,8 @@ class Engine:
             else:
                 model.snapshot_bytes = grown + model.parked_bytes if grown > 0 else (model.vram_bytes if cuda else 0)
         except BaseException:
+            if await self._ended_meanwhile(model):
+                raise
             model.cuda_pids = cuda if reached == State.FROZEN else []
             if reached == State.RUNNING:
                 await self._unpark(model)
@@ -931,21 +960,31 @@ class Engine:
     async def _park(self, model: Model, pids: list[int]) -> None:
         """The fast path: each process's agent copies its memory out and releases it, keeping the addresses.
         A process without an agent, or whose agent fails or misses the deadline, is left whole to the driver's
-        checkpoint that follows, which works for any process."""
+        checkpoint that follows, which works for any process. A Stop cuts the wait: the freeze is rolled back
+        (nothing was checkpointed or frozen yet) and raises InvalidState."""
         directory = os.path.join(self.config.agent_root, model.name)
         timeout_ms = self.config.agent_timeout_ms
+        deadline_s = timeout_ms / 1000 + GRACE_S
 
-        def park_one(pid: int) -> tuple[AgentLink | None, int, str]:
+        async def park_one(pid: int) -> tuple[AgentLink | None, int, str]:
             link = None
             try:
-                link = AgentLink.connect(directory, pid, timeout_ms / 1000)
-                return (link, link.park(timeout_ms), "") if link else (None, 0, "")
-            except AgentFailed as e:
+                # One deadline for the whole call: reaching the agent, the request and its whole answer.
+                async with asyncio.timeout(deadline_s):
+                    link = await AgentLink.connect(directory, pid, timeout_ms / 1000)
+                    return (link, await link.park(timeout_ms), "") if link else (None, 0, "")
+            except (AgentFailed, TimeoutError) as e:
                 if link is not None:
                     link.close()  # a park that finishes late is undone by the agent when it sees this
-                return None, 0, str(e)
+                return None, 0, str(e) if isinstance(e, AgentFailed) else f"no whole answer in {deadline_s:g}s"
+            except asyncio.CancelledError:
+                if link is not None:
+                    link.close()
+                raise
 
-        results = await asyncio.gather(*(asyncio.to_thread(park_one, pid) for pid in pids))
+        results = await self._agent_wait(model, asyncio.gather(*(park_one(pid) for pid in pids)))
+        if results is None:
+            raise InvalidState(f"model {model.name!r} is being stopped: its freeze was cancelled, nothing was changed")
         model.parked_bytes = sum(n for _link, n, _error in results)
         links = [link for link, _n, _error in results if link is not None]
         if links:
@@ -959,11 +998,11 @@ class Engine:
     async def _unpark(self, model: Model) -> str:
         """Give the agents their memory back; returns what failed ("" when nothing did). An agent that answered
         with a failure (no room on the GPU) keeps its memory parked and its connection, for the next thaw; one
-        that cannot be reached unparks by itself once its connection is gone."""
+        that cannot be reached (or whose wait a Stop cut) unparks by itself once its connection is gone."""
 
         async def unpark_one(link: AgentLink) -> str:
             try:
-                await asyncio.to_thread(link.unpark, self.config.agent_timeout_ms / 1000)
+                await link.unpark(self.config.agent_timeout_ms / 1000)
                 log.info("thaw of %s: the agent of pid %d unparked in %.3fs", model.name, link.pid, link.seconds)
             except AgentFailed as e:
                 if e.answered:
@@ -972,11 +1011,32 @@ class Engine:
             return ""
 
         links = self._parked.pop(model.name, [])
-        errors = await asyncio.gather(*(unpark_one(link) for link in links))
+        errors = await self._agent_wait(model, asyncio.gather(*(unpark_one(link) for link in links)))
+        if errors is None:
+            for link in links:
+                link.close()
+            return ""
         kept = [link for link, error in zip(links, errors, strict=True) if error]
         if kept:
             self._parked[model.name] = kept
         return "; ".join(error for error in errors if error)
+
+    async def _agent_wait(self, model: Model, work: Awaitable[_T]) -> _T | None:
+        """Wait for `work` on a model's agents, in a task a Stop of the model cancels (None when it did): agent
+        I/O is bounded by its deadline, but a Stop does not wait even that long."""
+        task = asyncio.ensure_future(work)
+        if model.name in self._stop_requested:
+            task.cancel()
+        self._agent_waits[model.name] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this call itself is cancelled (the daemon stops), not only the agents' wait
+            return None
+        finally:
+            self._agent_waits.pop(model.name, None)
 
     def _drop_parked(self, name: str) -> None:
         """The model's processes are gone: their agents' connections with them."""
@@ -1151,6 +1211,29 @@ class Engine:
             errors.append(str(e))
         return State.FROZEN, errors
 
+    async def _ended_meanwhile(self, model: Model) -> bool:
+        """After a failed freeze or thaw step: whether the model's unit ended during it (killed mid-step, which is
+        likely why the step failed). If so it is reported as the exit it is (state failed or stopped), never as a
+        model left frozen or running."""
+        if model.state in ENDED:
+            return True
+        try:
+            status = await self.units.status(model.unit)
+        except GpuschedError as e:
+            log.warning("checking %s after a failed step: %s", model.unit, e)
+            return False
+        if status is not None and status.active_state not in ("inactive", "failed"):
+            return False
+        seen = self._exits_seen.get(model.name)  # the unit is gone: what its exit said, if it was seen
+        self._ended(model, status or seen or UnitStatus(model.unit, "inactive", 0, [], False, result="unknown"))
+        return True
+
+    async def _left(self, model: Model, reached: State, errors: list[str]) -> str:
+        """The end of a failed freeze's or thaw's error message: where the model was left, or that it ended."""
+        if await self._ended_meanwhile(model):
+            return f"the model ended meanwhile: it is {model.state}"
+        return self._outcome(reached, errors)
+
     @staticmethod
     def _outcome(reached: State, errors: list[str]) -> str:
         """The end of a failed freeze's or thaw's error message: where the model was left."""
@@ -1199,15 +1282,17 @@ class Engine:
             except CheckpointError as e:
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True
-                raise CheckpointFailed(f"model {model.name}: {e}; {self._outcome(reached, errors)}") from e
+                raise CheckpointFailed(f"model {model.name}: {e}; {await self._left(model, reached, errors)}") from e
             failed = await self._unpark(model)
             if failed:
                 # A process is back on the GPU without its parked memory (the GPU filled up meanwhile): freeze
                 # it again, memory still parked, so a later thaw finishes the job.
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True
-                raise CheckpointFailed(f"model {model.name}: {failed}; {self._outcome(reached, errors)}")
+                raise CheckpointFailed(f"model {model.name}: {failed}; {await self._left(model, reached, errors)}")
         except BaseException:
+            if await self._ended_meanwhile(model):
+                raise
             if not settled:
                 try:
                     await self.units.freeze(model.unit)

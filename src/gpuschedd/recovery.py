@@ -83,6 +83,13 @@ def frozen_cuda_states(
     return out
 
 
+def with_nvml(cuda: dict[int, CudaState], pids: list[int], holding: set[int]) -> dict[int, CudaState]:
+    """The driver's answers for a unit the cgroup freezer does not hold, completed by NVML: a process of the unit
+    that holds GPU memory and that the driver did not answer for runs on the GPU (it is not checkpointed), whatever
+    the saved table says. A process that holds none is not running on the GPU unless the driver says so."""
+    return {**{pid: CudaState.RUNNING for pid in pids if pid in holding}, **cuda}
+
+
 @dataclass(frozen=True)
 class Truth:
     """What systemd and the driver say about one live unit."""
@@ -106,7 +113,10 @@ def target_for(saved: State | None, truth: Truth) -> tuple[State, str]:
        caller got no success, so the model is where it was before the call), an interrupted thaw is finished.
        Only if the GPU has no room for the rest of the thaw, or the restore fails, does it end `frozen` instead.
     2. A model saved `frozen` stays frozen; PIDs found in another state (someone used cuda-checkpoint or
-       `systemctl thaw` behind the daemon's back) are checkpointed again and the cgroup frozen again.
+       `systemctl thaw` behind the daemon's back) are checkpointed again and the cgroup frozen again. But one
+       found wholly running (cgroup running, every CUDA process RUNNING) is `running`: the saved table is stale
+       (a thaw whose record could not be written, or a whole thaw done by hand), and callers may already be
+       using it; freezing it again would undo a thaw somebody was told had succeeded.
     3. Otherwise (saved `running`, or no record) the truth decides: consistently frozen is `frozen`, consistently
        running is `running`, and a mix is brought to `running` (or `frozen` where the GPU has no room).
     Nothing is started or stopped, and a consistent model is not touched at all."""
@@ -114,6 +124,8 @@ def target_for(saved: State | None, truth: Truth) -> tuple[State, str]:
         return State.RUNNING, "its freeze was interrupted by a restart of gpuschedd: rolled back to running"
     if saved == State.THAWING:
         return State.RUNNING, "its thaw was interrupted by a restart of gpuschedd: thaw finished"
+    if saved == State.FROZEN and truth.running:
+        return State.RUNNING, "saved frozen, found running (thawed behind gpuschedd's back, or its thaw not saved)"
     if saved == State.FROZEN:
         return State.FROZEN, "saved frozen, found partly running: frozen again"
     if truth.frozen:

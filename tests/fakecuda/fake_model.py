@@ -8,13 +8,16 @@ agent thread that answers the fake driver's checkpoint/restore requests the way 
 in-process thread does: a checkpoint moves the "VRAM" into this process's RSS (an anonymous mapping
 touched page by page), a restore gives it back. A process frozen by the cgroup freezer cannot answer.
 
+With --hostile-agent drip|silent|garbage it serves the agent's socket itself and answers every request
+the way a hostile model's code could: one byte of a reply every 0.2 s, never, or bytes that are no message.
+
 With --park-bytes N it also runs gpuschedd's own agent (gpuschedd.agent, the fast path; then gpuschedd must
 be importable) over N bytes of parkable fake device memory: every unit of work reads all of it inside
 agent.busy(), so work that touched parked memory would crash the process (its pages are inaccessible), and
 memory that came back different stops the counter with "CORRUPT" in the counter file.
 
     fake_model.py --dir D --vram BYTES --gpu UUID --counter FILE [--procs N] [--noncuda-child] [--no-agent]
-                  [--park-bytes N]
+                  [--park-bytes N] [--hostile-agent drip|silent|garbage]
 """
 
 from __future__ import annotations
@@ -118,6 +121,30 @@ class ParkableMemory:
         return all(string_at(a, self.SEGMENT) == bytes([b]) * self.SEGMENT for a, b in self.segments)
 
 
+def hostile_agent(kind: str) -> None:
+    """Serve $GPUSCHED_AGENT_DIR/agent-PID.sock (as the real agent would) and never answer a request well."""
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(os.environ["GPUSCHED_AGENT_DIR"], f"agent-{os.getpid()}.sock"))
+    server.listen(16)
+
+    def answer(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(4096)
+            if kind == "garbage":
+                conn.sendall(b"\x00\xff not a message\n")
+            while kind == "drip":
+                conn.sendall(b"{")
+                time.sleep(0.2)
+            time.sleep(3600)
+        conn.close()
+
+    while True:
+        conn, _addr = server.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
 def work(proc: FakeCudaProcess | None, counter: str, memory: ParkableMemory | None = None) -> None:
     n = 0
     while True:
@@ -143,6 +170,7 @@ def main() -> int:
     parser.add_argument("--noncuda-child", action="store_true", help="also run a child that never uses CUDA")
     parser.add_argument("--no-agent", action="store_true", help="copies need no thread in the target")
     parser.add_argument("--park-bytes", type=int, default=0, help="run gpuschedd.agent over this much memory")
+    parser.add_argument("--hostile-agent", choices=("drip", "silent", "garbage"), help="serve a hostile agent")
     args = parser.parse_args()
 
     counter = args.counter
@@ -167,6 +195,8 @@ def main() -> int:
     if proc is not None and proc.agent:
         threading.Thread(target=proc.serve, daemon=True).start()
     memory = ParkableMemory(args.park_bytes) if proc is not None and args.park_bytes else None
+    if args.hostile_agent:
+        threading.Thread(target=hostile_agent, args=(args.hostile_agent,), daemon=True).start()
     work(proc, counter, memory)
     return 0
 

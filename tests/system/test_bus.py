@@ -159,6 +159,32 @@ def test_reading_is_open_to_everyone(models: Models) -> None:
     assert name in out
 
 
+def test_get_all_with_an_empty_interface_answers_every_property(models: Models) -> None:
+    """Generic tools (the D-Bus specification allows it) ask GetAll(""): the answer is the object's properties,
+    the same as GetAll of its interface, for the manager and for a model, and for any user."""
+    name, _ = models.run("getall")
+    for path, iface, prop in ((MANAGER_PATH, MANAGER_IFACE, "Version"), (model_path(name), MODEL_IFACE, "State")):
+        bus = dbus.SystemBus()
+        props = dbus.Interface(bus.get_object(BUS_NAME, path), "org.freedesktop.DBus.Properties")
+        assert set(props.GetAll("")) == set(props.GetAll(iface)) and prop in props.GetAll("")
+        out = run(
+            *AS_NOBODY,
+            "busctl",
+            "--system",
+            "call",
+            BUS_NAME,
+            path,
+            "org.freedesktop.DBus.Properties",
+            "GetAll",
+            "s",
+            "",
+        ).stdout
+        assert out.startswith("a{sv} ") and f'"{prop}"' in out
+    with pytest.raises(dbus.DBusException) as e:
+        props.GetAll("org.nope")
+    assert e.value.get_dbus_name() == "org.freedesktop.DBus.Error.UnknownInterface", "a wrong interface is refused"
+
+
 def test_only_root_may_own_the_name() -> None:
     proc = run(
         *AS_NOBODY, "gdbus", "call", "--system", "--dest", "org.freedesktop.DBus", "--object-path",

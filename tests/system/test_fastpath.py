@@ -7,6 +7,7 @@ too."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from fakegpu_sys import (
@@ -85,3 +86,55 @@ def test_keep_context_freezes_without_the_driver_and_survives_a_restart(fmodels:
     gpusched("thaw", model.name)
     assert check_consistent(model.name, fake) == "running"
     model.assert_moving()  # the agent unparked by itself; a wrong byte would stop the counter
+
+
+def run_hostile_model(fmodels: FakeModels, kind: str) -> FakeModel:
+    """A model with --agent whose own code serves the agent socket and answers every request in a hostile way
+    (fake_model.py --hostile-agent): drip (a byte every 0.2 s), silent, garbage."""
+    model = FakeModel(f"{fmodels.prefix}-{kind}", 1)
+    fmodels.started.append(model)
+    gpusched(
+        "run", "--name", model.name, "--agent", "--", *fake_model_argv(model.name, 64 * MIB, 1), "--hostile-agent", kind
+    )
+    wait_until("the hostile agent's socket", lambda: list((AGENT_ROOT / model.name).glob("agent-*.sock")))
+    model.assert_moving()
+    return model
+
+
+def test_hostile_agents_delay_no_other_model_and_a_stop_cuts_their_wait(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    """While freezes of models whose agents drip-feed or stay silent wait on them (AgentTimeoutSec, 30 s here),
+    another model is frozen and thawed through its own agent as usual; a Stop of a model whose freeze waits on a
+    silent agent cuts that wait (the freeze fails, rolled back) and leaves no process; the drip-feeding one takes
+    the driver path by its deadline; garbage fails its park at once."""
+    hostile = {kind: run_hostile_model(fmodels, kind) for kind in ("drip", "silent", "garbage")}
+    fast = run_agent_model(fmodels, "fast")
+    freezes = {
+        kind: subprocess.Popen(
+            ["gpusched", "freeze", m.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for kind, m in hostile.items()
+    }
+    for kind in ("drip", "silent"):
+        wait_until(f"the {kind} model freezing", lambda m=hostile[kind]: list_models()[m.name]["state"] == "freezing")
+    gpusched("freeze", fast.name)
+    assert model_property(fast.name, "FreezePath") == "agent"
+    gpusched("thaw", fast.name)
+    fast.assert_moving()
+    assert freezes["drip"].poll() is None and freezes["silent"].poll() is None, "they still wait on their agents"
+
+    silent = hostile["silent"]
+    [pid] = silent.cuda_pids(fake)
+    gpusched("stop", silent.name)
+    _out, err = freezes["silent"].communicate(timeout=10)
+    assert freezes["silent"].returncode != 0 and "its freeze was cancelled" in err, err
+    assert check_consistent(silent.name, fake) == "stopped"
+    assert not Path(f"/proc/{pid}").exists() and pid not in {c.pid for c in fake.contexts()}
+
+    assert freezes["garbage"].wait(timeout=60) == 0
+    assert model_property(hostile["garbage"].name, "FreezePath") == "driver"
+    assert freezes["drip"].wait(timeout=120) == 0, freezes["drip"].stderr.read() if freezes["drip"].stderr else ""
+    for kind in ("drip", "garbage"):
+        m = hostile[kind]
+        assert check_consistent(m.name, fake) == "frozen" and model_property(m.name, "FreezePath") == "driver"
+        gpusched("thaw", m.name)
+        m.assert_moving()

@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import statistics
 import subprocess
+import sys
 import time
 
 import dbus
 import pytest
 from fakegpu_sys import (
+    DAEMON,
+    FAKE_DIR,
     GPU0,
+    LIB_DIR,
     MIB,
     FakeModels,
     check_consistent,
     journal_entries,
     kill_daemon,
     manager_property,
+    restart_daemon,
     wait_for_daemon,
 )
 from sysutil import (
+    REPO,
     cgroup_frozen,
     gpusched,
     install_project,
@@ -170,6 +176,60 @@ def test_a_frozen_model_keeps_its_thaw_check_across_a_crash(fmodels: FakeModels,
     gpusched("thaw", model.name)
     assert check_consistent(model.name, fake) == "running"
     model.assert_moving()
+
+
+def test_a_model_saved_frozen_but_found_running_is_running(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    """Thawed wholly behind the daemon's back while none ran (systemctl thaw, then the driver's restore and unlock
+    by hand): the saved table says frozen, the driver and NVML say it runs and holds its VRAM. The restarted daemon
+    reports it running with that VRAM, and touches nothing (docs/reliability.md, rule 5)."""
+    model = fmodels.run("byhand")
+    pids = model.cuda_pids(fake)
+    gpusched("freeze", model.name)
+    run("systemctl", "stop", DAEMON)  # the models stay as they are
+    run("systemctl", "thaw", model.unit)
+    env = [f"PYTHONPATH={REPO / 'src'}", f"GPUSCHED_LIBCUDA={LIB_DIR / 'libcuda.so.1'}", f"FAKECUDA_DIR={FAKE_DIR}"]
+    for action in ("restore", "unlock"):
+        for pid in pids:
+            run("env", *env, sys.executable, "-m", "gpuschedd.checkpoint.helper", "--action", action, "--pid", str(pid))
+    model.assert_moving()
+    restart_daemon()
+    assert check_consistent(model.name, fake) == "running" and states(fake, pids) == [R, R]
+    assert model_property(model.name, "VramBytes") == 2 * 64 * MIB and model_property(model.name, "SnapshotBytes") == 0
+    entry = wait_until(
+        "the recovery entry",
+        lambda: journal_entries(f"GPUSCHED_MODEL={model.name}", "GPUSCHED_RECOVERY=1", "GPUSCHED_EVENT=thaw"),
+    )[0]
+    assert "saved frozen, found running" in entry["MESSAGE"]
+    model.assert_moving()
+    gpusched("freeze", model.name)
+    assert check_consistent(model.name, fake) == "frozen"
+
+
+def test_forget_of_an_ended_model_does_not_say_its_unit_runs_on(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    model = fmodels.run("ended", procs=1)
+    run("kill", "-9", str(int(unit_property(model.unit, "MainPID"))))
+    wait_until("the model to be reported failed", lambda: model_property(model.name, "State") == "failed")
+    gpusched("forget", model.name)
+    [entry] = journal_entries(f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=forget")
+    assert entry["MESSAGE"] == f"model {model.name} forgotten", entry["MESSAGE"]
+
+
+def test_a_model_killed_during_a_freeze_is_reported_ended(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    """Killed while the driver checkpoints it: the call fails saying the model ended, the model is failed, and its
+    exit says it was freezing, not frozen."""
+    model = fmodels.run("killedmid", procs=1)
+    [pid] = model.cuda_pids(fake)
+    fake.delay(pid, "checkpoint", SLOW_MS)
+    client = background("freeze", model.name)
+    wait_until("the checkpoint under way", lambda: states(fake, [pid]) == [L])
+    run("systemctl", "kill", "--signal=KILL", model.unit)
+    _out, err = client.communicate(timeout=60)
+    fake.clear_delays()
+    assert client.returncode != 0 and "the model ended meanwhile: it is failed" in err, err
+    assert "the model is frozen" not in err
+    assert check_consistent(model.name, fake) == "failed"
+    [entry] = journal_entries(f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=exit")
+    assert entry["GPUSCHED_STATE_BEFORE"] == "freezing" and "while frozen" not in entry["MESSAGE"]
 
 
 # --- faults of the driver and of the model --------------------------------------------------------------------

@@ -4,6 +4,7 @@ between the daemon's AgentLink and the agent, including an attacker's and a vani
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -121,57 +122,57 @@ def agent(fake: FakeGpuDir, tmp_path: Path) -> Iterator[tuple[Agent, list[tuple[
     agent.close()
 
 
-def test_the_daemon_parks_and_unparks_through_the_link(agent, tmp_path: Path, fake: FakeGpuDir) -> None:  # type: ignore[no-untyped-def]
+async def test_the_daemon_parks_and_unparks_through_the_link(agent, tmp_path: Path, fake: FakeGpuDir) -> None:  # type: ignore[no-untyped-def]
     a, segments = agent
-    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
     assert link is not None
-    assert link.park(5000) == 6 * MIB
+    assert await link.park(5000) == 6 * MIB
     assert a.lot.parked and vram(fake) == 0
     assert link.seconds > 0, "the agent says how long it took"
     assert not a.gate.acquire(blocking=False), "the model's work waits while parked"
-    link.unpark(5.0)
+    await link.unpark(5.0)
     assert not a.lot.parked and intact(segments)
     assert a.gate.acquire(blocking=False)
     a.gate.release()
     link.close()
 
 
-def test_a_process_without_an_agent_has_no_link(tmp_path: Path) -> None:
-    assert AgentLink.connect(str(tmp_path), os.getpid(), 1.0) is None
+async def test_a_process_without_an_agent_has_no_link(tmp_path: Path) -> None:
+    assert await AgentLink.connect(str(tmp_path), os.getpid(), 1.0) is None
 
 
-def test_a_busy_model_is_not_parked(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_busy_model_is_not_parked(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     a, _segments = agent
-    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
     assert link is not None
     with a.busy(), pytest.raises(AgentFailed, match="busy") as e:
-        link.park(100)
+        await link.park(100)
     assert e.value.answered and not a.lot.parked
     link.close()
 
 
-def test_a_model_loading_inside_parkable_is_not_parked(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_model_loading_inside_parkable_is_not_parked(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A park waits for the load (its threads may still be writing the memory), as it waits for busy()."""
     a, _segments = agent
     routed = []
     a.routing = lambda: contextlib.nullcontext(routed.append(True))
-    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
     assert link is not None
     with a.parkable(), pytest.raises(AgentFailed, match="busy"):
-        link.park(100)
+        await link.park(100)
     assert routed and not a.lot.parked
-    assert link.park(5000) == 6 * MIB
-    link.unpark(5.0)
+    assert await link.park(5000) == 6 * MIB
+    await link.unpark(5.0)
     link.close()
 
 
-def test_when_the_daemon_goes_away_the_agent_unparks_by_itself(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_when_the_daemon_goes_away_the_agent_unparks_by_itself(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     a, segments = agent
-    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
     assert link is not None
-    link.park(5000)
+    await link.park(5000)
     link.close()
-    wait_for(lambda: not a.lot.parked, what="the agent's own unpark")
+    await asyncio.to_thread(wait_for, lambda: not a.lot.parked, what="the agent's own unpark")
     assert intact(segments)
     wait_for(lambda: a.gate.acquire(blocking=False), what="the gate")
     a.gate.release()
@@ -194,14 +195,14 @@ def test_bad_requests_change_nothing(agent, tmp_path: Path, message: bytes) -> N
     assert not a.lot.parked and intact(segments)
 
 
-def test_a_socket_served_by_another_process_is_refused(tmp_path: Path) -> None:
+async def test_a_socket_served_by_another_process_is_refused(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         with socket.socket(socket.AF_UNIX) as impostor:
             impostor.bind(socket_path(str(tmp_path), child.pid))  # this process answers for the child
             impostor.listen(1)
             with pytest.raises(AgentFailed, match=f"served by pid {os.getpid()}, not {child.pid}"):
-                AgentLink.connect(str(tmp_path), child.pid, 2.0)
+                await AgentLink.connect(str(tmp_path), child.pid, 2.0)
     finally:
         child.kill()
         child.wait()
@@ -235,7 +236,7 @@ def test_other_users_are_not_served(agent) -> None:  # type: ignore[no-untyped-d
     assert not a.lot.parked
 
 
-def test_park_and_work_take_turns(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_park_and_work_take_turns(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A model thread working inside busy() never sees its memory parked."""
     a, segments = agent
     stop, seen_bad = threading.Event(), []
@@ -248,12 +249,76 @@ def test_park_and_work_take_turns(agent, tmp_path: Path) -> None:  # type: ignor
 
     worker = threading.Thread(target=work)
     worker.start()
-    link = AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
     assert link is not None
     for _ in range(5):
-        link.park(5000)
-        link.unpark(5.0)
+        await link.park(5000)
+        await link.unpark(5.0)
     link.close()
     stop.set()
     worker.join()
     assert not seen_bad
+
+
+async def _drip(writer: asyncio.StreamWriter) -> None:
+    while True:  # a valid reply, one byte at a time: every read gets something, the whole never comes
+        writer.write(b"{")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def _silent(writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(3600)
+
+
+async def _garbage(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"\x00\xff not json\n")
+    await writer.drain()
+
+
+async def _huge(writer: asyncio.StreamWriter) -> None:
+    while True:  # an endless line
+        writer.write(b"x" * 65536)
+        await writer.drain()
+
+
+async def _hangs_up(writer: asyncio.StreamWriter) -> None:
+    writer.write(b'{"ok": true, "parked_by')
+    await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [(_drip, "no whole answer in 0.3s"), (_silent, "no whole answer in 0.3s"), (_garbage, "not JSON"),
+     (_huge, "message too long"), (_hangs_up, "connection closed")],
+)  # fmt: skip
+async def test_a_hostile_agent_fails_only_its_own_call_within_its_deadline(tmp_path: Path, behaviour, error) -> None:  # type: ignore[no-untyped-def]
+    """Whatever the agent (code of the model's user) answers, the daemon's call ends by its one deadline with
+    AgentFailed, holds no thread, and other work on the event loop goes on meanwhile."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            await reader.readuntil(b"\n")
+            await behaviour(writer)
+
+    server = await asyncio.start_unix_server(serve, socket_path(str(tmp_path), os.getpid()))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 1.0)
+    assert link is not None
+    with pytest.raises(AgentFailed, match=error) as e:
+        await link.unpark(0.3)
+    assert not e.value.answered
+    link.close()
+    ticker.cancel()
+    server.close()
+    if behaviour in (_drip, _silent):
+        assert ticks > 1, "the event loop ran on while the agent stalled"

@@ -4,12 +4,14 @@ processes: ordering across a multi-process model, rollback of partial failures, 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from counters import amoves, astill, file_counter
 from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered, wait_for
 from process_units import ProcessUnits
 
+from gpuschedd import engine as engine_module
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
@@ -18,6 +20,7 @@ from gpuschedd.errors import (
     CheckpointFailed,
     InsufficientGpuMemory,
     InvalidArgs,
+    InvalidState,
     NotSupported,
     RamBudgetExceeded,
 )
@@ -356,6 +359,71 @@ async def test_an_unpark_that_finds_no_memory_leaves_the_model_frozen(setup) -> 
     assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
     await engine.freeze("fast")
     assert model.freeze_path == "agent"
+
+
+async def run_hostile_model(engine: Engine, gpu_dir, tmp_path, name: str, kind: str) -> Model:  # type: ignore[no-untyped-def]
+    """A model whose agent socket is served by its own code, answering every request in a hostile way."""
+    engine.config.agent_root = str(tmp_path / "agents")
+    argv = [*fake_model_argv(gpu_dir, tmp_path / name, VRAM, GPU0, 1), "--hostile-agent", kind]
+    model = await engine.run(name, argv, RunOptions(agent=True), 0)
+    await asyncio.to_thread(
+        wait_for, lambda: list((tmp_path / "agents" / name).glob("agent-*.sock")), 10.0, "the agent's socket"
+    )
+    await engine.refresh(model)
+    return model
+
+
+async def wait_on_agents(engine: Engine, name: str, freezing: asyncio.Task[Model]) -> None:
+    """Until the freeze waits on the model's agents (or is over: garbage fails at once)."""
+    while name not in engine._agent_waits and not freezing.done():
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["drip", "silent", "garbage"])
+async def test_a_hostile_agent_costs_only_its_own_park(setup, monkeypatch, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """An agent that drip-feeds, stays silent or answers garbage fails its own process's park by the call's one
+    deadline: that model is frozen by the driver instead, and another model's freeze and thaw meanwhile wait
+    neither for it nor for a worker thread it holds."""
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    monkeypatch.setattr(engine_module, "GRACE_S", 0.0)
+    engine.config.agent_timeout_ms = 20_000 if kind != "garbage" else 500
+    bad = await run_hostile_model(engine, gpu_dir, tmp_path, "bad", kind)
+    await run_agent_model(engine, gpu_dir, tmp_path)
+    freezing = asyncio.create_task(engine.freeze("bad"))
+    await wait_on_agents(engine, "bad", freezing)
+    await engine.freeze("fast")
+    await engine.thaw("fast")
+    assert not freezing.done() or kind == "garbage", "the other model did not wait for the hostile agent"
+    engine.config.agent_timeout_ms = 300  # its deadline, were it shorter: the park fails, the driver freezes it
+    if kind != "garbage":
+        engine._agent_waits["bad"].cancel()  # (a Stop's cut, here only to end the long wait quickly)
+        with pytest.raises(InvalidState, match="its freeze was cancelled"):
+            await freezing
+        assert (bad.state, gpu_dir.state(bad.main_pid)) == (State.RUNNING, CudaState.RUNNING)
+        freezing = asyncio.create_task(engine.freeze("bad"))
+    await freezing
+    assert (bad.state, bad.freeze_path, gpu_dir.state(bad.main_pid)) == (State.FROZEN, "driver", CudaState.CHECKPOINTED)
+    await engine.thaw("bad")
+    assert await amoves(file_counter(tmp_path / "bad"))
+
+
+async def test_a_stop_cuts_a_freeze_waiting_on_a_silent_agent(setup) -> None:  # type: ignore[no-untyped-def]
+    """The freeze rolls back (nothing was checkpointed or frozen yet) and the stop proceeds at once, not after
+    the agent's deadline; no process is left."""
+    engine, units, gpu_dir, events, tmp_path = setup
+    engine.config.agent_timeout_ms = 3_600_000
+    bad = await run_hostile_model(engine, gpu_dir, tmp_path, "bad", "silent")
+    pid = bad.main_pid
+    freezing = asyncio.create_task(engine.freeze("bad"))
+    await wait_on_agents(engine, "bad", freezing)
+    await engine.stop("bad")
+    with pytest.raises(InvalidState, match="being stopped: its freeze was cancelled, nothing was changed"):
+        await freezing
+    assert bad.state == State.STOPPED and not engine._parked and not engine._agent_waits
+    assert bad.unit not in units.procs and units.frozen == set()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert [e.kind for e in events.events[-1:]] == [EventKind.STOP]
 
 
 # ---------------------------------------------------------------- KeepContext: the agents park, no driver call

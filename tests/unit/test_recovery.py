@@ -22,7 +22,7 @@ from gpuschedd.engine import Engine, EngineListener, RunOptions
 from gpuschedd.errors import CheckpointFailed, InsufficientGpuMemory
 from gpuschedd.events import Event, EventKind
 from gpuschedd.model import Model, State
-from gpuschedd.recovery import Truth, target_for
+from gpuschedd.recovery import Truth, target_for, with_nvml
 from gpuschedd.statefile import StateFile
 from gpuschedd.telemetry import NoGpus
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
@@ -170,7 +170,10 @@ def test_the_rules_for_a_model_found_on_start() -> None:
     for truth in (running, frozen, mixed):
         assert target_for(State.FREEZING, truth)[0] == State.RUNNING  # an interrupted freeze is rolled back
         assert target_for(State.THAWING, truth)[0] == State.RUNNING  # an interrupted thaw is finished
+    for truth in (frozen, mixed, Truth(True, {1: R})):
         assert target_for(State.FROZEN, truth)[0] == State.FROZEN  # a frozen model stays frozen
+    assert target_for(State.FROZEN, running)[0] == State.RUNNING  # unless it was found wholly running
+    assert with_nvml({1: C}, [1, 2, 3], {1, 2}) == {1: C, 2: R}  # the driver's word first, then NVML's
     assert target_for(None, frozen)[0] == State.FROZEN
     assert target_for(State.RUNNING, running)[0] == State.RUNNING
     assert target_for(None, mixed)[0] == State.RUNNING
@@ -287,6 +290,22 @@ async def test_a_frozen_model_thawed_behind_our_back_is_frozen_again(first) -> N
     assert units.frozen == {found.unit} and events.kinds() == [EventKind.FREEZE]
 
 
+async def test_a_frozen_model_found_wholly_running_is_running(first) -> None:  # type: ignore[no-untyped-def]
+    """Saved frozen, found running (a whole thaw behind the daemon's back, or one whose record could not be
+    written): the driver and NVML say it runs and holds its VRAM, so it is reported running, with that VRAM,
+    and nothing is touched."""
+    engine, units, gpu_dir, model, tmp_path = first
+    await engine.freeze("m")
+    await play(THAW_STEPS, engine, units, model)
+    again, events = await restart(engine, units, gpu_dir, tmp_path)
+    found = again.get("m")
+    assert (found.state, found.cuda_pids, found.snapshot_bytes) == (State.RUNNING, [], 0)
+    assert states(gpu_dir, found.pids) == [R, R] and units.frozen == set()
+    assert found.vram_bytes == 2 * VRAM and again.ram_frozen_bytes() == 0
+    assert events.kinds() == [EventKind.THAW] and events.events[0].fields["GPUSCHED_RECOVERY"] == "1"
+    assert await counting(tmp_path / "m")
+
+
 async def test_a_restart_mid_swap_is_both_or_neither(first) -> None:  # type: ignore[no-untyped-def]
     engine, units, gpu_dir, model, tmp_path = first
     other = await engine.run("other", ["sleep", "60"], RunOptions(), 0)
@@ -392,6 +411,34 @@ async def test_one_process_of_a_frozen_model_dies(first) -> None:  # type: ignor
     await engine.thaw("m")
     assert model.state == State.RUNNING and model.pids == [a] and states(gpu_dir, [a]) == [R]
     assert any(e.kind == EventKind.FAILURE and str(b) in e.message for e in events.events)
+
+
+@pytest.mark.parametrize(("transition", "step"), [("freeze", "checkpoint"), ("thaw", "restore")])
+async def test_a_model_killed_mid_transition_is_reported_ended(first, transition: str, step: str) -> None:  # type: ignore[no-untyped-def]
+    """Killed during the driver's step: the call fails saying the model ended (not that it is frozen), the model
+    is stopped or failed, and its exit event says what it was doing, not that it was frozen."""
+    engine, units, _gpu_dir, model, _tmp_path = first
+    events = Events()
+    engine.add_listener(events)
+    if transition == "thaw":
+        await engine.freeze("m")
+    original = getattr(engine.checkpoint, step)
+
+    def killed_first(pid: int, *args: object) -> None:
+        os.killpg(units.procs[model.unit].pid, signal.SIGKILL)
+        units.procs[model.unit].wait()
+        original(pid, *args)
+
+    setattr(engine.checkpoint, step, killed_first)
+    with pytest.raises(CheckpointFailed, match=r"the model ended meanwhile: it is (stopped|failed)") as e:
+        await getattr(engine, transition)("m")
+    assert "the model is frozen" not in e.value.message
+    assert model.state in (State.STOPPED, State.FAILED) and model.pids == [] and engine.ram_frozen_bytes() == 0
+    await asyncio.wait_for(engine.drain(5), 6)
+    exits = [e for e in events.events if e.kind == EventKind.EXIT]
+    doing = {"freeze": "freezing", "thaw": "thawing"}[transition]
+    assert len(exits) == 1 and f"while {doing}" in exits[0].message, exits[0].message
+    assert exits[0].fields["GPUSCHED_STATE_BEFORE"] == doing
 
 
 async def test_an_exit_during_a_freeze_is_reported_after_it(tmp_path: Path) -> None:

@@ -40,12 +40,28 @@ class ProtocolError(Exception):
     """The peer sent something that is not a protocol message, or hung up."""
 
 
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
-    sock.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    sock.sendall(encode(message))
+
+
+def parse(line: bytes) -> dict[str, Any]:
+    """One line (with or without its newline) as a message; ProtocolError if it is not a JSON object."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise ProtocolError("not JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("not a JSON object")
+    return message
 
 
 class Reader:
-    """Reads one message per line; a line longer than MAX_LINE or not a JSON object is a ProtocolError."""
+    """Reads one message per line; a line longer than MAX_LINE or not a JSON object is a ProtocolError. The
+    agent's side (blocking, in its own thread); the daemon reads with asyncio (agentlink.py)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock, self.buf = sock, b""
@@ -59,13 +75,7 @@ class Reader:
                 raise ProtocolError("connection closed")
             self.buf += data
         line, self.buf = self.buf.split(b"\n", 1)
-        try:
-            message = json.loads(line)
-        except ValueError:
-            raise ProtocolError("not JSON") from None
-        if not isinstance(message, dict):
-            raise ProtocolError("not a JSON object")
-        return message
+        return parse(line)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from dbus_fast import Variant
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import (
     DBusBool,
@@ -594,6 +594,35 @@ class ModelInterface(_Authorizing, ServiceInterface):
         return self.model.frozen_ttl_sec
 
 
+def _get_all_of_empty_interface(bus: MessageBus, msg: Message) -> bool:
+    """Properties.GetAll with an empty interface asks for every property of the object (D-Bus specification);
+    generic tools send it, and dbus-fast refuses it. It is answered as GetAll of the object's gpusched interface,
+    through the same dispatch (and checks) as any GetAll."""
+    if (
+        msg.message_type != MessageType.METHOD_CALL
+        or (msg.interface, msg.member, msg.signature) != ("org.freedesktop.DBus.Properties", "GetAll", "s")
+        or msg.body != [""]
+    ):
+        return False
+    ours = [name for name in bus._path_exports.get(msg.path, {}) if name in (MANAGER_IFACE, MODEL_IFACE)]
+    if not ours:
+        return False
+    bus._process_message(
+        Message(
+            destination=msg.destination,
+            path=msg.path,
+            interface=msg.interface,
+            member=msg.member,
+            flags=msg.flags,
+            sender=msg.sender,
+            signature="s",
+            body=[ours[0]],
+            serial=msg.serial,
+        )
+    )
+    return True
+
+
 class BusPublisher(EngineListener):
     """Keeps the bus in step with the engine: one object per model, signals on every change."""
 
@@ -603,6 +632,7 @@ class BusPublisher(EngineListener):
         self.authority = authority
         self.manager = manager
         self.objects: dict[str, ModelInterface] = {}
+        bus.add_message_handler(functools.partial(_get_all_of_empty_interface, bus))
 
     def model_added(self, model: Model) -> None:
         iface = ModelInterface(self.engine, self.authority, model)
