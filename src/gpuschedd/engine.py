@@ -29,6 +29,7 @@ from .errors import (
     InsufficientGpuMemory,
     InvalidArgs,
     InvalidState,
+    LimitExceeded,
     ModelExists,
     NoSuchModel,
     NotSupported,
@@ -108,6 +109,11 @@ def _gpu_permutation(all_gpus: list[str], old: str, new: str) -> list[tuple[str,
     view, and by UUID, never by index (CUDA_VISIBLE_DEVICES renumbers indices inside the process)."""
     swap = {old: new, new: old}
     return [(uuid, swap.get(uuid, uuid)) for uuid in all_gpus]
+
+
+def _kept_bytes(model: Model) -> int:
+    """What a model's command line and environment take, counted against its owner's MaxCommandBytesPerUser=."""
+    return sum(len(arg.encode()) + 1 for arg in model.command) + model.environment_bytes
 
 
 def _find_gpu(gpus: list[GpuInfo], gpu: str) -> GpuInfo:
@@ -524,6 +530,7 @@ class Engine:
             listen_address=options.listen_address,
             agent=options.agent,
             keep_context=options.keep_context,
+            environment_bytes=sum(len(entry.encode()) + 1 for entry in options.environment),
         )
         self._set_policies(model, options)
         start_wake = getattr(self.units, "start_wake", None)
@@ -534,7 +541,7 @@ class Engine:
             await self._evict_for(model, shortfall, "the start")
         self._check_gpu_room(model, shortfall())
         t0 = time.monotonic()
-        status = await self._admit(model, lambda: self.units.start(spec))
+        status = await self._admit(model, lambda: self.units.start(spec), owner)
         if options.port and start_wake is not None:
             try:
                 await start_wake(name, options.port, options.backend_port, user, options.listen_address)
@@ -560,15 +567,16 @@ class Engine:
         model.frozen_ttl_sec = policies.frozen_ttl_sec
         model.last_active_usec = self.now_usec()
 
-    async def _admit(self, model: Model, start: Callable[[], Awaitable[UnitStatus]]) -> UnitStatus:
+    async def _admit(self, model: Model, start: Callable[[], Awaitable[UnitStatus]], caller: int) -> UnitStatus:
         """Enter a new model in the table around the start of its unit. The name is reserved before the first
-        await, so two concurrent calls for one name cannot both start; a start that fails leaves no trace. An
-        ended model of the same name is replaced."""
+        await, so two concurrent calls for one name cannot both start (nor two calls of one user both pass its
+        limits); a start that fails leaves no trace. An ended model of the same name is replaced."""
         async with model.lock:
             existing = self.models.get(model.name)
+            if existing is not None and existing.state not in ENDED:
+                raise ModelExists(f"model {model.name!r} exists ({existing.state})")
+            self._check_limits(model, caller)
             if existing is not None:
-                if existing.state not in ENDED:
-                    raise ModelExists(f"model {model.name!r} exists ({existing.state})")
                 self._remove(existing)
             self.models[model.name] = model
             try:
@@ -580,6 +588,33 @@ class Engine:
             del self.models[model.name]
             self._add(model)
         return status
+
+    def _check_limits(self, model: Model, caller: int) -> None:
+        """Refuse a new model past its owner's limits (MaxModelsPerUser=, MaxCommandBytesPerUser=), counting every
+        model of the owner in the table, ended ones too, except an ended model of the same name that the new one
+        replaces. Root is exempt. Without an await, so it holds until the caller's next await."""
+        if caller == 0:
+            return
+        mine = [m for m in self.models.values() if m.owner == model.owner and m.name != model.name]
+        most, most_bytes = self.config.max_models_per_user, self.config.max_command_bytes_per_user
+        if most and len(mine) >= most:
+            self._refuse(
+                model,
+                LimitExceeded(
+                    f"uid {model.owner} has {len(mine)} models, the most MaxModelsPerUser= allows: stop and forget"
+                    " one first (ended models are dropped EndedModelTTLSec= after they end). Nothing was started."
+                ),
+            )
+        kept = sum(_kept_bytes(m) for m in mine)
+        if most_bytes and kept + _kept_bytes(model) > most_bytes:
+            self._refuse(
+                model,
+                LimitExceeded(
+                    f"model {model.name}'s argv and Environment ({_kept_bytes(model)} bytes) with those of uid"
+                    f" {model.owner}'s other models ({kept} bytes) exceed MaxCommandBytesPerUser={most_bytes}."
+                    " Nothing was started."
+                ),
+            )
 
     def _announce(self, status: UnitStatus, event: Event) -> None:
         """The event of a new model; then, if it already ended before its start returned, its exit like any."""
@@ -713,6 +748,7 @@ class Engine:
         model = Model(name=name, unit=unit, owner=owner, command=command)
         self._set_policies(model, policies or Policies())
         self._apply_status(model, status)
+        self._check_limits(model, caller)
         existing = self.models.get(name)
         if existing is not None:
             self._remove(existing)  # an ended model of that name
@@ -745,7 +781,7 @@ class Engine:
         model = Model(name=name, unit=unit, owner=owner, command=command)
         self._set_policies(model, policies or Policies())
         status = await self._admit(
-            model, lambda: self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
+            model, lambda: self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}"), caller
         )
         self._announce(
             status,
@@ -1364,6 +1400,30 @@ class Engine:
                 await self.stop(model.name, "frozen-ttl", why)
             except GpuschedError as e:
                 log.warning("stop of %s past its frozen time to live: %s", model.name, e)
+        self._drop_ended(now)
+
+    def _drop_ended(self, now: int) -> None:
+        """EndedModelTTLSec=: an ended model is dropped from the table (and the state file) this long after it ended,
+        with its command line: nothing a user ran is kept forever, and the table stays small."""
+        ttl = self.config.ended_model_ttl_sec
+        if ttl <= 0:
+            return
+        for model in list(self.models.values()):
+            ended = (now - model.state_change_usec) / 1e6
+            if model.state not in ENDED or model.lock.locked() or ended < ttl:
+                continue
+            self._remove(model)
+            if model_name_from_unit(model.unit) is None:
+                self.units.untrack(model.unit)
+            self._emit(
+                Event(
+                    EventKind.FORGET,
+                    model.name,
+                    model.unit,
+                    f"model {model.name} forgotten: it ended {ended:.0f}s ago, past EndedModelTTLSec={ttl}",
+                    fields={"GPUSCHED_REASON": "ended-ttl"},
+                )
+            )
 
     async def _evict_for(
         self, model: Model, shortfall: Callable[[], InsufficientGpuMemory | None], purpose: str

@@ -162,9 +162,8 @@ class _Authorizing:
 
 
 def _shown(text: str, limit: int = 64) -> str:
-    """A caller's string, safe to echo back in an error message: short and printable."""
-    short = text[:limit] + ("…" if len(text) > limit else "")
-    return repr(short) if short.isprintable() else "(unprintable)"
+    """A caller's string, safe to echo back in an error message: short, quoted, escaped."""
+    return repr(validate.shown(text, limit))
 
 
 # Policy durations (IdleFreezeSec, FrozenTTLSec) up to a year: beyond that a typo, not a policy.
@@ -270,6 +269,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
         if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
             # Running a name again replaces its ended model: forgetting someone else's model needs control-any.
             await self._authorize(CONTROL, "run", (name,))
+        validate.command_bytes(argv, run_options.environment)
         model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get())
         return model_path(model.name)
 
@@ -345,21 +345,12 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @method()
     @exposed(READ)
     async def ListModels(self) -> ModelRows:
-        rows = []
-        for model in list(self.engine.models.values()):
-            await self.engine.refresh(model)
-            rows.append(
-                [
-                    model.name,
-                    str(model.state),
-                    model.unit,
-                    model.owner,
-                    model.main_pid,
-                    model.vram_bytes,
-                    model.snapshot_bytes,
-                ]
-            )
-        return rows
+        # From the table as events (unit state changes) and the periodic refresh (PIDs, VRAM) keep it: no systemd
+        # call per model per call, so the answer is one pass over memory however many models there are.
+        return [
+            [m.name, str(m.state), m.unit, m.owner, m.main_pid, m.vram_bytes, m.snapshot_bytes]
+            for m in list(self.engine.models.values())
+        ]
 
     @method()
     @exposed(READ)
@@ -511,8 +502,15 @@ class ModelInterface(_Authorizing, ServiceInterface):
         return self.model.state_change_usec
 
     @dbus_property(access=PropertyAccess.READ)
-    def Command(self) -> StrList:
-        return self.model.command
+    async def Command(self) -> StrList:
+        """Only the model's owner and root read it: a command line carries secrets (tokens, passwords); anyone
+        else reads an empty array (docs/security.md)."""
+        msg = current_message.get()
+        try:
+            uid = await self.authority.caller_uid(msg) if msg is not None else -1
+        except GpuschedError:
+            uid = -1
+        return list(self.model.command) if uid in (0, self.model.owner) else []
 
     @dbus_property(access=PropertyAccess.READ)
     def Agent(self) -> DBusBool:

@@ -20,6 +20,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
+from .. import validate
 from ..errors import InvalidArgs, UnitFailed
 from ..names import bus_label_unescape
 from ..units import UnitSpec, UnitStatus, UnitWatcher
@@ -52,7 +53,7 @@ def resolve_executable(argv0: str, working_directory: str) -> str:
         return os.path.normpath(path)
     found = shutil.which(argv0, path=DEFAULT_PATH)
     if found is None:
-        raise InvalidArgs(f"command not found in {DEFAULT_PATH}: {argv0}")
+        raise InvalidArgs(f"command not found in {DEFAULT_PATH}: {validate.shown(argv0)}")
     return found
 
 
