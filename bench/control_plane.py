@@ -8,7 +8,7 @@ installs it; the fake GPU of the tests), as root:
 Prints one table: ListModels over one D-Bus connection, through busctl and through `gpusched status`, with 50 and
 200 models, beside systemd's ListUnits done the same way in the same loop; and the Freeze (then Thaw) of a model
 without CUDA beside systemd's FreezeUnit (ThawUnit) of a bare unit. Goals (issue 21): ListModels ≤ 10 ms p50 at 50
-models and ≤ 3× ListUnits; Freeze ≤ 3 ms above FreezeUnit.
+models and at most 3 times ListUnits; Freeze ≤ 3 ms above FreezeUnit.
 """
 
 from __future__ import annotations
@@ -37,14 +37,17 @@ SYSTEMD = ("org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedes
 SLEEPER = ["/bin/sleep", "infinity"]
 PREFIX = "cp"
 BARE_UNIT = "cp-bare-sleeper.service"
-COMMAND = 'SYSD_NAME=gs-bench SYSD_NETNS=1 SYSD_BIND="$PWD" tools/sandbox.sh with .venv/bin/python bench/control_plane.py'
+COMMAND = (
+    'SYSD_NAME=gs-bench SYSD_NETNS=1 SYSD_BIND="$PWD" tools/sandbox.sh with .venv/bin/python bench/control_plane.py'
+)
 
 
-async def call(bus: MessageBus, target: tuple[str, str, str], member: str, signature: str = "", *body: Any) -> list[Any]:
+async def call(bus: MessageBus, target: tuple[str, str, str], member: str, signature: str = "", *body: Any) -> Any:
     destination, path, interface = target
-    reply = await bus.call(
-        Message(destination=destination, path=path, interface=interface, member=member, signature=signature, body=list(body))
+    message = Message(
+        destination=destination, path=path, interface=interface, member=member, signature=signature, body=list(body)
     )
+    reply = await bus.call(message)
     assert reply is not None
     if reply.message_type == MessageType.ERROR:
         raise RuntimeError(f"{member}: {reply.error_name}: {reply.body}")
@@ -159,7 +162,8 @@ def main() -> int:
     # The fake GPU of the system tests: the driver checkpoint backend, whose GetState a CUDA-less process answers.
     with fake_gpu_daemon():
         rows = asyncio.run(bench([int(n) for n in args.models.split(",")], args.calls, args.processes))
-    print(f"{'call | systemd call in the same loop':58} {'p50 ms':>8} {'p99 ms':>8} {'systemd p50':>12} {'p99':>8} {'ratio':>6}")
+    header = f"{'call | systemd call in the same loop':58} {'p50 ms':>8} {'p99 ms':>8}"
+    print(f"{header} {'systemd p50':>12} {'p99':>8} {'ratio':>6}")
     for what, _, ours, theirs in rows:
         (p50, p99), (s50, s99) = stats(ours), stats(theirs)
         print(f"{what:58} {p50:8.2f} {p99:8.2f} {s50:12.2f} {s99:8.2f} {p50 / s50:6.1f}")
