@@ -464,15 +464,20 @@ class Engine:
             )
         )
 
-    async def refresh(self, model: Model, vram: bool = False) -> None:
+    async def refresh(self, model: Model, vram: bool = False, quick: bool = False) -> None:
         """Re-read PIDs of a live model, and its VRAM when it runs (or when `vram`: the last step of a thaw). Never
-        mid-transition otherwise: half a thaw's VRAM must not become what the next thaw checks for."""
+        mid-transition otherwise: half a thaw's VRAM must not become what the next thaw checks for. `quick`: the
+        PIDs only (a freeze's first step), not the rest of the unit's status."""
         if model.state in ENDED:
             return
-        status = await self.units.status(model.unit)
-        if status is None:
-            return
-        self._apply_status(model, status)
+        if quick:
+            if not await self._read_pids(model):
+                return
+        else:
+            status = await self.units.status(model.unit)
+            if status is None:
+                return
+            self._apply_status(model, status)
         if vram or model.state == State.RUNNING:
             per_pid = self.telemetry.vram_by_pid()
             by_gpu: dict[str, int] = {}
@@ -484,6 +489,20 @@ class Engine:
             gpus = sorted({uuid for pid in model.pids for uuid in per_pid.get(pid, {})})
             if gpus:
                 model.gpus = gpus
+
+    async def _read_pids(self, model: Model) -> bool:
+        """The unit's processes into the model, in one systemd call where the backend has one (`pids`), instead of
+        a whole status (several): a freeze reads them twice. False when the unit is gone."""
+        read = getattr(self.units, "pids", None)
+        if read is None:
+            status = await self.units.status(model.unit)
+            if status is not None:
+                self._apply_status(model, status)
+            return status is not None
+        pids = await read(model.unit)
+        if pids is not None:
+            model.pids = pids
+        return pids is not None
 
     # ----------------------------------------------------------------- run / stop
 
@@ -814,7 +833,7 @@ class Engine:
         """release_gpu: the driver checkpoints every CUDA process even of a KeepContext model (a migration, an
         eviction)."""
         t0 = time.monotonic()
-        await self.refresh(model)
+        await self.refresh(model, quick=True)
         self._check_ram(model)
         self._set_state(model, State.FREEZING)
         cuda: list[int] = []
@@ -915,10 +934,8 @@ class Engine:
     async def _late_cuda_pids(self, model: Model, known: list[int]) -> list[int]:
         """Processes of the (frozen) unit that hold GPU memory the freeze has not checkpointed. NVML answers, not
         the driver: GetState blocks on a process the cgroup freezer holds (measured on driver 580, H100)."""
-        status = await self.units.status(model.unit)
-        if status is None:
+        if not await self._read_pids(model):
             return []
-        self._apply_status(model, status)
         holding = self.telemetry.vram_by_pid()
         return [pid for pid in model.pids if pid in holding and pid not in known]
 

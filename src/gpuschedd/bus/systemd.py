@@ -323,6 +323,16 @@ class SystemdUnits:
             result=get("Result", "success"),
         )
 
+    async def pids(self, unit: str) -> list[int] | None:
+        """The unit's processes alone (one call; a status is several), None when it is not loaded."""
+        try:
+            [procs] = await self._manager("GetUnitProcesses", "s", [unit])
+        except DBusError as e:
+            if e.type in _GONE:
+                return None
+            raise UnitFailed(f"systemd could not list the processes of {unit}: {e.text}") from None
+        return sorted(int(pid) for _cg, pid, _cmd in procs)
+
     async def list_units(self, prefix: str) -> list[UnitStatus]:
         [units] = await self._manager("ListUnitsByPatterns", "asas", [[], [prefix + "*"]])
         found = []
