@@ -1190,7 +1190,7 @@ class Engine:
     async def _thaw_locked(self, model: Model, gpu_pairs: list[tuple[str, str]] | None = None) -> None:
         """gpu_pairs: restore onto other GPUs (Migrate, which checked the target's room itself)."""
         t0 = time.monotonic()
-        await self.refresh(model)
+        await self.refresh(model, quick=True)
         self._drop_lost_pids(model)
         moved = dict(gpu_pairs or [])
         if gpu_pairs is None:
@@ -1233,7 +1233,7 @@ class Engine:
             model.gpus = sorted({moved.get(uuid, uuid) for uuid in model.gpus})
         model.last_thaw_usec = int((time.monotonic() - t0) * 1e6)
         model.last_active_usec = self.now_usec()
-        await self.refresh(model, vram=True)
+        await self.refresh(model, vram=True, quick=True)
         self._set_state(model, State.RUNNING)
         self._emit(
             Event(
