@@ -71,7 +71,7 @@ class Config:
     # Per-user limits (root is exempt; 0: no limit): models in the table, running or ended, and the bytes of their
     # argv and Environment that gpuschedd and systemd keep for them. Every local user can call Run.
     max_models_per_user: int = 64
-    max_command_bytes_per_user: int = 4 << 20
+    max_command_bytes_per_user: int = 1 << 20
     # An ended (stopped, failed) model is dropped from the table this long after it ended (0: kept until Forget).
     ended_model_ttl_sec: int = 3600
 
