@@ -117,6 +117,17 @@ def test_per_user_limits_refuse_and_change_nothing(models: Models) -> None:
     assert by_root.ok, str(by_root)
 
 
+def test_oversized_arguments_are_refused_before_polkit_is_asked(models: Models) -> None:
+    """A Run over the 1 MiB bound is InvalidArgs even for bob, whom polkit would refuse: the sizes are checked
+    first, so no such call is held while polkitd thinks."""
+    big = [*SLEEPER, *(["x" * 65_000] * 17)]
+    name = models.name("huge")
+    for user in (BOB, ALICE):
+        [reply] = calls_as(user, [manager("Run", "sasa{sv}", name, big, {})])
+        assert not reply.ok and reply.error == INVALID_ARGS and "1048576 bytes" in reply.text, str(reply)
+    assert name not in list_models()
+
+
 def test_ended_model_is_dropped_after_its_ttl(models: Models) -> None:
     assert alice_run(models, "ttl", SLEEPER).ok
     name = models.names[-1]

@@ -63,8 +63,10 @@ GpuList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 NameAndPath = Annotated[list[str], DBusSignature("so")]
 
 
-def exposed(access: str = MANAGE) -> Callable[[Handler], Handler]:
-    """Authorize, run, and turn any failure into a typed D-Bus error (never a traceback)."""
+def exposed(access: str = MANAGE, precheck: Callable[..., object] | None = None) -> Callable[[Handler], Handler]:
+    """Authorize, run, and turn any failure into a typed D-Bus error (never a traceback). `precheck`: checks of the
+    arguments alone (sizes, syntax), made before polkit is asked, so a call that could never pass is not held (with
+    its megabyte of argv) while polkitd thinks."""
 
     def decorate(fn: Handler) -> Handler:
         verb = fn.__name__.lower()
@@ -72,6 +74,8 @@ def exposed(access: str = MANAGE) -> Callable[[Handler], Handler]:
         @functools.wraps(fn)
         async def wrapper(self: Any, *args: Any) -> Any:
             try:
+                if precheck is not None:
+                    precheck(*args)
                 if access != READ:
                     await self._authorize(access, verb, args)
                 return await fn(self, *args)
@@ -221,6 +225,11 @@ def _parse_options(options: dict[str, Variant], known: tuple[str, ...] = tuple(O
     )
 
 
+def _check_run(argv: list[str], options: dict[str, Variant]) -> None:
+    """Run's arguments on their own: argv, the options, and what they would keep in all (validate.command_bytes)."""
+    validate.command_bytes(validate.argv(argv), _parse_options(options).environment)
+
+
 def _wake_options(get: dict[str, Any]) -> dict[str, Any]:
     """Port, BackendPort, ListenAddress: wake on first connection (gpuschedd.wake)."""
     port, backend = int(get.get("Port", 0)), int(get.get("BackendPort", 0))
@@ -258,7 +267,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     # ------------------------------------------------------------- methods
 
     @method()
-    @exposed(RUN)
+    @exposed(RUN, precheck=lambda name, argv, options: _check_run(argv, options))
     async def Run(self, name: DBusStr, argv: StrList, options: DBusDict) -> DBusObjectPath:
         validate_model_name(name)
         run_options = _parse_options(options)
@@ -269,7 +278,6 @@ class ManagerInterface(_Authorizing, ServiceInterface):
         if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
             # Running a name again replaces its ended model: forgetting someone else's model needs control-any.
             await self._authorize(CONTROL, "run", (name,))
-        validate.command_bytes(argv, run_options.environment)
         model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get())
         return model_path(model.name)
 
