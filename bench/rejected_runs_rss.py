@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "system"))
 
-from secutil import ALICE, BOB, calls_as, ensure_users, manager  # noqa: E402
-from sysutil import in_sandbox, install_project, run  # noqa: E402
+from secutil import ALICE, BOB, calls_as, ensure_users, manager
+from sysutil import in_sandbox, install_project, run
 
 ROUND = 50
 ARGV = ["x" * 65535] * 17  # 1.06 MiB: over the bound
