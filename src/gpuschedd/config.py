@@ -79,6 +79,12 @@ class Config:
     unprivileged_port_start: int = 1024
     wake_allow_ports: frozenset[int] = frozenset()
     wake_allow_addresses: frozenset[str] = frozenset()
+    # Per-user limits (root is exempt; 0: no limit): models in the table, running or ended, and the bytes of their
+    # argv and Environment that gpuschedd and systemd keep for them. Every local user can call Run.
+    max_models_per_user: int = 64
+    max_command_bytes_per_user: int = 1 << 20
+    # An ended (stopped, failed) model is dropped from the table this long after it ended (0: kept until Forget).
+    ended_model_ttl_sec: int = 3600
 
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Config:
@@ -115,6 +121,9 @@ class Config:
             "UnprivilegedPortStart",
             "WakeAllowPorts",
             "WakeAllowAddresses",
+            "MaxModelsPerUser",
+            "MaxCommandBytesPerUser",
+            "EndedModelTTLSec",
         }
         unknown = set(section) - known
         if unknown:
@@ -144,10 +153,20 @@ class Config:
             raise ConfigError(f"{path}: MetricsListen={cfg.metrics_listen}: expected HOST:PORT")
         cfg.metrics_textfile = section.get("MetricsTextfile", "")
         cfg.ram_budget_action = section.get("RamBudgetAction", "refuse")
-        idle = section.get("IdleFreezeSec", "0").strip()
-        if not idle.isdigit():
-            raise ConfigError(f"{path}: IdleFreezeSec={idle}: expected whole seconds (0: off)")
-        cfg.idle_freeze_sec = int(idle)
+        for key, attr in (
+            ("IdleFreezeSec", "idle_freeze_sec"),
+            ("EndedModelTTLSec", "ended_model_ttl_sec"),
+            ("MaxModelsPerUser", "max_models_per_user"),
+        ):
+            value = section.get(key, str(getattr(cfg, attr))).strip()
+            if not value.isdigit():
+                raise ConfigError(f"{path}: {key}={value}: expected a whole number (0: off)")
+            setattr(cfg, attr, int(value))
+        if "MaxCommandBytesPerUser" in section:
+            try:
+                cfg.max_command_bytes_per_user = parse_size(section["MaxCommandBytesPerUser"])
+            except ConfigError as e:
+                raise ConfigError(f"{path}: MaxCommandBytesPerUser: {e}") from None
         cfg.evict_on_thaw = parse_boolean(section.get("EvictOnThaw", "no"), f"{path}: EvictOnThaw")
         for key, attr in (
             ("MaxUserPriority", "max_user_priority"),

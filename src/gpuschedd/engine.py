@@ -30,6 +30,7 @@ from .errors import (
     InsufficientGpuMemory,
     InvalidArgs,
     InvalidState,
+    LimitExceeded,
     ModelExists,
     NoSuchModel,
     NotSupported,
@@ -130,6 +131,11 @@ def _gpu_permutation(all_gpus: list[str], old: str, new: str) -> list[tuple[str,
     view, and by UUID, never by index (CUDA_VISIBLE_DEVICES renumbers indices inside the process)."""
     swap = {old: new, new: old}
     return [(uuid, swap.get(uuid, uuid)) for uuid in all_gpus]
+
+
+def _kept_bytes(model: Model) -> int:
+    """What a model's command line and environment take, counted against its owner's MaxCommandBytesPerUser=."""
+    return sum(len(arg.encode()) + 1 for arg in model.command) + model.environment_bytes
 
 
 def _find_gpu(gpus: list[GpuInfo], gpu: str) -> GpuInfo:
@@ -491,15 +497,20 @@ class Engine:
             )
         )
 
-    async def refresh(self, model: Model, vram: bool = False) -> None:
+    async def refresh(self, model: Model, vram: bool = False, quick: bool = False) -> None:
         """Re-read PIDs of a live model, and its VRAM when it runs (or when `vram`: the last step of a thaw). Never
-        mid-transition otherwise: half a thaw's VRAM must not become what the next thaw checks for."""
+        mid-transition otherwise: half a thaw's VRAM must not become what the next thaw checks for. `quick`: the
+        PIDs only (a freeze's first step), not the rest of the unit's status."""
         if model.state in ENDED:
             return
-        status = await self.units.status(model.unit)
-        if status is None:
-            return
-        self._apply_status(model, status)
+        if quick:
+            if not await self._read_pids(model):
+                return
+        else:
+            status = await self.units.status(model.unit)
+            if status is None:
+                return
+            self._apply_status(model, status)
         if vram or model.state == State.RUNNING:
             per_pid = self.telemetry.vram_by_pid()
             by_gpu: dict[str, int] = {}
@@ -511,6 +522,20 @@ class Engine:
             gpus = sorted({uuid for pid in model.pids for uuid in per_pid.get(pid, {})})
             if gpus:
                 model.gpus = gpus
+
+    async def _read_pids(self, model: Model) -> bool:
+        """The unit's processes into the model, in one systemd call where the backend has one (`pids`), instead of
+        a whole status (several): a freeze reads them twice. False when the unit is gone."""
+        read = getattr(self.units, "pids", None)
+        if read is None:
+            status = await self.units.status(model.unit)
+            if status is not None:
+                self._apply_status(model, status)
+            return status is not None
+        pids = await read(model.unit)
+        if pids is not None:
+            model.pids = pids
+        return pids is not None
 
     # ----------------------------------------------------------------- run / stop
 
@@ -560,6 +585,7 @@ class Engine:
             listen_address=options.listen_address,
             agent=options.agent,
             keep_context=options.keep_context,
+            environment_bytes=sum(len(entry.encode()) + 1 for entry in options.environment),
         )
         self._set_policies(model, options)
         start_wake = getattr(self.units, "start_wake", None)
@@ -570,7 +596,7 @@ class Engine:
             await self._evict_for(model, shortfall, "the start", by or Requester(owner))
         self._check_gpu_room(model, shortfall())
         t0 = time.monotonic()
-        status = await self._admit(model, lambda: self.units.start(spec))
+        status = await self._admit(model, lambda: self.units.start(spec), owner)
         if options.port and start_wake is not None:
             try:
                 await start_wake(name, options.port, options.backend_port, user, options.listen_address)
@@ -596,15 +622,16 @@ class Engine:
         model.frozen_ttl_sec = policies.frozen_ttl_sec
         model.last_active_usec = self.now_usec()
 
-    async def _admit(self, model: Model, start: Callable[[], Awaitable[UnitStatus]]) -> UnitStatus:
+    async def _admit(self, model: Model, start: Callable[[], Awaitable[UnitStatus]], caller: int) -> UnitStatus:
         """Enter a new model in the table around the start of its unit. The name is reserved before the first
-        await, so two concurrent calls for one name cannot both start; a start that fails leaves no trace. An
-        ended model of the same name is replaced."""
+        await, so two concurrent calls for one name cannot both start (nor two calls of one user both pass its
+        limits); a start that fails leaves no trace. An ended model of the same name is replaced."""
         async with model.lock:
             existing = self.models.get(model.name)
+            if existing is not None and existing.state not in ENDED:
+                raise ModelExists(f"model {model.name!r} exists ({existing.state})")
+            self._check_limits(model, caller)
             if existing is not None:
-                if existing.state not in ENDED:
-                    raise ModelExists(f"model {model.name!r} exists ({existing.state})")
                 self._remove(existing)
             self.models[model.name] = model
             try:
@@ -616,6 +643,33 @@ class Engine:
             del self.models[model.name]
             self._add(model)
         return status
+
+    def _check_limits(self, model: Model, caller: int) -> None:
+        """Refuse a new model past its owner's limits (MaxModelsPerUser=, MaxCommandBytesPerUser=), counting every
+        model of the owner in the table, ended ones too, except an ended model of the same name that the new one
+        replaces. Root is exempt. Without an await, so it holds until the caller's next await."""
+        if caller == 0:
+            return
+        mine = [m for m in self.models.values() if m.owner == model.owner and m.name != model.name]
+        most, most_bytes = self.config.max_models_per_user, self.config.max_command_bytes_per_user
+        if most and len(mine) >= most:
+            self._refuse(
+                model,
+                LimitExceeded(
+                    f"uid {model.owner} has {len(mine)} models, the most MaxModelsPerUser= allows: stop and forget"
+                    " one first (ended models are dropped EndedModelTTLSec= after they end). Nothing was started."
+                ),
+            )
+        kept = sum(_kept_bytes(m) for m in mine)
+        if most_bytes and kept + _kept_bytes(model) > most_bytes:
+            self._refuse(
+                model,
+                LimitExceeded(
+                    f"model {model.name}'s argv and Environment ({_kept_bytes(model)} bytes) with those of uid"
+                    f" {model.owner}'s other models ({kept} bytes) exceed MaxCommandBytesPerUser={most_bytes}."
+                    " Nothing was started."
+                ),
+            )
 
     def _announce(self, status: UnitStatus, event: Event) -> None:
         """The event of a new model; then, if it already ended before its start returned, its exit like any."""
@@ -763,6 +817,7 @@ class Engine:
         model = Model(name=name, unit=unit, owner=owner, command=command)
         self._set_policies(model, policies or Policies())
         self._apply_status(model, status)
+        self._check_limits(model, caller)
         existing = self.models.get(name)
         if existing is not None:
             self._remove(existing)  # an ended model of that name
@@ -813,7 +868,7 @@ class Engine:
             pins.verify()  # the last moment before PID 1 is handed the numbers
             return await self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
 
-        status = await self._admit(model, move)
+        status = await self._admit(model, move, caller)
         self._announce(
             status,
             Event(
@@ -846,7 +901,7 @@ class Engine:
         """release_gpu: the driver checkpoints every CUDA process even of a KeepContext model (a migration, an
         eviction)."""
         t0 = time.monotonic()
-        await self.refresh(model)
+        await self.refresh(model, quick=True)
         self._check_ram(model)
         self._set_state(model, State.FREEZING)
         cuda: list[int] = []
@@ -950,10 +1005,8 @@ class Engine:
     async def _late_cuda_pids(self, model: Model, known: list[int]) -> list[int]:
         """Processes of the (frozen) unit that hold GPU memory the freeze has not checkpointed. NVML answers, not
         the driver: GetState blocks on a process the cgroup freezer holds (measured on driver 580, H100)."""
-        status = await self.units.status(model.unit)
-        if status is None:
+        if not await self._read_pids(model):
             return []
-        self._apply_status(model, status)
         holding = self.telemetry.vram_by_pid()
         return [pid for pid in model.pids if pid in holding and pid not in known]
 
@@ -1263,7 +1316,7 @@ class Engine:
     async def _thaw_locked(self, model: Model, gpu_pairs: list[tuple[str, str]] | None = None) -> None:
         """gpu_pairs: restore onto other GPUs (Migrate, which checked the target's room itself)."""
         t0 = time.monotonic()
-        await self.refresh(model)
+        await self.refresh(model, quick=True)
         self._drop_lost_pids(model)
         moved = dict(gpu_pairs or [])
         if gpu_pairs is None:
@@ -1308,7 +1361,7 @@ class Engine:
             model.gpus = sorted({moved.get(uuid, uuid) for uuid in model.gpus})
         model.last_thaw_usec = int((time.monotonic() - t0) * 1e6)
         model.last_active_usec = self.now_usec()
-        await self.refresh(model, vram=True)
+        await self.refresh(model, vram=True, quick=True)
         self._set_state(model, State.RUNNING)
         self._emit(
             Event(
@@ -1493,6 +1546,30 @@ class Engine:
                 await self.stop(model.name, "frozen-ttl", why)
             except GpuschedError as e:
                 log.warning("stop of %s past its frozen time to live: %s", model.name, e)
+        self._drop_ended(now)
+
+    def _drop_ended(self, now: int) -> None:
+        """EndedModelTTLSec=: an ended model is dropped from the table (and the state file) this long after it ended,
+        with its command line: nothing a user ran is kept forever, and the table stays small."""
+        ttl = self.config.ended_model_ttl_sec
+        if ttl <= 0:
+            return
+        for model in list(self.models.values()):
+            ended = (now - model.state_change_usec) / 1e6
+            if model.state not in ENDED or model.lock.locked() or ended < ttl:
+                continue
+            self._remove(model)
+            if model_name_from_unit(model.unit) is None:
+                self.units.untrack(model.unit)
+            self._emit(
+                Event(
+                    EventKind.FORGET,
+                    model.name,
+                    model.unit,
+                    f"model {model.name} forgotten: it ended {ended:.0f}s ago, past EndedModelTTLSec={ttl}",
+                    fields={"GPUSCHED_REASON": "ended-ttl"},
+                )
+            )
 
     async def _evict_for(
         self, model: Model, shortfall: Callable[[], InsufficientGpuMemory | None], purpose: str, by: Requester

@@ -41,6 +41,12 @@ class RamBudgetExceeded(Refused):
     dbus_name = "org.gpusched1.Error.RamBudgetExceeded"
 
 
+class LimitExceeded(Refused):
+    """A per-user limit of gpuschedd.conf (MaxModelsPerUser=, MaxCommandBytesPerUser=) would be exceeded."""
+
+    dbus_name = "org.gpusched1.Error.LimitExceeded"
+
+
 class CheckpointFailed(GpuschedError):
     dbus_name = "org.gpusched1.Error.CheckpointFailed"
 
@@ -73,6 +79,7 @@ ALL_ERRORS: tuple[type[GpuschedError], ...] = (
     InvalidState,
     InsufficientGpuMemory,
     RamBudgetExceeded,
+    LimitExceeded,
     CheckpointFailed,
     NotSupported,
     UnitFailed,

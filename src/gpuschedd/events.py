@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from .validate import shown
+
+# An event's MESSAGE is at most this long: it is one journal line, not a place to keep a caller's data.
+MAX_MESSAGE = 4096
+
 
 class EventKind(StrEnum):
     RUN = "run"
@@ -48,3 +53,8 @@ class Event:
     bytes: int = 0
     gpus: tuple[str, ...] = ()
     fields: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Messages quote what callers handed in (a command, an error from systemd about it): rendered safe here,
+        # once for every event, so no caller's text can break a MESSAGE into lines or reorder it.
+        object.__setattr__(self, "message", shown(self.message, MAX_MESSAGE))

@@ -31,6 +31,9 @@ class Model:
     unit: str
     owner: int
     command: list[str]
+    # Bytes of the Environment entries it was started with (kept by systemd in its unit; counted against the owner's
+    # MaxCommandBytesPerUser= with the command).
+    environment_bytes: int = 0
     state: State = State.RUNNING
     main_pid: int = 0
     pids: list[int] = field(default_factory=list)

@@ -4,6 +4,7 @@ each check is strict and answers InvalidArgs with a message that names the field
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from .errors import InvalidArgs
 
@@ -20,6 +21,23 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # CUDA_VISIBLE_DEVICES could misread.
 _GPU_RE = re.compile(r"[0-9]{1,3}|(?:GPU|MIG)-[0-9A-Za-z-]{1,80}")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\$?")
+# Unicode categories that are not text a reader sees as it is: controls (a newline forges a journal line), format
+# characters (bidi overrides such as U+202E reorder what follows), line and paragraph separators, surrogates and
+# private use.
+_UNSAFE = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs", "Co"))
+
+
+def _unsafe(char: str) -> bool:
+    return unicodedata.category(char) in _UNSAFE
+
+
+def shown(text: str, limit: int = 256) -> str:
+    """Untrusted text (a caller's string, a command line) as it may appear in a journal MESSAGE or an error: at most
+    `limit` characters, every control or format character written as an escape (\\n, \\u202e), so it is one
+    line that reads as what it is. Every message that carries a caller's text goes through here."""
+    short = text[:limit]
+    out = "".join(char.encode("unicode_escape").decode("ascii") if _unsafe(char) else char for char in short)
+    return out + ("…" if len(text) > limit else "")
 
 
 def _no_nul(value: str, what: str) -> None:
@@ -59,6 +77,15 @@ def environment(values: list[str]) -> list[str]:
     return list(values)
 
 
+def command_bytes(argv: list[str], environment: list[str]) -> int:
+    """The bytes a Run asks to keep (argv and Environment, each entry with its terminating NUL as exec counts them),
+    at most MAX_TOTAL_BYTES in all."""
+    total = sum(len(value.encode()) + 1 for value in (*argv, *environment))
+    if total > MAX_TOTAL_BYTES:
+        raise InvalidArgs(f"argv and Environment are longer than {MAX_TOTAL_BYTES} bytes in all")
+    return total
+
+
 def working_directory(value: str) -> str:
     _no_nul(value, "WorkingDirectory")
     if value and (not value.startswith("/") or len(value.encode()) > MAX_PATH_BYTES):
@@ -67,8 +94,10 @@ def working_directory(value: str) -> str:
 
 
 def description(value: str) -> str:
-    if len(value) > MAX_DESCRIPTION or any(ord(c) < 32 for c in value):
-        raise InvalidArgs(f"Description must be at most {MAX_DESCRIPTION} printable characters")
+    if len(value) > MAX_DESCRIPTION or any(_unsafe(c) for c in value):
+        raise InvalidArgs(
+            f"Description must be at most {MAX_DESCRIPTION} printable characters (no control or format characters)"
+        )
     return value
 
 

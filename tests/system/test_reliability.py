@@ -69,7 +69,8 @@ def recovery_entry(name: str, interrupted: str) -> dict:
 def test_the_daemon_runs_on_the_fake_driver(fmodels: FakeModels, fake: FakeGpuDir) -> None:
     model = fmodels.run("basic")
     a, b = model.cuda_pids(fake)
-    assert list_models()[model.name]["vram_bytes"] == 2 * 64 * MIB  # ListModels re-reads NVML
+    # ListModels answers from the table, whose VRAM the daemon re-reads from NVML every 2 s
+    wait_until("ListModels to show the VRAM", lambda: list_models()[model.name]["vram_bytes"] == 2 * 64 * MIB)
     gpusched("freeze", model.name)
     assert states(fake, [a, b]) == [C, C] and check_consistent(model.name, fake) == "frozen"
     assert model_property(model.name, "SnapshotBytes") >= 2 * 64 * MIB * 0.9

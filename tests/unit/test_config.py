@@ -103,3 +103,16 @@ def test_syntax_error_is_a_config_error(tmp_path: Path) -> None:
     conf.write_text("RamBudget=1G\n")  # no section header
     with pytest.raises(ConfigError, match=r"c\.conf"):
         Config.load(str(conf))
+
+
+def test_per_user_limits_and_ended_ttl(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+    cfg = Config.load(str(conf))
+    assert (cfg.max_models_per_user, cfg.max_command_bytes_per_user, cfg.ended_model_ttl_sec) == (64, 1 << 20, 3600)
+    conf.write_text("[Daemon]\nMaxModelsPerUser=0\nMaxCommandBytesPerUser=64K\nEndedModelTTLSec=5\n")
+    cfg = Config.load(str(conf))
+    assert (cfg.max_models_per_user, cfg.max_command_bytes_per_user, cfg.ended_model_ttl_sec) == (0, 64 << 10, 5)
+    for bad in ("MaxModelsPerUser=-1", "MaxCommandBytesPerUser=lots", "EndedModelTTLSec=1h"):
+        conf.write_text(f"[Daemon]\n{bad}\n")
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            Config.load(str(conf))

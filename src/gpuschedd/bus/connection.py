@@ -32,6 +32,14 @@ class CallerAwareBus(MessageBus):
 
         return handler
 
+    def _default_properties_handler(self, msg: Message, send_reply: Any) -> None:
+        # Properties.Get/GetAll too: a property that is not for every reader (a model's Command) must know who asks.
+        token = current_message.set(msg)
+        try:
+            super()._default_properties_handler(msg, send_reply)
+        finally:
+            current_message.reset(token)
+
 
 async def connect_system_bus() -> CallerAwareBus:
     return await CallerAwareBus(bus_type=BusType.SYSTEM).connect()

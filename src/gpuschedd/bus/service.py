@@ -63,8 +63,10 @@ GpuList = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
 NameAndPath = Annotated[list[str], DBusSignature("so")]
 
 
-def exposed(access: str = MANAGE) -> Callable[[Handler], Handler]:
-    """Authorize, run, and turn any failure into a typed D-Bus error (never a traceback)."""
+def exposed(access: str = MANAGE, precheck: Callable[..., object] | None = None) -> Callable[[Handler], Handler]:
+    """Authorize, run, and turn any failure into a typed D-Bus error (never a traceback). `precheck`: checks of the
+    arguments alone (sizes, syntax), made before polkit is asked, so a call that could never pass is not held (with
+    its megabyte of argv) while polkitd thinks."""
 
     def decorate(fn: Handler) -> Handler:
         verb = fn.__name__.lower()
@@ -72,6 +74,8 @@ def exposed(access: str = MANAGE) -> Callable[[Handler], Handler]:
         @functools.wraps(fn)
         async def wrapper(self: Any, *args: Any) -> Any:
             try:
+                if precheck is not None:
+                    precheck(*args)
                 if access != READ:
                     await self._authorize(access, verb, args)
                 return await fn(self, *args)
@@ -190,9 +194,8 @@ class _Authorizing:
 
 
 def _shown(text: str, limit: int = 64) -> str:
-    """A caller's string, safe to echo back in an error message: short and printable."""
-    short = text[:limit] + ("…" if len(text) > limit else "")
-    return repr(short) if short.isprintable() else "(unprintable)"
+    """A caller's string, safe to echo back in an error message: short, quoted, escaped."""
+    return repr(validate.shown(text, limit))
 
 
 # Policy durations (IdleFreezeSec, FrozenTTLSec) up to a year: beyond that a typo, not a policy.
@@ -250,6 +253,11 @@ def _parse_options(options: dict[str, Variant], known: tuple[str, ...] = tuple(O
     )
 
 
+def _check_run(argv: list[str], options: dict[str, Variant]) -> None:
+    """Run's arguments on their own: argv, the options, and what they would keep in all (validate.command_bytes)."""
+    validate.command_bytes(validate.argv(argv), _parse_options(options).environment)
+
+
 def _wake_options(get: dict[str, Any]) -> dict[str, Any]:
     """Port, BackendPort, ListenAddress: wake on first connection (gpuschedd.wake)."""
     port, backend = int(get.get("Port", 0)), int(get.get("BackendPort", 0))
@@ -287,7 +295,7 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     # ------------------------------------------------------------- methods
 
     @method()
-    @exposed(RUN)
+    @exposed(RUN, precheck=lambda name, argv, options: _check_run(argv, options))
     async def Run(self, name: DBusStr, argv: StrList, options: DBusDict) -> DBusObjectPath:
         validate_model_name(name)
         run_options = _parse_options(options)
@@ -396,21 +404,12 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @method()
     @exposed(READ)
     async def ListModels(self) -> ModelRows:
-        rows = []
-        for model in list(self.engine.models.values()):
-            await self.engine.refresh(model)
-            rows.append(
-                [
-                    model.name,
-                    str(model.state),
-                    model.unit,
-                    model.owner,
-                    model.main_pid,
-                    model.vram_bytes,
-                    model.snapshot_bytes,
-                ]
-            )
-        return rows
+        # From the table as events (unit state changes) and the periodic refresh (PIDs, VRAM) keep it: no systemd
+        # call per model per call, so the answer is one pass over memory however many models there are.
+        return [
+            [m.name, str(m.state), m.unit, m.owner, m.main_pid, m.vram_bytes, m.snapshot_bytes]
+            for m in list(self.engine.models.values())
+        ]
 
     @method()
     @exposed(READ)
@@ -562,8 +561,15 @@ class ModelInterface(_Authorizing, ServiceInterface):
         return self.model.state_change_usec
 
     @dbus_property(access=PropertyAccess.READ)
-    def Command(self) -> StrList:
-        return self.model.command
+    async def Command(self) -> StrList:
+        """Only the model's owner and root read it: a command line carries secrets (tokens, passwords); anyone
+        else reads an empty array (docs/security.md)."""
+        msg = current_message.get()
+        try:
+            uid = await self.authority.caller_uid(msg) if msg is not None else -1
+        except GpuschedError:
+            uid = -1
+        return list(self.model.command) if uid in (0, self.model.owner) else []
 
     @dbus_property(access=PropertyAccess.READ)
     def Agent(self) -> DBusBool:

@@ -21,6 +21,7 @@ import time
 
 import psutil
 
+from .. import validate
 from ..adopt import cmdline, process_uid
 from ..errors import UnitFailed
 from . import UnitSpec, UnitStatus, UnitWatcher
@@ -174,7 +175,7 @@ class CgroupfsUnits:
             )
         except OSError as e:
             self._rmdir(group)
-            raise UnitFailed(f"cannot start {spec.argv[0]}: {e.strerror}") from None
+            raise UnitFailed(f"cannot start {validate.shown(spec.argv[0])}: {e.strerror}") from None
         finally:
             if out is not None:
                 os.close(out)
@@ -211,14 +212,20 @@ class CgroupfsUnits:
                     self._kill(group)
                     await self._wait_empty(group, 5.0)
                     self._rmdir(group)
-                    what = f"enter {spec.working_directory}" if code == _EXIT_NO_CWD else f"execute {spec.argv[0]}"
+                    what = (
+                        f"enter {validate.shown(spec.working_directory)}"
+                        if code == _EXIT_NO_CWD
+                        else f"execute {validate.shown(spec.argv[0])}"
+                    )
                     raise UnitFailed(f"{spec.unit}: cannot {what} (as {spec.user or 'root'})")
                 return
             argv = cmdline(proc.pid)  # empty once the shim has exited: poll() reaps it next round
             if argv and (len(argv) < 4 or argv[3] != _SHIM_NAME):
                 return
             await asyncio.sleep(0.001)
-        log.warning("%s: pid %d has not exec'd %s after %.0fs", spec.unit, proc.pid, spec.argv[0], timeout)
+        log.warning(
+            "%s: pid %d has not exec'd %s after %.0fs", spec.unit, proc.pid, validate.shown(spec.argv[0]), timeout
+        )
 
     # ---------------------------------------------------------------- freeze / thaw
 
