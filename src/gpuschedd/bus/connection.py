@@ -16,10 +16,12 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
+from .writer import QueueingWriterBus
+
 current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar("current_message", default=None)
 
 
-class CallerAwareBus(MessageBus):
+class CallerAwareBus(QueueingWriterBus):
     def _make_method_handler(self, interface: Any, method: Any) -> Callable[[Message, Callable[[Message], None]], None]:
         inner = super()._make_method_handler(interface, method)
 
