@@ -22,15 +22,34 @@ current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar
 
 
 class CallerAwareBus(QueueingWriterBus):
+    """Also holds method calls that arrive before ready(): the daemon owns its name before it takes over the
+    models (so a second daemon touches nothing), and a call in between waits for the engine instead of finding
+    it half started. Held calls are dispatched in the order they came."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: list[Callable[[], None]] | None = []
+
+    def ready(self) -> None:
+        held, self._held = self._held or [], None
+        for dispatch in held:
+            dispatch()
+
     def _make_method_handler(self, interface: Any, method: Any) -> Callable[[Message, Callable[[Message], None]], None]:
         inner = super()._make_method_handler(interface, method)
 
-        def handler(msg: Message, send_reply: Callable[[Message], None]) -> None:
+        def dispatch(msg: Message, send_reply: Callable[[Message], None]) -> None:
             token = current_message.set(msg)
             try:
                 inner(msg, send_reply)
             finally:
                 current_message.reset(token)
+
+        def handler(msg: Message, send_reply: Callable[[Message], None]) -> None:
+            if self._held is not None:
+                self._held.append(lambda: dispatch(msg, send_reply))
+            else:
+                dispatch(msg, send_reply)
 
         return handler
 
