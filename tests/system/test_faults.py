@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from fakegpu_sys import (
     DAEMON,
     FakeModels,
