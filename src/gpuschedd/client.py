@@ -61,10 +61,10 @@ class BusLost(BusError):
     """The connection to the system bus ended during a call (dbus restarted): whether the call took effect is
     unknown; the daemon comes back by itself and the call may be repeated (Freeze and Thaw are idempotent)."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self) -> None:
         super().__init__(
             "org.freedesktop.DBus.Error.Disconnected",
-            f"the system bus connection was lost during the call ({type(cause).__name__}); check and retry",
+            "the system bus connection was lost during the call; check the result and retry",
         )
 
 
@@ -251,7 +251,7 @@ class AsyncGpuSched:
             reply = await self.bus.call(message)
         except (EOFError, ConnectionError) as e:  # dbus-fast fails a pending call with the reader's EOFError
             self.bus = None
-            raise BusLost(e) from e
+            raise BusLost() from e
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
             raise _error(reply)

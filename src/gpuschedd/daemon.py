@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from dbus_fast import RequestNameReply
 from dbus_fast.constants import NameFlag
@@ -21,7 +22,7 @@ from .bus.systemd import SystemdUnits
 from .checkpoint.choose import BackendUnavailable, choose_checkpoint
 from .config import DEFAULT_PATH, Config, ConfigError
 from .engine import Engine, EngineListener
-from .journal import JournalWriter, setup_logging
+from .journal import JournalWriter, journal_queue, setup_logging
 from .metrics import Metrics
 from .model import Model, State
 from .names import BUS_NAME, MANAGER_PATH
@@ -190,13 +191,22 @@ async def serve(config: Config) -> int:
     policies.cancel()
     if disconnected.done():
         error = disconnected.exception()
-        raise BusLost(f"the system bus connection was lost ({error or 'closed by the bus'})")
+        exit_lost_bus(f"the system bus connection was lost ({type(error).__name__ if error else 'closed by the bus'})")
     with contextlib.suppress(Exception):
         await bus.release_name(BUS_NAME)
     if not await engine.drain(DRAIN_TIMEOUT_SEC):
         log.warning("a transition was still under way after %ds; the next start will settle it", DRAIN_TIMEOUT_SEC)
     bus.disconnect()
     return 0
+
+
+def exit_lost_bus(why: str) -> NoReturn:
+    """Exit 1 at once, so Restart=on-failure brings the daemon back within a second. Without the bus no call can be
+    answered and no transition finished (systemd is reached over it): a freeze or thaw under way is left to the next
+    start, which settles it (docs/reliability.md), rather than waited for in a thread that may sit in the driver."""
+    log.error("%s: exiting to be restarted; the next start settles anything under way", why)
+    journal_queue().close(JOURNAL_FLUSH_SEC)
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     except BusLost as e:
-        # Non-zero, so Restart=on-failure brings the daemon back; the next start settles what was under way.
-        log.error("%s: exiting to be restarted", e)
-        return 1
+        exit_lost_bus(str(e))
     finally:
         journal.close(JOURNAL_FLUSH_SEC)
 

@@ -43,10 +43,10 @@ def test_read_floods_by_a_user_outside_the_group_leave_the_daemon_up(fmodels: Fa
     ensure_users()
     frozen, running = fmodels.run("frozen", procs=1), fmodels.run("running", procs=1)
     gpusched("freeze", frozen.name)
-    # A model whose Command is ~400 KiB: every GetAll of it is a large reply (one argument is at most 128 KiB).
+    # A model whose Command is ~400 KiB: every GetAll of it is a large reply (in arguments of 50 kB: the daemon takes none over 64 KiB).
     big = f"{fmodels.prefix}-big"
     fmodels.started.append(type(frozen)(big, 0))
-    gpusched("run", "--name", big, "--", "sleep", "infinity", *(["x" * 100_000] * 4))
+    gpusched("run", "--name", big, "--", "sh", "-c", "exec sleep infinity", *(["x" * 50_000] * 8))
     before = daemon_pid()
     flood = subprocess.run(
         as_user_argv(BOB, sys.executable, str(REPO / "bench" / "read_flood.py"), "--json", "--seconds",
