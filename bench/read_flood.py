@@ -50,7 +50,9 @@ def calls(models: list[str]) -> list[Message]:
     return out
 
 
-async def connection(kinds: list[Message], in_flight: int, deadline: float, tally: collections.Counter[str]) -> None:
+async def connection(
+    kinds: list[Message], in_flight: int, deadline: float, tally: collections.Counter[str], examples: dict[str, str]
+) -> None:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
 
     async def worker(i: int) -> None:
@@ -66,18 +68,25 @@ async def connection(kinds: list[Message], in_flight: int, deadline: float, tall
                 tally[f"client:{type(e).__name__}"] += 1
                 await asyncio.sleep(0.1)
                 continue
-            tally["ok" if reply.message_type != MessageType.ERROR else str(reply.error_name)] += 1
+            if reply.message_type != MessageType.ERROR:
+                tally["ok"] += 1
+                continue
+            tally[str(reply.error_name)] += 1
+            examples.setdefault(str(reply.error_name), f"{template.member}: {(reply.body or [''])[0]}"[:200])
 
     await asyncio.gather(*(worker(i) for i in range(in_flight)))
     bus.disconnect()
 
 
-async def flood(connections: int, in_flight: int, seconds: float, models: list[str]) -> collections.Counter[str]:
+async def flood(
+    connections: int, in_flight: int, seconds: float, models: list[str]
+) -> tuple[collections.Counter[str], dict[str, str]]:
     tally: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
     deadline = time.monotonic() + seconds
     kinds = calls(models)
-    await asyncio.gather(*(connection(kinds, in_flight, deadline, tally) for _ in range(connections)))
-    return tally
+    await asyncio.gather(*(connection(kinds, in_flight, deadline, tally, examples) for _ in range(connections)))
+    return tally, examples
 
 
 def main() -> None:
@@ -90,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     before = daemon_pid()
     started = time.monotonic()
-    tally = asyncio.run(flood(args.connections, args.calls, args.seconds, args.model))
+    tally, examples = asyncio.run(flood(args.connections, args.calls, args.seconds, args.model))
     elapsed = time.monotonic() - started
     after = daemon_pid()
     result = {
@@ -99,6 +108,7 @@ def main() -> None:
         "seconds": round(elapsed, 2),
         "ok": tally.pop("ok", 0),
         "failures": dict(tally),
+        "examples": examples,
         "pid_before": before,
         "pid_after": after,
     }
@@ -113,6 +123,8 @@ def main() -> None:
     )
     if tally:
         print("failures:", ", ".join(f"{k} {v}" for k, v in tally.items()))
+        for text in examples.values():
+            print("  e.g.", text)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ sees its own message: no global "last caller", no race between concurrent calls.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +19,11 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
 from .writer import QueueingWriterBus
+
+# dbus-daemon lets one connection have at most max_replies_per_connection (128 on the system bus) calls awaiting
+# their replies and answers the next with LimitsExceeded: under a flood of reads, each asking systemd, every caller's
+# calls failed. Calls beyond this many wait their turn instead (polkit's checks, at most 32, are among them).
+MAX_CALLS_IN_FLIGHT = 96
 
 current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar("current_message", default=None)
 
@@ -29,6 +36,7 @@ class CallerAwareBus(QueueingWriterBus):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held: list[Callable[[], None]] | None = []
+        self.calls_in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
 
     def ready(self) -> None:
         held, self._held = self._held or [], None
@@ -68,16 +76,12 @@ async def call(
     body: list[Any] | None = None,
 ) -> list[Any]:
     """One method call; an error reply is raised as DBusError (callers map it to our typed errors)."""
-    reply = await bus.call(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
+    limit = bus.calls_in_flight if isinstance(bus, CallerAwareBus) else contextlib.nullcontext()
+    message = Message(
+        destination=destination, path=path, interface=interface, member=member, signature=signature, body=body or []
     )
+    async with limit:
+        reply = await bus.call(message)
     assert reply is not None
     if reply.message_type == MessageType.ERROR:
         raise DBusError(reply.error_name or "org.freedesktop.DBus.Error.Failed", (reply.body or [""])[0])
