@@ -1304,6 +1304,8 @@ class Engine:
             except BaseException:
                 try:
                     await self.thaw(freeze_name)
+                except InvalidState as e:  # stopped or thawed by someone meanwhile: nothing left to roll back
+                    log.warning("swap rollback: %s", e.message)
                 except Exception as e:  # the original error is the one the caller needs
                     log.error("swap rollback: thawing %s failed: %s", freeze_name, e)
                 raise
