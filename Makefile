@@ -5,6 +5,8 @@
 #   make check                                the full test command (ruff, unit tests, system tests in a sandbox)
 #   make lint                                 ruff check + ruff format --check + xmllint on the XML files
 #   make demo                                 a narrated freeze/thaw/swap cycle inside a throw-away systemd sandbox
+#   make prerequisites [PREREQUISITES=demo]   the system packages demo and check need (make demo and make check
+#                                             install them first: tools/prerequisites.sh holds the list)
 #   make stress                               the long stress test (16 clients x 1,000 operations) in a sandbox
 #   make wheels                               build/wheels: the project's dependencies as wheels, for offline installs
 #   make deb / make rpm                       distribution packages in build/packages (docs/packaging.md)
@@ -51,7 +53,7 @@ PIP_COMMON = --disable-pip-version-check
 XML_VALID = $(wildcard dbus/*.xml polkit/*.policy)
 XML_WELLFORMED = $(wildcard dbus/*.conf)
 
-.PHONY: all install post-install uninstall wheels venv check lint unit-tests system-tests demo clean deb rpm package-tests stress
+.PHONY: all install post-install uninstall wheels venv check lint unit-tests system-tests demo clean deb rpm package-tests stress prerequisites
 
 all:
 	@echo "nothing to build; try: make install, make check, make demo" >&2
@@ -139,7 +141,7 @@ build/wheels/.stamp: pyproject.toml
 	touch $@
 
 # The development environment: created on first use, refreshed when pyproject.toml changes. Building
-# systemd-python and dbus-python needs: libsystemd-dev libdbus-1-dev libglib2.0-dev pkg-config gcc python3-dev.
+# systemd-python and dbus-python needs system packages: `make prerequisites` (make check does it first).
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml build/wheels/.stamp
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
@@ -176,8 +178,17 @@ stress: venv
 	SYSD_NAME=$(CHECK_NAME)-stress SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with env STRESS_CLIENTS=$(STRESS_CLIENTS) \
 		STRESS_OPS=$(STRESS_OPS) STRESS_SEED=$(STRESS_SEED) STRESS_KILLS=$(STRESS_KILLS) $(VENV)/bin/pytest -q -m stress tests/system/test_stress.py $(PYTEST_ARGS)
 
+# What demo and check need from the system (apt on Debian/Ubuntu, as root or through sudo; elsewhere a message naming
+# the packages). Quick and without apt when everything is there, so demo and check run it every time, first.
+PREREQUISITES ?= check
+prerequisites:
+	@PYTHON=$(PYTHON) tools/prerequisites.sh $(PREREQUISITES)
+
 # Every stage runs even when an earlier one failed, so one CI run reports everything; the exit status is the worst.
-check: venv
+# The system packages come first, then the venv and the wheels (one after the other, also under make -j).
+check:
+	@PYTHON=$(PYTHON) tools/prerequisites.sh check
+	@$(MAKE) --no-print-directory venv
 	@rc=0; \
 	echo "== ruff check"; $(VENV)/bin/ruff check . || rc=1; \
 	echo "== unit tests"; $(MAKE) --no-print-directory unit-tests || rc=1; \
@@ -200,7 +211,9 @@ rpm: wheels
 package-tests: venv
 	SYSD_NAME=$(PKG_CHECK_NAME) SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with $(VENV)/bin/pytest -q tests/packaging $(PYTEST_ARGS)
 
-demo: wheels
+demo:
+	@PYTHON=$(PYTHON) tools/prerequisites.sh demo
+	@$(MAKE) --no-print-directory wheels
 	SYSD_NAME=$(DEMO_NAME) SYSD_BIND="$(SANDBOX_BIND)" $(SANDBOX) with tools/demo.sh
 
 clean:

@@ -1,4 +1,4 @@
-"""What may be adopted: checks on unit names and on processes (read from /proc), without D-Bus.
+"""What may be adopted: checks on unit names and on processes (psutil, /proc), without D-Bus.
 
 `Adopt(name, unit)` manages an existing unit in place; `AdoptProcesses(name, pids)` moves running processes into
 the transient scope `gpusched-adopt-NAME.scope` (systemd refuses scopes with an instance, hence no '@')."""
@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
+
+import psutil
 
 from .errors import InvalidArgs, ModelExists
 from .names import MODEL_UNIT_PREFIX, SLICE
@@ -43,18 +46,65 @@ def check_unit_name(unit: object) -> str:
 
 
 def process_uid(pid: int) -> int | None:
-    """The real uid of a process (/proc/PID/status Uid:), None when it does not exist."""
+    """The uid a process counts as (/proc/PID/status Uid: real, effective, saved, filesystem), None when it does
+    not exist. One whose uids differ (a setuid program, a process half-way through changing user) counts as the
+    first that is not its real uid: it holds that user's rights, so only that user (or `manage`) may adopt it.
+    Read by hand: psutil's uids() lacks the filesystem uid."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("Uid:"):
-                    return int(line.split()[1])
+                    real, *others = (int(u) for u in line.split()[1:5])
+                    return next((u for u in others if u != real), real)
     except (OSError, ValueError, IndexError):
         return None
     return None
 
 
+class Pins:
+    """The processes of an AdoptProcesses call, held by pidfd from their check to their move: a PID checked before
+    the polkit wait may meanwhile have ended and been given to another process, which must not be moved in its
+    place. A pidfd refers to one process for good; until it has exited and been reaped its PID is not reused."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.fds: dict[int, int] = {}
+        _check_count(pids)  # before a descriptor is opened
+        try:
+            for pid in pids:
+                if isinstance(pid, int) and pid > 0 and pid not in self.fds:
+                    self.fds[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.close()
+            raise InvalidArgs(f"no such process: {pid}") from None
+        except OSError as e:
+            self.close()
+            raise InvalidArgs(f"process {pid} cannot be held: {e.strerror}") from None
+
+    def verify(self) -> None:
+        """Every pinned process still lives, so each PID still names the process that was checked; raises
+        InvalidArgs naming the first that ended (nothing has been moved yet)."""
+        for pid, fd in self.fds.items():
+            # A pidfd turns readable once its process has exited (no signal sent: the daemon has no CAP_KILL).
+            if select.select([fd], [], [], 0)[0]:
+                raise InvalidArgs(
+                    f"process {pid} ended while the call was being authorized (its PID may be another process's"
+                    " now): nothing was adopted"
+                )
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> Pins:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def is_kernel_thread(pid: int) -> bool:
+    """PF_KTHREAD in /proc/PID/stat's flags: psutil does not expose a process's flags."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -64,6 +114,7 @@ def is_kernel_thread(pid: int) -> bool:
 
 
 def process_cgroup(pid: int) -> str:
+    """The process's cgroup v2 path (psutil does not read cgroups)."""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             for line in f:
@@ -75,20 +126,24 @@ def process_cgroup(pid: int) -> str:
 
 
 def cmdline(pid: int) -> list[str]:
+    """The process's arguments; [] when it is gone or a zombie."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [arg.decode(errors="replace") for arg in f.read().split(b"\0") if arg]
-    except OSError:
+        return [arg for arg in psutil.Process(pid).cmdline() if arg]
+    except psutil.Error:
         return []
+
+
+def _check_count(pids: object) -> None:
+    if not isinstance(pids, list) or not pids:
+        raise InvalidArgs("give at least one PID")
+    if len(pids) > MAX_PIDS:
+        raise InvalidArgs(f"at most {MAX_PIDS} PIDs")
 
 
 def check_pids(pids: object) -> dict[int, int]:
     """Processes that may be moved into a scope: pid → owner uid. Refuses PID 1, the daemon itself, kernel threads,
     processes that do not exist, and processes already in gpusched.slice (another model's)."""
-    if not isinstance(pids, list) or not pids:
-        raise InvalidArgs("give at least one PID")
-    if len(pids) > MAX_PIDS:
-        raise InvalidArgs(f"at most {MAX_PIDS} PIDs")
+    _check_count(pids)
     owners: dict[int, int] = {}
     for pid in pids:
         if not isinstance(pid, int) or pid <= 0:

@@ -1,8 +1,11 @@
-"""Daemon settings from /etc/gpusched/gpuschedd.conf (systemd-style INI, section [Daemon])."""
+"""Daemon settings from /etc/gpusched/gpuschedd.conf and its drop-ins /etc/gpusched/gpuschedd.conf.d/*.conf
+(systemd-style INI, section [Daemon])."""
 
 from __future__ import annotations
 
 import configparser
+import glob
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -68,16 +71,32 @@ class Config:
     # where the models' agent directories are (systemd creates each as the unit's RuntimeDirectory).
     agent_timeout_ms: int = 30_000
     agent_root: str = "/run/gpusched-agent"
+    # What a caller without `manage` may ask for (docs/security.md): a Priority up to this; a public port (Port=) from
+    # unprivileged_port_start up, or one of wake_allow_ports; a ListenAddress on loopback, or one of
+    # wake_allow_addresses. The daemon has PrivateNetwork=yes, so it cannot read the host's
+    # net.ipv4.ip_unprivileged_port_start: UnprivilegedPortStart= says it.
+    max_user_priority: int = 0
+    unprivileged_port_start: int = 1024
+    wake_allow_ports: frozenset[int] = frozenset()
+    wake_allow_addresses: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Config:
-        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        # strict=False: a key or section given twice is no error, the last one wins (systemd's rule), also across
+        # the drop-ins, read after the main file in lexical order of their names.
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"), strict=False)
         parser.optionxform = str  # type: ignore[assignment,method-assign]
-        try:
-            with open(path) as f:
-                parser.read_file(f)
-        except FileNotFoundError:
-            pass
+        dropins = sorted(glob.glob(os.path.join(glob.escape(path + ".d"), "*.conf")))
+        for name in [path, *dropins]:
+            try:
+                with open(name) as f:
+                    parser.read_file(f)
+            except FileNotFoundError:
+                pass
+            except configparser.Error as e:
+                raise ConfigError(f"{name}: {e.message}") from None
+        if dropins:
+            path = f"{path} (and {', '.join(dropins)})"  # the errors below name every file a setting may come from
         section = parser["Daemon"] if parser.has_section("Daemon") else {}
         known = {
             "RamBudget",
@@ -92,6 +111,10 @@ class Config:
             "EvictOnThaw",
             "RamBudgetAction",
             "AgentTimeoutSec",
+            "MaxUserPriority",
+            "UnprivilegedPortStart",
+            "WakeAllowPorts",
+            "WakeAllowAddresses",
         }
         unknown = set(section) - known
         if unknown:
@@ -126,4 +149,38 @@ class Config:
             raise ConfigError(f"{path}: IdleFreezeSec={idle}: expected whole seconds (0: off)")
         cfg.idle_freeze_sec = int(idle)
         cfg.evict_on_thaw = parse_boolean(section.get("EvictOnThaw", "no"), f"{path}: EvictOnThaw")
+        for key, attr in (
+            ("MaxUserPriority", "max_user_priority"),
+            ("UnprivilegedPortStart", "unprivileged_port_start"),
+        ):
+            if key in section:
+                try:
+                    setattr(cfg, attr, int(section[key]))
+                except ValueError:
+                    raise ConfigError(f"{path}: {key}={section[key]}: expected a whole number") from None
+        cfg.wake_allow_ports = parse_ports(section.get("WakeAllowPorts", ""), f"{path}: WakeAllowPorts")
+        cfg.wake_allow_addresses = parse_addresses(section.get("WakeAllowAddresses", ""), f"{path}: WakeAllowAddresses")
         return cfg
+
+
+def parse_ports(text: str, what: str) -> frozenset[int]:
+    """Space-separated ports and ranges (80 443 8000-8099)."""
+    ports: set[int] = set()
+    for item in text.split():
+        low, _, high = item.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ConfigError(f"{what}={text}: {item!r} is not a port or a range of ports") from None
+        if not 1 <= first <= last <= 65535:
+            raise ConfigError(f"{what}={text}: {item!r} is not within 1-65535")
+        ports.update(range(first, last + 1))
+    return frozenset(ports)
+
+
+def parse_addresses(text: str, what: str) -> frozenset[str]:
+    """Space-separated IP addresses, kept in their normal form (:: and 0:0::0 are one)."""
+    try:
+        return frozenset(str(ipaddress.ip_address(item)) for item in text.split())
+    except ValueError as e:
+        raise ConfigError(f"{what}={text}: {e}") from None

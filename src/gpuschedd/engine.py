@@ -9,6 +9,7 @@ layer (or tests) and reports through listeners.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
@@ -43,6 +44,26 @@ from .telemetry import GpuInfo, GpuTelemetry
 from .units import UnitBackend, UnitSpec, UnitStatus
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Whom an automatic decision (an eviction, a stop for room in the RAM budget) is taken for. It only touches
+    models this requester could have touched itself: its own, or every model with `any_model` (the bus layer
+    sets it for root and for callers polkit allows `control-any`). The engine never asks polkit itself."""
+
+    uid: int
+    any_model: bool = False
+
+    def may_touch(self, model: Model) -> bool:
+        return self.any_model or model.owner == self.uid
+
+    def __str__(self) -> str:
+        return "the daemon" if self is DAEMON else f"uid {self.uid}"
+
+
+# The policies that run on their own (idle freeze, frozen TTL) act as the daemon: on every model.
+DAEMON = Requester(0, any_model=True)
 
 
 @dataclass
@@ -481,7 +502,10 @@ class Engine:
 
     # ----------------------------------------------------------------- run / stop
 
-    async def run(self, name: str, argv: list[str], options: RunOptions, owner: int) -> Model:
+    async def run(
+        self, name: str, argv: list[str], options: RunOptions, owner: int, by: Requester | None = None
+    ) -> Model:
+        """`by`: whose rights an eviction for the start has (default: the owner's own models only)."""
         validate_model_name(name)
         if not argv:
             raise InvalidArgs("argv must not be empty")
@@ -531,7 +555,7 @@ class Engine:
             raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
         shortfall = self._start_shortfall(model, options)
         if self.config.evict_on_thaw:
-            await self._evict_for(model, shortfall, "the start")
+            await self._evict_for(model, shortfall, "the start", by or Requester(owner))
         self._check_gpu_room(model, shortfall())
         t0 = time.monotonic()
         status = await self._admit(model, lambda: self.units.start(spec))
@@ -732,13 +756,27 @@ class Engine:
         return owners
 
     async def adopt_processes(
-        self, name: str, pids: list[int], caller: int, others: bool = False, policies: Policies | None = None
+        self,
+        name: str,
+        pids: list[int],
+        caller: int,
+        others: bool = False,
+        policies: Policies | None = None,
+        pins: adopt.Pins | None = None,
     ) -> Model:
         """Move running processes into the transient scope gpusched-adopt-NAME.scope in gpusched.slice. Only
-        processes the caller owns, unless `others` (the bus layer grants it with `manage`)."""
+        processes the caller owns, unless `others` (the bus layer grants it with `manage`). `pins`: the processes
+        as the caller's checks saw them, held since (adopt.Pins); without, they are pinned here."""
         if caller < 0:
             raise AccessDenied("unknown caller")
+        with adopt.Pins(pids) if pins is None else contextlib.nullcontext(pins) as held:
+            return await self._adopt_pinned(name, pids, caller, others, policies, held)
+
+    async def _adopt_pinned(
+        self, name: str, pids: list[int], caller: int, others: bool, policies: Policies | None, pins: adopt.Pins
+    ) -> Model:
         owners = self.adoptable_pids(name, pids)
+        pins.verify()  # what was just read from /proc is of the processes checked before
         foreign = sorted(pid for pid, uid in owners.items() if uid != caller)
         if foreign and caller != 0 and not others:
             raise AccessDenied(f"process {foreign[0]} runs as uid {owners[foreign[0]]}: only its owner may adopt it")
@@ -747,9 +785,12 @@ class Engine:
         command = adopt.cmdline(min(owners))
         model = Model(name=name, unit=unit, owner=owner, command=command)
         self._set_policies(model, policies or Policies())
-        status = await self._admit(
-            model, lambda: self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
-        )
+
+        async def move() -> UnitStatus:
+            pins.verify()  # the last moment before PID 1 is handed the numbers
+            return await self.units.start_scope(unit, sorted(owners), f"gpusched adopted processes {name}")
+
+        status = await self._admit(model, move)
         self._announce(
             status,
             Event(
@@ -763,11 +804,12 @@ class Engine:
 
     # ----------------------------------------------------------------- freeze / thaw
 
-    async def freeze(self, name: str, reason: str = "", why: str = "") -> Model:
-        """`reason` and `why`: a freeze the daemon decided itself (idle, eviction), said in its event."""
+    async def freeze(self, name: str, reason: str = "", why: str = "", by: Requester | None = None) -> Model:
+        """`reason` and `why`: a freeze the daemon decided itself (idle, eviction), said in its event. `by`: whose
+        rights a stop for room in the RAM budget has (default: the model owner's)."""
         model = self.get(name)
         if model.state == State.RUNNING and self.config.ram_budget_action == "stop-oldest":
-            await self._make_ram_room(model)
+            await self._make_ram_room(model, by or Requester(model.owner))
         async with model.lock:
             if model.state == State.FROZEN:
                 return model
@@ -1122,10 +1164,11 @@ class Engine:
             text += ", but not every process could be brought there; thaw or stop it"
         return text
 
-    async def thaw(self, name: str) -> Model:
+    async def thaw(self, name: str, by: Requester | None = None) -> Model:
+        """`by`: whose rights an eviction for the thaw has (default: the model owner's)."""
         model = self.get(name)
         if model.state == State.FROZEN and self.config.evict_on_thaw:
-            await self._evict_for(model, lambda: self._gpu_shortfall(model), "the thaw")
+            await self._evict_for(model, lambda: self._gpu_shortfall(model), "the thaw", by or Requester(model.owner))
         async with model.lock:
             if model.state == State.RUNNING:
                 return model
@@ -1282,8 +1325,9 @@ class Engine:
         finally:
             await self.units.freeze(model.unit)
 
-    async def swap(self, freeze_name: str, thaw_name: str) -> None:
-        """Freeze one model and thaw another: both or neither. If the thaw fails, the first is thawed back."""
+    async def swap(self, freeze_name: str, thaw_name: str, by: Requester | None = None) -> None:
+        """Freeze one model and thaw another: both or neither. If the thaw fails, the first is thawed back. `by`:
+        as for freeze and thaw."""
         if freeze_name == thaw_name:
             raise InvalidArgs("swap needs two different models")
         out, into = self.get(freeze_name), self.get(thaw_name)
@@ -1298,12 +1342,12 @@ class Engine:
         if out.state == State.RUNNING:
             self._swaps.append(entry)
         try:
-            await self.freeze(freeze_name)
+            await self.freeze(freeze_name, by=by)
             try:
-                await self.thaw(thaw_name)
+                await self.thaw(thaw_name, by)
             except BaseException:
                 try:
-                    await self.thaw(freeze_name)
+                    await self.thaw(freeze_name, by)
                 except InvalidState as e:  # stopped or thawed by someone meanwhile: nothing left to roll back
                     log.warning("swap rollback: %s", e.message)
                 except Exception as e:  # the original error is the one the caller needs
@@ -1350,10 +1394,10 @@ class Engine:
             idle = (now - model.last_active_usec) / 1e6
             if idle < limit or model.lock.locked():
                 continue
-            why = f"no GPU utilization from its processes for {idle:.0f}s (IdleFreezeSec={limit})"
+            why = f"no GPU utilization from its processes for {idle:.0f}s (IdleFreezeSec={limit}), decided by {DAEMON}"
             log.info("model %s: %s: freezing it", model.name, why)
             try:
-                await self.freeze(model.name, "idle", why)
+                await self.freeze(model.name, "idle", why, DAEMON)
             except GpuschedError as e:
                 log.warning("idle freeze of %s: %s", model.name, e)
                 model.last_active_usec = now  # try again after another idle period, not every second
@@ -1363,7 +1407,7 @@ class Engine:
             frozen = (now - model.state_change_usec) / 1e6
             if frozen < model.frozen_ttl_sec:
                 continue
-            why = f"frozen for {frozen:.0f}s, past its FrozenTTLSec={model.frozen_ttl_sec}"
+            why = f"frozen for {frozen:.0f}s, past its FrozenTTLSec={model.frozen_ttl_sec}, decided by {DAEMON}"
             log.info("model %s: %s: stopping it", model.name, why)
             try:
                 await self.stop(model.name, "frozen-ttl", why)
@@ -1371,12 +1415,12 @@ class Engine:
                 log.warning("stop of %s past its frozen time to live: %s", model.name, e)
 
     async def _evict_for(
-        self, model: Model, shortfall: Callable[[], InsufficientGpuMemory | None], purpose: str
+        self, model: Model, shortfall: Callable[[], InsufficientGpuMemory | None], purpose: str, by: Requester
     ) -> None:
         """EvictOnThaw=yes: while `purpose` (the thaw of `model`, or its start with GpuMemory) lacks VRAM on a GPU
         (`shortfall`), freeze running models there of lower priority, then of equal priority least recently used
-        first; never one of higher priority, and none at all when all of them together would not make room. Takes
-        no lock but each victim's own, one at a time."""
+        first; never one of higher priority, never one `by` could not freeze itself, and none at all when all of
+        them together would not make room. Takes no lock but each victim's own, one at a time."""
         tried: set[str] = set()
         while True:
             short = shortfall()
@@ -1397,6 +1441,7 @@ class Engine:
                     and m.name not in tried
                     and m.state == State.RUNNING
                     and m.priority <= model.priority
+                    and by.may_touch(m)
                     and held(m) > 0
                 ),
                 key=lambda m: (m.priority, m.last_active_usec),
@@ -1407,17 +1452,18 @@ class Engine:
             tried.add(victim.name)
             why = (
                 f"evicted for {purpose} of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
-                f" {uuid} where {free} are free; {victim.name} has priority {victim.priority}"
+                f" {uuid} where {free} are free; {victim.name} has priority {victim.priority}; requested by {by}"
             )
             log.info("model %s: %s", victim.name, why)
             try:
-                await self.freeze(victim.name, "evicted", why)
+                await self.freeze(victim.name, "evicted", why, by)
             except GpuschedError as e:
                 log.warning("evicting %s for %s: %s", victim.name, model.name, e)
 
-    async def _make_ram_room(self, model: Model) -> None:
+    async def _make_ram_room(self, model: Model, by: Requester) -> None:
         """RamBudgetAction=stop-oldest: while freezing `model` would exceed the RAM budget, stop the frozen model
-        frozen longest ago. Nothing is stopped when stopping every frozen model would not make room."""
+        frozen longest ago among those `by` could stop itself. Nothing is stopped when stopping all of those would
+        not make room."""
         need = model.vram_bytes
         if need <= 0:
             return
@@ -1431,7 +1477,11 @@ class Engine:
                 (
                     m
                     for m in self.models.values()
-                    if m is not model and m.name not in tried and m.state == State.FROZEN and m.snapshot_bytes
+                    if m is not model
+                    and m.name not in tried
+                    and m.state == State.FROZEN
+                    and m.snapshot_bytes
+                    and by.may_touch(m)
                 ),
                 key=lambda m: m.state_change_usec,
             )
@@ -1441,7 +1491,7 @@ class Engine:
             tried.add(oldest.name)
             why = (
                 f"the oldest frozen model, stopped to make room in the RAM budget ({budget} bytes, {parked} parked)"
-                f" for the freeze of {model.name} ({need} bytes)"
+                f" for the freeze of {model.name} ({need} bytes); requested by {by}"
             )
             log.info("model %s: %s", oldest.name, why)
             try:

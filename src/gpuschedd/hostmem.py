@@ -6,28 +6,26 @@ snapshot is one large anonymous mapping), so the mode is reported beside the tim
 
 from __future__ import annotations
 
+import psutil
+
 THP_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _kib_field(path: str, key: str) -> int | None:
+def mem_available_bytes() -> int:
+    """The kernel's estimate of memory available without swapping (MemAvailable; 0 if unreadable: refuse, not
+    guess)."""
     try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return None
-
-
-def mem_available_bytes(meminfo: str = "/proc/meminfo") -> int:
-    """The kernel's estimate of memory available without swapping (0 if unreadable: refuse, not guess)."""
-    return _kib_field(meminfo, "MemAvailable") or 0
+        return psutil.virtual_memory().available
+    except OSError:
+        return 0
 
 
 def rss_bytes(pid: int) -> int:
     """Resident memory of one process (0 if it is gone)."""
-    return _kib_field(f"/proc/{pid}/status", "VmRSS") or 0
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
 
 
 def thp_mode(path: str = THP_PATH) -> str:

@@ -7,6 +7,12 @@ in (LISTEN_FDS). For each connection: if the model is frozen, ask gpuschedd to t
 authorized like any call of the owner), wait until it runs, then connect to 127.0.0.1:BACKEND_PORT and copy bytes
 both ways. Concurrent connections share one thaw. Only the standard library and the SDK.
 
+The backend must be the model's own server: the connection is handed over only when the socket that answered it
+belongs to the proxy's own user, the model's (the kernel's socket table, /proc/net/tcp, names the owner of the
+listening socket each accepted connection came from). Another user's or root's loopback service on BACKEND_PORT is
+never exposed through a model's public port. The check is of the very connection made, so no other listener can
+take the port between check and use.
+
 Usage: python3 -m gpuschedd.wake NAME BACKEND_PORT
 """
 
@@ -14,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
+import struct
 import sys
 
 from .client import AsyncGpuSched
@@ -37,6 +45,52 @@ def listen_sockets() -> list[socket.socket]:
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
     return [socket.socket(fileno=SD_LISTEN_FDS_START + i) for i in range(count)]
+
+
+class ForeignBackend(OSError):
+    """BACKEND_PORT is served by a socket of another user: not the model's server."""
+
+
+def _endpoint(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """An address of /proc/net/tcp{,6} (32-bit words in host order, then the port), IPv4-mapped made IPv4."""
+    addr, port = text.split(":")
+    packed = b"".join(struct.pack("=I", int(addr[i : i + 8], 16)) for i in range(0, len(addr), 8))
+    ip = ipaddress.ip_address(packed)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped, int(port, 16)
+    return ip, int(port, 16)
+
+
+def server_uid(sock: socket.socket) -> int | None:
+    """The owner of the socket at the other end of a connection to this host (the listening socket's owner, which
+    its accepted connections keep), from the kernel's socket table; None if it is not listed."""
+    local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
+    want_local = (ipaddress.ip_address(peer[0]), peer[1])
+    want_peer = (ipaddress.ip_address(local[0]), local[1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if (_endpoint(fields[1]), _endpoint(fields[2])) == (want_local, want_peer):
+                        return int(fields[7])
+        except (OSError, ValueError, IndexError, StopIteration):
+            continue
+    return None
+
+
+async def check_own(writer: asyncio.StreamWriter, uid: int) -> None:
+    """Refuse a backend connection whose server is not `uid`'s. The server's end of a connection just made over
+    loopback is listed at once or within a few milliseconds (the handshake's last step)."""
+    sock = writer.get_extra_info("socket")
+    for _ in range(50):
+        owner = server_uid(sock)
+        if owner is not None:
+            break
+        await asyncio.sleep(0.01)
+    if owner != uid:
+        raise ForeignBackend(f"port {sock.getpeername()[1]} is served by uid {owner}, not by this model's user {uid}")
 
 
 class Waker:
@@ -62,11 +116,18 @@ class Waker:
         deadline = loop.time() + BACKEND_TIMEOUT
         while True:
             try:
-                return await asyncio.open_connection("127.0.0.1", self.backend_port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
             except OSError:
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.02)
+                continue
+            try:
+                await check_own(writer, os.geteuid())
+            except BaseException:
+                writer.close()
+                raise
+            return reader, writer
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

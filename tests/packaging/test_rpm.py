@@ -38,10 +38,17 @@ ALLOWED_PREFIXES = (
     "/usr/share/polkit-1/actions/",
     "/usr/share/polkit-1/rules.d/",
     "/usr/share/doc/gpuschedd",
+    "/usr/share/licenses/gpuschedd",
     "/usr/share/man/",
     "/usr/share/bash-completion/completions/",
 )
-OWN_DIRS = ("/etc/gpusched", "/usr/lib64/gpuschedd", "/usr/share/doc/gpuschedd", "/usr/lib/.build-id")
+OWN_DIRS = (
+    "/etc/gpusched",
+    "/usr/lib64/gpuschedd",
+    "/usr/share/doc/gpuschedd",
+    "/usr/share/licenses/gpuschedd",  # %license LICENSE
+    "/usr/lib/.build-id",
+)
 
 
 def rpmq(rpm: Path, *args: str) -> str:

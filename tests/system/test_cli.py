@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -150,6 +151,34 @@ def test_bash_completion_offers_commands_and_models(models: Models) -> None:
     assert complete("gpusched", "swap", running, "") == [frozen] or frozen in complete("gpusched", "swap", running, "")
     assert "--follow" in complete("gpusched", "events", "--f")
     assert "--no-legend" in complete("gpusched", "list", "--")
+
+
+def test_bash_completion_under_nounset_and_stop_offers_only_live_models(models: Models) -> None:
+    """In a shell with `set -u` the completion reads no unset variable (it printed "$1: unbound variable" for
+    stop, status, logs and events -m), and `stop` is offered the models that can be stopped, not stopped ones."""
+    running, _ = models.run("nu-run")
+    frozen, _ = models.run("nu-frz")
+    stopped, _ = models.run("nu-stp")
+    gpusched("freeze", frozen)
+    gpusched("stop", stopped)
+    assert list_models()[stopped]["state"] == "stopped"
+
+    def complete(*words: str) -> list[str]:
+        script = (
+            "set -u; source /usr/share/bash-completion/completions/gpusched; "
+            f"COMP_WORDS=({shlex.join(words)}); COMP_CWORD={len(words) - 1}; "
+            '_gpusched; printf "%s\\n" "${COMPREPLY[@]}"'
+        )
+        proc = run("bash", "-c", script)
+        assert proc.stderr == "", proc.stderr  # no "unbound variable"
+        return proc.stdout.split()
+
+    offered = complete("gpusched", "stop", "")
+    assert running in offered and frozen in offered and stopped not in offered
+    for words in (("status", ""), ("logs", ""), ("events", "-m", ""), ("events", "--model", ""), ("forget", "")):
+        assert {running, frozen, stopped} <= set(complete("gpusched", *words)), words
+    assert running in complete("gpusched", "freeze", "") and stopped not in complete("gpusched", "freeze", "")
+    assert complete("gpusched", "fr") == ["freeze"]
 
 
 def test_man_pages_installed() -> None:

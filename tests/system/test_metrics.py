@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sysutil import Models, name_has_owner, run, wait_until
 
 CONF = Path("/etc/gpusched/gpuschedd.conf")
@@ -38,16 +39,24 @@ def metrics_on() -> Iterator[None]:
     restart_daemon()
 
 
+def value(text: str, name: str, **labels: str) -> float | None:
+    """One sample of a text exposition, parsed by prometheus_client's parser."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
 def test_textfile_and_endpoint_follow_the_models(metrics_on: None, models: Models) -> None:
     name, _ = models.run("m")
     run("gpusched", "freeze", name)
-    frozen = f'gpusched_model_state{{model="{name}",state="frozen"}} 1'
-    assert frozen in TEXTFILE.read_text().splitlines()
+    assert value(TEXTFILE.read_text(), "gpusched_model_state", model=name, state="frozen") == 1
     assert TEXTFILE.stat().st_mode & 0o777 == 0o644  # node_exporter does not run as root
     with urllib.request.urlopen(f"http://{LISTEN}/metrics", timeout=5) as reply:
         body = reply.read().decode()
         assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    assert frozen in body.splitlines()
-    assert f'gpusched_events_total{{model="{name}",event="freeze"}} 1' in body.splitlines()
+    assert value(body, "gpusched_model_state", model=name, state="frozen") == 1
+    assert value(body, "gpusched_events_total", model=name, event="freeze") == 1
     run("gpusched", "thaw", name)
-    assert f'gpusched_model_state{{model="{name}",state="running"}} 1' in TEXTFILE.read_text().splitlines()
+    assert value(TEXTFILE.read_text(), "gpusched_model_state", model=name, state="running") == 1

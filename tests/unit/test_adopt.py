@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +212,39 @@ def test_unit_names() -> None:
     for bad in ("vllm", "x.socket", "getty@.service", "gpuschedd.service", "a b.service", "x" * 300 + ".service", 3):
         with pytest.raises(InvalidArgs):
             adopt.check_unit_name(bad)
+
+
+@pytest.mark.skipif(ME != 0, reason="changing uids needs root")
+def test_a_process_whose_uids_differ_counts_as_the_other_user() -> None:
+    """A setuid program (effective uid not the real one) holds the other user's rights: it counts as that user's,
+    so its real user alone may not adopt it. Each of effective, saved and filesystem uid counts."""
+    for flag, counts_as in (("--euid", NOBODY), ("--ruid", 0)):
+        proc = subprocess.Popen(["setpriv", f"{flag}={NOBODY}", "--", "sleep", "30"])
+        try:
+            while adopt.cmdline(proc.pid)[:1] != ["sleep"]:  # setpriv has changed the uid and run sleep
+                time.sleep(0.01)
+            ids = Path(f"/proc/{proc.pid}/status").read_text().split("Uid:")[1].split()[:4]
+            assert len(set(ids)) > 1, ids
+            assert adopt.process_uid(proc.pid) == counts_as
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_process_that_ends_before_the_move_is_not_adopted(sleeper: subprocess.Popen[bytes]) -> None:
+    """The pidfds held from the check (before the polkit wait) to the move: a process that ended meanwhile, its PID
+    free for another, fails the call with InvalidArgs and nothing is moved."""
+    units = FakeUnits()
+    engine, _events = await make_engine(units)
+    with adopt.Pins([sleeper.pid]) as pins:
+        engine.adoptable_pids("nb", [sleeper.pid])
+        pins.verify()
+        sleeper.kill()
+        sleeper.wait()  # reaped: the PID may now be given to any new process
+        with pytest.raises(InvalidArgs, match=f"process {sleeper.pid} ended while the call was being authorized"):
+            pins.verify()
+        with pytest.raises(InvalidArgs):
+            await engine.adopt_processes("nb", [sleeper.pid], ME, pins=pins)
+    assert "nb" not in engine.models and not [c for c in units.calls if c[0] == "start_scope"]
+    with pytest.raises(InvalidArgs, match="no such process"):
+        adopt.Pins([sleeper.pid])

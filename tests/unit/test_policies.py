@@ -12,7 +12,7 @@ from process_units import ProcessUnits
 
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, EngineListener, RunOptions
+from gpuschedd.engine import DAEMON, Engine, EngineListener, Requester, RunOptions
 from gpuschedd.errors import InsufficientGpuMemory, InvalidArgs, RamBudgetExceeded
 from gpuschedd.events import Event, EventKind
 from gpuschedd.model import Model, State
@@ -233,6 +233,68 @@ async def test_ram_budget_stop_oldest(setup) -> None:  # type: ignore[no-untyped
     assert (first.state, second.state, third.state) == (State.STOPPED, State.FROZEN, State.FROZEN)
     assert events.reasons() == [(EventKind.STOP, "first", "ram-budget")]
     assert "RAM budget" in next(e for e in events.events if e.kind == EventKind.STOP).message
+
+
+BOB, CAROL = 1001, 1002
+
+
+def test_requester_may_touch_its_own_models_or_every_one_with_any_model() -> None:
+    mine, carols, roots = (
+        Model(name=n, unit="u", owner=o, command=["x"]) for n, o in (("a", BOB), ("b", CAROL), ("c", 0))
+    )
+    assert [Requester(BOB).may_touch(m) for m in (mine, carols, roots)] == [True, False, False]
+    assert [Requester(0).may_touch(m) for m in (mine, carols, roots)] == [False, False, True]
+    assert all(Requester(BOB, any_model=True).may_touch(m) for m in (mine, carols, roots))
+    assert all(DAEMON.may_touch(m) for m in (mine, carols, roots))
+    assert (str(Requester(BOB)), str(DAEMON)) == (f"uid {BOB}", "the daemon")
+
+
+async def test_eviction_never_touches_a_model_the_requester_could_not(setup) -> None:  # type: ignore[no-untyped-def]
+    """A thaw for bob freezes bob's own lower-priority model, never carol's or root's (even of lower priority); with
+    only theirs in the way it is refused as without eviction, unless bob may control any model."""
+    engine, gpu_dir, events, _, tmp_path = setup
+    engine.config.evict_on_thaw = True
+    want = await run_model(engine, gpu_dir, tmp_path, "want", 400 * MIB, priority=5)
+    await engine.freeze("want")
+    carols = await run_model(engine, gpu_dir, tmp_path, "carols", 400 * MIB, priority=-5)
+    mine = await run_model(engine, gpu_dir, tmp_path, "mine", 400 * MIB, priority=0)
+    want.owner, carols.owner, mine.owner = BOB, CAROL, BOB
+    await engine.thaw("want", Requester(BOB))
+    assert (want.state, carols.state, mine.state) == (State.RUNNING, State.RUNNING, State.FROZEN)
+    evicted = next(e for e in events.events if e.fields.get("GPUSCHED_REASON") == "evicted")
+    assert evicted.model == "mine" and f"requested by uid {BOB}" in evicted.message
+    await engine.freeze("want")
+    await engine.thaw("mine")
+    mine.priority = 9  # now nothing of bob's may be evicted: only carol's would make room
+    with pytest.raises(InsufficientGpuMemory):
+        await engine.thaw("want", Requester(BOB))
+    with pytest.raises(InsufficientGpuMemory):
+        await engine.thaw("want")  # by default, the owner's (bob's) rights
+    assert (want.state, carols.state, mine.state) == (State.FROZEN, State.RUNNING, State.RUNNING)
+    await engine.thaw("want", Requester(BOB, any_model=True))  # control-any: carol's too
+    assert (want.state, carols.state) == (State.RUNNING, State.FROZEN)
+
+
+async def test_stop_oldest_never_stops_a_model_the_requester_could_not(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, gpu_dir, events, _, tmp_path = setup
+    roots = await run_model(engine, gpu_dir, tmp_path, "roots")
+    mine = await run_model(engine, gpu_dir, tmp_path, "mine")
+    third = await run_model(engine, gpu_dir, tmp_path, "third")
+    await engine.freeze("roots")
+    await engine.freeze("mine")
+    roots.state_change_usec = mine.state_change_usec - 1  # root's is the oldest
+    mine.owner = third.owner = BOB
+    engine.config.ram_budget_bytes = roots.snapshot_bytes + mine.snapshot_bytes + third.vram_bytes - 1
+    engine.config.ram_budget_action = "stop-oldest"
+    await engine.freeze("third", by=Requester(BOB))
+    assert (roots.state, mine.state, third.state) == (State.FROZEN, State.STOPPED, State.FROZEN)
+    stop = next(e for e in events.events if e.kind == EventKind.STOP)
+    assert stop.model == "mine" and f"requested by uid {BOB}" in stop.message
+    await engine.thaw("third")
+    engine.config.ram_budget_bytes = roots.snapshot_bytes + third.vram_bytes - 1
+    with pytest.raises(RamBudgetExceeded):  # only root's frozen model would make room: refused, nothing stopped
+        await engine.freeze("third")  # default: the owner's (bob's) rights
+    assert (roots.state, third.state) == (State.FROZEN, State.RUNNING)
 
 
 def test_policy_fields_persist() -> None:

@@ -4,8 +4,14 @@ itself, as they go on Stop and Forget."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 from fake_units import FakeUnits
 
 from gpuschedd.checkpoint import NoCheckpoint
@@ -15,6 +21,7 @@ from gpuschedd.events import Event, EventKind
 from gpuschedd.model import Model, State
 from gpuschedd.statefile import StateFile, model_from_dict, model_to_dict
 from gpuschedd.telemetry import NoGpus
+from gpuschedd.wake import server_uid
 
 WAKE = RunOptions(port=8000, backend_port=8001, listen_address="127.0.0.1")
 
@@ -93,3 +100,27 @@ async def test_a_model_that_ended_while_the_daemon_was_down_closes_its_port(tmp_
     assert await again.drain(5)
     assert again.get("web").state in (State.STOPPED, State.FAILED) and units.wake == {}
     assert "public port 8000 is closed" in events.events[-1].message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a listener of another user needs root")
+def test_the_proxy_tells_whose_server_answered() -> None:
+    """The wake proxy's check that its backend is the model's own server: the owner of the socket at the other end
+    of a connection, IPv4 and dual-stack IPv6 listeners alike (a server run as nobody here)."""
+    for host in ("127.0.0.1", "::"):
+        code = (
+            "import socket,sys; s=socket.create_server((sys.argv[1],0),family=socket.AF_INET6 if ':' in sys.argv[1]"
+            " else socket.AF_INET, dualstack_ipv6=':' in sys.argv[1]); print(s.getsockname()[1], flush=True);"
+            " sys.stdin.read()"
+        )
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code, host]
+        server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(server.stdout.readline())  # type: ignore[union-attr]
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                deadline = time.monotonic() + 5
+                while server_uid(conn) is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert server_uid(conn) == 65534
+        finally:
+            server.kill()
+            server.wait()

@@ -96,13 +96,14 @@ class Authority:
             self._uids[sender] = uid
         return int(uid)
 
-    async def check(self, msg: Message, action: str, details: dict[str, str]) -> int:
+    async def check(self, msg: Message, action: str, details: dict[str, str], ask: bool = True) -> int:
         """Return the caller's uid if it may perform `action`; raise AccessDenied or
-        InteractiveAuthorizationRequired otherwise."""
+        InteractiveAuthorizationRequired otherwise. ask=False: never prompt, even if the caller allows it (a probe
+        of the caller's rights, not something it asked for)."""
         uid = await self.caller_uid(msg)
         if uid == 0:
             return uid
-        interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        interactive = ask and bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         try:
             async with self._turn(msg.sender or ""):
                 [result] = await asyncio.wait_for(

@@ -30,8 +30,8 @@ from dbus_fast.annotations import (
 from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
-from .. import __version__, hostmem, validate
-from ..engine import Engine, EngineListener, RunOptions
+from .. import __version__, adopt, hostmem, validate
+from ..engine import Engine, EngineListener, Policies, Requester, RunOptions
 from ..errors import GpuschedError, InvalidArgs, NoSuchModel, Refused
 from ..model import ENDED, Model
 from ..names import MANAGER_IFACE, MODEL_IFACE, is_model_name, model_path, model_unit, validate_model_name
@@ -153,6 +153,34 @@ class _Authorizing:
             self._still_there(model)
         return model
 
+    async def _requester(self, model: Model | None = None) -> Requester:
+        """The rights of the (authorized) caller that an automatic decision taken for it has (an eviction, a stop for
+        room in the RAM budget): its own models; every model for root and for a caller polkit allows control-any
+        without asking (a probe, never a prompt: the caller did not ask to touch anyone's model). polkit is asked
+        only where such a policy is on, after which `model`, authorized before, must still be the one named."""
+        uid = caller_uid.get()
+        config = self.engine.config
+        if uid == 0:
+            return Requester(0, any_model=True)
+        if not (config.evict_on_thaw or config.ram_budget_action == "stop-oldest"):
+            return Requester(uid)
+        msg = current_message.get()
+        any_model = msg is not None
+        try:
+            if msg is not None:
+                await self.authority.check(msg, polkit.ACTION_CONTROL_ANY, {"verb": "evict"}, ask=False)
+        except GpuschedError:
+            any_model = False
+        if model is not None:
+            self._still_there(model)
+        return Requester(uid, any_model)
+
+    async def _check_priority(self, verb: str, name: str, policies: Policies) -> None:
+        """A Priority above the admin's MaxUserPriority= needs `manage`: priority decides whose model an eviction
+        freezes."""
+        if policies.priority > self.engine.config.max_user_priority:
+            await self._authorize(MANAGE, verb, (name,), {"priority": str(policies.priority)})
+
     def _still_there(self, model: Model) -> None:
         """The model a caller was authorized for is still the one its name refers to. polkit answers
         asynchronously: meanwhile the model may have been stopped, forgotten and its name run again by someone
@@ -266,17 +294,36 @@ class ManagerInterface(_Authorizing, ServiceInterface):
         if run_options.user:
             # Running as somebody else is a root-only choice.
             await self._authorize(MANAGE, "run", (name,), {"user": run_options.user})
+        await self._check_priority("run", name, run_options)
+        await self._check_wake(name, run_options)
         ended = self.engine.models.get(name)
         if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
             # Running a name again replaces its ended model: forgetting someone else's model needs control-any.
             await self._authorize(CONTROL, "run", (name,))
-        model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get())
+        by = await self._requester()
+        model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get(), by)
         return model_path(model.name)
+
+    async def _check_wake(self, name: str, options: RunOptions) -> None:
+        """The public port is opened by PID 1: a port below UnprivilegedPortStart= (unless in WakeAllowPorts=) and
+        an address off loopback (unless in WakeAllowAddresses=) need `manage`. A caller other than root that names
+        no address gets loopback."""
+        if not options.port:
+            return
+        config = self.engine.config
+        if options.port < config.unprivileged_port_start and options.port not in config.wake_allow_ports:
+            await self._authorize(MANAGE, "run", (name,), {"port": str(options.port)})
+        if not options.listen_address and caller_uid.get() != 0:
+            options.listen_address = "127.0.0.1"
+        address = ipaddress.ip_address(options.listen_address.strip("[]")) if options.listen_address else None
+        if (address is None or not address.is_loopback) and str(address) not in config.wake_allow_addresses:
+            await self._authorize(MANAGE, "run", (name,), {"listen_address": str(address or "")})
 
     @method()
     @exposed(ADOPT)
     async def Adopt(self, name: DBusStr, unit: DBusStr, options: DBusDict) -> DBusObjectPath:
         policies = _parse_options(options, POLICY_OPTIONS)
+        await self._check_priority("adopt", name, policies)
         uid = caller_uid.get()
         _status, owner = await self.engine.adoptable_unit(name, unit)
         others = owner != uid and uid != 0
@@ -291,15 +338,18 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @exposed(ADOPT)
     async def AdoptProcesses(self, name: DBusStr, pids: PidList, options: DBusDict) -> DBusObjectPath:
         policies = _parse_options(options, POLICY_OPTIONS)
+        await self._check_priority("adopt", name, policies)
         uid = caller_uid.get()
-        owners = self.engine.adoptable_pids(name, list(pids))
-        foreign = sorted({owner for owner in owners.values() if owner != uid})
-        others = bool(foreign) and uid != 0
-        if others:
-            # Someone else's processes: a root-only choice.
-            await self._authorize(MANAGE, "adopt", (name,), {"unit": "", "owner": ",".join(map(str, foreign))})
-        await self._replace_ended(name)
-        model = await self.engine.adopt_processes(name, list(pids), uid, others, policies)
+        with adopt.Pins(list(pids)) as pins:  # held across the polkit wait: a PID reused meanwhile is not moved
+            owners = self.engine.adoptable_pids(name, list(pids))
+            pins.verify()
+            foreign = sorted({owner for owner in owners.values() if owner != uid})
+            others = bool(foreign) and uid != 0
+            if others:
+                # Someone else's processes: a root-only choice.
+                await self._authorize(MANAGE, "adopt", (name,), {"unit": "", "owner": ",".join(map(str, foreign))})
+            await self._replace_ended(name)
+            model = await self.engine.adopt_processes(name, list(pids), uid, others, policies, pins)
         return model_path(model.name)
 
     async def _replace_ended(self, name: str) -> None:
@@ -311,12 +361,12 @@ class ManagerInterface(_Authorizing, ServiceInterface):
     @method()
     @exposed(CONTROL)
     async def Freeze(self, name: DBusStr) -> None:
-        await self.engine.freeze(name)
+        await self.engine.freeze(name, by=await self._requester(self.engine.get(name)))
 
     @method()
     @exposed(CONTROL)
     async def Thaw(self, name: DBusStr) -> None:
-        await self.engine.thaw(name)
+        await self.engine.thaw(name, await self._requester(self.engine.get(name)))
 
     @method()
     @exposed(CONTROL)
@@ -324,8 +374,9 @@ class ManagerInterface(_Authorizing, ServiceInterface):
         # Both models are acted on: the caller needs the right to control each.
         out = self.engine.get(freeze_name)  # authorized by exposed(), no await since
         await self._authorize(CONTROL, "swap", (validate_model_name(thaw_name),))
+        by = await self._requester(self.engine.get(thaw_name))
         self._still_there(out)
-        await self.engine.swap(freeze_name, thaw_name)
+        await self.engine.swap(freeze_name, thaw_name, by)
 
     @method()
     @exposed(CONTROL)
@@ -450,12 +501,12 @@ class ModelInterface(_Authorizing, ServiceInterface):
     @method()
     @exposed(CONTROL)
     async def Freeze(self) -> None:
-        await self.engine.freeze(self.model.name)
+        await self.engine.freeze(self.model.name, by=await self._requester(self.model))
 
     @method()
     @exposed(CONTROL)
     async def Thaw(self) -> None:
-        await self.engine.thaw(self.model.name)
+        await self.engine.thaw(self.model.name, await self._requester(self.model))
 
     @method()
     @exposed(CONTROL)

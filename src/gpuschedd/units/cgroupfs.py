@@ -19,6 +19,9 @@ import signal
 import subprocess
 import time
 
+import psutil
+
+from ..adopt import cmdline, process_uid
 from ..errors import UnitFailed
 from . import UnitSpec, UnitStatus, UnitWatcher
 
@@ -37,12 +40,7 @@ _EXIT_NO_CWD, _EXIT_NO_EXEC = 200, (126, 127)
 
 def cgroup2_mount() -> str | None:
     """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            if post.split(" ", 1)[0] == CGROUP2_MAGIC_TYPE:
-                return pre.split()[4]
-    return None
+    return next((p.mountpoint for p in psutil.disk_partitions(all=True) if p.fstype == CGROUP2_MAGIC_TYPE), None)
 
 
 def _read(path: str) -> str:
@@ -66,28 +64,9 @@ def _procs(group: str) -> list[int]:
 
 def _ppid(pid: int) -> int:
     try:
-        stat = _read(f"/proc/{pid}/stat")
-    except (FileNotFoundError, ProcessLookupError):
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
         return 0
-    return int(stat.rpartition(")")[2].split()[1])
-
-
-def _uid(pid: int) -> int | None:
-    try:
-        for line in _read(f"/proc/{pid}/status").splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return None
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = _read(f"/proc/{pid}/cmdline")
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    return [a for a in raw.split("\0") if a]
 
 
 def _result(returncode: int) -> str:
@@ -235,8 +214,8 @@ class CgroupfsUnits:
                     what = f"enter {spec.working_directory}" if code == _EXIT_NO_CWD else f"execute {spec.argv[0]}"
                     raise UnitFailed(f"{spec.unit}: cannot {what} (as {spec.user or 'root'})")
                 return
-            cmdline = _cmdline(proc.pid)  # empty once the shim has exited: poll() reaps it next round
-            if cmdline and (len(cmdline) < 4 or cmdline[3] != _SHIM_NAME):
+            argv = cmdline(proc.pid)  # empty once the shim has exited: poll() reaps it next round
+            if argv and (len(argv) < 4 or argv[3] != _SHIM_NAME):
                 return
             await asyncio.sleep(0.001)
         log.warning("%s: pid %d has not exec'd %s after %.0fs", spec.unit, proc.pid, spec.argv[0], timeout)
@@ -346,7 +325,7 @@ class CgroupfsUnits:
         if not pids:
             return UnitStatus(unit, "inactive", 0, [], False)
         main = self._main_pid(unit, pids)
-        uid = _uid(main)
+        uid = process_uid(main)
         try:
             user = pwd.getpwuid(uid).pw_name if uid not in (None, 0) else ""
         except KeyError:
@@ -358,7 +337,7 @@ class CgroupfsUnits:
             pids=pids,
             frozen=events.get("frozen") == "1",
             user=user,
-            command=_cmdline(main),
+            command=cmdline(main),
         )
 
     async def list_units(self, prefix: str) -> list[UnitStatus]:
