@@ -57,6 +57,17 @@ class DaemonNotRunning(BusError):
     """Nobody owns org.gpusched1 and the bus could not start gpuschedd (`systemctl start gpuschedd`)."""
 
 
+class BusLost(BusError):
+    """The connection to the system bus ended during a call (dbus restarted): whether the call took effect is
+    unknown; the daemon comes back by itself and the call may be repeated (Freeze and Thaw are idempotent)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "org.freedesktop.DBus.Error.Disconnected",
+            "the system bus connection was lost during the call; check the result and retry",
+        )
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """One row of ListModels."""
@@ -227,17 +238,20 @@ class AsyncGpuSched:
         await self.connect()
         assert self.bus is not None
         flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if self.interactive else MessageFlag.NONE
-        reply = await self.bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body or [],
-                flags=flags,
-            )
+        message = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+            flags=flags,
         )
+        try:
+            reply = await self.bus.call(message)
+        except (EOFError, ConnectionError) as e:  # dbus-fast fails a pending call with the reader's EOFError
+            self.bus = None
+            raise BusLost() from e
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
             raise _error(reply)

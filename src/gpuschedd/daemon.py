@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from dbus_fast import RequestNameReply
 from dbus_fast.constants import NameFlag
@@ -21,7 +22,7 @@ from .bus.systemd import SystemdUnits
 from .checkpoint.choose import BackendUnavailable, choose_checkpoint
 from .config import DEFAULT_PATH, Config, ConfigError
 from .engine import Engine, EngineListener
-from .journal import JournalWriter
+from .journal import JournalWriter, journal_queue, setup_logging
 from .metrics import Metrics
 from .model import Model, State
 from .names import BUS_NAME, MANAGER_PATH
@@ -36,6 +37,8 @@ REFRESH_SEC = 2.0
 POLICY_SEC = 1.0
 # How long a stop waits for freezes and thaws under way (systemd's TimeoutStopSec= defaults to 90 s).
 DRAIN_TIMEOUT_SEC = 60
+# How long an exit waits for journal entries still queued (journald may be stopped: never forever).
+JOURNAL_FLUSH_SEC = 2.0
 
 
 def pid1_is_systemd() -> bool:
@@ -65,6 +68,9 @@ class Notifier(EngineListener):
         parked = self.engine.ram_frozen_bytes()
         if parked:
             parts.append(f"{parked / 2**30:.1f} GiB parked in RAM")
+        state_file = self.engine.state_file
+        if state_file is not None and state_file.error:
+            return f"DEGRADED: {state_file.error}; " + ", ".join(parts)
         return ", ".join(parts)
 
     def model_added(self, model: Model) -> None:
@@ -117,8 +123,17 @@ async def apply_policies(engine: Engine, stop: asyncio.Event, interval: float = 
             log.exception("applying the policies")
 
 
+class BusLost(Exception):
+    """The system bus went away under a running daemon (dbus restarted, or the connection was cut)."""
+
+
 async def serve(config: Config) -> int:
-    bus = await connect_system_bus()
+    """Serve until SIGTERM (0) or until the bus is lost (BusLost). Nothing on the host is touched before the bus
+    name is owned: a second daemon started by hand exits (1) without running recovery or writing the state file."""
+    try:
+        bus = await connect_system_bus()
+    except OSError as e:  # dbus restarting: the unit's Restart= tries again
+        raise BusLost(f"cannot connect to the system bus: {e}") from e
     if config.unit_backend == "cgroupfs" or (config.unit_backend == "auto" and not pid1_is_systemd()):
         from .units.cgroupfs import CgroupfsUnits
 
@@ -134,7 +149,13 @@ async def serve(config: Config) -> int:
     )
     authority = Authority(bus)
     manager = ManagerInterface(engine, authority)
+    # Exported before the name is requested, so no call finds the object missing; calls are held by the bus until
+    # the engine has taken over the models (bus.ready()).
     bus.export(MANAGER_PATH, manager)
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        log.error("could not own %s (%s): is another gpuschedd running? Nothing was touched", BUS_NAME, reply.name)
+        return 1
     notifier = Notifier(engine)
     publisher = BusPublisher(bus, engine, authority, manager)
     for listener in (publisher, JournalWriter(), notifier):
@@ -142,13 +163,10 @@ async def serve(config: Config) -> int:
     await start_metrics(engine, config)
     await units.setup()
     await engine.start()
+    bus.ready()
     refresher = asyncio.ensure_future(keep_fresh(engine, publisher))
     stop = asyncio.Event()
     policies = asyncio.ensure_future(apply_policies(engine, stop))
-    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-    if reply != RequestNameReply.PRIMARY_OWNER:
-        log.error("could not own %s (%s): is another gpuschedd running?", BUS_NAME, reply.name)
-        return 1
     log.info(
         "gpuschedd %s serving %s: units=%s checkpoint=%s, %d model(s) found",
         __version__,
@@ -166,18 +184,29 @@ async def serve(config: Config) -> int:
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, stopping], return_when=asyncio.FIRST_COMPLETED)
     # Models are separate units: leaving here stops nothing and thaws nothing. A freeze or thaw under way is let
-    # finish (it is never cut in half by a stop), with no new calls taken; one cut by a harder kill is settled by
-    # the next start (docs/reliability.md).
+    # finish (it is never cut in half by a stop), with no new calls taken; one cut by a harder kill or by the bus
+    # going away is settled by the next start (docs/reliability.md).
     notifier.send("STOPPING=1")
-    if not disconnected.done():
-        with contextlib.suppress(Exception):
-            await bus.release_name(BUS_NAME)
-        if not await engine.drain(DRAIN_TIMEOUT_SEC):
-            log.warning("a transition was still under way after %ds; the next start will settle it", DRAIN_TIMEOUT_SEC)
     refresher.cancel()
     policies.cancel()
+    if disconnected.done():
+        error = disconnected.exception()
+        exit_lost_bus(f"the system bus connection was lost ({type(error).__name__ if error else 'closed by the bus'})")
+    with contextlib.suppress(Exception):
+        await bus.release_name(BUS_NAME)
+    if not await engine.drain(DRAIN_TIMEOUT_SEC):
+        log.warning("a transition was still under way after %ds; the next start will settle it", DRAIN_TIMEOUT_SEC)
     bus.disconnect()
     return 0
+
+
+def exit_lost_bus(why: str) -> NoReturn:
+    """Exit 1 at once, so Restart=on-failure brings the daemon back within a second. Without the bus no call can be
+    answered and no transition finished (systemd is reached over it): a freeze or thaw under way is left to the next
+    start, which settles it (docs/reliability.md), rather than waited for in a thread that may sit in the driver."""
+    log.error("%s: exiting to be restarted; the next start settles anything under way", why)
+    journal_queue().close(JOURNAL_FLUSH_SEC)
+    os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,12 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
     parser.add_argument("--version", action="version", version=f"gpuschedd {__version__}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    journal = setup_logging()
     try:
         return asyncio.run(serve(Config.load(args.config)))
     except (ConfigError, BackendUnavailable) as e:
         log.error("%s", e)
         return 1
+    except BusLost as e:
+        exit_lost_bus(str(e))
+    finally:
+        journal.close(JOURNAL_FLUSH_SEC)
 
 
 if __name__ == "__main__":

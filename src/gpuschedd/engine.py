@@ -751,6 +751,9 @@ class Engine:
         async with model.lock:
             if model.state in (State.FROZEN, State.FREEZING, State.THAWING):
                 raise InvalidState(f"model {name!r} is {model.state}: thaw it before forgetting it")
+            self._persist()  # a retry now: a Forget the table cannot keep would be undone by a restart
+            if self.state_file is not None and self.state_file.error:
+                raise GpuschedError(f"cannot forget {name!r} now: {self.state_file.error}")
             await self._stop_wake(name)  # its public port goes: nobody would thaw it any more
             if model.state not in ENDED and model.main_pid:
                 self._forgotten[model.unit] = model.main_pid  # a restart must not take it over again
@@ -1483,6 +1486,8 @@ class Engine:
             except BaseException:
                 try:
                     await self.thaw(freeze_name, by)
+                except InvalidState as e:  # stopped or thawed by someone meanwhile: nothing left to roll back
+                    log.warning("swap rollback: %s", e.message)
                 except Exception as e:  # the original error is the one the caller needs
                     log.error("swap rollback: thawing %s failed: %s", freeze_name, e)
                 raise

@@ -11,7 +11,20 @@ half of one. The write happens on the event loop without an await, so it is a co
 without taking any model's lock. /run is a tmpfs: a daemon killed at any point leaves the last complete file
 behind (no fsync is needed against a process crash; a power loss ends the models as well).
 
-The file records the boot it was written in; a file from another boot is ignored."""
+The file is the daemon's alone, whatever the unit's UMask=: it is created 0600 with O_EXCL|O_NOFOLLOW under a
+random name in the directory (mkstemp), so no link planted there is followed, then fsync'd and renamed.
+
+The file records the boot it was written in; a file from another boot is ignored.
+
+When a write fails (the directory full or read-only), the file on disk still holds the last table that could be
+written: a picture of an earlier moment. That is loud (an error in the journal, STATUS= degraded, until a later
+write succeeds; every change retries) and it is kept, not removed, because what it claims stays safe to act on:
+- the states it saves are never trusted over the truth: a restart asks systemd and the driver (recovery.py);
+- a model it lists that has since ended is found ended (its unit is gone), one added since is taken over from its
+  unit;
+- its forgotten units stay forgotten (removing the file would lose them: every unit would be taken over);
+- the one claim that would be wrong is a model forgotten since (it would be taken over again): so Forget, whose
+  only record is this file, is refused while the table cannot be written (Engine.forget)."""
 
 from __future__ import annotations
 
@@ -19,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,7 +144,8 @@ class StateFile:
     def __init__(self, path: str | None = None) -> None:
         self.path = path or default_path()
         self._boot = boot_id()
-        self._warned = False
+        # Why the last write failed; None when the file holds the current table.
+        self.error: str | None = None
         self.writes = 0
 
     def save(
@@ -140,8 +155,9 @@ class StateFile:
         swaps: list[tuple[str, str]],
         stopping: set[str] | None = None,
     ) -> None:
-        """Write the whole table atomically. A failure is logged, never raised: an operation that worked must
-        not be reported failed because /run is full; the units stay the truth a restart falls back on."""
+        """Write the whole table atomically. A failure is logged and kept in `error` (STATUS= shows it), never
+        raised: an operation that worked must not be reported failed because /run is full (the module's docstring
+        says why the older file left behind is safe)."""
         data = {
             "version": FORMAT_VERSION,
             "boot_id": self._boot,
@@ -150,20 +166,33 @@ class StateFile:
             "swaps": [list(s) for s in swaps],
             "stopping": sorted(stopping or ()),
         }
-        tmp = f"{self.path}.tmp"
+        directory = os.path.dirname(self.path) or "."
+        tmp = ""
         try:
-            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-            with open(tmp, "w") as f:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o600)  # mkstemp's 0600 is masked by the umask; the file must not depend on it
                 json.dump(data, f, separators=(",", ":"))
+                f.flush()
+                os.fsync(fd)
             os.replace(tmp, self.path)
         except OSError as e:
-            if not self._warned:
-                log.error("cannot save the model table to %s: %s (a restart will rely on the units alone)", tmp, e)
-                self._warned = True
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if self.error is None:
+                log.error(
+                    "cannot save the model table to %s: %s (retried on every change; until then a restart sees an"
+                    " older table, and Forget is refused)",
+                    self.path,
+                    e,
+                )
+            self.error = f"cannot save the model table: {e.strerror or e}"
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             return
-        self._warned = False
+        if self.error is not None:
+            log.warning("the model table is saved again to %s", self.path)
+            self.error = None
         self.writes += 1
 
     def load(self) -> SavedTable:

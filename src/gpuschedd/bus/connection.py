@@ -8,6 +8,8 @@ sees its own message: no global "last caller", no race between concurrent calls.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 from collections.abc import Callable
 from typing import Any
@@ -16,19 +18,46 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
+from .writer import QueueingWriterBus
+
+# dbus-daemon lets one connection have at most max_replies_per_connection (128 on the system bus) calls awaiting
+# their replies and answers the next with LimitsExceeded: under a flood of reads, each asking systemd, every caller's
+# calls failed. Calls beyond this many wait their turn instead (polkit's checks, at most 32, are among them).
+MAX_CALLS_IN_FLIGHT = 96
+
 current_message: contextvars.ContextVar[Message | None] = contextvars.ContextVar("current_message", default=None)
 
 
-class CallerAwareBus(MessageBus):
+class CallerAwareBus(QueueingWriterBus):
+    """Also holds method calls that arrive before ready(): the daemon owns its name before it takes over the
+    models (so a second daemon touches nothing), and a call in between waits for the engine instead of finding
+    it half started. Held calls are dispatched in the order they came."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: list[Callable[[], None]] | None = []
+        self.calls_in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+
+    def ready(self) -> None:
+        held, self._held = self._held or [], None
+        for dispatch in held:
+            dispatch()
+
     def _make_method_handler(self, interface: Any, method: Any) -> Callable[[Message, Callable[[Message], None]], None]:
         inner = super()._make_method_handler(interface, method)
 
-        def handler(msg: Message, send_reply: Callable[[Message], None]) -> None:
+        def dispatch(msg: Message, send_reply: Callable[[Message], None]) -> None:
             token = current_message.set(msg)
             try:
                 inner(msg, send_reply)
             finally:
                 current_message.reset(token)
+
+        def handler(msg: Message, send_reply: Callable[[Message], None]) -> None:
+            if self._held is not None:
+                self._held.append(lambda: dispatch(msg, send_reply))
+            else:
+                dispatch(msg, send_reply)
 
         return handler
 
@@ -55,16 +84,12 @@ async def call(
     body: list[Any] | None = None,
 ) -> list[Any]:
     """One method call; an error reply is raised as DBusError (callers map it to our typed errors)."""
-    reply = await bus.call(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
+    limit = bus.calls_in_flight if isinstance(bus, CallerAwareBus) else contextlib.nullcontext()
+    message = Message(
+        destination=destination, path=path, interface=interface, member=member, signature=signature, body=body or []
     )
+    async with limit:
+        reply = await bus.call(message)
     assert reply is not None
     if reply.message_type == MessageType.ERROR:
         raise DBusError(reply.error_name or "org.freedesktop.DBus.Error.Failed", (reply.body or [""])[0])
