@@ -30,9 +30,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from gpuschedd.checkpoint.driver import DriverCheckpoint  # noqa: E402
 from gpuschedd.config import Config, host_ram_bytes  # noqa: E402
-from gpuschedd.engine import Engine, RunOptions  # noqa: E402
+from gpuschedd.engine import Engine  # noqa: E402
 from gpuschedd.hostmem import THP_PATH, thp_mode  # noqa: E402
 from gpuschedd.nvml import load_telemetry  # noqa: E402
+from gpuschedd.options import RunOptions  # noqa: E402
 from gpuschedd.units.cgroupfs import CgroupfsUnits  # noqa: E402
 
 # Qwen2.5 configurations (their published config.json values).

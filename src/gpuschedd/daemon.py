@@ -21,7 +21,8 @@ from .bus.service import BusPublisher, ManagerInterface
 from .bus.systemd import SystemdUnits
 from .checkpoint.choose import BackendUnavailable, choose_checkpoint
 from .config import DEFAULT_PATH, Config, ConfigError
-from .engine import Engine, EngineListener
+from .engine import Engine
+from .events import EngineListener
 from .journal import JournalWriter, journal_queue, setup_logging
 from .metrics import Metrics
 from .model import Model, State

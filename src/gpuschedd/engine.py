@@ -15,7 +15,7 @@ import os
 import pwd
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from . import adopt, hostmem, recovery
@@ -37,9 +37,10 @@ from .errors import (
     RamBudgetExceeded,
     Refused,
 )
-from .events import Event, EventKind
+from .events import EngineListener, Event, EventKind
 from .model import ENDED, Model, State, now_usec
 from .names import MODEL_UNIT_PREFIX, model_name_from_unit, model_unit, validate_model_name
+from .options import Policies, RunOptions
 from .statefile import SavedTable, StateFile
 from .telemetry import GpuInfo, GpuTelemetry
 from .units import UnitBackend, UnitSpec, UnitStatus
@@ -66,49 +67,6 @@ class Requester:
 
 # The policies that run on their own (idle freeze, frozen TTL) act as the daemon: on every model.
 DAEMON = Requester(0, any_model=True)
-
-
-@dataclass
-class Policies:
-    """A model's policies (docs/configuration.md): options of Run, Adopt and AdoptProcesses alike."""
-
-    priority: int = 0  # eviction order: a thaw may freeze models of lower (or equal, least recently used) priority
-    idle_freeze_sec: int = -1  # freeze after this long without GPU use; -1: the daemon's IdleFreezeSec=, 0: never
-    frozen_ttl_sec: int = 0  # stop the model once frozen this long; 0: never
-
-
-@dataclass
-class RunOptions(Policies):
-    description: str = ""
-    working_directory: str = ""
-    environment: list[str] = field(default_factory=list)
-    gpus: list[str] = field(default_factory=list)
-    user: str = ""  # run as this user instead of the owner (the bus layer allows it only with `manage`)
-    # Wake on first connection: the public TCP port (systemd's socket unit) and the model's own port on 127.0.0.1.
-    port: int = 0
-    backend_port: int = 0
-    listen_address: str = ""  # empty: every address
-    # Bytes the model needs free on each GPU it will use (its gpus, else every GPU), made room for before it starts
-    # (evicting with EvictOnThaw=yes); 0: not checked.
-    gpu_memory: int = 0
-    agent: bool = False  # the model enables gpuschedd.agent: freezes park its memory through it (fast path)
-    keep_context: bool = False  # with agent: a freeze whose agents all parked leaves the CUDA contexts on the GPU
-
-
-class EngineListener:
-    """Receives what the engine does. Override what you need; the defaults ignore everything."""
-
-    def model_added(self, model: Model) -> None:
-        pass
-
-    def model_changed(self, model: Model) -> None:
-        pass
-
-    def model_removed(self, model: Model) -> None:
-        pass
-
-    def event(self, event: Event) -> None:
-        pass
 
 
 def _user_name(uid: int) -> str:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from .validate import shown
+
+if TYPE_CHECKING:
+    from .model import Model
 
 # An event's MESSAGE is at most this long: it is one journal line, not a place to keep a caller's data.
 MAX_MESSAGE = 4096
@@ -58,3 +62,19 @@ class Event:
         # Messages quote what callers handed in (a command, an error from systemd about it): rendered safe here,
         # once for every event, so no caller's text can break a MESSAGE into lines or reorder it.
         object.__setattr__(self, "message", shown(self.message, MAX_MESSAGE))
+
+
+class EngineListener:
+    """Receives what the engine does. Override what you need; the defaults ignore everything."""
+
+    def model_added(self, model: Model) -> None:
+        pass
+
+    def model_changed(self, model: Model) -> None:
+        pass
+
+    def model_removed(self, model: Model) -> None:
+        pass
+
+    def event(self, event: Event) -> None:
+        pass

@@ -16,9 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .engine import EngineListener
 from .errors import InvalidArgs, InvalidState, ModelExists, NoSuchModel, NotSupported
-from .events import MESSAGE_IDS, Event, EventKind
+from .events import MESSAGE_IDS, EngineListener, Event, EventKind
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .engine import Engine, EngineListener
-from .events import Event, EventKind
+from .engine import Engine
+from .events import EngineListener, Event, EventKind
 from .model import State
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from gpuschedd.config import Config, host_ram_bytes
-from gpuschedd.engine import Engine, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import InsufficientGpuMemory, InvalidArgs
 from gpuschedd.hostmem import rss_bytes
 from gpuschedd.model import State
+from gpuschedd.options import RunOptions
 
 pytestmark = pytest.mark.gpu
 
@@ -251,8 +252,7 @@ async def test_migrate_onto_the_same_gpu_is_an_identity_map(engine: Engine, tmp_
 async def test_idle_freeze_reads_real_per_process_utilization(engine: Engine, tmp_path: Path) -> None:
     """Issue 9 on the GPU: NVML's per-process utilization tells a model that computes (--matmul) from one that
     only holds its memory; after IdleFreezeSec only the idle one is frozen, with the reason in its event."""
-    from gpuschedd.engine import EngineListener
-    from gpuschedd.events import Event, EventKind
+    from gpuschedd.events import EngineListener, Event, EventKind
 
     events: list[Event] = []
 

@@ -16,10 +16,11 @@ from fake_units import FakeUnits
 from gpuschedd import adopt
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, Policies
+from gpuschedd.engine import Engine
 from gpuschedd.errors import AccessDenied, InvalidArgs, InvalidState, ModelExists, NoSuchModel
 from gpuschedd.events import Event, EventKind
 from gpuschedd.model import State, now_usec
+from gpuschedd.options import Policies
 from gpuschedd.statefile import StateFile
 from gpuschedd.telemetry import NoGpus
 

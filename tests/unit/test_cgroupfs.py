@@ -19,9 +19,10 @@ from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
 from gpuschedd.checkpoint import CudaState
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import UnitFailed
 from gpuschedd.model import State
+from gpuschedd.options import RunOptions
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
 from gpuschedd.units import UnitSpec, UnitStatus
 from gpuschedd.units.cgroupfs import CgroupfsUnits, cgroup2_mount

@@ -9,10 +9,11 @@ from fake_units import FakeUnits
 
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, EngineListener, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import InvalidArgs, InvalidState, ModelExists, NoSuchModel, UnitFailed
-from gpuschedd.events import Event, EventKind
+from gpuschedd.events import EngineListener, Event, EventKind
 from gpuschedd.model import Model, State
+from gpuschedd.options import RunOptions
 from gpuschedd.telemetry import NoGpus
 
 

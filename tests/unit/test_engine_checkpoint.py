@@ -15,7 +15,7 @@ from gpuschedd import engine as engine_module
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, EngineListener, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import (
     CheckpointFailed,
     InsufficientGpuMemory,
@@ -24,8 +24,9 @@ from gpuschedd.errors import (
     NotSupported,
     RamBudgetExceeded,
 )
-from gpuschedd.events import Event, EventKind
+from gpuschedd.events import EngineListener, Event, EventKind
 from gpuschedd.model import Model, State
+from gpuschedd.options import RunOptions
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
 
 VRAM = 200 * MIB

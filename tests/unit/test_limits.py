@@ -9,9 +9,10 @@ from fake_units import FakeUnits
 from gpuschedd import validate
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, EngineListener, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import InvalidArgs, LimitExceeded
-from gpuschedd.events import Event, EventKind
+from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.options import RunOptions
 from gpuschedd.telemetry import NoGpus
 
 NOBODY = 65534  # a uid with a user name on every host

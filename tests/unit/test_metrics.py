@@ -12,8 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.metrics import Metrics
+from gpuschedd.options import RunOptions
 from gpuschedd.telemetry import GpuInfo
 
 

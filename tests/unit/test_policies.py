@@ -12,10 +12,11 @@ from process_units import ProcessUnits
 
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import DAEMON, Engine, EngineListener, Requester, RunOptions
+from gpuschedd.engine import DAEMON, Engine, Requester
 from gpuschedd.errors import InsufficientGpuMemory, InvalidArgs, RamBudgetExceeded
-from gpuschedd.events import Event, EventKind
+from gpuschedd.events import EngineListener, Event, EventKind
 from gpuschedd.model import Model, State
+from gpuschedd.options import RunOptions
 from gpuschedd.statefile import model_from_dict, model_to_dict
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
 

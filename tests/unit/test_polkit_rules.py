@@ -24,11 +24,12 @@ from gpuschedd.bus.connection import current_message
 from gpuschedd.bus.service import POLICY_OPTIONS, ManagerInterface, ModelInterface, _parse_options
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, EngineListener, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import AccessDenied, GpuschedError, InvalidArgs
-from gpuschedd.events import Event, EventKind
+from gpuschedd.events import EngineListener, Event, EventKind
 from gpuschedd.journal import journal_fields
 from gpuschedd.model import State
+from gpuschedd.options import RunOptions
 from gpuschedd.telemetry import NoGpus
 
 REPO = Path(__file__).resolve().parents[2]

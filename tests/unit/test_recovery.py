@@ -18,10 +18,11 @@ from process_units import ProcessUnits
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, EngineListener, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import CheckpointFailed, InsufficientGpuMemory
-from gpuschedd.events import Event, EventKind
+from gpuschedd.events import EngineListener, Event, EventKind
 from gpuschedd.model import Model, State
+from gpuschedd.options import RunOptions
 from gpuschedd.recovery import Truth, target_for, with_nvml
 from gpuschedd.statefile import StateFile
 from gpuschedd.telemetry import NoGpus

@@ -14,9 +14,10 @@ from fake_units import FakeUnits
 
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, RunOptions
+from gpuschedd.engine import Engine
 from gpuschedd.errors import GpuschedError
 from gpuschedd.model import Model, State
+from gpuschedd.options import RunOptions
 from gpuschedd.statefile import StateFile
 from gpuschedd.telemetry import NoGpus
 

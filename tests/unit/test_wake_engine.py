@@ -16,9 +16,10 @@ from fake_units import FakeUnits
 
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
-from gpuschedd.engine import Engine, EngineListener, RunOptions
-from gpuschedd.events import Event, EventKind
+from gpuschedd.engine import Engine
+from gpuschedd.events import EngineListener, Event, EventKind
 from gpuschedd.model import Model, State
+from gpuschedd.options import RunOptions
 from gpuschedd.statefile import StateFile, model_from_dict, model_to_dict
 from gpuschedd.telemetry import NoGpus
 from gpuschedd.wake import server_uid

@@ -31,10 +31,12 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from .. import __version__, adopt, hostmem, validate
-from ..engine import Engine, EngineListener, Policies, Requester, RunOptions
+from ..engine import Engine, Requester
 from ..errors import GpuschedError, InvalidArgs, NoSuchModel, Refused
+from ..events import EngineListener
 from ..model import ENDED, Model
 from ..names import MANAGER_IFACE, MODEL_IFACE, is_model_name, model_path, model_unit, validate_model_name
+from ..options import Policies, RunOptions
 from . import polkit
 from .connection import current_message
 
