@@ -18,7 +18,6 @@ from . import __version__
 from .bus.connection import connect_system_bus
 from .bus.polkit import Authority
 from .bus.service import BusPublisher, ManagerInterface
-from .bus.systemd import SystemdUnits
 from .checkpoint.choose import BackendUnavailable, choose_checkpoint
 from .config import DEFAULT_PATH, Config, ConfigError
 from .engine import Engine
@@ -29,6 +28,7 @@ from .model import Model, State
 from .names import BUS_NAME, MANAGER_PATH
 from .nvml import load_telemetry
 from .statefile import StateFile
+from .units.systemd import SystemdUnits
 
 log = logging.getLogger("gpuschedd")
 

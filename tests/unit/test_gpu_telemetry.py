@@ -14,7 +14,7 @@ from fakegpu_fixtures import FAKECUDA, GIB, GPU0, GPU1, MIB
 from gpuschedd import hostmem
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.checkpoint.choose import BackendUnavailable, choose_checkpoint
-from gpuschedd.checkpoint.cli import CliCheckpoint
+from gpuschedd.checkpoint.cuda_checkpoint import CliCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.nvml import NvmlTelemetry, load_telemetry
 from gpuschedd.telemetry import GpuInfo, NoGpus

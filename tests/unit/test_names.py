@@ -1,8 +1,14 @@
 import pytest
 
-from gpuschedd.bus.systemd import bus_label_unescape
 from gpuschedd.errors import InvalidArgs
-from gpuschedd.names import bus_label_escape, model_name_from_unit, model_path, model_unit, validate_model_name
+from gpuschedd.names import (
+    bus_label_escape,
+    bus_label_unescape,
+    model_name_from_unit,
+    model_path,
+    model_unit,
+    validate_model_name,
+)
 
 
 @pytest.mark.parametrize(

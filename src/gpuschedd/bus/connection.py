@@ -9,14 +9,11 @@ sees its own message: no global "last caller", no race between concurrent calls.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageType
-from dbus_fast.aio import MessageBus
-from dbus_fast.errors import DBusError
+from dbus_fast import BusType, Message
 
 from .writer import QueueingWriterBus
 
@@ -72,25 +69,3 @@ class CallerAwareBus(QueueingWriterBus):
 
 async def connect_system_bus() -> CallerAwareBus:
     return await CallerAwareBus(bus_type=BusType.SYSTEM).connect()
-
-
-async def call(
-    bus: MessageBus,
-    destination: str,
-    path: str,
-    interface: str,
-    member: str,
-    signature: str = "",
-    body: list[Any] | None = None,
-) -> list[Any]:
-    """One method call; an error reply is raised as DBusError (callers map it to our typed errors)."""
-    limit = bus.calls_in_flight if isinstance(bus, CallerAwareBus) else contextlib.nullcontext()
-    message = Message(
-        destination=destination, path=path, interface=interface, member=member, signature=signature, body=body or []
-    )
-    async with limit:
-        reply = await bus.call(message)
-    assert reply is not None
-    if reply.message_type == MessageType.ERROR:
-        raise DBusError(reply.error_name or "org.freedesktop.DBus.Error.Failed", (reply.body or [""])[0])
-    return list(reply.body)

@@ -23,7 +23,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
 
 from ..errors import AccessDenied, InteractiveAuthorizationRequired
-from .connection import call
+from ..sysbus import call
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import os
 import shutil
 
 from . import CheckpointBackend, NoCheckpoint
-from .cli import CliCheckpoint
+from .cuda_checkpoint import CliCheckpoint
 from .driver import CHECKPOINT_SYMBOLS, DEFAULT_LIBCUDA, LIBCUDA_ENV, DriverCheckpoint, DriverUnavailable
 from .helper import helper_backend
 

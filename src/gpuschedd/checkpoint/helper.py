@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from . import CheckpointError
-from .cli import CliCheckpoint
+from .cuda_checkpoint import CliCheckpoint
 from .driver import DriverCheckpoint, DriverUnavailable
 
 

@@ -1,6 +1,6 @@
 """Unit backends: where a model's processes live and how they are started, frozen, thawed and stopped.
 
-`systemd` (in gpuschedd.bus.systemd, since it speaks D-Bus) when PID 1 is systemd; `cgroupfs` elsewhere
+`systemd` (units.systemd: PID 1 over D-Bus) when PID 1 is systemd; `cgroupfs` elsewhere
 (containers, the GPU test machine)."""
 
 from __future__ import annotations

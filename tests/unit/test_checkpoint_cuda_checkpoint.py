@@ -11,7 +11,7 @@ import pytest
 from fakegpu_fixtures import FAKECUDA, GPU0, GPU1
 
 from gpuschedd.checkpoint import CheckpointError, CudaState
-from gpuschedd.checkpoint.cli import CliCheckpoint
+from gpuschedd.checkpoint.cuda_checkpoint import CliCheckpoint
 from gpuschedd.checkpoint.helper import helper_backend
 
 

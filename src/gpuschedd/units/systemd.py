@@ -23,8 +23,8 @@ from dbus_fast.errors import DBusError
 from .. import validate
 from ..errors import InvalidArgs, UnitFailed
 from ..names import bus_label_unescape
-from ..units import UnitSpec, UnitStatus, UnitWatcher
-from .connection import call
+from ..sysbus import call
+from . import UnitSpec, UnitStatus, UnitWatcher
 
 log = logging.getLogger(__name__)
 

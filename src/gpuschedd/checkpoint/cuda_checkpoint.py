@@ -1,4 +1,4 @@
-"""The `cli` checkpoint backend: NVIDIA's `cuda-checkpoint` binary, one run per step.
+"""The `cli` checkpoint backend (so named in the config and on the bus): the `cuda-checkpoint` binary, one run a step.
 
 Flags as the tool documents them (r570+): `--action lock|checkpoint|restore|unlock --pid P [--timeout MS]`,
 `--get-state --pid P` (prints running, locked, checkpointed or failed), and, on r580+, `--device-map
