@@ -28,6 +28,8 @@ from .model import Model, State
 from .names import BUS_NAME, MANAGER_PATH
 from .nvml import load_telemetry
 from .statefile import StateFile
+from .telemetry import GpuTelemetry
+from .testing import FAKE_GPU_ENV
 from .units.systemd import SystemdUnits
 
 log = logging.getLogger("gpuschedd")
@@ -124,6 +126,17 @@ async def apply_policies(engine: Engine, stop: asyncio.Event, interval: float = 
             log.exception("applying the policies")
 
 
+def choose_telemetry() -> GpuTelemetry:
+    """NVML; the fake GPU instead when the sandboxed system tests name its directory (never in production)."""
+    fake = os.environ.get(FAKE_GPU_ENV)
+    if not fake:
+        return load_telemetry()
+    from .testing.fakegpu import FakeGpuTelemetry
+
+    log.warning("using the FAKE GPU telemetry in %s (%s is set: tests only)", fake, FAKE_GPU_ENV)
+    return FakeGpuTelemetry(fake)
+
+
 class BusLost(Exception):
     """The system bus went away under a running daemon (dbus restarted, or the connection was cut)."""
 
@@ -144,7 +157,7 @@ async def serve(config: Config) -> int:
     engine = Engine(
         units,
         choose_checkpoint(config.checkpoint_backend, config.cuda_checkpoint),
-        load_telemetry(),
+        choose_telemetry(),
         config,
         StateFile(),
     )

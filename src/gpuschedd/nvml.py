@@ -5,7 +5,6 @@ shows up here. Without NVML (no driver, no library) the answer is NoGpus: nothin
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from types import ModuleType
 from typing import Any
@@ -13,8 +12,6 @@ from typing import Any
 from .telemetry import GpuInfo, GpuTelemetry, NoGpus
 
 log = logging.getLogger(__name__)
-
-FAKE_GPU_ENV = "GPUSCHED_FAKE_GPU_DIR"
 
 
 def _text(value: Any) -> str:
@@ -90,13 +87,7 @@ class NvmlTelemetry:
 
 
 def load_telemetry() -> GpuTelemetry:
-    """NVML when it initializes; the test fake when GPUSCHED_FAKE_GPU_DIR is set; else NoGpus."""
-    fake = os.environ.get(FAKE_GPU_ENV)
-    if fake:
-        from .testing.fakegpu import FakeGpuTelemetry
-
-        log.warning("using the FAKE GPU telemetry in %s (%s is set: tests only)", fake, FAKE_GPU_ENV)
-        return FakeGpuTelemetry(fake)
+    """NVML when it initializes, else NoGpus. (The test fake is the daemon's choice, not this module's.)"""
     try:
         import pynvml
 

@@ -16,6 +16,7 @@ from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.checkpoint.choose import BackendUnavailable, choose_checkpoint
 from gpuschedd.checkpoint.cuda_checkpoint import CliCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
+from gpuschedd.daemon import choose_telemetry
 from gpuschedd.nvml import NvmlTelemetry, load_telemetry
 from gpuschedd.telemetry import GpuInfo, NoGpus
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
@@ -71,11 +72,15 @@ def test_without_nvml_there_is_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(load_telemetry(), NoGpus)
 
 
-def test_the_fake_gpu_is_chosen_by_env(gpu_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_daemon_chooses_the_fake_gpu_by_env(gpu_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("GPUSCHED_FAKE_GPU_DIR", gpu_dir.path)
-    telemetry = load_telemetry()
+    assert isinstance(load_telemetry(), NoGpus | NvmlTelemetry)  # NVML's own loader never picks the fake
+    telemetry = choose_telemetry()
     assert isinstance(telemetry, FakeGpuTelemetry)
     assert [g.uuid for g in telemetry.gpus()] == [GPU0, GPU1]
+    monkeypatch.delenv("GPUSCHED_FAKE_GPU_DIR")
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert isinstance(choose_telemetry(), NoGpus)
 
 
 def test_fake_nvml_counts_like_nvml(gpu_dir, spawn_model) -> None:  # type: ignore[no-untyped-def]

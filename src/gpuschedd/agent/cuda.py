@@ -8,10 +8,9 @@ and the driver library is always there. GPUSCHED_LIBCUDA points it at the fake l
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
-from ..checkpoint.driver import CUDA_SUCCESS, DEFAULT_LIBCUDA, LIBCUDA_ENV
+from ..libcuda import CUDA_SUCCESS, error_name, library_path, open_library
 
 c_size_t, c_ull, c_void_p, c_int = ctypes.c_size_t, ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_int
 CUdeviceptr = ctypes.c_uint64
@@ -89,13 +88,11 @@ class Cuda:
     on several threads run at once."""
 
     def __init__(self, path: str | None = None) -> None:
-        self.path = path or os.environ.get(LIBCUDA_ENV) or DEFAULT_LIBCUDA
-        lib = ctypes.CDLL(self.path)
+        self.path = library_path(path)
+        lib = open_library(self.path)
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, c_int
-        lib.cuGetErrorName.argtypes = [c_int, ctypes.POINTER(ctypes.c_char_p)]
-        lib.cuGetErrorName.restype = c_int
         self._lib = lib
         self._granularity: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -104,10 +101,7 @@ class Cuda:
     def _call(self, name: str, *args: object) -> None:
         rc = getattr(self._lib, name)(*args)
         if rc != CUDA_SUCCESS:
-            text = ctypes.c_char_p()
-            if self._lib.cuGetErrorName(rc, ctypes.byref(text)) == CUDA_SUCCESS and text.value:
-                raise CudaError(name, text.value.decode())
-            raise CudaError(name, f"CUresult {rc}")
+            raise CudaError(name, error_name(self._lib, rc))
 
     # ---------------------------------------------------------------- contexts and streams
 

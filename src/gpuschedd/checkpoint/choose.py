@@ -16,9 +16,10 @@ import logging
 import os
 import shutil
 
+from ..libcuda import library_path
 from . import CheckpointBackend, NoCheckpoint
 from .cuda_checkpoint import CliCheckpoint
-from .driver import CHECKPOINT_SYMBOLS, DEFAULT_LIBCUDA, LIBCUDA_ENV, DriverCheckpoint, DriverUnavailable
+from .driver import CHECKPOINT_SYMBOLS, DriverCheckpoint, DriverUnavailable
 from .helper import helper_backend
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class BackendUnavailable(Exception):
 def driver_has_checkpoint_api(path: str | None = None) -> bool:
     """Whether libcuda exports the checkpoint API; loads the library without calling anything in it."""
     try:
-        lib = ctypes.CDLL(path or os.environ.get(LIBCUDA_ENV) or DEFAULT_LIBCUDA)
+        lib = ctypes.CDLL(library_path(path))
     except OSError:
         return False
     return all(hasattr(lib, symbol) for symbol in CHECKPOINT_SYMBOLS)

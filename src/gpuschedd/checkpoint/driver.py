@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 
+from ..libcuda import CUDA_SUCCESS, CUresult, error_name, library_path, open_library
 from . import CheckpointError, CudaState
 
 log = logging.getLogger(__name__)
-
-LIBCUDA_ENV = "GPUSCHED_LIBCUDA"
-DEFAULT_LIBCUDA = "libcuda.so.1"
-
-CUDA_SUCCESS = 0
 
 # A PID for which GetState fails with one of these holds no CUDA context. The driver documents
 # INVALID_VALUE and NOT_INITIALIZED for GetState; measured on driver 580.159.04 (H100), a live process that never
@@ -106,9 +101,9 @@ class DriverCheckpoint:
     name = "driver"
 
     def __init__(self, path: str | None = None) -> None:
-        self.path = path or os.environ.get(LIBCUDA_ENV) or DEFAULT_LIBCUDA
+        self.path = library_path(path)
         try:
-            lib = ctypes.CDLL(self.path)
+            lib = open_library(self.path)
         except OSError as e:
             raise DriverUnavailable(f"cannot load {self.path}: {e}") from None
         missing = [s for s in CHECKPOINT_SYMBOLS if not hasattr(lib, s)]
@@ -121,10 +116,7 @@ class DriverCheckpoint:
             raise DriverUnavailable(f"cuInit(0) failed: {self.error_name(rc)}")
 
     def _declare(self) -> None:
-        lib, c_int, CUresult = self._lib, ctypes.c_int, ctypes.c_int
-        lib.cuInit.argtypes, lib.cuInit.restype = [ctypes.c_uint], CUresult
-        lib.cuGetErrorName.argtypes = [CUresult, ctypes.POINTER(ctypes.c_char_p)]
-        lib.cuGetErrorName.restype = CUresult
+        lib, c_int = self._lib, ctypes.c_int
         for fn, args in (
             ("cuCheckpointProcessLock", CUcheckpointLockArgs),
             ("cuCheckpointProcessCheckpoint", CUcheckpointCheckpointArgs),
@@ -139,10 +131,7 @@ class DriverCheckpoint:
         lib.cuCheckpointProcessGetRestoreThreadId.restype = CUresult
 
     def error_name(self, rc: int) -> str:
-        name = ctypes.c_char_p()
-        if self._lib.cuGetErrorName(rc, ctypes.byref(name)) == CUDA_SUCCESS and name.value:
-            return name.value.decode()
-        return f"CUresult {rc}"
+        return error_name(self._lib, rc)
 
     def _check(self, pid: int, step: str, rc: int) -> None:
         if rc != CUDA_SUCCESS:
