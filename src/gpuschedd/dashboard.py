@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import eventlog
-from .cli import GLYPHS, human_bytes, status_line, user_name
 from .client import AsyncGpuSched, EventStream
 from .errors import GpuschedError
+from .formatting import GLYPHS, human_bytes, status_line, user_name
 
 REFRESH_SEC = 1.0
 FRAME_SEC = 0.05
 EVENT_BACKLOG = 200
+_LABEL_W = 22  # the meters' label column
 KEYS_HELP = "↑↓ select  f freeze  t thaw  s swap  x stop  r refresh  q quit"
 
 # Styles of render()'s lines and cells; the curses layer maps them to colour pairs.
@@ -85,104 +86,110 @@ def _cell(text: str, width: int) -> str:
 
 
 def render(view: View, width: int, height: int, utf8: bool = True, now: float | None = None) -> list[Line]:
-    """The screen as lines of styled segments, top to bottom, at most `height` lines of at most `width` columns."""
+    """The screen as lines of styled segments, top to bottom, at most `height` lines of at most `width` columns:
+    the title and meters, the model table, then the event log in what room is left above the status and keys."""
     now = time.monotonic() if now is None else now
-    lines: list[Line] = []
+    lines = [*_header(view, width, utf8), [], *_model_table(view, width, utf8), []]
+    room = height - len(lines) - 3
+    if room > 0:
+        lines += _event_log(view, room)
+    lines = lines[: max(height - 2, 0)]
+    lines += [[]] * (height - 2 - len(lines))
+    lines.append([_status(view, now)])
+    lines.append([(KEYS_HELP if utf8 else KEYS_HELP.replace("↑↓", "up/down"), DIM)])
+    return [_clip(line, width) for line in lines[:height]]
+
+
+def _header(view: View, width: int, utf8: bool) -> list[Line]:
+    """The title (version, states, backends) and a bar per GPU and for the host RAM frozen models hold."""
     m = view.manager
     title = f"gpuschedd {m.get('Version', '?')} - {status_line(view.models)}"
     if m:
         title += f" - checkpoint {m.get('CheckpointBackend')}, units {m.get('UnitBackend')}"
         if m.get("TransparentHugepages"):
             title += f", THP {m['TransparentHugepages']}"
-    lines.append([(title, BOLD)])
+    lines: list[Line] = [[(title, BOLD)]]
     if view.error:
         lines.append([(view.error, BAD)])
-
-    label_w, numbers_w = 22, 30
-    bar_w = max(width - label_w - numbers_w - 4, 10)
+    bar_w = max(width - _LABEL_W - 30 - 4, 10)
     gpus = m.get("Gpus", [])
     for gpu in gpus:
         used, total = gpu["used"], gpu["total"]
         style = BAD if total and used / total > 0.9 else GOOD
+        label = f"GPU {gpu['index']} {gpu['name']}"
         lines.append(
-            [
-                (_cell(f"GPU {gpu['index']} {gpu['name']}", label_w) + " [", PLAIN),
-                (bar(used, total, bar_w, utf8), style),
-                (f"] {human_bytes(used)} used of {human_bytes(total)}", PLAIN),
-            ]
+            _meter(label, used, total, bar_w, utf8, style, f"{human_bytes(used)} used of {human_bytes(total)}")
         )
     if m and not gpus:
         lines.append([("GPUs: none seen (no NVML)", DIM)])
     if m:
         parked, budget = m.get("RamFrozenBytes", 0), m.get("RamBudgetBytes", 0)
         style = WARN if budget and parked / budget > 0.8 else COLD
-        lines.append(
-            [
-                (_cell("Host RAM (parked)", label_w) + " [", PLAIN),
-                (bar(parked, budget, bar_w, utf8), style),
-                (f"] {human_bytes(parked)} of {human_bytes(budget)} budget", PLAIN),
-            ]
-        )
-    lines.append([])
+        numbers = f"{human_bytes(parked)} of {human_bytes(budget)} budget"
+        lines.append(_meter("Host RAM (parked)", parked, budget, bar_w, utf8, style, numbers))
+    return lines
 
+
+def _meter(label: str, used: int, total: int, bar_w: int, utf8: bool, style: str, numbers: str) -> Line:
+    return [(_cell(label, _LABEL_W) + " [", PLAIN), (bar(used, total, bar_w, utf8), style), (f"] {numbers}", PLAIN)]
+
+
+def _model_table(view: View, width: int, utf8: bool) -> list[Line]:
     # the name column fits the longest name (up to 64 characters), as far as the screen allows
     name_w = min(max([len(m["Name"]) + 3 for m in view.models] + [12]), max(width - 67, 12))
     columns = [("NAME", name_w), ("STATE", 9), ("OWNER", 10), ("PID", 8), ("VRAM", 11), ("SNAPSHOT", 11)]
     columns.append(("FREEZE/THAW", 16))
-    lines.append([("  " + "".join(_cell(title, w) for title, w in columns), BOLD)])
-    for model in view.models:
-        name, state = model["Name"], model["State"]
-        glyph = GLYPHS.get(state, ("o", "0"))[0] if utf8 else state[0]
-        times = (
-            f"{model['LastFreezeUSec'] / 1e6:.2f}/{model['LastThawUSec'] / 1e6:.2f} s"
-            if model["LastFreezeUSec"] or model["LastThawUSec"]
-            else "-"
-        )
-        cells = [
-            _cell(f"{glyph} {name}", name_w),
-            _cell(state, 9),
-            _cell(user_name(model["Owner"]), 10),
-            _cell(str(model["MainPid"] or "-"), 8),
-            _cell(human_bytes(model["VramBytes"]) if model["VramBytes"] else "-", 11),
-            _cell(human_bytes(model["SnapshotBytes"]) if model["SnapshotBytes"] else "-", 11),
-            _cell(times, 16),
-        ]
-        marker = "> " if name == view.selected else "  "
-        if name == view.selected:
-            lines.append([(marker + "".join(cells), SELECTED)])
-        else:
-            lines.append(
-                [(marker + cells[0], PLAIN), (cells[1], STATE_STYLE.get(state, PLAIN)), ("".join(cells[2:]), PLAIN)]
-            )
+    lines: list[Line] = [[("  " + "".join(_cell(title, w) for title, w in columns), BOLD)]]
+    lines += [_model_row(model, name_w, model["Name"] == view.selected, utf8) for model in view.models]
     if not view.models:
         lines.append([("  No models. Start one with: gpusched run --name NAME -- COMMAND", DIM)])
-    lines.append([])
+    return lines
 
-    # the bottom two lines: what is going on, and the keys; the event log fills what is left above them
+
+def _model_row(model: dict[str, Any], name_w: int, selected: bool, utf8: bool) -> Line:
+    name, state = model["Name"], model["State"]
+    glyph = GLYPHS.get(state, ("o", "0"))[0] if utf8 else state[0]
+    times = (
+        f"{model['LastFreezeUSec'] / 1e6:.2f}/{model['LastThawUSec'] / 1e6:.2f} s"
+        if model["LastFreezeUSec"] or model["LastThawUSec"]
+        else "-"
+    )
+    cells = [
+        _cell(f"{glyph} {name}", name_w),
+        _cell(state, 9),
+        _cell(user_name(model["Owner"]), 10),
+        _cell(str(model["MainPid"] or "-"), 8),
+        _cell(human_bytes(model["VramBytes"]) if model["VramBytes"] else "-", 11),
+        _cell(human_bytes(model["SnapshotBytes"]) if model["SnapshotBytes"] else "-", 11),
+        _cell(times, 16),
+    ]
+    if selected:
+        return [("> " + "".join(cells), SELECTED)]
+    return [("  " + cells[0], PLAIN), (cells[1], STATE_STYLE.get(state, PLAIN)), ("".join(cells[2:]), PLAIN)]
+
+
+def _event_log(view: View, room: int) -> list[Line]:
+    lines: list[Line] = [[("Events", BOLD)]]
+    for event in list(view.events)[-room:]:
+        stamp = event.time.strftime("%H:%M:%S")
+        lines.append(
+            [
+                (f"{stamp} {event.event:<8} {event.model or '-':<20} ", DIM),
+                (event.message, PRIORITY_STYLE.get(event.priority, PLAIN)),
+            ]
+        )
+    return lines
+
+
+def _status(view: View, now: float) -> Segment:
+    """The line above the keys: the call under way, the question being asked, or the last call's outcome."""
     if view.busy:
-        status: Segment = (f"{view.busy}... {now - view.busy_since:.1f} s", WARN)
-    elif view.swap_out:
-        status = (f"Swap {view.swap_out} out for which model? Select it and press Enter (Esc: cancel)", WARN)
-    elif view.confirm_stop:
-        status = (f"Stop {view.confirm_stop}? y: stop it, any other key: keep it", WARN)
-    else:
-        status = view.message
-    room = height - len(lines) - 3
-    if room > 0:
-        lines.append([("Events", BOLD)])
-        for event in list(view.events)[-(room):] if room > 0 else []:
-            stamp = event.time.strftime("%H:%M:%S")
-            lines.append(
-                [
-                    (f"{stamp} {event.event:<8} {event.model or '-':<20} ", DIM),
-                    (event.message, PRIORITY_STYLE.get(event.priority, PLAIN)),
-                ]
-            )
-    lines = lines[: max(height - 2, 0)]
-    lines += [[]] * (height - 2 - len(lines))
-    lines.append([status])
-    lines.append([(KEYS_HELP if utf8 else KEYS_HELP.replace("↑↓", "up/down"), DIM)])
-    return [_clip(line, width) for line in lines[:height]]
+        return (f"{view.busy}... {now - view.busy_since:.1f} s", WARN)
+    if view.swap_out:
+        return (f"Swap {view.swap_out} out for which model? Select it and press Enter (Esc: cancel)", WARN)
+    if view.confirm_stop:
+        return (f"Stop {view.confirm_stop}? y: stop it, any other key: keep it", WARN)
+    return view.message
 
 
 def _clip(line: Line, width: int) -> Line:

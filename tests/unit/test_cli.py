@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message, MessageType, Variant
 
-from gpuschedd import cli, eventlog
+from gpuschedd import cli, eventlog, formatting
 from gpuschedd.client import DaemonNotRunning, _error, _event_of
 from gpuschedd.errors import InsufficientGpuMemory
 from gpuschedd.events import MESSAGE_IDS
@@ -28,7 +28,7 @@ class Tty(io.StringIO):
 
 
 def test_human_ago_like_systemd() -> None:
-    assert [cli.human_ago(s) for s in (0, 42, 303, 7620, 2 * 86400 + 3 * 3600 + 5)] == [
+    assert [formatting.human_ago(s) for s in (0, 42, 303, 7620, 2 * 86400 + 3 * 3600 + 5)] == [
         "0s ago",
         "42s ago",
         "5min 3s ago",
@@ -38,11 +38,11 @@ def test_human_ago_like_systemd() -> None:
 
 
 def test_progress_shows_bytes_moved_and_elapsed_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0.01)
-    monkeypatch.setattr(cli, "PROGRESS_INTERVAL", 0.01)
+    monkeypatch.setattr(formatting, "PROGRESS_DELAY", 0.01)
+    monkeypatch.setattr(formatting, "PROGRESS_INTERVAL", 0.01)
     rss = {1: 100 << 20, 2: 0}
     tty = Tty()
-    with cli.Progress("Freezing llama", 1 << 30, [1, 2], stream=tty, rss=rss.__getitem__):
+    with formatting.Progress("Freezing llama", 1 << 30, [1, 2], stream=tty, rss=rss.__getitem__):
         rss[2] = 512 << 20  # the checkpoint lands in the process's own memory
         time.sleep(0.1)
     out = tty.getvalue()
@@ -50,14 +50,14 @@ def test_progress_shows_bytes_moved_and_elapsed_on_a_terminal_only(monkeypatch: 
     assert re.search(r"\r\x1b\[KFreezing llama: 512\.0 MiB of 1\.0 GiB, \d\.\d s", out), repr(out)
     assert out.endswith("\r\x1b[K"), "the line is cleared at the end"
     piped = io.StringIO()
-    with cli.Progress("Thawing llama", 1 << 30, stream=piped):
+    with formatting.Progress("Thawing llama", 1 << 30, stream=piped):
         time.sleep(0.05)
     assert piped.getvalue() == ""
 
 
 def test_quick_operations_show_no_progress() -> None:
     tty = Tty()
-    with cli.Progress("Freezing x", 1, stream=tty):
+    with formatting.Progress("Freezing x", 1, stream=tty):
         pass
     assert tty.getvalue() == ""
 
@@ -82,7 +82,7 @@ def test_journal_entries_parse() -> None:
     assert event.to_json()["time"].startswith("2023-11-")
     binary = eventlog.parse_entry({"MESSAGE": list(b"caf\xc3\xa9 \xff")})
     assert binary.message == "café \ufffd"
-    line = cli.event_line(event, 8, color=False)
+    line = formatting.event_line(event, 8, color=False)
     assert line.endswith(" freeze   llama    model llama frozen in 0.860s")
 
 
@@ -194,7 +194,7 @@ def test_status_shows_a_models_policies() -> None:
         "StateChangeTimestamp": 0, "MainPid": 7, "Pids": [7], "Gpus": [], "SnapshotBytes": 0, "VramBytes": 0,
         "LastFreezeUSec": 0, "LastThawUSec": 0, "Priority": -1, "IdleFreezeSec": 300, "FrozenTTLSec": 0,
     }  # fmt: skip
-    lines = cli.model_lines(model, [], False, time.time())
+    lines = formatting.model_lines(model, [], False, time.time())
     assert "    Policies: priority -1, idle freeze after 300s, stop when frozen never" in lines
     del model["Priority"], model["IdleFreezeSec"], model["FrozenTTLSec"]  # a daemon older than the CLI
-    assert not any("Policies" in line for line in cli.model_lines(model, [], False, time.time()))
+    assert not any("Policies" in line for line in formatting.model_lines(model, [], False, time.time()))
