@@ -9,10 +9,10 @@ import os
 import re
 import select
 
-import psutil
-
 from .errors import InvalidArgs, ModelExists
 from .names import MODEL_UNIT_PREFIX, SLICE
+from .procfs import cmdline as cmdline  # the engine reads a taken-over unit's command through adopt
+from .procfs import process_uid
 
 DAEMON_UNIT = "gpuschedd.service"
 ADOPT_SCOPE_PREFIX = "gpusched-adopt-"
@@ -43,22 +43,6 @@ def check_unit_name(unit: object) -> str:
     if unit.startswith(MODEL_UNIT_PREFIX) or unit.startswith(ADOPT_SCOPE_PREFIX) or unit == SLICE:
         raise InvalidArgs(f"{unit} is gpuschedd's own: it is a model already, or was one (see gpusched list)")
     return unit
-
-
-def process_uid(pid: int) -> int | None:
-    """The uid a process counts as (/proc/PID/status Uid: real, effective, saved, filesystem), None when it does
-    not exist. One whose uids differ (a setuid program, a process half-way through changing user) counts as the
-    first that is not its real uid: it holds that user's rights, so only that user (or `manage`) may adopt it.
-    Read by hand: psutil's uids() lacks the filesystem uid."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    real, *others = (int(u) for u in line.split()[1:5])
-                    return next((u for u in others if u != real), real)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 class Pins:
@@ -123,14 +107,6 @@ def process_cgroup(pid: int) -> str:
     except OSError:
         pass
     return ""
-
-
-def cmdline(pid: int) -> list[str]:
-    """The process's arguments; [] when it is gone or a zombie."""
-    try:
-        return [arg for arg in psutil.Process(pid).cmdline() if arg]
-    except psutil.Error:
-        return []
 
 
 def _check_count(pids: object) -> None:

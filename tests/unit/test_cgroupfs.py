@@ -25,7 +25,8 @@ from gpuschedd.model import State
 from gpuschedd.options import RunOptions
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
 from gpuschedd.units import UnitSpec, UnitStatus
-from gpuschedd.units.cgroupfs import CgroupfsUnits, cgroup2_mount
+from gpuschedd.units.cgroup import cgroup2_mount
+from gpuschedd.units.cgroupfs import CgroupfsUnits
 
 COUNTER = 'i=0; while :; do i=$((i+1)); echo $i > "$0"; sleep 0.01; done'
 

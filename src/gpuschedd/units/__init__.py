@@ -9,6 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# systemd's own default search path for services: what ExecStart= resolves bare names against, and the PATH a
+# service gets (the cgroupfs backend gives its units the same).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 
 @dataclass(frozen=True)
 class UnitSpec:

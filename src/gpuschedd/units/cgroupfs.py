@@ -19,17 +19,13 @@ import signal
 import subprocess
 import time
 
-import psutil
-
 from .. import validate
-from ..adopt import cmdline, process_uid
 from ..errors import UnitFailed
-from . import UnitSpec, UnitStatus, UnitWatcher
+from ..procfs import cmdline, ppid, process_uid
+from . import DEFAULT_PATH, UnitSpec, UnitStatus, UnitWatcher, cgroup
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CGROUP2_MAGIC_TYPE = "cgroup2"
 
 # The main process starts as this shim: it waits on stdin until the daemon has moved it into the group, enters
 # the working directory as the unit's user (as systemd does: no directory the user could not reach), then
@@ -37,37 +33,6 @@ CGROUP2_MAGIC_TYPE = "cgroup2"
 _SHIM = 'read -r _; cd -- "$1" || exit 200; shift; exec "$@" </dev/null'
 _SHIM_NAME = "gpusched-shim"
 _EXIT_NO_CWD, _EXIT_NO_EXEC = 200, (126, 127)
-
-
-def cgroup2_mount() -> str | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    return next((p.mountpoint for p in psutil.disk_partitions(all=True) if p.fstype == CGROUP2_MAGIC_TYPE), None)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _events(group: str) -> dict[str, str]:
-    try:
-        return dict(line.split(" ", 1) for line in _read(os.path.join(group, "cgroup.events")).splitlines())
-    except FileNotFoundError:
-        return {}
-
-
-def _procs(group: str) -> list[int]:
-    try:
-        return [int(p) for p in _read(os.path.join(group, "cgroup.procs")).split()]
-    except FileNotFoundError:
-        return []
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return psutil.Process(pid).ppid()
-    except psutil.Error:
-        return 0
 
 
 def _result(returncode: int) -> str:
@@ -104,7 +69,7 @@ class CgroupfsUnits:
 
     async def setup(self) -> None:
         parent = os.path.dirname(os.path.abspath(self.root))
-        mount = cgroup2_mount()
+        mount = cgroup.cgroup2_mount()
         if not os.path.exists(os.path.join(parent, "cgroup.procs")) and mount:
             # A hybrid host mounts cgroup2 at /sys/fs/cgroup/unified: keep the name, use the v2 hierarchy.
             moved = os.path.join(mount, os.path.basename(self.root))
@@ -112,10 +77,10 @@ class CgroupfsUnits:
             self.root = moved
         os.makedirs(self.root, exist_ok=True)
         if not os.path.exists(os.path.join(self.root, "cgroup.procs")):
-            raise UnitFailed(f"{self.root} is not in a cgroup v2 hierarchy (cgroup2 is at {cgroup2_mount()})")
+            raise UnitFailed(f"{self.root} is not in a cgroup v2 hierarchy (cgroup2 is at {cgroup.cgroup2_mount()})")
         if not os.path.exists(os.path.join(self.root, "cgroup.freeze")) and os.path.realpath(
             self.root
-        ) != os.path.realpath(cgroup2_mount() or ""):
+        ) != os.path.realpath(cgroup.cgroup2_mount() or ""):
             raise UnitFailed(f"{self.root}: the kernel has no cgroup v2 freezer (needs Linux 5.2)")
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
@@ -136,7 +101,7 @@ class CgroupfsUnits:
 
     async def start(self, spec: UnitSpec) -> UnitStatus:
         group = self._group(spec.unit)
-        if _procs(group):
+        if cgroup.procs(group):
             raise UnitFailed(f"unit {spec.unit} already exists")
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(group)
@@ -149,7 +114,7 @@ class CgroupfsUnits:
             try:
                 pw = pwd.getpwnam(spec.user)
             except KeyError:
-                self._rmdir(group)
+                cgroup.rmdir(group)
                 raise UnitFailed(f"no such user: {spec.user}") from None
             user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
         if spec.runtime_directory:
@@ -174,20 +139,19 @@ class CgroupfsUnits:
                 **user,  # type: ignore[arg-type]
             )
         except OSError as e:
-            self._rmdir(group)
+            cgroup.rmdir(group)
             raise UnitFailed(f"cannot start {validate.shown(spec.argv[0])}: {e.strerror}") from None
         finally:
             if out is not None:
                 os.close(out)
         assert proc.stdin is not None
         try:
-            with open(os.path.join(group, "cgroup.procs"), "w") as f:
-                f.write(str(proc.pid))
+            cgroup.attach(group, proc.pid)
         except OSError as e:
             proc.kill()
             proc.stdin.close()
             proc.wait()
-            self._rmdir(group)
+            cgroup.rmdir(group)
             raise UnitFailed(f"cannot move pid {proc.pid} into {group}: {e.strerror}") from None
         proc.stdin.write(b"go\n")
         proc.stdin.close()
@@ -209,9 +173,9 @@ class CgroupfsUnits:
             code = proc.poll()
             if code is not None:
                 if code == _EXIT_NO_CWD or code in _EXIT_NO_EXEC:
-                    self._kill(group)
-                    await self._wait_empty(group, 5.0)
-                    self._rmdir(group)
+                    cgroup.kill(group)
+                    await cgroup.wait_empty(group, 5.0)
+                    cgroup.rmdir(group)
                     what = (
                         f"enter {validate.shown(spec.working_directory)}"
                         if code == _EXIT_NO_CWD
@@ -230,23 +194,15 @@ class CgroupfsUnits:
     # ---------------------------------------------------------------- freeze / thaw
 
     async def _set_frozen(self, unit: str, frozen: bool, timeout: float = 10.0) -> None:
-        group = self._group(unit)
         try:
-            with open(os.path.join(group, "cgroup.freeze"), "w") as f:
-                f.write("1" if frozen else "0")
+            done = await cgroup.set_frozen(self._group(unit), frozen, timeout)
         except FileNotFoundError:
             raise UnitFailed(f"unit {unit} does not exist") from None
-        want = "1" if frozen else "0"
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while _events(group).get("frozen") != want:
-            if time.monotonic() > deadline:
-                raise UnitFailed(f"unit {unit} did not {'freeze' if frozen else 'thaw'} within {timeout:.0f}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.01)
+        if not done:
+            raise UnitFailed(f"unit {unit} did not {'freeze' if frozen else 'thaw'} within {timeout:.0f}s")
 
     async def freeze(self, unit: str) -> None:
-        if not _procs(self._group(unit)):
+        if not cgroup.procs(self._group(unit)):
             raise UnitFailed(f"unit {unit} is not active")
         await self._set_frozen(unit, True)
 
@@ -255,49 +211,25 @@ class CgroupfsUnits:
 
     # ---------------------------------------------------------------- stop
 
-    def _signal_all(self, group: str, signum: int) -> None:
-        for pid in _procs(group):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    async def _wait_empty(self, group: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while _events(group).get("populated", "0") != "0":
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
-    def _rmdir(self, group: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(group)
-
     async def stop(self, unit: str) -> None:
         group = self._group(unit)
         if not os.path.isdir(group):
             return
         # A frozen process cannot act on SIGTERM: thaw first, as systemd does before it kills a frozen unit.
-        if _events(group).get("frozen") == "1":
+        if cgroup.events(group).get("frozen") == "1":
             await self._set_frozen(unit, False)
-        self._signal_all(group, signal.SIGTERM)
-        if not await self._wait_empty(group, self.stop_timeout):
-            self._kill(group)
-            if not await self._wait_empty(group, 10.0):
-                raise UnitFailed(f"unit {unit}: processes survive SIGKILL: {_procs(group)}")
+        cgroup.signal_all(group, signal.SIGTERM)
+        if not await cgroup.wait_empty(group, self.stop_timeout):
+            cgroup.kill(group)
+            if not await cgroup.wait_empty(group, 10.0):
+                raise UnitFailed(f"unit {unit}: processes survive SIGKILL: {cgroup.procs(group)}")
         self._reap(unit)
-        self._rmdir(group)
+        cgroup.rmdir(group)
         if unit in self._runtime:
             shutil.rmtree(self._runtime.pop(unit), ignore_errors=True)
         self._known.pop(unit, None)
         self._ended.pop(unit, None)
         self._main.pop(unit, None)
-
-    def _kill(self, group: str) -> None:
-        try:
-            with open(os.path.join(group, "cgroup.kill"), "w") as f:
-                f.write("1")
-        except FileNotFoundError:  # kernel before 5.14: no cgroup.kill
-            self._signal_all(group, signal.SIGKILL)
 
     def _reap(self, unit: str) -> int | None:
         proc = self._children.pop(unit, None)
@@ -316,7 +248,7 @@ class CgroupfsUnits:
         if main in pids:
             return main
         # After a daemon restart: the process whose parent is outside the group is the tree's root.
-        roots = [p for p in pids if _ppid(p) not in pids]
+        roots = [p for p in pids if ppid(p) not in pids]
         main = min(roots or pids)
         self._main[unit] = main
         return main
@@ -327,8 +259,8 @@ class CgroupfsUnits:
             return self._ended[unit]
         if not os.path.isdir(group):
             return None
-        pids = _procs(group)
-        events = _events(group)
+        pids = cgroup.procs(group)
+        events = cgroup.events(group)
         if not pids:
             return UnitStatus(unit, "inactive", 0, [], False)
         main = self._main_pid(unit, pids)
@@ -379,14 +311,13 @@ class CgroupfsUnits:
     ) -> UnitStatus:
         """A group of its own for running processes: each PID is written into its cgroup.procs."""
         group = self._group(unit)
-        if _procs(group):
+        if cgroup.procs(group):
             raise UnitFailed(f"unit {unit} already exists")
         self._ended.pop(unit, None)
         os.makedirs(group, exist_ok=True)
         try:
             for pid in pids:
-                with open(os.path.join(group, "cgroup.procs"), "w") as f:
-                    f.write(str(pid))
+                cgroup.attach(group, pid)
         except OSError as e:
             raise UnitFailed(f"cannot move processes into {unit}: {e}") from None
         self._main[unit] = min(pids)
@@ -401,11 +332,11 @@ class CgroupfsUnits:
         code = proc.poll() if proc is not None else None
         if proc is not None and code is None:
             return None
-        if proc is None and _procs(group):
+        if proc is None and cgroup.procs(group):
             return None
         if proc is not None:
             # Like KillMode=control-group: the main process is gone, so is the rest of the unit.
-            self._kill(group)
+            cgroup.kill(group)
             self._children.pop(unit, None)
             result = _result(code if code is not None else 0)
         else:
@@ -429,8 +360,8 @@ class CgroupfsUnits:
                     continue
                 self._known[unit] = ended.active_state
                 self._ended[unit] = ended
-                if await self._wait_empty(self._group(unit), 5.0):
-                    self._rmdir(self._group(unit))
+                if await cgroup.wait_empty(self._group(unit), 5.0):
+                    cgroup.rmdir(self._group(unit))
                 self._main.pop(unit, None)
                 for watcher in self._watchers:
                     try:

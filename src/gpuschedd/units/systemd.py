@@ -24,7 +24,7 @@ from .. import validate
 from ..errors import InvalidArgs, UnitFailed
 from ..names import bus_label_unescape
 from ..sysbus import call
-from . import UnitSpec, UnitStatus, UnitWatcher
+from . import DEFAULT_PATH, UnitSpec, UnitStatus, UnitWatcher
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ _GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.Unkn
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 OUR_UNIT_PREFIX = "gpusched-"  # gpusched-model@NAME.service, gpusched-adopt-NAME.scope
 _MAX_FINISHED_JOBS = 256
-# systemd's own default search path for services (what ExecStart= resolves bare names against).
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def wake_units(name: str) -> tuple[str, str]:
