@@ -19,10 +19,10 @@ from typing import Any
 
 from . import __version__, eventlog
 from .client import GpuSched
-from .config import ConfigError, parse_size
 from .errors import GpuschedError, NoSuchModel
 from .formatting import Progress, colors, event_line, human_bytes, list_rows, manager_lines, model_lines, print_table
 from .names import model_unit, validate_model_name
+from .validate import parse_size
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -157,7 +157,7 @@ def size_arg(text: str) -> int:
     """A size as systemd and gpuschedd.conf write it: 8G, 512M, 1.5T, plain bytes (powers of 1024)."""
     try:
         return parse_size(text)
-    except ConfigError:
+    except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M, 1.5T)") from None
 
 

@@ -7,13 +7,11 @@ import configparser
 import glob
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 
-DEFAULT_PATH = "/etc/gpusched/gpuschedd.conf"
+from . import validate
 
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
-_SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+DEFAULT_PATH = "/etc/gpusched/gpuschedd.conf"
 
 
 class ConfigError(ValueError):
@@ -21,11 +19,11 @@ class ConfigError(ValueError):
 
 
 def parse_size(text: str) -> int:
-    """systemd's size syntax: 512M, 64G, 1.5T, plain bytes (K, M, G, T are powers of 1024)."""
-    m = _SIZE_RE.fullmatch(text)
-    if not m:
-        raise ConfigError(f"not a size: {text!r}")
-    return int(float(m.group(1)) * _SCALE[m.group(2).upper()])
+    """validate.parse_size, a bad size being a ConfigError."""
+    try:
+        return validate.parse_size(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def parse_percent_or_size(text: str, total: int) -> int:

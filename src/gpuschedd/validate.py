@@ -8,6 +8,9 @@ import unicodedata
 
 from .errors import InvalidArgs
 
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*", re.IGNORECASE)
+_SCALE = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
 MAX_ARGV = 4096
 MAX_ARG_BYTES = 64 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024
@@ -114,3 +117,12 @@ def user(value: str) -> str:
     if value and not _USER_RE.fullmatch(value):
         raise InvalidArgs("User must be a valid user name")
     return value
+
+
+def parse_size(text: str) -> int:
+    """systemd's size syntax: 512M, 64G, 1.5T, plain bytes (K, M, G, T are powers of 1024). ValueError if not a
+    size. Here, not in config.py, because the CLI reads sizes too and must not import the daemon's modules."""
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * _SCALE[m.group(2).upper()])
