@@ -7,11 +7,14 @@ import configparser
 import glob
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import validate
 
 DEFAULT_PATH = "/etc/gpusched/gpuschedd.conf"
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -33,14 +36,71 @@ def parse_percent_or_size(text: str, total: int) -> int:
     return parse_size(text)
 
 
-def parse_boolean(text: str, what: str) -> bool:
+def parse_boolean(text: str) -> bool:
     """systemd's booleans: yes/no, true/false, on/off, 1/0."""
     value = text.strip().lower()
     if value in ("yes", "true", "on", "1", "y", "t"):
         return True
     if value in ("no", "false", "off", "0", "n", "f"):
         return False
-    raise ConfigError(f"{what}={text}: expected yes or no")
+    raise ValueError("expected yes or no")
+
+
+def parse_milliseconds(text: str) -> int:
+    """Seconds (2.5) as milliseconds."""
+    try:
+        return int(float(text) * 1000)
+    except ValueError:
+        raise ValueError("expected seconds") from None
+
+
+def parse_count(text: str) -> int:
+    """A whole number, 0 or more (0: off)."""
+    if not text.strip().isdigit():
+        raise ValueError("expected a whole number (0: off)")
+    return int(text)
+
+
+def parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def parse_listen(text: str) -> str:
+    if text and not text.rpartition(":")[2].isdigit():
+        raise ValueError("expected HOST:PORT")
+    return text
+
+
+def one_of(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def parse_ports(text: str) -> frozenset[int]:
+    """Space-separated ports and ranges (80 443 8000-8099)."""
+    ports: set[int] = set()
+    for item in text.split():
+        low, _, high = item.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a port or a range of ports") from None
+        if not 1 <= first <= last <= 65535:
+            raise ValueError(f"{item!r} is not within 1-65535")
+        ports.update(range(first, last + 1))
+    return frozenset(ports)
+
+
+def parse_addresses(text: str) -> frozenset[str]:
+    """Space-separated IP addresses, kept in their normal form (:: and 0:0::0 are one)."""
+    return frozenset(str(ipaddress.ip_address(item)) for item in text.split())
 
 
 def host_ram_bytes() -> int:
@@ -86,118 +146,68 @@ class Config:
 
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Config:
-        # strict=False: a key or section given twice is no error, the last one wins (systemd's rule), also across
-        # the drop-ins, read after the main file in lexical order of their names.
-        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"), strict=False)
-        parser.optionxform = str  # type: ignore[assignment,method-assign]
-        dropins = sorted(glob.glob(os.path.join(glob.escape(path + ".d"), "*.conf")))
-        for name in [path, *dropins]:
-            try:
-                with open(name) as f:
-                    parser.read_file(f)
-            except FileNotFoundError:
-                pass
-            except configparser.Error as e:
-                raise ConfigError(f"{name}: {e.message}") from None
-        if dropins:
-            path = f"{path} (and {', '.join(dropins)})"  # the errors below name every file a setting may come from
-        section = parser["Daemon"] if parser.has_section("Daemon") else {}
-        known = {
-            "RamBudget",
-            "LockTimeoutSec",
-            "CheckpointBackend",
-            "CudaCheckpoint",
-            "UnitBackend",
-            "CgroupRoot",
-            "MetricsListen",
-            "MetricsTextfile",
-            "IdleFreezeSec",
-            "EvictOnThaw",
-            "RamBudgetAction",
-            "AgentTimeoutSec",
-            "MaxUserPriority",
-            "UnprivilegedPortStart",
-            "WakeAllowPorts",
-            "WakeAllowAddresses",
-            "MaxModelsPerUser",
-            "MaxCommandBytesPerUser",
-            "EndedModelTTLSec",
-        }
-        unknown = set(section) - known
+        """The main file, then its drop-ins; every setting absent keeps its default. A file that cannot be parsed,
+        an unknown key or a bad value is a ConfigError naming the file(s) and the key."""
+        section, where = read_daemon_section(path)
+        unknown = set(section) - set(SETTINGS) - {"RamBudget"}
         if unknown:
-            raise ConfigError(f"{path}: unknown setting(s) in [Daemon]: {', '.join(sorted(unknown))}")
-        cfg = cls(ram_budget_bytes=parse_percent_or_size(section.get("RamBudget", "50%"), host_ram_bytes()))
-        for key, attr in (("LockTimeoutSec", "lock_timeout_ms"), ("AgentTimeoutSec", "agent_timeout_ms")):
+            raise ConfigError(f"{where}: unknown setting(s) in [Daemon]: {', '.join(sorted(unknown))}")
+        cfg = cls(ram_budget_bytes=_parsed(where, "RamBudget", parse_ram_budget, section.get("RamBudget", "50%")))
+        for key, (attr, parse) in SETTINGS.items():
             if key in section:
-                try:
-                    setattr(cfg, attr, int(float(section[key]) * 1000))
-                except ValueError:
-                    raise ConfigError(f"{path}: {key}={section[key]}: expected seconds") from None
-        choices = {
-            "CheckpointBackend": ("auto", "driver", "cli", "none"),
-            "UnitBackend": ("auto", "systemd", "cgroupfs"),
-            "RamBudgetAction": ("refuse", "stop-oldest"),
-        }
-        for key, allowed in choices.items():
-            value = section.get(key, "refuse" if key == "RamBudgetAction" else "auto")
-            if value not in allowed:
-                raise ConfigError(f"{path}: {key}={value}: expected one of {', '.join(allowed)}")
-        cfg.checkpoint_backend = section.get("CheckpointBackend", "auto")
-        cfg.unit_backend = section.get("UnitBackend", "auto")
-        cfg.cuda_checkpoint = section.get("CudaCheckpoint", cfg.cuda_checkpoint)
-        cfg.cgroup_root = section.get("CgroupRoot", cfg.cgroup_root)
-        cfg.metrics_listen = section.get("MetricsListen", "")
-        if cfg.metrics_listen and not cfg.metrics_listen.rpartition(":")[2].isdigit():
-            raise ConfigError(f"{path}: MetricsListen={cfg.metrics_listen}: expected HOST:PORT")
-        cfg.metrics_textfile = section.get("MetricsTextfile", "")
-        cfg.ram_budget_action = section.get("RamBudgetAction", "refuse")
-        for key, attr in (
-            ("IdleFreezeSec", "idle_freeze_sec"),
-            ("EndedModelTTLSec", "ended_model_ttl_sec"),
-            ("MaxModelsPerUser", "max_models_per_user"),
-        ):
-            value = section.get(key, str(getattr(cfg, attr))).strip()
-            if not value.isdigit():
-                raise ConfigError(f"{path}: {key}={value}: expected a whole number (0: off)")
-            setattr(cfg, attr, int(value))
-        if "MaxCommandBytesPerUser" in section:
-            try:
-                cfg.max_command_bytes_per_user = parse_size(section["MaxCommandBytesPerUser"])
-            except ConfigError as e:
-                raise ConfigError(f"{path}: MaxCommandBytesPerUser: {e}") from None
-        cfg.evict_on_thaw = parse_boolean(section.get("EvictOnThaw", "no"), f"{path}: EvictOnThaw")
-        for key, attr in (
-            ("MaxUserPriority", "max_user_priority"),
-            ("UnprivilegedPortStart", "unprivileged_port_start"),
-        ):
-            if key in section:
-                try:
-                    setattr(cfg, attr, int(section[key]))
-                except ValueError:
-                    raise ConfigError(f"{path}: {key}={section[key]}: expected a whole number") from None
-        cfg.wake_allow_ports = parse_ports(section.get("WakeAllowPorts", ""), f"{path}: WakeAllowPorts")
-        cfg.wake_allow_addresses = parse_addresses(section.get("WakeAllowAddresses", ""), f"{path}: WakeAllowAddresses")
+                setattr(cfg, attr, _parsed(where, key, parse, section[key]))
         return cfg
 
 
-def parse_ports(text: str, what: str) -> frozenset[int]:
-    """Space-separated ports and ranges (80 443 8000-8099)."""
-    ports: set[int] = set()
-    for item in text.split():
-        low, _, high = item.partition("-")
-        try:
-            first, last = int(low), int(high or low)
-        except ValueError:
-            raise ConfigError(f"{what}={text}: {item!r} is not a port or a range of ports") from None
-        if not 1 <= first <= last <= 65535:
-            raise ConfigError(f"{what}={text}: {item!r} is not within 1-65535")
-        ports.update(range(first, last + 1))
-    return frozenset(ports)
-
-
-def parse_addresses(text: str, what: str) -> frozenset[str]:
-    """Space-separated IP addresses, kept in their normal form (:: and 0:0::0 are one)."""
+def _parsed(where: str, key: str, parse: Callable[[str], T], text: str) -> T:
     try:
-        return frozenset(str(ipaddress.ip_address(item)) for item in text.split())
-    except ValueError as e:
-        raise ConfigError(f"{what}={text}: {e}") from None
+        return parse(text)
+    except ValueError as e:  # ConfigError included
+        raise ConfigError(f"{where}: {key}={text}: {e}") from None
+
+
+def parse_ram_budget(text: str) -> int:
+    return parse_percent_or_size(text, host_ram_bytes())
+
+
+# Every setting of [Daemon] but RamBudget (required, default 50% of the host's RAM): key -> (Config field, parser).
+# A parser raises ValueError with what it expected; load() names the file and the key.
+SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "LockTimeoutSec": ("lock_timeout_ms", parse_milliseconds),
+    "AgentTimeoutSec": ("agent_timeout_ms", parse_milliseconds),
+    "CheckpointBackend": ("checkpoint_backend", one_of("auto", "driver", "cli", "none")),
+    "UnitBackend": ("unit_backend", one_of("auto", "systemd", "cgroupfs")),
+    "RamBudgetAction": ("ram_budget_action", one_of("refuse", "stop-oldest")),
+    "CudaCheckpoint": ("cuda_checkpoint", str),
+    "CgroupRoot": ("cgroup_root", str),
+    "MetricsListen": ("metrics_listen", parse_listen),
+    "MetricsTextfile": ("metrics_textfile", str),
+    "IdleFreezeSec": ("idle_freeze_sec", parse_count),
+    "EndedModelTTLSec": ("ended_model_ttl_sec", parse_count),
+    "MaxModelsPerUser": ("max_models_per_user", parse_count),
+    "MaxCommandBytesPerUser": ("max_command_bytes_per_user", validate.parse_size),
+    "EvictOnThaw": ("evict_on_thaw", parse_boolean),
+    "MaxUserPriority": ("max_user_priority", parse_int),
+    "UnprivilegedPortStart": ("unprivileged_port_start", parse_int),
+    "WakeAllowPorts": ("wake_allow_ports", parse_ports),
+    "WakeAllowAddresses": ("wake_allow_addresses", parse_addresses),
+}
+
+
+def read_daemon_section(path: str) -> tuple[dict[str, str], str]:
+    """[Daemon] of `path` and of its drop-ins PATH.d/*.conf, read after it in lexical order of their names, and the
+    files it came from (for errors). strict=False: a key or section given twice is no error, the last one wins
+    (systemd's rule), also across files. A missing main file is no error: every setting has a default."""
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"), strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    dropins = sorted(glob.glob(os.path.join(glob.escape(path + ".d"), "*.conf")))
+    for name in [path, *dropins]:
+        try:
+            with open(name) as f:
+                parser.read_file(f)
+        except FileNotFoundError:
+            pass
+        except configparser.Error as e:
+            raise ConfigError(f"{name}: {e.message}") from None
+    where = f"{path} (and {', '.join(dropins)})" if dropins else path
+    return (dict(parser["Daemon"]) if parser.has_section("Daemon") else {}), where
