@@ -21,7 +21,8 @@ from fake_units import FakeUnits
 
 from gpuschedd.bus import polkit
 from gpuschedd.bus.connection import current_message
-from gpuschedd.bus.service import POLICY_OPTIONS, ManagerInterface, ModelInterface, _parse_options
+from gpuschedd.bus.manager import ManagerInterface, parse_options
+from gpuschedd.bus.model_object import ModelInterface
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
@@ -29,7 +30,7 @@ from gpuschedd.errors import AccessDenied, GpuschedError, InvalidArgs
 from gpuschedd.events import EngineListener, Event, EventKind
 from gpuschedd.journal import journal_fields
 from gpuschedd.model import State
-from gpuschedd.options import RunOptions
+from gpuschedd.options import Policies, RunOptions
 from gpuschedd.telemetry import NoGpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -224,7 +225,7 @@ async def test_engine_never_gives_a_non_root_caller_a_root_process(engine: Engin
 
 
 def test_run_options_types_and_keys() -> None:
-    opts = _parse_options(
+    opts = parse_options(
         {
             "Description": Variant("s", "d"),
             "WorkingDirectory": Variant("s", "/srv"),
@@ -262,17 +263,17 @@ def test_run_options_types_and_keys() -> None:
     ]
     for options in bad:
         with pytest.raises(InvalidArgs) as info:
-            _parse_options(options)
+            parse_options(options)
         # short whatever the caller sent (an unknown key is cut; the list of known keys is fixed)
         assert len(info.value.message) < 256 and "typing" not in info.value.message and "\0" not in info.value.message
 
 
 def test_adopt_takes_the_policy_options_of_run_and_no_others() -> None:
     policies = {"Priority": Variant("i", -2), "IdleFreezeSec": Variant("u", 300), "FrozenTTLSec": Variant("t", 60)}
-    for known in (POLICY_OPTIONS, (*policies, "Description")):
-        opts = _parse_options(policies, known)
+    for cls in (Policies, RunOptions):
+        opts = parse_options(policies, cls)
         assert (opts.priority, opts.idle_freeze_sec, opts.frozen_ttl_sec) == (-2, 300, 60)
-    assert _parse_options({}, POLICY_OPTIONS).idle_freeze_sec == -1  # absent: the daemon's IdleFreezeSec=
+    assert parse_options({}, Policies).idle_freeze_sec == -1  # absent: the daemon's IdleFreezeSec=
     bad = [
         {"Description": Variant("s", "d")},  # about starting a unit: Run's alone
         {"Port": Variant("q", 8000), "BackendPort": Variant("q", 8001)},
@@ -283,7 +284,7 @@ def test_adopt_takes_the_policy_options_of_run_and_no_others() -> None:
     ]
     for options in bad:
         with pytest.raises(InvalidArgs) as info:
-            _parse_options(options, POLICY_OPTIONS)
+            parse_options(options, Policies)
         assert "Priority" in info.value.message or "FrozenTTLSec" in info.value.message or "type" in info.value.message
 
 
