@@ -17,21 +17,18 @@ from typing import Any
 import pytest
 from dbus_fast import Message, MessageFlag, Variant
 from dbus_fast.errors import DBusError
-from fake_units import FakeUnits
+from engine_kit import Recorder
 
 from gpuschedd.bus import polkit
 from gpuschedd.bus.connection import current_message
 from gpuschedd.bus.manager import ManagerInterface, parse_options
 from gpuschedd.bus.model_object import ModelInterface
-from gpuschedd.checkpoint import NoCheckpoint
-from gpuschedd.config import Config
 from gpuschedd.engine import Engine
 from gpuschedd.errors import AccessDenied, GpuschedError, InvalidArgs
-from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.events import EventKind
 from gpuschedd.journal import journal_fields
 from gpuschedd.model import State
 from gpuschedd.options import Policies, RunOptions
-from gpuschedd.telemetry import NoGpus
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "polkit" / "org.gpusched1.policy"
@@ -61,13 +58,6 @@ class FakeAuthority(polkit.Authority):
         if uid == 0 or (uid, action) in self.allowed:
             return uid
         raise AccessDenied(f"not authorized for {action}")
-
-
-@pytest.fixture
-async def engine() -> Engine:
-    eng = Engine(FakeUnits(), NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1 << 30))
-    await eng.start()
-    return eng
 
 
 @pytest.fixture
@@ -419,18 +409,10 @@ async def test_running_a_name_again_over_someone_elses_ended_model_needs_control
 # ----------------------------------------------------------------- errors answered to callers become journal events
 
 
-class Events(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-
 async def test_refusals_and_failures_are_events_naming_caller_method_and_error(
     manager: ManagerInterface, engine: Engine, authority: FakeAuthority
 ) -> None:
-    events = Events()
+    events = Recorder()
     engine.add_listener(events)
     await engine.run("roots", ["/bin/true"], RunOptions(), 0)
     with as_(":1.2"):
@@ -459,7 +441,7 @@ async def test_refusals_and_failures_are_events_naming_caller_method_and_error(
 
 
 async def test_an_error_the_engine_reported_is_not_reported_twice(engine: Engine) -> None:
-    events = Events()
+    events = Recorder()
     engine.add_listener(events)
     error = InvalidArgs("x")
     engine.report_error(error, "m", "first", {})
