@@ -43,8 +43,8 @@ class Option:
     """How one option travels. `signatures`: the D-Bus types accepted (the first is what the SDK sends); `check`:
     a caller's value to the field's (raises InvalidArgs, or ValueError that the bus layer names the option in);
     `flags`: the CLI's (none: the CLI does not offer it); `cli`: how the CLI reads it (`int`, `str`, `flag`,
-    `list`: comma-separated, `append`: repeatable, `size`: 8G, 512M); `policy`: Adopt and AdoptProcesses take it
-    too."""
+    `list`: comma-separated, `append`: repeatable, `size`: 8G, 512M). Those of Policies are also
+    Adopt's and AdoptProcesses'."""
 
     key: str
     signatures: tuple[str, ...]
@@ -52,7 +52,6 @@ class Option:
     flags: tuple[str, ...] = ()
     cli: str = "str"
     help: str = ""
-    policy: bool = False
 
 
 def option(key: str, signatures: str, default: Any, check: Callable[[Any], Any], **how: Any) -> Any:
@@ -75,7 +74,6 @@ class Policies:
         int,
         flags=("--priority",),
         cli="int",
-        policy=True,
         help="eviction priority (higher is evicted later)",
     )
     # freeze after this long without GPU use; -1 (absent): the daemon's IdleFreezeSec=, 0: never
@@ -86,7 +84,6 @@ class Policies:
         _policy_seconds,
         flags=("--idle-freeze-sec",),
         cli="int",
-        policy=True,
         help="freeze after this long without GPU use (0: never)",
     )
     # stop the model once frozen this long; 0: never
@@ -97,13 +94,14 @@ class Policies:
         _policy_seconds,
         flags=("--frozen-ttl-sec",),
         cli="int",
-        policy=True,
         help="stop after this long frozen (0: never)",
     )
 
 
 @dataclass
 class RunOptions(Policies):
+    """Run's options: the policies, and what starting a unit needs (Adopt and AdoptProcesses take no others)."""
+
     description: str = option("Description", "s", "", validate.description, flags=("--description",))
     working_directory: str = option(
         "WorkingDirectory",
@@ -196,11 +194,6 @@ def declared(cls: type[Policies] = RunOptions) -> list[tuple[dataclasses.Field[A
 
 def default_of(f: dataclasses.Field[Any]) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-
-
-RUN_KEYS = tuple(spec.key for _f, spec in declared(RunOptions))
-# What Adopt and AdoptProcesses take: the policies. The rest is about starting a unit, which they do not.
-POLICY_KEYS = tuple(spec.key for _f, spec in declared(Policies))
 
 
 def to_dbus(kwargs: dict[str, Any], cls: type[Policies] = RunOptions) -> dict[str, tuple[str, Any]]:

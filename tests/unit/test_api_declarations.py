@@ -118,8 +118,11 @@ def test_options_doc_sdk_and_cli_follow_the_declarations() -> None:
     }  # type: ignore[union-attr]
     for f, spec in specs:
         key, types, keyword, flag, policy, _what = rows[spec.key]
-        assert (types, keyword, policy) == (" or ".join(spec.signatures), f.name, "yes" if spec.policy else "")
-        assert spec.policy == (f.name in policy_fields)
+        assert (types, keyword, policy) == (
+            " or ".join(spec.signatures),
+            f.name,
+            "yes" if f.name in policy_fields else "",
+        )
         assert flag == ", ".join(spec.flags) and set(spec.flags) <= flags
         # The XML's Run comment names each key with its type.
         assert re.search(rf"\b{key} \({' or '.join(spec.signatures)}\b", ET.tostring(XML, encoding="unicode")) or (
