@@ -156,3 +156,14 @@ def test_sdk_keywords_round_trip_through_the_bus_parser() -> None:
     assert set(client._options({"priority": 3}, Policies)) == {"Priority"}
     with pytest.raises(TypeError):
         client._options({"description": "d"}, Policies)  # Adopt takes the policies only
+
+
+def test_shell_completion_offers_every_declared_flag() -> None:
+    """completion/gpusched lists the flags by hand (bash cannot ask argparse): each declared flag is there, run's
+    on run's line, the policies' on adopt's too."""
+    lines = (REPO / "completion" / "gpusched").read_text().splitlines()
+    offered = [set(line.split('"')[1].split()) for line in lines if line.strip().startswith("options+=")]
+    run_line = next(flags for flags in offered if "--name" in flags)
+    adopt_line = next(flags for flags in offered if "--unit" in flags)
+    assert {flag for _f, spec in declared(RunOptions) for flag in spec.flags} <= run_line
+    assert {flag for _f, spec in declared(Policies) for flag in spec.flags} <= adopt_line
