@@ -407,7 +407,10 @@ def add_option_flags(parser: argparse.ArgumentParser, cls: type[Policies], skip:
     skipped = {f.name for f, _spec in declared(skip)} if skip else set()
     for f, spec in declared(cls):
         if spec.flags and f.name not in skipped:
-            parser.add_argument(*spec.flags, dest=f.name, default=None, help=spec.help or None, **_CLI_READS[spec.cli])
+            reads = dict(_CLI_READS[spec.cli])
+            if spec.cli != "flag":
+                reads.setdefault("metavar", spec.flags[-1].lstrip("-").upper().replace("-", "_"))  # --workdir WORKDIR
+            parser.add_argument(*spec.flags, dest=f.name, default=None, help=spec.help or None, **reads)
 
 
 def option_args(args: argparse.Namespace, cls: type[Policies]) -> dict[str, Any]:
