@@ -167,3 +167,20 @@ def test_shell_completion_offers_every_declared_flag() -> None:
     adopt_line = next(flags for flags in offered if "--unit" in flags)
     assert {flag for _f, spec in declared(RunOptions) for flag in spec.flags} <= run_line
     assert {flag for _f, spec in declared(Policies) for flag in spec.flags} <= adopt_line
+
+
+def test_cli_flags_become_the_sdk_keywords() -> None:
+    from gpuschedd.cli import option_args
+
+    argv = ["run", "--name", "m", "--priority", "3", "--gpus", "0,1", "-E", "A=1", "-E", "B=2", "--gpu-memory", "8G"]
+    args = build_parser().parse_args([*argv, "--agent", "--idle-freeze-sec", "0", "--", "serve"])
+    assert option_args(args, RunOptions) == {
+        "priority": 3,
+        "idle_freeze_sec": 0,
+        "environment": ["A=1", "B=2"],
+        "gpus": ["0", "1"],
+        "gpu_memory": 8 << 30,
+        "agent": True,
+    }
+    adopt = build_parser().parse_args(["adopt", "m", "--unit", "x.service", "--frozen-ttl-sec", "60"])
+    assert option_args(adopt, Policies) == {"frozen_ttl_sec": 60}
