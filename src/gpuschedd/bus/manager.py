@@ -22,12 +22,12 @@ from .service import (
     MANAGE,
     READ,
     RUN,
+    Authorizing,
     Exported,
     ModelRows,
     NameAndPath,
     PidList,
     StrList,
-    _Authorizing,
     caller_uid,
     exporting,
     exposed,
@@ -104,7 +104,7 @@ MANAGER_PROPERTIES = (
 
 
 @exporting(MANAGER_PROPERTIES)
-class ManagerInterface(_Authorizing, ServiceInterface):
+class ManagerInterface(Authorizing, ServiceInterface):
     """/org/gpusched1: the model table's methods (handlers: read the arguments, polkit, the engine, reply)."""
 
     def __init__(self, engine: Engine, authority: polkit.Authority) -> None:

@@ -12,7 +12,7 @@ from ..model import Model
 from ..names import MODEL_IFACE
 from . import polkit
 from .connection import current_message
-from .service import CONTROL, Exported, StrList, _Authorizing, exporting, exposed
+from .service import CONTROL, Authorizing, Exported, StrList, exporting, exposed
 
 
 def _model(attribute: str) -> Any:
@@ -48,7 +48,7 @@ MODEL_PROPERTIES = (
 
 
 @exporting(MODEL_PROPERTIES)
-class ModelInterface(_Authorizing, ServiceInterface):
+class ModelInterface(Authorizing, ServiceInterface):
     """/org/gpusched1/model/NAME: one model's methods and properties."""
 
     def __init__(self, engine: Engine, authority: polkit.Authority, model: Model) -> None:

@@ -91,7 +91,7 @@ def exposed(access: str = MANAGE, precheck: Callable[..., object] | None = None)
     return decorate
 
 
-class _Authorizing:
+class Authorizing:
     """Shared by both interfaces: resolve the action for a call and ask polkit."""
 
     engine: Engine
