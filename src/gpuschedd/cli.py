@@ -22,6 +22,7 @@ from .client import GpuSched
 from .errors import GpuschedError, NoSuchModel
 from .formatting import Progress, colors, event_line, human_bytes, list_rows, manager_lines, model_lines, print_table
 from .names import model_unit, validate_model_name
+from .options import Policies, RunOptions, declared
 from .validate import parse_size
 
 EXIT_FAILURE = 1
@@ -161,6 +162,34 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M, 1.5T)") from None
 
 
+# How the CLI reads an option (options.Option.cli), as argparse arguments.
+_CLI_READS: dict[str, dict[str, Any]] = {
+    "str": {},
+    "int": {"type": int},
+    "flag": {"action": "store_true"},
+    "list": {"type": lambda text: [item for item in text.split(",") if item]},
+    "append": {"action": "append", "metavar": "NAME=VALUE"},
+    "size": {"type": size_arg, "metavar": "SIZE"},
+}
+
+
+def add_option_flags(parser: argparse.ArgumentParser, cls: type[Policies], skip: type[Policies] | None = None) -> None:
+    """A flag per declared option of `cls` (not those of `skip`), stored under the SDK keyword (the field name),
+    None when not given: the SDK then sends nothing and the daemon's default applies."""
+    skipped = {f.name for f, _spec in declared(skip)} if skip else set()
+    for f, spec in declared(cls):
+        if spec.flags and f.name not in skipped:
+            reads = dict(_CLI_READS[spec.cli])
+            if spec.cli != "flag":
+                reads.setdefault("metavar", spec.flags[-1].lstrip("-").upper().replace("-", "_"))  # --workdir WORKDIR
+            parser.add_argument(*spec.flags, dest=f.name, default=None, help=spec.help or None, **reads)
+
+
+def option_args(args: argparse.Namespace, cls: type[Policies]) -> dict[str, Any]:
+    """The options given on the command line, as the SDK's keywords."""
+    return {f.name: getattr(args, f.name) for f, _spec in declared(cls) if getattr(args, f.name, None) is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The global options work before or after the command word (`gpusched --json list`, `gpusched list --json`):
     # the subcommands' copies default to SUPPRESS so they never overwrite a value given earlier.
@@ -180,43 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpusched {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    # The policies of every new model, run or adopted (docs/configuration.md); defaults are left to the daemon.
+    # The policies of every new model, run or adopted (docs/configuration.md), and Run's other options: their
+    # flags come from their declarations (options.py); an option not given is left to the daemon.
     policies = argparse.ArgumentParser(add_help=False)
-    policies.add_argument("--priority", type=int, default=0, help="eviction priority (higher is evicted later)")
-    policies.add_argument(
-        "--idle-freeze-sec", type=int, default=None, help="freeze after this long without GPU use (0: never)"
-    )
-    policies.add_argument("--frozen-ttl-sec", type=int, default=0, help="stop after this long frozen (0: never)")
-
+    add_option_flags(policies, Policies)
     run = sub.add_parser(
         "run", parents=[common, policies], help="run a command as a model (unit gpusched-model@NAME.service)"
     )
     run.add_argument("--name", required=True)
-    run.add_argument("--description", default="")
-    run.add_argument(
-        "--workdir",
-        default=None,
-        help="working directory (default: the current one, so relative paths in the command work)",
-    )
-    run.add_argument("-E", "--setenv", action="append", default=[], metavar="NAME=VALUE")
-    run.add_argument("--gpus", default="", help="comma-separated GPU indices or UUIDs (CUDA_VISIBLE_DEVICES)")
-    run.add_argument("--user", default="", help="run as this user (needs the manage privilege)")
-    run.add_argument(
-        "--gpu-memory",
-        type=size_arg,
-        default=0,
-        metavar="SIZE",
-        help="GPU memory the model needs free on each of its GPUs before it starts (e.g. 8G)",
-    )
-    run.add_argument("--port", type=int, default=0, help="wake on first connection: the public TCP port")
-    run.add_argument("--backend-port", type=int, default=0, help="the port the model serves on, on 127.0.0.1")
-    run.add_argument("--listen-address", default="", help="the public port's address (default: every address)")
-    run.add_argument("--agent", action="store_true", help="the model enables gpuschedd.agent: the fast path")
-    run.add_argument(
-        "--keep-context",
-        action="store_true",
-        help="with --agent: a freeze leaves the CUDA contexts on the GPU (faster; some VRAM stays held)",
-    )
+    add_option_flags(run, RunOptions, skip=Policies)
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     for verb, text in (
@@ -309,11 +310,6 @@ def report_new_model(gs: GpuSched, name: str, path: str, verb: str, as_json: boo
         print(f"{verb} {name} as unit {info['Unit']}")
 
 
-def policy_args(args: argparse.Namespace) -> dict[str, Any]:
-    """--priority, --idle-freeze-sec, --frozen-ttl-sec, as the SDK's keywords (run and adopt take them alike)."""
-    return {"priority": args.priority, "idle_freeze_sec": args.idle_freeze_sec, "frozen_ttl_sec": args.frozen_ttl_sec}
-
-
 def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     simple: dict[str, Callable[[str], Any]] = {"stop": gs.stop, "forget": gs.forget}
     if args.command in simple:
@@ -325,7 +321,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     elif args.command == "swap":
         swap(gs, args.freeze_name, args.thaw_name, args.json)
     elif args.command == "adopt":
-        given = policy_args(args)
+        given = option_args(args, Policies)
         path = (
             gs.adopt(args.name, args.unit, **given) if args.unit else gs.adopt_processes(args.name, args.pid, **given)
         )
@@ -338,22 +334,10 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         else:
             print(f"{args.name} now runs on {' '.join(gpus)}")
     elif args.command == "run":
-        path = gs.run(
-            args.name,
-            command,
-            description=args.description,
-            working_directory=os.path.abspath(args.workdir) if args.workdir is not None else os.getcwd(),
-            environment=args.setenv,
-            gpus=[g for g in args.gpus.split(",") if g],
-            user=args.user,
-            port=args.port,
-            backend_port=args.backend_port,
-            listen_address=args.listen_address,
-            gpu_memory=args.gpu_memory,
-            **policy_args(args),
-            agent=args.agent,
-            keep_context=args.keep_context,
-        )
+        given = option_args(args, RunOptions)
+        # The default working directory is the caller's, so relative paths in the command work.
+        given["working_directory"] = os.path.abspath(given.get("working_directory") or os.getcwd())
+        path = gs.run(args.name, command, **given)
         report_new_model(gs, args.name, path, "Running", args.json)
     elif args.command == "list":
         models = gs.models()

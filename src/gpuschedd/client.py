@@ -29,6 +29,7 @@ from dbus_fast.aio import MessageBus
 
 from .errors import ALL_ERRORS, GpuschedError
 from .names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE, MODEL_PATH_PREFIX, model_name_from_path
+from .options import Policies, RunOptions, to_dbus
 
 T = TypeVar("T")
 
@@ -189,18 +190,10 @@ class EventStream:
         await self.close()
 
 
-def _options(
-    given: list[tuple[str, str, Any]], priority: int, idle_freeze_sec: int | None, frozen_ttl_sec: int
-) -> dict[str, Variant]:
-    """A method's a{sv} options: `given` (key, signature, value) and the policies every new model takes. An option
-    left at its default is not sent, so the daemon's default applies (IdleFreezeSec=0 is sent: never)."""
-    given = [
-        *given,
-        ("Priority", "i", priority),
-        ("IdleFreezeSec", "t", idle_freeze_sec),
-        ("FrozenTTLSec", "t", frozen_ttl_sec),
-    ]
-    return {key: Variant(sig, value) for key, sig, value in given if value or (value == 0 and key == "IdleFreezeSec")}
+def _options(keywords: dict[str, Any], cls: type[Policies] = RunOptions) -> dict[str, Variant]:
+    """A method's a{sv} options from the SDK's keywords: the field names of the declarations in options.py. An option
+    left at its default is not sent, so the daemon's default applies (idle_freeze_sec=0 is sent: never)."""
+    return {key: Variant(signature, value) for key, (signature, value) in to_dbus(keywords, cls).items()}
 
 
 class AsyncGpuSched:
@@ -259,46 +252,15 @@ class AsyncGpuSched:
 
     # ------------------------------------------------------------- actions
 
-    async def run(
-        self,
-        name: str,
-        argv: list[str],
-        *,
-        description: str = "",
-        working_directory: str = "",
-        environment: list[str] | None = None,
-        gpus: list[str] | None = None,
-        user: str = "",
-        port: int = 0,
-        backend_port: int = 0,
-        listen_address: str = "",
-        priority: int = 0,
-        idle_freeze_sec: int | None = None,
-        frozen_ttl_sec: int = 0,
-        gpu_memory: int = 0,
-        agent: bool = False,
-        keep_context: bool = False,
-    ) -> str:
+    async def run(self, name: str, argv: list[str], **options: Any) -> str:
         """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path. The options are
-        Run's (docs/dbus-api.md): port/backend_port/listen_address wake the model on a connection,
+        Run's (docs/dbus-api.md), by the field names of options.RunOptions: description, working_directory,
+        environment, gpus, user; port/backend_port/listen_address wake the model on a connection;
         priority/idle_freeze_sec/frozen_ttl_sec are its policies (docs/configuration.md), gpu_memory the bytes it
         needs free on each of its GPUs before it starts (InsufficientGpuMemory when they cannot be had), agent the
-        fast path and keep_context its freezes that leave the CUDA contexts on the GPU (docs/fast-path.md)."""
-        given: list[tuple[str, str, Any]] = [
-            ("Description", "s", description),
-            ("WorkingDirectory", "s", working_directory),
-            ("Environment", "as", environment),
-            ("Gpus", "as", gpus),
-            ("User", "s", user),
-            ("Port", "q", port),
-            ("BackendPort", "q", backend_port),
-            ("ListenAddress", "s", listen_address),
-            ("GpuMemory", "t", gpu_memory),
-            ("Agent", "b", agent),
-            ("KeepContext", "b", keep_context),
-        ]
-        options = _options(given, priority, idle_freeze_sec, frozen_ttl_sec)
-        [path] = await self._call("Run", "sasa{sv}", [name, argv, options])
+        fast path and keep_context its freezes that leave the CUDA contexts on the GPU (docs/fast-path.md). An
+        unknown keyword is a TypeError."""
+        [path] = await self._call("Run", "sasa{sv}", [name, argv, _options(options)])
         return str(path)
 
     async def freeze(self, name: str) -> None:
@@ -317,28 +279,16 @@ class AsyncGpuSched:
     async def forget(self, name: str) -> None:
         await self._call("Forget", "s", [name])
 
-    async def adopt(
-        self, name: str, unit: str, *, priority: int = 0, idle_freeze_sec: int | None = None, frozen_ttl_sec: int = 0
-    ) -> str:
+    async def adopt(self, name: str, unit: str, **policies: Any) -> str:
         """Manage an existing unit (vllm.service) in place as model `name`; returns its object path. The policies
-        are Run's."""
-        options = _options([], priority, idle_freeze_sec, frozen_ttl_sec)
-        [path] = await self._call("Adopt", "ssa{sv}", [name, unit, options])
+        are Run's (priority, idle_freeze_sec, frozen_ttl_sec)."""
+        [path] = await self._call("Adopt", "ssa{sv}", [name, unit, _options(policies, Policies)])
         return str(path)
 
-    async def adopt_processes(
-        self,
-        name: str,
-        pids: list[int],
-        *,
-        priority: int = 0,
-        idle_freeze_sec: int | None = None,
-        frozen_ttl_sec: int = 0,
-    ) -> str:
+    async def adopt_processes(self, name: str, pids: list[int], **policies: Any) -> str:
         """Move running processes into the scope gpusched-adopt-NAME.scope as model `name`; returns its path. The
-        policies are Run's."""
-        options = _options([], priority, idle_freeze_sec, frozen_ttl_sec)
-        [path] = await self._call("AdoptProcesses", "saua{sv}", [name, pids, options])
+        policies are Run's (priority, idle_freeze_sec, frozen_ttl_sec)."""
+        [path] = await self._call("AdoptProcesses", "saua{sv}", [name, pids, _options(policies, Policies)])
         return str(path)
 
     async def migrate(self, name: str, gpu: str) -> None:

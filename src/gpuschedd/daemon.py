@@ -16,8 +16,9 @@ from dbus_fast.constants import NameFlag
 
 from . import __version__
 from .bus.connection import connect_system_bus
+from .bus.manager import ManagerInterface
 from .bus.polkit import Authority
-from .bus.service import BusPublisher, ManagerInterface
+from .bus.publisher import BusPublisher
 from .checkpoint.choose import BackendUnavailable, choose_checkpoint
 from .config import DEFAULT_PATH, Config, ConfigError
 from .engine import Engine

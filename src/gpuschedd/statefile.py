@@ -29,10 +29,12 @@ write succeeds; every change retries) and it is kept, not removed, because what 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,73 +61,40 @@ def boot_id() -> str:
         return ""
 
 
+# How a record's value becomes a Model field's, by the field's type (model.py's annotations, as strings): the
+# record's fields follow the Model's, so a field added there is saved and loaded without an edit here.
+_READ: dict[str, Callable[[Any], Any]] = {
+    "str": str,
+    "int": int,
+    "bool": bool,
+    "State": State,
+    "list[str]": lambda value: [str(x) for x in value],
+    "list[int]": lambda value: [int(x) for x in value],
+    "dict[str, int]": lambda value: {str(k): int(v) for k, v in dict(value).items()},
+}
+# Saved: every field but the lock. Required in a record: the identity and the state; the rest have defaults.
+_SAVED = [f for f in dataclasses.fields(Model) if f.compare]
+_REQUIRED = ("name", "unit", "owner", "state")
+
+
 def model_to_dict(model: Model) -> dict[str, Any]:
-    return {
-        "name": model.name,
-        "unit": model.unit,
-        "owner": model.owner,
-        "command": list(model.command),
-        "environment_bytes": model.environment_bytes,
-        "state": str(model.state),
-        "main_pid": model.main_pid,
-        "pids": list(model.pids),
-        "gpus": list(model.gpus),
-        "vram_bytes": model.vram_bytes,
-        "snapshot_bytes": model.snapshot_bytes,
-        "vram_by_gpu": dict(model.vram_by_gpu),
-        "cuda_pids": list(model.cuda_pids),
-        "last_freeze_usec": model.last_freeze_usec,
-        "last_thaw_usec": model.last_thaw_usec,
-        "state_change_usec": model.state_change_usec,
-        "priority": model.priority,
-        "idle_freeze_sec": model.idle_freeze_sec,
-        "frozen_ttl_sec": model.frozen_ttl_sec,
-        "last_active_usec": model.last_active_usec,
-        "agent": model.agent,
-        "keep_context": model.keep_context,
-        "freeze_path": model.freeze_path,
-        "parked_bytes": model.parked_bytes,
-        "port": model.port,
-        "backend_port": model.backend_port,
-        "listen_address": model.listen_address,
-    }
+    return {f.name: _plain(getattr(model, f.name)) for f in _SAVED}
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as JSON has it: a State as its string, containers copied."""
+    if isinstance(value, State):
+        return str(value)
+    return type(value)(value) if isinstance(value, list | dict) else value
 
 
 def model_from_dict(data: dict[str, Any]) -> Model:
-    """A Model from its record; raises (KeyError, ValueError, TypeError) on a malformed one."""
-
-    def ints(key: str) -> list[int]:
-        return [int(x) for x in data.get(key, [])]
-
-    return Model(
-        name=str(data["name"]),
-        unit=str(data["unit"]),
-        owner=int(data["owner"]),
-        command=[str(x) for x in data.get("command", [])],
-        environment_bytes=int(data.get("environment_bytes", 0)),
-        state=State(data["state"]),
-        main_pid=int(data.get("main_pid", 0)),
-        pids=ints("pids"),
-        gpus=[str(x) for x in data.get("gpus", [])],
-        vram_bytes=int(data.get("vram_bytes", 0)),
-        snapshot_bytes=int(data.get("snapshot_bytes", 0)),
-        vram_by_gpu={str(k): int(v) for k, v in dict(data.get("vram_by_gpu", {})).items()},
-        cuda_pids=ints("cuda_pids"),
-        last_freeze_usec=int(data.get("last_freeze_usec", 0)),
-        last_thaw_usec=int(data.get("last_thaw_usec", 0)),
-        state_change_usec=int(data.get("state_change_usec", 0)),
-        priority=int(data.get("priority", 0)),
-        idle_freeze_sec=int(data.get("idle_freeze_sec", -1)),
-        frozen_ttl_sec=int(data.get("frozen_ttl_sec", 0)),
-        last_active_usec=int(data.get("last_active_usec", 0)) or now_usec(),
-        agent=bool(data.get("agent", False)),
-        keep_context=bool(data.get("keep_context", False)),
-        freeze_path=str(data.get("freeze_path", "")),
-        parked_bytes=int(data.get("parked_bytes", 0)),
-        port=int(data.get("port", 0)),
-        backend_port=int(data.get("backend_port", 0)),
-        listen_address=str(data.get("listen_address", "")),
-    )
+    """A Model from its record; raises (KeyError, ValueError, TypeError) on a malformed one. A field the record
+    lacks (written by an older daemon) takes the Model's default; a record never active takes now."""
+    values = {f.name: _READ[str(f.type)](data[f.name]) for f in _SAVED if f.name in data or f.name in _REQUIRED}
+    model = Model(**values)
+    model.last_active_usec = model.last_active_usec or now_usec()
+    return model
 
 
 @dataclass

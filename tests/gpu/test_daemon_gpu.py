@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from polling import wait_until
+
 pytestmark = pytest.mark.gpu
 
 MODEL = str(Path(__file__).with_name("torch_model.py"))
@@ -46,13 +49,12 @@ def daemon() -> None:
 
 
 def ready(d: Path) -> list[int]:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        found = [int(f.name.split(".")[1]) for f in d.glob("status.*") if not f.name.endswith(".tmp")]
-        if found:
-            return found
-        time.sleep(0.1)
-    raise TimeoutError("model not ready")
+    return wait_until(
+        f"the model in {d} to be ready",
+        lambda: [int(f.name.split(".")[1]) for f in d.glob("status.*") if not f.name.endswith(".tmp")],
+        120.0,
+        poll=0.1,
+    )
 
 
 def counter(d: Path, pid: int) -> int:
@@ -62,9 +64,7 @@ def counter(d: Path, pid: int) -> int:
 def verified(d: Path, pid: int) -> bool:
     """The model re-hashes its tensors (and replays its CUDA graph) and says whether they are as at its start."""
     os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 60
-    while not (d / f"verify.{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(f"process {pid}'s verification", (d / f"verify.{pid}").exists, 60.0, poll=0.1)
     return bool(json.loads((d / f"verify.{pid}").read_text())["ok"])
 
 

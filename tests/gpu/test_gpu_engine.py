@@ -24,6 +24,10 @@ from gpuschedd.hostmem import rss_bytes
 from gpuschedd.model import State
 from gpuschedd.options import RunOptions
 
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "unit")]
+from engine_kit import Recorder  # noqa: E402  (tests/unit's: the one event recorder)
+from polling import until  # noqa: E402  (tests/polling.py: the one wait-until helper)
+
 pytestmark = pytest.mark.gpu
 
 MODEL = str(Path(__file__).with_name("torch_model.py"))
@@ -73,13 +77,8 @@ def statuses(d: Path) -> dict[int, dict[str, object]]:
 
 
 async def wait_ready(d: Path, count: int, timeout: float = 120) -> dict[int, dict[str, object]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = statuses(d)
-        if len(s) >= count:
-            return s
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"{count} model process(es) not ready in {d}")
+    await until(f"{count} model process(es) ready in {d}", lambda: len(statuses(d)) >= count, timeout, poll=0.1)
+    return statuses(d)
 
 
 async def counters_move(d: Path, wait: float = 1.0) -> bool:
@@ -93,12 +92,8 @@ async def verify(d: Path, pids: list[int]) -> dict[int, bool]:
     for pid in pids:
         (d / f"verify.{pid}").unlink(missing_ok=True)
         os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if all((d / f"verify.{pid}").exists() for pid in pids):
-            return {pid: json.loads((d / f"verify.{pid}").read_text())["ok"] for pid in pids}
-        await asyncio.sleep(0.1)
-    raise TimeoutError("verify")
+    await until("every process's verification", lambda: all((d / f"verify.{pid}").exists() for pid in pids), 60.0)
+    return {pid: json.loads((d / f"verify.{pid}").read_text())["ok"] for pid in pids}
 
 
 async def run_model(
@@ -252,15 +247,10 @@ async def test_migrate_onto_the_same_gpu_is_an_identity_map(engine: Engine, tmp_
 async def test_idle_freeze_reads_real_per_process_utilization(engine: Engine, tmp_path: Path) -> None:
     """Issue 9 on the GPU: NVML's per-process utilization tells a model that computes (--matmul) from one that
     only holds its memory; after IdleFreezeSec only the idle one is frozen, with the reason in its event."""
-    from gpuschedd.events import EngineListener, Event, EventKind
+    from gpuschedd.events import EventKind
 
-    events: list[Event] = []
-
-    class Collect(EngineListener):
-        def event(self, event: Event) -> None:
-            events.append(event)
-
-    engine.add_listener(Collect())
+    recorder = Recorder()
+    engine.add_listener(recorder)
     idle, busy = tmp_path / "idle", tmp_path / "busy"
     await run_model(engine, "idle", idle, options=RunOptions(idle_freeze_sec=2))
     await run_model(engine, "busy", busy, "--matmul", options=RunOptions(idle_freeze_sec=2))
@@ -273,7 +263,7 @@ async def test_idle_freeze_reads_real_per_process_utilization(engine: Engine, tm
     assert engine.get("idle").state == State.FROZEN
     assert engine.get("busy").state == State.RUNNING
     assert await counters_move(busy)
-    [freeze] = [e for e in events if e.model == "idle" and e.kind == EventKind.FREEZE]
+    [freeze] = [e for e in recorder.events if e.model == "idle" and e.kind == EventKind.FREEZE]
     assert freeze.fields.get("GPUSCHED_REASON") == "idle", freeze
     assert "no GPU utilization" in freeze.message
     await engine.thaw("idle")

@@ -10,7 +10,6 @@ are reported as skipped instead of failing for the same reason.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Generator
 from pathlib import Path
@@ -22,17 +21,12 @@ sys.path.insert(0, str(HERE.parent / "system"))
 
 import sysutil  # noqa: E402  (tests/system's helpers, on the path only from here)
 
-ALLOWED = sysutil.in_sandbox() or os.environ.get("GPUSCHED_SYSTEM_TESTS") == "1"
+ALLOWED = sysutil.ALLOWED
 _failed_step: dict[Path, str] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip = pytest.mark.skip(reason="package tests install into / : run them in the sandbox (make package-tests)")
-    for item in items:
-        if HERE in item.path.parents:
-            item.add_marker(pytest.mark.system)
-            if not ALLOWED:
-                item.add_marker(skip)
+    sysutil.gate_to_sandbox(items, HERE, "package tests (make package-tests)")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

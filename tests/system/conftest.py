@@ -7,7 +7,6 @@ into the root filesystem — there an overlay in RAM, anywhere else the real sys
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Generator, Iterator
@@ -21,17 +20,11 @@ from sysutil import Models, run, wait_until
 from gpuschedd.testing.fakegpu import FakeGpuDir
 
 HERE = Path(__file__).resolve().parent
-# GPUSCHED_SYSTEM_TESTS=1 runs them on a machine of its own anyway (a throw-away VM): they install into / there.
-ALLOWED = sysutil.in_sandbox() or os.environ.get("GPUSCHED_SYSTEM_TESTS") == "1"
+ALLOWED = sysutil.ALLOWED
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip = pytest.mark.skip(reason="system tests install into / : run them in the sandbox (make system-tests)")
-    for item in items:
-        if HERE in item.path.parents:
-            item.add_marker(pytest.mark.system)
-            if not ALLOWED:
-                item.add_marker(skip)
+    sysutil.gate_to_sandbox(items, HERE, "system tests (make system-tests)")
 
 
 def journal(*args: str, since: float | None = None) -> str:

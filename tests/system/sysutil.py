@@ -9,12 +9,17 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))  # polling.py: the wait-until helper of every tier
+
+from polling import wait_until  # noqa: E402  (re-exported: the system tests import it from here)
+
 COUNTER = REPO / "examples" / "counter.py"
 # Models run as their own units, outside the test's scope: their files go where every unit sees them (not /tmp,
 # which a unit with PrivateTmp= would not share).
@@ -47,18 +52,6 @@ def run(
     return proc
 
 
-def wait_until(what: str, predicate: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-    """Poll until predicate() is truthy and return its value; fail with `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
-        time.sleep(POLL)
-
-
 def install_project() -> None:
     """Install the project into the guest as a package would (`make install`, offline from build/wheels), then what its
     maintainer scripts do (`make post-install`: sysusers, daemon-reload, dbus ReloadConfig). Starts nothing."""
@@ -77,6 +70,22 @@ def in_sandbox() -> bool:
         return Path("/run/systemd/container").read_text().strip() == "sysd-sandbox"
     except OSError:
         return False
+
+
+# The system and packaging tiers install into / : they run inside the sandbox's guest, where / is an overlay in RAM,
+# or where GPUSCHED_SYSTEM_TESTS=1 says the machine is a throw-away one (a VM of their own).
+ALLOWED = in_sandbox() or os.environ.get("GPUSCHED_SYSTEM_TESTS") == "1"
+
+
+def gate_to_sandbox(items: list[pytest.Item], here: Path, what: str) -> None:
+    """The one sandbox gate: mark the tests under `here` `system`, and skip them where they may not install into /.
+    `what`: the tier and its make target, for the skip's reason."""
+    skip = pytest.mark.skip(reason=f"{what} install into / : run them in the sandbox")
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.system)
+            if not ALLOWED:
+                item.add_marker(skip)
 
 
 # --- D-Bus through busctl (the tool an admin would use) ---------------------------------------------------------

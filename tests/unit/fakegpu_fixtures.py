@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from counters import moves, still
+from polling import wait_until
 
 from gpuschedd.testing.fakegpu import FakeGpuDir
 
@@ -28,17 +28,6 @@ GPU0 = "GPU-a1b2c3d4-0000-1111-2222-333344445555"
 GPU1 = "GPU-a1b2c3d4-0000-1111-2222-666677778888"
 GIB = 1 << 30
 MIB = 1 << 20
-
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")
@@ -116,12 +105,12 @@ def spawn_model(gpu_dir: FakeGpuDir, tmp_path: Path) -> Iterator:  # type: ignor
         before = {c.pid for c in gpu_dir.contexts()}
         proc = subprocess.Popen(fake_model_argv(gpu_dir, counter, vram, gpu, procs), start_new_session=True)
         started.append(proc)
-        pids = wait_for(
+        pids = wait_until(
+            "fake model registration",
             lambda: [p for p in (registered(gpu_dir, len(before) + procs) or []) if p not in before],
-            what="fake model registration",
         )
         model = FakeModel(proc, counter, sorted(pids, key=lambda p: (p != proc.pid, p)))
-        wait_for(lambda: model.count() > 0, what="fake model counting")
+        wait_until("fake model counting", lambda: model.count() > 0)
         return model
 
     yield spawn

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_units import FakeUnits
+from polling import wait_until
 
 from gpuschedd import adopt
 from gpuschedd.checkpoint import NoCheckpoint
@@ -222,8 +222,8 @@ def test_a_process_whose_uids_differ_counts_as_the_other_user() -> None:
     for flag, counts_as in (("--euid", NOBODY), ("--ruid", 0)):
         proc = subprocess.Popen(["setpriv", f"{flag}={NOBODY}", "--", "sleep", "30"])
         try:
-            while adopt.cmdline(proc.pid)[:1] != ["sleep"]:  # setpriv has changed the uid and run sleep
-                time.sleep(0.01)
+            # setpriv has changed the uid and run sleep
+            wait_until("setpriv to run sleep", lambda pid=proc.pid: adopt.cmdline(pid)[:1] == ["sleep"])
             ids = Path(f"/proc/{proc.pid}/status").read_text().split("Uid:")[1].split()[:4]
             assert len(set(ids)) > 1, ids
             assert adopt.process_uid(proc.pid) == counts_as

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakegpu_fixtures import GPU0, MIB, wait_for
+from fakegpu_fixtures import GPU0, MIB
+from polling import until, wait_until
 
 from gpuschedd.agent.cuda import Cuda
 from gpuschedd.agent.parking import ParkError, ParkingLot
@@ -172,9 +173,9 @@ async def test_when_the_daemon_goes_away_the_agent_unparks_by_itself(agent, tmp_
     assert link is not None
     await link.park(5000)
     link.close()
-    await asyncio.to_thread(wait_for, lambda: not a.lot.parked, what="the agent's own unpark")
+    await until("the agent's own unpark", lambda: not a.lot.parked)
     assert intact(segments)
-    wait_for(lambda: a.gate.acquire(blocking=False), what="the gate")
+    wait_until("the gate", lambda: a.gate.acquire(blocking=False))
     a.gate.release()
 
 

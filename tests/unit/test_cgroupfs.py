@@ -4,7 +4,6 @@ and finding units again after a daemon restart."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import shutil
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from counters import amoves, astill, file_counter
-from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
+from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered
+from polling import until
 
 from gpuschedd.checkpoint import CudaState
 from gpuschedd.checkpoint.driver import DriverCheckpoint
@@ -71,7 +71,7 @@ async def test_spawn_freeze_thaw_stop(units: CgroupfsUnits, tmp_path: Path) -> N
     group = Path(units.root) / "gpusched-model@a.service"
     assert status.active_state == "active" and status.main_pid in status.pids
     assert int((group / "cgroup.procs").read_text().split()[0]) == status.main_pid
-    await asyncio.to_thread(wait_for, lambda: count(counter) > 0)
+    await until("the model to count", lambda: count(counter) > 0)
 
     await units.freeze(status.unit)
     assert "frozen 1" in (group / "cgroup.events").read_text()
@@ -111,11 +111,11 @@ async def test_environment_cwd_user_and_log(units: CgroupfsUnits, tmp_path: Path
                 user="nobody",
             )
         )
-        await asyncio.to_thread(wait_for, lambda: (out / "said").exists() and (out / "said").read_text())
+        await until("the unit's output", lambda: (out / "said").exists() and (out / "said").read_text())
         assert (out / "said").read_text().split() == ["hi", str(nobody.pw_uid), str(work)]
         assert status.user == "nobody"
         log = Path(units.log_dir or "") / "gpusched-model@u.service.log"
-        await asyncio.to_thread(wait_for, lambda: "to-the-log" in log.read_text())
+        await until("the log line", lambda: "to-the-log" in log.read_text())
     finally:
         shutil.rmtree(work)
 
@@ -125,10 +125,7 @@ async def test_exit_is_watched_with_its_result(units: CgroupfsUnits) -> None:
     units.watch(seen.append)
     await units.start(spec("gpusched-model@ok.service", "/bin/sh", "-c", "sleep 0.1"))
     await units.start(spec("gpusched-model@bad.service", "/bin/sh", "-c", "sleep 60 & exit 3"))
-    for _ in range(300):
-        if len(seen) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await until("both units' ends", lambda: len(seen) == 2)
     by_unit = {s.unit: s for s in seen}
     assert by_unit["gpusched-model@ok.service"].active_state == "inactive"
     assert by_unit["gpusched-model@ok.service"].result == "success"
@@ -166,7 +163,7 @@ async def test_engine_freezes_a_cuda_model_in_its_cgroup(units: CgroupfsUnits, g
     await engine.start()
     argv = fake_model_argv(gpu_dir, tmp_path / "n", 128 * MIB, GPU0, procs=2)
     model = await engine.run("llm", argv, RunOptions(environment=[f"FAKECUDA_DIR={gpu_dir.path}"]), 0)
-    await asyncio.to_thread(wait_for, lambda: registered(gpu_dir, 2))
+    await until("registration", lambda: registered(gpu_dir, 2))
     await engine.freeze("llm")
     group = Path(units.root) / model.unit
     assert "frozen 1" in (group / "cgroup.events").read_text()

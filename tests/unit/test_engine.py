@@ -5,54 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from engine_kit import Recorder
 from fake_units import FakeUnits
 
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
 from gpuschedd.errors import InvalidArgs, InvalidState, ModelExists, NoSuchModel, UnitFailed
-from gpuschedd.events import EngineListener, Event, EventKind
-from gpuschedd.model import Model, State
+from gpuschedd.events import EventKind
+from gpuschedd.model import State
 from gpuschedd.options import RunOptions
 from gpuschedd.telemetry import NoGpus
-
-
-class Recorder(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.states: list[tuple[str, State]] = []
-        self.added: list[str] = []
-        self.removed: list[str] = []
-
-    def model_added(self, model: Model) -> None:
-        self.added.append(model.name)
-
-    def model_changed(self, model: Model) -> None:
-        self.states.append((model.name, model.state))
-
-    def model_removed(self, model: Model) -> None:
-        self.removed.append(model.name)
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-
-@pytest.fixture
-def units() -> FakeUnits:
-    return FakeUnits()
-
-
-@pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-async def engine(units: FakeUnits, rec: Recorder) -> Engine:
-    eng = Engine(units, NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1 << 30))
-    eng.add_listener(rec)
-    await eng.start()
-    return eng
 
 
 async def test_run_starts_a_unit_in_the_slice(engine: Engine, units: FakeUnits, rec: Recorder) -> None:

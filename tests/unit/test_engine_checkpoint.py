@@ -8,7 +8,9 @@ import os
 
 import pytest
 from counters import amoves, astill, file_counter
-from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered, wait_for
+from engine_kit import make_engine
+from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered
+from polling import until
 from process_units import ProcessUnits
 
 from gpuschedd import engine as engine_module
@@ -24,7 +26,7 @@ from gpuschedd.errors import (
     NotSupported,
     RamBudgetExceeded,
 )
-from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.events import EventKind
 from gpuschedd.model import Model, State
 from gpuschedd.options import RunOptions
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
@@ -32,20 +34,15 @@ from gpuschedd.testing.fakegpu import FakeGpuTelemetry
 VRAM = 200 * MIB
 
 
-class Events(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-
 @pytest.fixture
 async def setup(gpu_dir, tmp_path):  # type: ignore[no-untyped-def]
     units = ProcessUnits()
-    engine = Engine(units, DriverCheckpoint(), FakeGpuTelemetry(gpu_dir.path), Config(ram_budget_bytes=4 << 30))
-    events = Events()
-    engine.add_listener(events)
+    engine, events = make_engine(
+        units,
+        checkpoint=DriverCheckpoint(),
+        telemetry=FakeGpuTelemetry(gpu_dir.path),
+        config=Config(ram_budget_bytes=4 << 30),
+    )
     await engine.start()
     yield engine, units, gpu_dir, events, tmp_path
     await units.close()
@@ -54,7 +51,7 @@ async def setup(gpu_dir, tmp_path):  # type: ignore[no-untyped-def]
 async def run_model(engine: Engine, gpu_dir, tmp_path, name: str = "m", procs: int = 2) -> Model:  # type: ignore[no-untyped-def]
     before = len(gpu_dir.contexts())
     model = await engine.run(name, fake_model_argv(gpu_dir, tmp_path / name, VRAM, GPU0, procs), RunOptions(), 0)
-    await asyncio.to_thread(wait_for, lambda: registered(gpu_dir, before + procs), 5.0, "registration")
+    await until("registration", lambda: registered(gpu_dir, before + procs), 5.0)
     await engine.refresh(model)
     assert len(model.pids) == procs
     return model
@@ -297,9 +294,7 @@ async def run_agent_model(engine: Engine, gpu_dir, tmp_path, name: str = "fast",
     engine.config.agent_root = str(tmp_path / "agents")
     argv = [*fake_model_argv(gpu_dir, tmp_path / name, VRAM, GPU0, 1), "--park-bytes", str(PARKED)]
     model = await engine.run(name, argv, RunOptions(agent=True, keep_context=keep_context), 0)
-    await asyncio.to_thread(
-        wait_for, lambda: list((tmp_path / "agents" / name).glob("agent-*.sock")), 10.0, "the agent's socket"
-    )
+    await until("the agent's socket", lambda: list((tmp_path / "agents" / name).glob("agent-*.sock")))
     await engine.refresh(model)
     return model
 
@@ -340,7 +335,7 @@ async def test_a_model_without_an_agent_takes_the_driver_path(setup) -> None:  #
     engine, _units, gpu_dir, _events, tmp_path = setup
     engine.config.agent_root = str(tmp_path / "agents")
     await engine.run("plain", fake_model_argv(gpu_dir, tmp_path / "plain", VRAM, GPU0, 1), RunOptions(agent=True), 0)
-    await asyncio.to_thread(wait_for, lambda: registered(gpu_dir, 1), 5.0, "registration")
+    await until("registration", lambda: registered(gpu_dir, 1), 5.0)
     model = await engine.freeze("plain")
     assert (model.freeze_path, model.parked_bytes) == ("driver", 0)
     await engine.thaw("plain")
@@ -367,17 +362,14 @@ async def run_hostile_model(engine: Engine, gpu_dir, tmp_path, name: str, kind: 
     engine.config.agent_root = str(tmp_path / "agents")
     argv = [*fake_model_argv(gpu_dir, tmp_path / name, VRAM, GPU0, 1), "--hostile-agent", kind]
     model = await engine.run(name, argv, RunOptions(agent=True), 0)
-    await asyncio.to_thread(
-        wait_for, lambda: list((tmp_path / "agents" / name).glob("agent-*.sock")), 10.0, "the agent's socket"
-    )
+    await until("the agent's socket", lambda: list((tmp_path / "agents" / name).glob("agent-*.sock")))
     await engine.refresh(model)
     return model
 
 
 async def wait_on_agents(engine: Engine, name: str, freezing: asyncio.Task[Model]) -> None:
     """Until the freeze waits on the model's agents (or is over: garbage fails at once)."""
-    while name not in engine._agent_waits and not freezing.done():
-        await asyncio.sleep(0.01)
+    await until("the freeze to wait on the agents", lambda: name in engine._agent_waits or freezing.done())
 
 
 @pytest.mark.parametrize("kind", ["drip", "silent", "garbage"])

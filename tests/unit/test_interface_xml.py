@@ -3,7 +3,8 @@
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from gpuschedd.bus.service import ManagerInterface, ModelInterface
+from gpuschedd.bus.manager import ManagerInterface
+from gpuschedd.bus.model_object import ModelInterface
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine

@@ -4,40 +4,29 @@
 from __future__ import annotations
 
 import pytest
+from engine_kit import Recorder, make_engine
 from fake_units import FakeUnits
 
 from gpuschedd import validate
-from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
 from gpuschedd.errors import InvalidArgs, LimitExceeded
-from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.events import Event, EventKind
 from gpuschedd.options import RunOptions
-from gpuschedd.telemetry import NoGpus
 
 NOBODY = 65534  # a uid with a user name on every host
 
 
-class Events(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-
 @pytest.fixture
-async def setup() -> tuple[Engine, FakeUnits, Events]:
+async def setup() -> tuple[Engine, FakeUnits, Recorder]:
     units = FakeUnits()
     config = Config(ram_budget_bytes=1 << 30, max_models_per_user=2, max_command_bytes_per_user=100)
-    engine = Engine(units, NoCheckpoint(), NoGpus(), config)
-    events = Events()
-    engine.add_listener(events)
+    engine, events = make_engine(units, config=config)
     await engine.start()
     return engine, units, events
 
 
-async def test_model_count_limit(setup: tuple[Engine, FakeUnits, Events]) -> None:
+async def test_model_count_limit(setup: tuple[Engine, FakeUnits, Recorder]) -> None:
     engine, units, events = setup
     await engine.run("a", ["sleep"], RunOptions(), NOBODY)
     await engine.run("b", ["sleep"], RunOptions(), NOBODY)
@@ -52,7 +41,7 @@ async def test_model_count_limit(setup: tuple[Engine, FakeUnits, Events]) -> Non
     await engine.run("a", ["sleep"], RunOptions(), NOBODY)  # but running its name again replaces it
 
 
-async def test_command_bytes_limit_counts_argv_and_environment(setup: tuple[Engine, FakeUnits, Events]) -> None:
+async def test_command_bytes_limit_counts_argv_and_environment(setup: tuple[Engine, FakeUnits, Recorder]) -> None:
     engine, _units, _events = setup
     await engine.run("a", ["x" * 49], RunOptions(), NOBODY)  # 50 bytes with its NUL
     with pytest.raises(LimitExceeded, match="MaxCommandBytesPerUser"):
@@ -61,7 +50,7 @@ async def test_command_bytes_limit_counts_argv_and_environment(setup: tuple[Engi
     await engine.run("b", ["y" * 9], RunOptions(environment=["A=" + "z" * 36]), NOBODY)  # 10 + 39: 99 in all
 
 
-async def test_ended_models_are_dropped_after_their_ttl(setup: tuple[Engine, FakeUnits, Events]) -> None:
+async def test_ended_models_are_dropped_after_their_ttl(setup: tuple[Engine, FakeUnits, Recorder]) -> None:
     engine, _units, events = setup
     engine.config.ended_model_ttl_sec = 60
     clock = [engine.now_usec()]

@@ -4,34 +4,23 @@ with the driver backend over the fake libcuda, fake NVML utilization, real model
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from fakegpu_fixtures import GPU0, GPU1, MIB, fake_model_argv, registered, wait_for
+from engine_kit import make_engine
+from fakegpu_fixtures import GPU0, GPU1, MIB, fake_model_argv, registered
+from polling import until
 from process_units import ProcessUnits
 
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import DAEMON, Engine, Requester
 from gpuschedd.errors import InsufficientGpuMemory, InvalidArgs, RamBudgetExceeded
-from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.events import EventKind
 from gpuschedd.model import Model, State
 from gpuschedd.options import RunOptions
 from gpuschedd.statefile import model_from_dict, model_to_dict
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
 
 SEC = 1_000_000
-
-
-class Events(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def reasons(self) -> list[tuple[EventKind, str, str]]:
-        return [(e.kind, e.model, e.fields["GPUSCHED_REASON"]) for e in self.events if "GPUSCHED_REASON" in e.fields]
 
 
 class Clock:
@@ -48,11 +37,14 @@ class Clock:
 @pytest.fixture
 async def setup(gpu_dir, tmp_path):  # type: ignore[no-untyped-def]
     units = ProcessUnits()
-    engine = Engine(units, DriverCheckpoint(), FakeGpuTelemetry(gpu_dir.path), Config(ram_budget_bytes=4 << 30))
+    engine, events = make_engine(
+        units,
+        checkpoint=DriverCheckpoint(),
+        telemetry=FakeGpuTelemetry(gpu_dir.path),
+        config=Config(ram_budget_bytes=4 << 30),
+    )
     clock = Clock()
     engine.now_usec = clock
-    events = Events()
-    engine.add_listener(events)
     await engine.start()
     yield engine, gpu_dir, events, clock, tmp_path
     await units.close()
@@ -62,7 +54,7 @@ async def run_model(engine: Engine, gpu_dir, tmp_path, name: str, vram: int = 10
     before = len(gpu_dir.contexts())
     argv = fake_model_argv(gpu_dir, tmp_path / name, vram, GPU0, 1)
     model = await engine.run(name, argv, RunOptions(**options), 0)
-    await asyncio.to_thread(wait_for, lambda: registered(gpu_dir, before + 1), 5.0, "registration")
+    await until("registration", lambda: registered(gpu_dir, before + 1), 5.0)
     await engine.refresh(model)
     assert model.vram_bytes == vram
     return model

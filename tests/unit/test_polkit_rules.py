@@ -17,20 +17,18 @@ from typing import Any
 import pytest
 from dbus_fast import Message, MessageFlag, Variant
 from dbus_fast.errors import DBusError
-from fake_units import FakeUnits
+from engine_kit import Recorder
 
 from gpuschedd.bus import polkit
 from gpuschedd.bus.connection import current_message
-from gpuschedd.bus.service import POLICY_OPTIONS, ManagerInterface, ModelInterface, _parse_options
-from gpuschedd.checkpoint import NoCheckpoint
-from gpuschedd.config import Config
+from gpuschedd.bus.manager import ManagerInterface, parse_options
+from gpuschedd.bus.model_object import ModelInterface
 from gpuschedd.engine import Engine
 from gpuschedd.errors import AccessDenied, GpuschedError, InvalidArgs
-from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.events import EventKind
 from gpuschedd.journal import journal_fields
 from gpuschedd.model import State
-from gpuschedd.options import RunOptions
-from gpuschedd.telemetry import NoGpus
+from gpuschedd.options import Policies, RunOptions
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "polkit" / "org.gpusched1.policy"
@@ -60,13 +58,6 @@ class FakeAuthority(polkit.Authority):
         if uid == 0 or (uid, action) in self.allowed:
             return uid
         raise AccessDenied(f"not authorized for {action}")
-
-
-@pytest.fixture
-async def engine() -> Engine:
-    eng = Engine(FakeUnits(), NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1 << 30))
-    await eng.start()
-    return eng
 
 
 @pytest.fixture
@@ -224,7 +215,7 @@ async def test_engine_never_gives_a_non_root_caller_a_root_process(engine: Engin
 
 
 def test_run_options_types_and_keys() -> None:
-    opts = _parse_options(
+    opts = parse_options(
         {
             "Description": Variant("s", "d"),
             "WorkingDirectory": Variant("s", "/srv"),
@@ -262,17 +253,17 @@ def test_run_options_types_and_keys() -> None:
     ]
     for options in bad:
         with pytest.raises(InvalidArgs) as info:
-            _parse_options(options)
+            parse_options(options)
         # short whatever the caller sent (an unknown key is cut; the list of known keys is fixed)
         assert len(info.value.message) < 256 and "typing" not in info.value.message and "\0" not in info.value.message
 
 
 def test_adopt_takes_the_policy_options_of_run_and_no_others() -> None:
     policies = {"Priority": Variant("i", -2), "IdleFreezeSec": Variant("u", 300), "FrozenTTLSec": Variant("t", 60)}
-    for known in (POLICY_OPTIONS, (*policies, "Description")):
-        opts = _parse_options(policies, known)
+    for cls in (Policies, RunOptions):
+        opts = parse_options(policies, cls)
         assert (opts.priority, opts.idle_freeze_sec, opts.frozen_ttl_sec) == (-2, 300, 60)
-    assert _parse_options({}, POLICY_OPTIONS).idle_freeze_sec == -1  # absent: the daemon's IdleFreezeSec=
+    assert parse_options({}, Policies).idle_freeze_sec == -1  # absent: the daemon's IdleFreezeSec=
     bad = [
         {"Description": Variant("s", "d")},  # about starting a unit: Run's alone
         {"Port": Variant("q", 8000), "BackendPort": Variant("q", 8001)},
@@ -283,7 +274,7 @@ def test_adopt_takes_the_policy_options_of_run_and_no_others() -> None:
     ]
     for options in bad:
         with pytest.raises(InvalidArgs) as info:
-            _parse_options(options, POLICY_OPTIONS)
+            parse_options(options, Policies)
         assert "Priority" in info.value.message or "FrozenTTLSec" in info.value.message or "type" in info.value.message
 
 
@@ -418,18 +409,10 @@ async def test_running_a_name_again_over_someone_elses_ended_model_needs_control
 # ----------------------------------------------------------------- errors answered to callers become journal events
 
 
-class Events(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-
 async def test_refusals_and_failures_are_events_naming_caller_method_and_error(
     manager: ManagerInterface, engine: Engine, authority: FakeAuthority
 ) -> None:
-    events = Events()
+    events = Recorder()
     engine.add_listener(events)
     await engine.run("roots", ["/bin/true"], RunOptions(), 0)
     with as_(":1.2"):
@@ -458,7 +441,7 @@ async def test_refusals_and_failures_are_events_naming_caller_method_and_error(
 
 
 async def test_an_error_the_engine_reported_is_not_reported_twice(engine: Engine) -> None:
-    events = Events()
+    events = Recorder()
     engine.add_listener(events)
     error = InvalidArgs("x")
     engine.report_error(error, "m", "first", {})

@@ -11,8 +11,10 @@ import signal
 from pathlib import Path
 
 import pytest
+from engine_kit import Recorder, make_engine
 from fake_units import FakeUnits
-from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered, wait_for
+from fakegpu_fixtures import GPU0, MIB, fake_model_argv, registered
+from polling import until
 from process_units import ProcessUnits
 
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
@@ -20,7 +22,7 @@ from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
 from gpuschedd.errors import CheckpointFailed, InsufficientGpuMemory
-from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.events import EngineListener, EventKind
 from gpuschedd.model import Model, State
 from gpuschedd.options import RunOptions
 from gpuschedd.recovery import Truth, target_for, with_nvml
@@ -33,28 +35,14 @@ VRAM = 200 * MIB
 R, L, C = CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED
 
 
-class Events(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def kinds(self) -> list[EventKind]:
-        return [e.kind for e in self.events]
-
-
-def driver_engine(units, gpu_dir, state_path: Path) -> tuple[Engine, Events]:  # type: ignore[no-untyped-def]
-    engine = Engine(
+def driver_engine(units, gpu_dir, state_path: Path) -> tuple[Engine, Recorder]:  # type: ignore[no-untyped-def]
+    return make_engine(
         units,
-        DriverCheckpoint(),
-        FakeGpuTelemetry(gpu_dir.path),
-        Config(ram_budget_bytes=4 << 30),
-        StateFile(str(state_path)),
+        checkpoint=DriverCheckpoint(),
+        telemetry=FakeGpuTelemetry(gpu_dir.path),
+        config=Config(ram_budget_bytes=4 << 30),
+        state_file=StateFile(str(state_path)),
     )
-    events = Events()
-    engine.add_listener(events)
-    return engine, events
 
 
 @pytest.fixture
@@ -65,14 +53,14 @@ async def first(gpu_dir, tmp_path):  # type: ignore[no-untyped-def]
     engine, _ = driver_engine(units, gpu_dir, tmp_path / "run" / "models.json")
     await engine.start()
     model = await engine.run("m", fake_model_argv(gpu_dir, tmp_path / "m", VRAM, GPU0, 2), RunOptions(), 0)
-    await asyncio.to_thread(wait_for, lambda: registered(gpu_dir, 2), 5.0, "registration")
+    await until("registration", lambda: registered(gpu_dir, 2), 5.0)
     await engine.refresh(model)
     assert len(model.pids) == 2
     yield engine, units, gpu_dir, model, tmp_path
     await units.close()
 
 
-async def restart(first_engine: Engine, units, gpu_dir, tmp_path) -> tuple[Engine, Events]:  # type: ignore[no-untyped-def]
+async def restart(first_engine: Engine, units, gpu_dir, tmp_path) -> tuple[Engine, Recorder]:  # type: ignore[no-untyped-def]
     engine, events = driver_engine(units, gpu_dir, tmp_path / "run" / "models.json")
     await asyncio.wait_for(engine.start(), 30)
     return engine, events
@@ -382,7 +370,7 @@ async def test_a_thaw_that_cannot_be_undone_is_finished_instead(first) -> None: 
 
 async def test_a_model_that_dies_while_frozen_releases_its_ram(first) -> None:  # type: ignore[no-untyped-def]
     engine, units, _, model, tmp_path = first
-    events = Events()
+    events = Recorder()
     engine.add_listener(events)
     await engine.freeze("m")
     snapshot = model.snapshot_bytes
@@ -398,17 +386,13 @@ async def test_a_model_that_dies_while_frozen_releases_its_ram(first) -> None:  
 
 async def test_one_process_of_a_frozen_model_dies(first) -> None:  # type: ignore[no-untyped-def]
     engine, _, gpu_dir, model, _ = first
-    events = Events()
+    events = Recorder()
     engine.add_listener(events)
     a, b = model.pids
     await engine.freeze("m")
     os.kill(b, signal.SIGKILL)
-    await asyncio.to_thread(
-        wait_for,
-        lambda: not Path(f"/proc/{b}/stat").exists() or " Z " in Path(f"/proc/{b}/stat").read_text(),
-        5.0,
-        "b to die",
-    )
+    stat = Path(f"/proc/{b}/stat")
+    await until("b to die", lambda: not stat.exists() or " Z " in stat.read_text())
     await engine.thaw("m")
     assert model.state == State.RUNNING and model.pids == [a] and states(gpu_dir, [a]) == [R]
     assert any(e.kind == EventKind.FAILURE and str(b) in e.message for e in events.events)
@@ -419,7 +403,7 @@ async def test_a_model_killed_mid_transition_is_reported_ended(first, transition
     """Killed during the driver's step: the call fails saying the model ended (not that it is frozen), the model
     is stopped or failed, and its exit event says what it was doing, not that it was frozen."""
     engine, units, _gpu_dir, model, _tmp_path = first
-    events = Events()
+    events = Recorder()
     engine.add_listener(events)
     if transition == "thaw":
         await engine.freeze("m")
@@ -445,9 +429,7 @@ async def test_a_model_killed_mid_transition_is_reported_ended(first, transition
 async def test_an_exit_during_a_freeze_is_reported_after_it(tmp_path: Path) -> None:
     """The unit dies while the freeze holds the model's lock: the freeze fails, and then the exit is reported."""
     units = FakeUnits()
-    events = Events()
-    engine = Engine(units, NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1 << 30))
-    engine.add_listener(events)
+    engine, events = make_engine(units)
     await engine.start()
     await engine.run("a", ["sleep", "1"], RunOptions(), 0)
     original = units.freeze
@@ -485,7 +467,7 @@ async def test_status_never_waits_on_a_slow_freeze(first) -> None:  # type: igno
     engine, _, gpu_dir, model, _ = first
     gpu_dir.delay(None, "checkpoint", 700)  # each of the two checkpoints takes 0.7 s
     freezing = asyncio.ensure_future(engine.freeze("m"))
-    await asyncio.to_thread(wait_for, lambda: model.state == State.FREEZING, 5.0, "freezing")
+    await until("freezing", lambda: model.state == State.FREEZING, 5.0)
     worst = 0.0
     loop = asyncio.get_running_loop()
     while not freezing.done():
@@ -510,7 +492,7 @@ async def test_two_thaws_never_promise_the_same_free_vram(gpu_dir, tmp_path) -> 
             before = len(gpu_dir.contexts())
             argv = fake_model_argv(gpu_dir, tmp_path / name, 400 * MIB, GPU0, 1)
             model = await engine.run(name, argv, RunOptions(), 0)
-            await asyncio.to_thread(wait_for, lambda n=before: registered(gpu_dir, n + 1), 5.0, "registration")
+            await until("registration", lambda n=before: registered(gpu_dir, n + 1), 5.0)
             await engine.freeze(name)
             models.append(model)
         gpu_dir.allocate("other", 500 * MIB, GPU0)  # 524 MiB free: room for one 400 MiB model
@@ -544,10 +526,7 @@ async def test_the_fake_driver_is_thread_safe(gpu_dir, spawn_model) -> None:  # 
     threads = [threading.Thread(target=cycle, args=(m.pids[0],), daemon=True) for m in models]
     for thread in threads:
         thread.start()
-    deadline = asyncio.get_running_loop().time() + 60
-    while len(done) < len(models) and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    assert len(done) == len(models), "driver calls from several threads hung"
+    await until("the driver calls of every thread (a hang is a deadlock)", lambda: len(done) == len(models), 60.0)
     assert all(gpu_dir.state(m.pids[0]) == CudaState.RUNNING for m in models)
 
 
@@ -603,9 +582,7 @@ async def test_a_model_frozen_keeping_its_contexts_stays_frozen_across_a_restart
         await engine.start()
         argv = [*fake_model_argv(gpu_dir, tmp_path / "k", VRAM, GPU0, 1), "--park-bytes", str(48 * MIB)]
         model = await engine.run("k", argv, RunOptions(agent=True, keep_context=True), 0)
-        await asyncio.to_thread(
-            wait_for, lambda: list((tmp_path / "agents" / "k").glob("agent-*.sock")), 10.0, "the agent's socket"
-        )
+        await until("the agent's socket", lambda: list((tmp_path / "agents" / "k").glob("agent-*.sock")))
         await engine.refresh(model)
         await engine.freeze("k")
         assert model.freeze_path == "agent-only"

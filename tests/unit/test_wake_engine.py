@@ -8,37 +8,28 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from engine_kit import Recorder, make_engine
 from fake_units import FakeUnits
+from polling import wait_until
 
-from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
-from gpuschedd.events import EngineListener, Event, EventKind
+from gpuschedd.events import EventKind
 from gpuschedd.model import Model, State
 from gpuschedd.options import RunOptions
 from gpuschedd.statefile import StateFile, model_from_dict, model_to_dict
-from gpuschedd.telemetry import NoGpus
 from gpuschedd.wake import server_uid
 
 WAKE = RunOptions(port=8000, backend_port=8001, listen_address="127.0.0.1")
 
 
-class Events(EngineListener):
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def event(self, event: Event) -> None:
-        self.events.append(event)
-
-
-async def engine_on(units: FakeUnits, tmp_path: Path) -> tuple[Engine, Events]:
-    engine = Engine(units, NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1), StateFile(str(tmp_path / "m.json")))
-    events = Events()
-    engine.add_listener(events)
+async def engine_on(units: FakeUnits, tmp_path: Path) -> tuple[Engine, Recorder]:
+    engine, events = make_engine(
+        units, config=Config(ram_budget_bytes=1), state_file=StateFile(str(tmp_path / "m.json"))
+    )
     await engine.start()
     return engine, events
 
@@ -118,9 +109,7 @@ def test_the_proxy_tells_whose_server_answered() -> None:
         try:
             port = int(server.stdout.readline())  # type: ignore[union-attr]
             with socket.create_connection(("127.0.0.1", port)) as conn:
-                deadline = time.monotonic() + 5
-                while server_uid(conn) is None and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_until("the server's uid", lambda: server_uid(conn) is not None, 5.0)
                 assert server_uid(conn) == 65534
         finally:
             server.kill()

@@ -1,0 +1,93 @@
+"""org.gpusched1.Model at /org/gpusched1/model/NAME: one object per model, its properties declared once
+(MODEL_PROPERTIES: what the object serves and what PropertiesChanged carries come from the same rows)."""
+
+# No `from __future__ import annotations`: dbus-fast reads D-Bus signatures from the live annotations.
+from typing import Any
+
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
+
+from ..engine import Engine
+from ..errors import GpuschedError
+from ..model import Model
+from ..names import MODEL_IFACE
+from . import polkit
+from .connection import current_message
+from .service import CONTROL, Authorizing, Exported, StrList, exporting, exposed
+
+
+def _model(attribute: str) -> Any:
+    """A getter of the model's attribute of that name."""
+    return lambda iface: getattr(iface.model, attribute)
+
+
+# The Model's properties (docs/dbus-api.md; dbus/org.gpusched1.xml says what each means). `emits`: sent in
+# PropertiesChanged on every change of the model (the rest are fixed when the model is made, or, IdleFreezeSec,
+# follow the daemon's configuration).
+MODEL_PROPERTIES = (
+    Exported("Name", "s", _model("name")),
+    Exported("Unit", "s", _model("unit")),
+    Exported("State", "s", lambda iface: str(iface.model.state), emits=True),
+    Exported("Owner", "u", _model("owner")),
+    Exported("Pids", "au", _model("pids"), emits=True),
+    Exported("MainPid", "u", _model("main_pid")),
+    Exported("Gpus", "as", _model("gpus"), emits=True),
+    Exported("VramBytes", "t", _model("vram_bytes"), emits=True),
+    Exported("SnapshotBytes", "t", _model("snapshot_bytes"), emits=True),
+    Exported("LastFreezeUSec", "t", _model("last_freeze_usec"), emits=True),
+    Exported("LastThawUSec", "t", _model("last_thaw_usec"), emits=True),
+    Exported("StateChangeTimestamp", "t", _model("state_change_usec"), emits=True),
+    Exported("Command", "as", None),  # the caller's own or root's: ModelInterface.Command
+    Exported("Agent", "b", _model("agent")),
+    Exported("KeepContext", "b", _model("keep_context")),
+    Exported("FreezePath", "s", _model("freeze_path"), emits=True),
+    Exported("ParkedBytes", "t", _model("parked_bytes"), emits=True),
+    Exported("Priority", "i", _model("priority")),
+    Exported("IdleFreezeSec", "t", lambda iface: iface.engine.idle_limit(iface.model)),
+    Exported("FrozenTTLSec", "t", _model("frozen_ttl_sec")),
+)
+
+
+@exporting(MODEL_PROPERTIES)
+class ModelInterface(Authorizing, ServiceInterface):
+    """/org/gpusched1/model/NAME: one model's methods and properties."""
+
+    def __init__(self, engine: Engine, authority: polkit.Authority, model: Model) -> None:
+        super().__init__(MODEL_IFACE)
+        self.engine = engine
+        self.authority = authority
+        self.model = model
+
+    def _model_for(self, args: tuple[Any, ...]) -> Model | None:
+        return self.model
+
+    def _name_in(self, args: tuple[Any, ...]) -> str:
+        return self.model.name
+
+    def changed(self) -> None:
+        self.emit_properties_changed({row.name: row.get(self) for row in MODEL_PROPERTIES if row.emits and row.get})
+
+    @method()
+    @exposed(CONTROL)
+    async def Freeze(self) -> None:
+        await self.engine.freeze(self.model.name, by=await self._requester(self.model))
+
+    @method()
+    @exposed(CONTROL)
+    async def Thaw(self) -> None:
+        await self.engine.thaw(self.model.name, await self._requester(self.model))
+
+    @method()
+    @exposed(CONTROL)
+    async def Stop(self) -> None:
+        await self.engine.stop(self.model.name)
+
+    @dbus_property(access=PropertyAccess.READ)
+    async def Command(self) -> StrList:
+        """Only the model's owner and root read it: a command line carries secrets (tokens, passwords); anyone
+        else reads an empty array (docs/security.md)."""
+        msg = current_message.get()
+        try:
+            uid = await self.authority.caller_uid(msg) if msg is not None else -1
+        except GpuschedError:
+            uid = -1
+        return list(self.model.command) if uid in (0, self.model.owner) else []
