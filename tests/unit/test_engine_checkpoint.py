@@ -11,11 +11,11 @@ from counters import amoves, astill, file_counter
 from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered, wait_for
 from process_units import ProcessUnits
 
-from gpuschedd import engine as engine_module
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
+from gpuschedd.engine import parking as engine_module
 from gpuschedd.errors import (
     CheckpointFailed,
     InsufficientGpuMemory,

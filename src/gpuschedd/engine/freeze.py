@@ -1,0 +1,215 @@
+"""The freeze pipeline, and the settling of a failed step shared with thaw and start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .. import recovery
+from ..checkpoint import CheckpointError
+from ..errors import (
+    CheckpointFailed,
+    GpuschedError,
+    InvalidState,
+)
+from ..events import Event, EventKind
+from ..model import ENDED, Model, State
+from ..units import UnitStatus
+from .core import Core, Requester
+
+log = logging.getLogger(__name__)
+
+
+class Freezing(Core):
+    # ----------------------------------------------------------------- freeze / thaw
+
+    async def freeze(self, name: str, reason: str = "", why: str = "", by: Requester | None = None) -> Model:
+        """`reason` and `why`: a freeze the daemon decided itself (idle, eviction), said in its event. `by`: whose
+        rights a stop for room in the RAM budget has (default: the model owner's)."""
+        model = self.get(name)
+        if model.state == State.RUNNING and self.config.ram_budget_action == "stop-oldest":
+            await self._make_ram_room(model, by or Requester(model.owner))
+        async with model.lock:
+            if model.state == State.FROZEN:
+                return model
+            if model.state != State.RUNNING:
+                raise InvalidState(f"model {name!r} is {model.state}, not running")
+            # An eviction is there to give the GPU back: no context is kept.
+            await self._freeze_locked(model, reason, why, release_gpu=reason == "evicted")
+        return model
+
+    async def _freeze_locked(self, model: Model, reason: str = "", why: str = "", release_gpu: bool = False) -> None:
+        """release_gpu: the driver checkpoints every CUDA process even of a KeepContext model (a migration, an
+        eviction)."""
+        t0 = time.monotonic()
+        await self.refresh(model, quick=True)
+        self._check_ram(model)
+        self._set_state(model, State.FREEZING)
+        cuda: list[int] = []
+        kept = False  # KeepContext honoured: no driver call
+        reached = State.RUNNING  # where a failure leaves the model; a rollback that cannot run ends it frozen
+        try:
+            # NVML first: a process that creates its CUDA context in between is then seen by the driver too,
+            # instead of being taken for a process whose context the driver cannot see.
+            # One list of PIDs throughout: a status read meanwhile may replace model.pids with a newer one (a process
+            # forked since is caught by the check after the cgroup freeze).
+            pids = list(model.pids)
+            holding = set(self.telemetry.vram_by_pid())
+            try:
+                cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, pids)
+            except CheckpointError as e:
+                raise CheckpointFailed(f"model {model.name}: {e}; nothing was changed") from e
+            unseen = sorted((set(pids) & holding) - set(cuda))
+            if unseen and self.checkpoint.name != "none":
+                raise CheckpointFailed(
+                    f"model {model.name}: pid {unseen[0]} holds VRAM (NVML) but the checkpoint backend cannot see"
+                    " its CUDA context; nothing was changed"
+                )
+            model.parked_bytes = 0
+            if model.agent:
+                await self._park(model, cuda)
+            # KeepContext: when every CUDA process's agent parked, the driver is not called at all; each process
+            # keeps its CUDA context (and what it allocated outside parkable()) on the GPU, frozen by the cgroup.
+            parked_pids = {link.pid for link in self._parked.get(model.name, [])}
+            kept = model.keep_context and not release_gpu and bool(cuda) and parked_pids >= set(cuda)
+            rss_before = {pid: self.rss(pid) for pid in cuda}
+            late: list[int] = []
+            for _attempt in range(3):
+                try:
+                    if not kept:
+                        await asyncio.to_thread(
+                            recovery.drive, self.checkpoint, cuda, True, self.config.lock_timeout_ms
+                        )
+                except CheckpointError as e:
+                    reached, errors = await self._settle(model, cuda, frozen=False)
+                    left = await self._left(model, reached, errors)
+                    raise CheckpointFailed(f"model {model.name}: {e}; {left}") from e
+                try:
+                    await self.units.freeze(model.unit)
+                    # With the cgroup frozen the set of processes and contexts holds still: check it once more. A
+                    # process forked, or a context created, since the scan would be frozen holding its VRAM.
+                    late = await self._late_cuda_pids(model, cuda)
+                    if late:
+                        log.info("freeze of %s: CUDA process(es) %s appeared meanwhile: taking them", model.name, late)
+                        await self.units.thaw(model.unit)
+                except BaseException:
+                    reached, _errors = await self._settle(model, cuda, frozen=False)
+                    raise
+                if not late:
+                    break
+                rss_before.update({pid: self.rss(pid) for pid in late})
+                cuda = cuda + late
+                kept = False  # a process whose agent did not park: the driver checkpoints them all
+            else:
+                reached, errors = await self._settle(model, cuda, frozen=False)
+                raise CheckpointFailed(
+                    f"model {model.name}: new CUDA processes kept appearing during the freeze; "
+                    f"{await self._left(model, reached, errors)}"
+                )
+            # The snapshot lives in the targets' own memory: what the agents parked, plus the driver's part, their
+            # RSS growth since. Where that does not show (RSS not readable), the VRAM NVML saw is the estimate.
+            grown = sum(self.rss(pid) - before for pid, before in rss_before.items())
+            if kept:
+                model.snapshot_bytes = max(grown, 0) + model.parked_bytes
+            else:
+                model.snapshot_bytes = grown + model.parked_bytes if grown > 0 else (model.vram_bytes if cuda else 0)
+        except BaseException:
+            if await self._ended_meanwhile(model):
+                raise
+            model.cuda_pids = cuda if reached == State.FROZEN else []
+            if reached == State.RUNNING:
+                await self._unpark(model)
+            self._set_state(model, reached)
+            raise
+        model.freeze_path = "agent-only" if kept else "agent" if self._parked.get(model.name) else "driver"
+        model.cuda_pids = cuda
+        model.last_freeze_usec = int((time.monotonic() - t0) * 1e6)
+        self._set_state(model, State.FROZEN)
+        self._emit(
+            Event(
+                EventKind.FREEZE,
+                model.name,
+                model.unit,
+                f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s"
+                f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name}"
+                + (f", {model.parked_bytes} bytes parked by the agent" if model.parked_bytes else "")
+                + (", CUDA contexts kept on the GPU" if kept else "")
+                + ")"
+                + (f": {why}" if why else ""),
+                duration_usec=model.last_freeze_usec,
+                bytes=model.snapshot_bytes,
+                gpus=tuple(model.gpus),
+                fields={"GPUSCHED_REASON": reason} if reason else {},
+            )
+        )
+
+    async def _late_cuda_pids(self, model: Model, known: list[int]) -> list[int]:
+        """Processes of the (frozen) unit that hold GPU memory the freeze has not checkpointed. NVML answers, not
+        the driver: GetState blocks on a process the cgroup freezer holds (measured on driver 580, H100)."""
+        if not await self._read_pids(model):
+            return []
+        holding = self.telemetry.vram_by_pid()
+        return [pid for pid in model.pids if pid in holding and pid not in known]
+
+    async def _settle(self, model: Model, pids: list[int], frozen: bool) -> tuple[State, list[str]]:
+        """After a failed step (or a restart mid-transition): bring every CUDA PID of the model, and its cgroup, to
+        frozen (frozen=True) or running, whatever mix of states they are in; if that fails too, to the other
+        state. Returns the state reached and what went wrong on the way. When neither works, the cgroup is frozen
+        and the model reported frozen: nothing runs half-restored, and a Thaw (or a Stop) tries again."""
+        errors: list[str] = []
+        for target in (frozen, not frozen):
+            try:
+                # The driver's copies run on a thread inside each target: the cgroup must run.
+                await self.units.thaw(model.unit)
+            except GpuschedError as e:
+                log.warning("settling %s: %s", model.name, e)
+            try:
+                await asyncio.to_thread(recovery.drive, self.checkpoint, pids, target, self.config.lock_timeout_ms)
+                if target:
+                    await self.units.freeze(model.unit)
+                    if model.freeze_path == "agent-only":
+                        model.freeze_path = "agent"  # frozen by the driver now: the contexts are checkpointed too
+            except (CheckpointError, GpuschedError) as e:
+                log.error("settling %s %s: %s", model.name, "frozen" if target else "running", e)
+                errors.append(str(e))
+                continue
+            return (State.FROZEN if target else State.RUNNING), errors
+        try:
+            await self.units.freeze(model.unit)
+        except GpuschedError as e:
+            errors.append(str(e))
+        return State.FROZEN, errors
+
+    async def _ended_meanwhile(self, model: Model) -> bool:
+        """After a failed freeze or thaw step: whether the model's unit ended during it (killed mid-step, which is
+        likely why the step failed). If so it is reported as the exit it is (state failed or stopped), never as a
+        model left frozen or running."""
+        if model.state in ENDED:
+            return True
+        try:
+            status = await self.units.status(model.unit)
+        except GpuschedError as e:
+            log.warning("checking %s after a failed step: %s", model.unit, e)
+            return False
+        if status is not None and status.active_state not in ("inactive", "failed"):
+            return False
+        seen = self._exits_seen.get(model.name)  # the unit is gone: what its exit said, if it was seen
+        self._ended(model, status or seen or UnitStatus(model.unit, "inactive", 0, [], False, result="unknown"))
+        return True
+
+    async def _left(self, model: Model, reached: State, errors: list[str]) -> str:
+        """The end of a failed freeze's or thaw's error message: where the model was left, or that it ended."""
+        if await self._ended_meanwhile(model):
+            return f"the model ended meanwhile: it is {model.state}"
+        return self._outcome(reached, errors)
+
+    @staticmethod
+    def _outcome(reached: State, errors: list[str]) -> str:
+        """The end of a failed freeze's or thaw's error message: where the model was left."""
+        if not errors:
+            return "every process was rolled back to running" if reached == State.RUNNING else "the model stays frozen"
+        text = f"rolling back failed too ({'; '.join(errors)}): the model is {reached}"
+        if len(errors) > 1:
+            text += ", but not every process could be brought there; thaw or stop it"
+        return text
