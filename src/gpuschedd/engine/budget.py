@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..errors import (
     GpuschedError,
@@ -93,11 +94,8 @@ class Budget(Core):
             free = max(0, gpu.free_bytes - promised) if gpu else 0
             if bytes_needed > free:
                 where = f"GPU {gpu.index} ({uuid})" if gpu else f"GPU {uuid}, which is not present"
-                error = InsufficientGpuMemory(
-                    f"{doing} needs {bytes_needed} bytes free on {where}; {free} free. {outcome}"
-                )
-                error.needed, error.free, error.gpu = bytes_needed, free, uuid  # type: ignore[attr-defined]
-                return error
+                message = f"{doing} needs {bytes_needed} bytes free on {where}; {free} free. {outcome}"
+                return InsufficientGpuMemory(message, needed=bytes_needed, free=free, gpu=uuid)
         return None
 
     def _start_shortfall(self, model: Model, options: RunOptions) -> Callable[[], InsufficientGpuMemory | None]:
@@ -125,82 +123,78 @@ class Budget(Core):
     ) -> None:
         """EvictOnThaw=yes: while `purpose` (the thaw of `model`, or its start with GpuMemory) lacks VRAM on a GPU
         (`shortfall`), freeze running models there of lower priority, then of equal priority least recently used
-        first; never one of higher priority, never one `by` could not freeze itself, and none at all when all of
-        them together would not make room. Takes no lock but each victim's own, one at a time."""
-        tried: set[str] = set()
-        while True:
+        first; never one of higher priority."""
+
+        def lack() -> tuple[int, int, str] | None:
             short = shortfall()
-            uuid = getattr(short, "gpu", None)
-            if short is None or uuid is None:
-                return
-            need, free = short.needed, short.free  # type: ignore[attr-defined]
+            return (short.needed, short.free, short.gpu) if short is not None and short.gpu else None
+
+        def gives(victim: Model, gpu: str) -> int:
+            if victim.state != State.RUNNING or victim.priority > model.priority:
+                return 0
             per_pid = self.telemetry.vram_by_pid()
+            return sum(per_pid.get(pid, {}).get(gpu, 0) for pid in victim.pids)
 
-            def held(m: Model, uuid: str = uuid, per_pid: dict[int, dict[str, int]] = per_pid) -> int:
-                return sum(per_pid.get(pid, {}).get(uuid, 0) for pid in m.pids)
+        async def evict(victim: Model, need: int, free: int, gpu: str) -> None:
+            why = (
+                f"evicted for {purpose} of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
+                f" {gpu} where {free} are free; {victim.name} has priority {victim.priority}; requested by {by}"
+            )
+            log.info("model %s: %s", victim.name, why)
+            await self.freeze(victim.name, "evicted", why, by)
 
+        await self._make_room(model, by, lack, gives, lambda m: (m.priority, m.last_active_usec), evict)
+
+    async def _make_ram_room(self, model: Model, by: Requester) -> None:
+        """RamBudgetAction=stop-oldest: while freezing `model` would exceed the RAM budget, stop the frozen model
+        frozen longest ago."""
+        need, budget = model.vram_bytes, self.config.ram_budget_bytes
+
+        def lack() -> tuple[int, int, str] | None:
+            room = budget - self.ram_frozen_bytes()
+            return (need, room, "") if need > 0 and need > room else None
+
+        async def stop(victim: Model, need: int, room: int, _where: str) -> None:
+            why = (
+                f"the oldest frozen model, stopped to make room in the RAM budget ({budget} bytes,"
+                f" {budget - room} parked) for the freeze of {model.name} ({need} bytes); requested by {by}"
+            )
+            log.info("model %s: %s", victim.name, why)
+            await self.stop(victim.name, "ram-budget", why)
+
+        def gives(victim: Model, _where: str) -> int:
+            return victim.snapshot_bytes if victim.state == State.FROZEN else 0
+
+        await self._make_room(model, by, lack, gives, lambda m: m.state_change_usec, stop)
+
+    async def _make_room(
+        self,
+        model: Model,
+        by: Requester,
+        lack: Callable[[], tuple[int, int, str] | None],
+        gives: Callable[[Model, str], int],
+        order: Callable[[Model], Any],
+        act: Callable[[Model, int, int, str], Awaitable[None]],
+    ) -> None:
+        """The one loop of both: while `lack` says `model` needs more than there is (bytes needed, bytes there,
+        where), `act` on the first by `order` of the models that would give room there (`gives`) and that `by` could
+        touch itself; each tried once. Nothing is done when all of them together would not make room (the caller
+        is refused as without it). Takes no lock but each victim's own, one at a time (in `act`)."""
+        tried: set[str] = set()
+        while (short := lack()) is not None:
+            need, have, where = short
             victims = sorted(
                 (
                     m
                     for m in self.models.values()
-                    if m is not model
-                    and m.name not in tried
-                    and m.state == State.RUNNING
-                    and m.priority <= model.priority
-                    and by.may_touch(m)
-                    and held(m) > 0
+                    if m is not model and m.name not in tried and by.may_touch(m) and gives(m, where) > 0
                 ),
-                key=lambda m: (m.priority, m.last_active_usec),
+                key=order,
             )
-            if not victims or free + sum(held(m) for m in victims) < need:
-                return  # the thaw is refused as without eviction: no freeze that would not make room
-            victim = victims[0]
-            tried.add(victim.name)
-            why = (
-                f"evicted for {purpose} of {model.name} (priority {model.priority}), which needs {need} bytes on GPU"
-                f" {uuid} where {free} are free; {victim.name} has priority {victim.priority}; requested by {by}"
-            )
-            log.info("model %s: %s", victim.name, why)
-            try:
-                await self.freeze(victim.name, "evicted", why, by)
-            except GpuschedError as e:
-                log.warning("evicting %s for %s: %s", victim.name, model.name, e)
-
-    async def _make_ram_room(self, model: Model, by: Requester) -> None:
-        """RamBudgetAction=stop-oldest: while freezing `model` would exceed the RAM budget, stop the frozen model
-        frozen longest ago among those `by` could stop itself. Nothing is stopped when stopping all of those would
-        not make room."""
-        need = model.vram_bytes
-        if need <= 0:
-            return
-        budget = self.config.ram_budget_bytes
-        tried: set[str] = set()
-        while True:
-            parked = self.ram_frozen_bytes()
-            if parked + need <= budget:
+            if not victims or have + sum(gives(m, where) for m in victims) < need:
                 return
-            frozen = sorted(
-                (
-                    m
-                    for m in self.models.values()
-                    if m is not model
-                    and m.name not in tried
-                    and m.state == State.FROZEN
-                    and m.snapshot_bytes
-                    and by.may_touch(m)
-                ),
-                key=lambda m: m.state_change_usec,
-            )
-            if not frozen or parked - sum(m.snapshot_bytes for m in frozen) + need > budget:
-                return  # refused by _check_ram as with RamBudgetAction=refuse
-            oldest = frozen[0]
-            tried.add(oldest.name)
-            why = (
-                f"the oldest frozen model, stopped to make room in the RAM budget ({budget} bytes, {parked} parked)"
-                f" for the freeze of {model.name} ({need} bytes); requested by {by}"
-            )
-            log.info("model %s: %s", oldest.name, why)
+            tried.add(victims[0].name)
             try:
-                await self.stop(oldest.name, "ram-budget", why)
+                await act(victims[0], need, have, where)
             except GpuschedError as e:
-                log.warning("stopping %s for room in the RAM budget: %s", oldest.name, e)
+                log.warning("making room for %s: %s: %s", model.name, victims[0].name, e)

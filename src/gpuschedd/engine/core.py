@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .. import hostmem
+from .. import events, hostmem
 from ..agentlink import AgentLink
 from ..checkpoint import CheckpointBackend
 from ..config import Config
@@ -21,7 +21,7 @@ from ..errors import (
     Refused,
 )
 from ..events import EngineListener, Event, EventKind
-from ..model import ENDED, Model, State, now_usec
+from ..model import ENDED, Model, State, now_usec, transition
 from ..names import model_name_from_unit
 from ..statefile import StateFile
 from ..telemetry import GpuInfo, GpuTelemetry
@@ -148,8 +148,8 @@ class Core:
         self.state_file.save(models, self._forgotten, self._swaps, self._stopping)
 
     def _set_state(self, model: Model, state: State) -> None:
-        model.state = state
-        model.state_change_usec = now_usec()
+        """Every transition of a model in the table: along an edge of model.TRANSITIONS, saved, announced."""
+        transition(model, state)
         self._persist()
         for listener in self._listeners:
             listener.model_changed(model)
@@ -230,32 +230,22 @@ class Core:
                 return
             self._ended(model, status or seen)
 
-    def _ended(self, model: Model, status: UnitStatus) -> None:
-        """The model's unit ended by itself. A frozen model's snapshot lived in its processes' memory: it is gone
-        with them, and the host RAM it held is free again."""
-        failed = status.active_state == "failed" or status.result != "success"
+    def _ended(self, model: Model, status: UnitStatus | None, away: bool = False, stopped: bool = False) -> None:
+        """The model's unit ended by itself (`away`: while no daemon ran, so the saved record enters the table
+        ended; `stopped`: a Stop was under way then, so it ended as asked). A frozen model's snapshot lived in its
+        processes' memory: it is gone with them, and the host RAM it held is free again."""
+        result = status.result if status is not None else "success"
+        failed = not stopped and (result != "success" or (status is not None and status.active_state == "failed"))
         was = model.state
         released = model.snapshot_bytes if model.cuda_pids else 0
         self._drop_parked(model.name)
-        model.pids, model.main_pid, model.cuda_pids = [], 0, []
-        model.snapshot_bytes = model.vram_bytes = model.parked_bytes = 0
-        self._set_state(model, State.FAILED if failed else State.STOPPED)
-        message = f"model {model.name} exited ({status.result})"
-        if was != State.RUNNING:
-            message += f" while {was}"
-        if released:
-            message += f"; its snapshot is lost and {released} bytes of host RAM were released"
-        message += self._close_wake(model)
-        self._emit(
-            Event(
-                EventKind.EXIT,
-                model.name,
-                model.unit,
-                message,
-                bytes=released,
-                fields={"GPUSCHED_RESULT": status.result, "GPUSCHED_STATE_BEFORE": str(was)},
-            )
-        )
+        model.clear_runtime()
+        if away:
+            transition(model, State.FAILED if failed else State.STOPPED)
+            self._add(model)
+        else:
+            self._set_state(model, State.FAILED if failed else State.STOPPED)
+        self._emit(events.ended(model, str(was), result, released, self._close_wake(model), away, stopped))
 
     async def refresh(self, model: Model, vram: bool = False, quick: bool = False) -> None:
         """Re-read PIDs of a live model, and its VRAM when it runs (or when `vram`: the last step of a thaw). Never

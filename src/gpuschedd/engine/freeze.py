@@ -6,15 +6,13 @@ import asyncio
 import logging
 import time
 
-from .. import recovery
+from .. import events, recovery
 from ..checkpoint import CheckpointError
 from ..errors import (
     CheckpointFailed,
     GpuschedError,
-    InvalidState,
 )
-from ..events import Event, EventKind
-from ..model import ENDED, Model, State
+from ..model import ENDED, Model, State, require
 from ..units import UnitStatus
 from .core import Core, Requester
 
@@ -33,8 +31,7 @@ class Freezing(Core):
         async with model.lock:
             if model.state == State.FROZEN:
                 return model
-            if model.state != State.RUNNING:
-                raise InvalidState(f"model {name!r} is {model.state}, not running")
+            require(model, "freeze")
             # An eviction is there to give the GPU back: no context is kept.
             await self._freeze_locked(model, reason, why, release_gpu=reason == "evicted")
         return model
@@ -126,23 +123,7 @@ class Freezing(Core):
         model.cuda_pids = cuda
         model.last_freeze_usec = int((time.monotonic() - t0) * 1e6)
         self._set_state(model, State.FROZEN)
-        self._emit(
-            Event(
-                EventKind.FREEZE,
-                model.name,
-                model.unit,
-                f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s"
-                f" ({len(cuda)} CUDA process(es), backend {self.checkpoint.name}"
-                + (f", {model.parked_bytes} bytes parked by the agent" if model.parked_bytes else "")
-                + (", CUDA contexts kept on the GPU" if kept else "")
-                + ")"
-                + (f": {why}" if why else ""),
-                duration_usec=model.last_freeze_usec,
-                bytes=model.snapshot_bytes,
-                gpus=tuple(model.gpus),
-                fields={"GPUSCHED_REASON": reason} if reason else {},
-            )
-        )
+        self._emit(events.frozen(model, len(cuda), self.checkpoint.name, kept, reason, why))
 
     async def _late_cuda_pids(self, model: Model, known: list[int]) -> list[int]:
         """Processes of the (frozen) unit that hold GPU memory the freeze has not checkpointed. NVML answers, not

@@ -8,17 +8,17 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from .. import events
 from ..agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
 from ..errors import (
     AccessDenied,
     GpuschedError,
     InvalidArgs,
-    InvalidState,
     LimitExceeded,
     ModelExists,
 )
 from ..events import Event, EventKind
-from ..model import ENDED, Model, State
+from ..model import ENDED, Model, State, require
 from ..names import model_name_from_unit, model_unit, validate_model_name
 from ..options import Policies, RunOptions
 from ..units import UnitSpec, UnitStatus
@@ -185,19 +185,9 @@ class Lifecycle(Core):
             finally:
                 self._stopping.discard(name)
             self._drop_parked(name)
-            model.pids, model.main_pid, model.cuda_pids = [], 0, []
-            model.snapshot_bytes = model.vram_bytes = model.parked_bytes = 0
+            model.clear_runtime()
             self._set_state(model, State.STOPPED)
-        self._emit(
-            Event(
-                EventKind.STOP,
-                name,
-                model.unit,
-                f"model {name} stopped" + (f": {why}" if why else ""),
-                duration_usec=int((time.monotonic() - t0) * 1e6),
-                fields={"GPUSCHED_REASON": reason} if reason else {},
-            )
-        )
+        self._emit(events.stopped(model, int((time.monotonic() - t0) * 1e6), reason, why))
 
     @contextlib.asynccontextmanager
     async def _cutting_agent_waits(self, name: str) -> AsyncIterator[None]:
@@ -240,8 +230,7 @@ class Lifecycle(Core):
         """Stop managing a model; its unit keeps running, untouched."""
         model = self.get(name)
         async with model.lock:
-            if model.state in (State.FROZEN, State.FREEZING, State.THAWING):
-                raise InvalidState(f"model {name!r} is {model.state}: thaw it before forgetting it")
+            require(model, "forget")
             self._persist()  # a retry now: a Forget the table cannot keep would be undone by a restart
             if self.state_file is not None and self.state_file.error:
                 raise GpuschedError(f"cannot forget {name!r} now: {self.state_file.error}")

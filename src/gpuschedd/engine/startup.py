@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .. import recovery
+from .. import events, recovery
 from ..checkpoint import CudaState
 from ..errors import (
     InvalidArgs,
 )
 from ..events import Event, EventKind
-from ..model import ENDED, Model, State, now_usec
+from ..model import ENDED, Model, State
 from ..names import MODEL_UNIT_PREFIX, model_name_from_unit
 from ..statefile import SavedTable
 from ..units import UnitStatus
@@ -83,7 +83,7 @@ class Startup(Core):
             if name in self.models:
                 continue
             if record.state not in ENDED:
-                self._ended_while_away(record, live.get(record.unit), stopped=name in saved.stopping)
+                self._ended(record, live.get(record.unit), away=True, stopped=name in saved.stopping)
             else:
                 self._add(record)
         for name in stops:
@@ -121,33 +121,6 @@ class Startup(Core):
             log.warning("%s runs as unknown user %r: owned by root", status.unit, status.user)
             return 0
 
-    def _ended_while_away(self, model: Model, status: UnitStatus | None, stopped: bool = False) -> None:
-        """A saved model whose unit ended while no daemon ran: reported like any exit, its snapshot released
-        (`stopped`: a Stop was under way, so it ended as asked)."""
-        result = status.result if status is not None else "success"
-        failed = not stopped and (result != "success" or (status is not None and status.active_state == "failed"))
-        released = model.snapshot_bytes if model.cuda_pids else 0
-        was = model.state
-        model.pids, model.main_pid, model.cuda_pids = [], 0, []
-        model.snapshot_bytes = model.vram_bytes = 0
-        model.state = State.FAILED if failed else State.STOPPED
-        model.state_change_usec = now_usec()
-        self._add(model)
-        self._emit(
-            Event(
-                EventKind.STOP if stopped else EventKind.EXIT,
-                model.name,
-                model.unit,
-                f"model {model.name} "
-                + ("stopped" if stopped else "ended")
-                + f" while gpuschedd was not running (it was {was}; result {result})"
-                + (f"; {released} bytes of host RAM released" if released else "")
-                + self._close_wake(model),
-                bytes=released,
-                fields={"GPUSCHED_RESULT": result, "GPUSCHED_STATE_BEFORE": str(was)},
-            )
-        )
-
     async def _recover(self, model: Model, target: State, why: str, before: State | None) -> None:
         """Bring a model found inconsistent on start to `target` (or, if that cannot be done, the other state)."""
         frozen = target == State.FROZEN
@@ -172,11 +145,8 @@ class Startup(Core):
             kind = EventKind.FREEZE
         else:
             kind = EventKind.FAILURE
-        fields = {"GPUSCHED_RECOVERY": "1"}
-        if interrupted:
-            fields["GPUSCHED_INTERRUPTED"] = interrupted
         log.warning("model %s: %s", model.name, why)
-        self._emit(Event(kind, model.name, model.unit, f"model {model.name}: {why}", fields=fields))
+        self._emit(events.recovered(model, kind, why, interrupted or ""))
 
     async def _finish_swap(self, out: str, into: str) -> None:
         """A swap cut short by a restart is made both-or-neither: if the model to thaw is not running, the model

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TypeVar
 
-from .. import recovery
+from .. import events, recovery
 from ..checkpoint import CheckpointError
 from ..errors import (
     CheckpointFailed,
@@ -18,7 +18,7 @@ from ..errors import (
     NotSupported,
 )
 from ..events import Event, EventKind
-from ..model import Model, State
+from ..model import Model, State, require
 from .core import Core, Requester, _find_gpu, _gpu_permutation
 
 log = logging.getLogger(__name__)
@@ -35,16 +35,7 @@ class Thawing(Core):
         share = model.snapshot_bytes * len(lost) // len(model.cuda_pids)
         model.cuda_pids = [pid for pid in model.cuda_pids if pid not in lost]
         model.snapshot_bytes -= share
-        self._emit(
-            Event(
-                EventKind.FAILURE,
-                model.name,
-                model.unit,
-                f"model {model.name}: CUDA process(es) {', '.join(map(str, lost))} ended while frozen; their "
-                f"snapshot (about {share} bytes of host RAM) is released. The model may need a restart.",
-                bytes=share,
-            )
-        )
+        self._emit(events.lost_pids(model, lost, share))
 
     async def thaw(self, name: str, by: Requester | None = None) -> Model:
         """`by`: whose rights an eviction for the thaw has (default: the model owner's)."""
@@ -54,8 +45,7 @@ class Thawing(Core):
         async with model.lock:
             if model.state == State.RUNNING:
                 return model
-            if model.state != State.FROZEN:
-                raise InvalidState(f"model {name!r} is {model.state}, not frozen")
+            require(model, "thaw")
             try:
                 await self._thaw_locked(model)
             finally:
@@ -112,17 +102,7 @@ class Thawing(Core):
         model.last_active_usec = self.now_usec()
         await self.refresh(model, vram=True, quick=True)
         self._set_state(model, State.RUNNING)
-        self._emit(
-            Event(
-                EventKind.THAW,
-                model.name,
-                model.unit,
-                f"model {model.name} thawed in {model.last_thaw_usec / 1e6:.3f}s",
-                duration_usec=model.last_thaw_usec,
-                bytes=model.snapshot_bytes,
-                gpus=tuple(model.gpus),
-            )
-        )
+        self._emit(events.thawed(model))
 
     async def migrate(self, name: str, gpu: str) -> Model:
         """Move a model onto another GPU: freeze it (if it runs), restore its processes there through the driver's
@@ -130,8 +110,7 @@ class Thawing(Core):
         frozen where it was and thaws there as before."""
         model = self.get(name)
         async with model.lock:
-            if model.state not in (State.RUNNING, State.FROZEN):
-                raise InvalidState(f"model {name!r} is {model.state}, not running or frozen")
+            require(model, "migrate")
             if self.checkpoint.name == "none":
                 raise NotSupported("migration needs the CUDA checkpoint API (CheckpointBackend is none)")
             if model.state == State.FROZEN and model.freeze_path == "agent-only":
@@ -173,19 +152,7 @@ class Thawing(Core):
                 raise
             finally:
                 self._thaw_reserved.pop(model.name, None)
-        self._emit(
-            Event(
-                EventKind.MIGRATE,
-                name,
-                model.unit,
-                f"model {name} migrated from {sources[0]} to GPU {target.index} ({target.uuid})"
-                f" in {time.monotonic() - t0:.3f}s",
-                duration_usec=int((time.monotonic() - t0) * 1e6),
-                bytes=model.snapshot_bytes,
-                gpus=(target.uuid,),
-                fields={"GPUSCHED_GPU_FROM": sources[0], "GPUSCHED_GPU_TO": target.uuid},
-            )
-        )
+        self._emit(events.migrated(model, sources[0], target.index, target.uuid, int((time.monotonic() - t0) * 1e6)))
         return model
 
     async def _move_back(self, model: Model, error: CheckpointFailed, pairs: list[tuple[str, str]]) -> None:
@@ -215,10 +182,8 @@ class Thawing(Core):
         if freeze_name == thaw_name:
             raise InvalidArgs("swap needs two different models")
         out, into = self.get(freeze_name), self.get(thaw_name)
-        if into.state not in (State.FROZEN, State.RUNNING):
-            raise InvalidState(f"model {thaw_name!r} is {into.state}, not frozen")
-        if out.state not in (State.FROZEN, State.RUNNING):
-            raise InvalidState(f"model {freeze_name!r} is {out.state}, not running")
+        require(into, "swap in")
+        require(out, "swap out")
         t0 = time.monotonic()
         # Saved while under way, so a restart in the middle still ends both-or-neither (_finish_swap). Only when
         # the first model runs: thawing back one that was frozen before the swap would be wrong.
