@@ -106,6 +106,16 @@ def ended(
     )
 
 
+def started(model: Model, duration_usec: int) -> Event:
+    return Event(
+        EventKind.RUN,
+        model.name,
+        model.unit,
+        f"model {model.name} started as {model.unit}",
+        duration_usec=duration_usec,
+    )
+
+
 def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: str) -> Event:
     """A freeze done: how long, how many CUDA processes, by which path, and why when the daemon decided it."""
     how = f"{cuda} CUDA process(es), backend {backend}"

@@ -21,7 +21,7 @@ from ..events import Event, EventKind
 from ..model import ENDED, Model, State, require
 from ..names import model_name_from_unit, model_unit, validate_model_name
 from ..options import Policies, RunOptions
-from ..units import UnitSpec, UnitStatus
+from ..units import UnitSpec, UnitStatus, WakeCapable
 from .core import Core, Requester, _kept_bytes, _user_name, _user_uid
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,35 @@ class Lifecycle(Core):
     async def run(
         self, name: str, argv: list[str], options: RunOptions, owner: int, by: Requester | None = None
     ) -> Model:
-        """`by`: whose rights an eviction for the start has (default: the owner's own models only)."""
+        """An entry point: start a new model. `by`: whose rights an eviction for the start has (default: the owner's
+        own models only).
+
+        One model lock, never two: evictions for GpuMemory freeze each victim under its own lock before the new
+        model's is taken. No await between check and reservation: _admit checks the name and the owner's limits
+        and reserves the name in the table with no await between them."""
+        user = self._run_user(name, argv, options, owner)
+        spec = self._unit_spec(name, argv, options, user)
+        model = self._new_model(name, spec, _user_uid(user) if user else owner, options)
+        if options.port and not isinstance(self.units, WakeCapable):
+            raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
+        shortfall = self._start_shortfall(model, options)
+        if self.config.evict_on_thaw:
+            await self._evict_for(model, shortfall, "the start", by or Requester(owner))
+        self._check_gpu_room(model, shortfall())
+        t0 = time.monotonic()
+        status = await self._admit(model, lambda: self.units.start(spec), owner)
+        if options.port and isinstance(self.units, WakeCapable):
+            try:
+                await self.units.start_wake(name, options.port, options.backend_port, user, options.listen_address)
+            except BaseException:
+                await self.stop(name)
+                raise
+        self._announce(status, events.started(model, int((time.monotonic() - t0) * 1e6)))
+        return model
+
+    def _run_user(self, name: str, argv: list[str], options: RunOptions, owner: int) -> str:
+        """Refuse a Run that cannot be (bad name, empty argv, the name taken, KeepContext without Agent, root for a
+        caller that is not root); returns the user its processes run as ("": root)."""
         validate_model_name(name)
         if not argv:
             raise InvalidArgs("argv must not be empty")
@@ -43,20 +71,23 @@ class Lifecycle(Core):
         if owner < 0:
             raise AccessDenied("unknown caller")
         user = options.user or (_user_name(owner) if owner != 0 else "")
-        uid = _user_uid(user) if user else owner
-        if owner != 0 and (not user or uid == 0):
+        if owner != 0 and (not user or _user_uid(user) == 0):
             # The bus layer allows User= only with `manage`; this holds even if that check ever goes wrong:
             # a caller that is not root never gets a process running as root (any name with uid 0 included).
             raise AccessDenied("only root may run a model as root")
         if options.keep_context and not options.agent:
             raise InvalidArgs("KeepContext needs Agent: only a model whose agents park its memory keeps its contexts")
+        return user
+
+    def _unit_spec(self, name: str, argv: list[str], options: RunOptions, user: str) -> UnitSpec:
+        """The unit of a new model: its environment carries the GPUs it may see and where its agents listen."""
         environment = list(options.environment)
         if options.gpus:
             environment.append("CUDA_VISIBLE_DEVICES=" + ",".join(options.gpus))
         agent_dir = os.path.join(self.config.agent_root, name) if options.agent else ""
         if agent_dir:
             environment += [f"{AGENT_DIR_ENV}={agent_dir}", f"{DAEMON_UID_ENV}={os.geteuid()}"]
-        spec = UnitSpec(
+        return UnitSpec(
             unit=model_unit(name),
             argv=list(argv),
             description=options.description or f"gpusched model {name}",
@@ -65,11 +96,13 @@ class Lifecycle(Core):
             user=user,
             runtime_directory=agent_dir,
         )
+
+    def _new_model(self, name: str, spec: UnitSpec, uid: int, options: RunOptions) -> Model:
         model = Model(
             name=name,
             unit=spec.unit,
             owner=uid,
-            command=list(argv),
+            command=list(spec.argv),
             gpus=list(options.gpus),
             port=options.port,
             backend_port=options.backend_port,
@@ -79,31 +112,6 @@ class Lifecycle(Core):
             environment_bytes=sum(len(entry.encode()) + 1 for entry in options.environment),
         )
         self._set_policies(model, options)
-        start_wake = getattr(self.units, "start_wake", None)
-        if options.port and start_wake is None:
-            raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
-        shortfall = self._start_shortfall(model, options)
-        if self.config.evict_on_thaw:
-            await self._evict_for(model, shortfall, "the start", by or Requester(owner))
-        self._check_gpu_room(model, shortfall())
-        t0 = time.monotonic()
-        status = await self._admit(model, lambda: self.units.start(spec), owner)
-        if options.port and start_wake is not None:
-            try:
-                await start_wake(name, options.port, options.backend_port, user, options.listen_address)
-            except BaseException:
-                await self.stop(name)
-                raise
-        self._announce(
-            status,
-            Event(
-                EventKind.RUN,
-                name,
-                spec.unit,
-                f"model {name} started as {spec.unit}",
-                duration_usec=int((time.monotonic() - t0) * 1e6),
-            ),
-        )
         return model
 
     def _set_policies(self, model: Model, policies: Policies) -> None:
@@ -222,9 +230,8 @@ class Lifecycle(Core):
 
     async def _stop_wake(self, name: str) -> None:
         """Stop a model's wake-on-connection socket and proxy, if it has them (none: nothing happens)."""
-        stop_wake = getattr(self.units, "stop_wake", None)
-        if stop_wake is not None:
-            await stop_wake(name)
+        if isinstance(self.units, WakeCapable):
+            await self.units.stop_wake(name)
 
     async def forget(self, name: str) -> None:
         """Stop managing a model; its unit keeps running, untouched."""

@@ -19,73 +19,31 @@ from .core import Core, _user_uid
 
 log = logging.getLogger(__name__)
 
+# A model found inconsistent on start: the model, the state recovery.target_for chose, why, its saved state.
+_Pending = tuple[Model, State, str, State | None]
+
 
 class Startup(Core):
-    # ----------------------------------------------------------------- start-up
-
     async def start(self) -> None:
         """Take over the models. The units and the driver are the truth; the saved table (statefile.py) is what
         only the daemon knew: a frozen model's VRAM per GPU and snapshot size, a transition under way, a swap, a
         Forget. A model caught in the middle of a transition is brought to a consistent state by the rules of
         recovery.target_for (docs/reliability.md) before the daemon serves anyone; a consistent one is not
-        touched: nothing is started, stopped, frozen or thawed while taking it over."""
+        touched: nothing is started, stopped, frozen or thawed while taking it over. The steps, in order: read the
+        truth, take over each live unit (classify it against its saved record), enter the models that ended while
+        no daemon ran, finish the interrupted stops, recover the inconsistent models, finish the interrupted swaps."""
         self.units.watch(self._unit_changed)
         saved = self.state_file.load() if self.state_file is not None else SavedTable()
-        live = {status.unit: status for status in await self.units.list_units(MODEL_UNIT_PREFIX)}
-        for record in saved.models.values():
-            if model_name_from_unit(record.unit) is None and record.state not in ENDED:
-                self.units.track(record.unit)  # an adopted unit: watched like our own
-            if record.unit not in live and record.state not in ENDED:
-                status = await self.units.status(record.unit)
-                if status is not None:
-                    live[record.unit] = status
-        pending: list[tuple[Model, State, str, State | None]] = []
+        live = await self._read_truth(saved)
+        pending: list[_Pending] = []
         stops: list[str] = []
         for unit, status in live.items():
-            name = model_name_from_unit(unit) or next((n for n, r in saved.models.items() if r.unit == unit), None)
-            if name is None or name in self.models or status.active_state not in ("active", "activating", "reloading"):
-                continue
-            if status.main_pid and saved.forgotten.get(unit) == status.main_pid:
-                self._forgotten[unit] = status.main_pid  # still forgotten: not ours
-                continue
-            record = saved.models.get(name)
-            if record is not None and (
-                record.unit != unit or (record.main_pid and status.main_pid and record.main_pid != status.main_pid)
-            ):
-                record = None  # another unit, or a new run of the name: nothing saved is about it
-            model = record or Model(name=name, unit=unit, owner=self._owner_of(status), command=list(status.command))
-            self._apply_status(model, status)
-            if record is not None and name in saved.stopping:
-                self._add(model)  # as it was; its stop is finished below, before anything else is touched
-                stops.append(name)
-                continue
-            cuda = await self._found_cuda_states(model, status, record)
-            truth = recovery.Truth(status.frozen, cuda)
-            before = recovery.saved_state(record.state if record else None)
-            target, why = recovery.target_for(before, truth)
-            model.cuda_pids = [pid for pid in model.pids if pid in cuda] if not truth.running else []
-            if recovery.consistent(target, truth):
-                model.state = target
-                if target == State.RUNNING:
-                    model.snapshot_bytes = model.parked_bytes = 0
-                self._add(model)
-                if before in (State.FREEZING, State.THAWING) or (before == State.FROZEN and target == State.RUNNING):
-                    if before == State.FROZEN:
-                        await self.refresh(model, vram=True)  # its VRAM now, not the table's
-                    self._recovered(model, before, target, why, [])
-                log.info("found %s (%s, %s)", unit, model.state, ",".join(map(str, model.pids)))
-            else:
-                # Shown in transition (every reader sees it is being worked on) until _recover ends it.
-                model.state = State.THAWING if target == State.RUNNING else State.FREEZING
-                self._add(model)
-                pending.append((model, target, why, before))
-        for name, record in saved.models.items():
-            if name in self.models:
-                continue
-            if record.state not in ENDED:
-                self._ended(record, live.get(record.unit), away=True, stopped=name in saved.stopping)
-            else:
-                self._add(record)
+            taken = await self._take_over(unit, status, saved)
+            if isinstance(taken, str):
+                stops.append(taken)
+            elif taken is not None:
+                pending.append(taken)
+        self._enter_ended_while_away(saved, live)
         for name in stops:
             log.warning("model %s: its stop was interrupted by a restart of gpuschedd: finishing it", name)
             await self.stop(name)
@@ -96,6 +54,82 @@ class Startup(Core):
         for out, into in saved.swaps:
             await self._finish_swap(out, into)
         self._persist()
+
+    async def _read_truth(self, saved: SavedTable) -> dict[str, UnitStatus]:
+        """Every live unit that is, or was saved as, a model: ours by name, adopted ones (tracked again) by record."""
+        live = {status.unit: status for status in await self.units.list_units(MODEL_UNIT_PREFIX)}
+        for record in saved.models.values():
+            if model_name_from_unit(record.unit) is None and record.state not in ENDED:
+                self.units.track(record.unit)  # an adopted unit: watched like our own
+            if record.unit not in live and record.state not in ENDED:
+                status = await self.units.status(record.unit)
+                if status is not None:
+                    live[record.unit] = status
+        return live
+
+    def _claim(self, unit: str, status: UnitStatus, saved: SavedTable) -> tuple[str, Model | None] | None:
+        """The model name of a live unit and its saved record, if the record is about this very run of the unit;
+        None when the unit is not (or no longer) a model: not active, or told to Forget."""
+        name = model_name_from_unit(unit) or next((n for n, r in saved.models.items() if r.unit == unit), None)
+        if name is None or name in self.models or status.active_state not in ("active", "activating", "reloading"):
+            return None
+        if status.main_pid and saved.forgotten.get(unit) == status.main_pid:
+            self._forgotten[unit] = status.main_pid  # still forgotten: not ours
+            return None
+        record = saved.models.get(name)
+        if record is not None and (
+            record.unit != unit or (record.main_pid and status.main_pid and record.main_pid != status.main_pid)
+        ):
+            record = None  # another unit, or a new run of the name: nothing saved is about it
+        return name, record
+
+    async def _take_over(self, unit: str, status: UnitStatus, saved: SavedTable) -> _Pending | str | None:
+        """One live unit into the table. Returns its name when its stop must be finished, what _recover must do
+        when it is inconsistent, else None."""
+        claimed = self._claim(unit, status, saved)
+        if claimed is None:
+            return None
+        name, record = claimed
+        model = record or Model(name=name, unit=unit, owner=self._owner_of(status), command=list(status.command))
+        self._apply_status(model, status)
+        if record is not None and name in saved.stopping:
+            self._add(model)  # as it was; its stop is finished before anything else is touched
+            return name
+        cuda = await self._found_cuda_states(model, status, record)
+        truth = recovery.Truth(status.frozen, cuda)
+        before = recovery.saved_state(record.state if record else None)
+        target, why = recovery.target_for(before, truth)
+        model.cuda_pids = [pid for pid in model.pids if pid in cuda] if not truth.running else []
+        if not recovery.consistent(target, truth):
+            # Shown in transition (every reader sees it is being worked on) until _recover ends it.
+            model.state = State.THAWING if target == State.RUNNING else State.FREEZING
+            self._add(model)
+            return model, target, why, before
+        await self._take_consistent(model, before, target, why)
+        return None
+
+    async def _take_consistent(self, model: Model, before: State | None, target: State, why: str) -> None:
+        """A model found consistent enters the table as it is; one that moved while no daemon ran (a freeze or thaw
+        finished, a frozen model found running) is reported."""
+        model.state = target
+        if target == State.RUNNING:
+            model.snapshot_bytes = model.parked_bytes = 0
+        self._add(model)
+        if before in (State.FREEZING, State.THAWING) or (before == State.FROZEN and target == State.RUNNING):
+            if before == State.FROZEN:
+                await self.refresh(model, vram=True)  # its VRAM now, not the table's
+            self._recovered(model, before, target, why, [])
+        log.info("found %s (%s, %s)", model.unit, model.state, ",".join(map(str, model.pids)))
+
+    def _enter_ended_while_away(self, saved: SavedTable, live: dict[str, UnitStatus]) -> None:
+        """Saved models not taken over: ended ones as they were, live ones as the exits they had meanwhile."""
+        for name, record in saved.models.items():
+            if name in self.models:
+                continue
+            if record.state not in ENDED:
+                self._ended(record, live.get(record.unit), away=True, stopped=name in saved.stopping)
+            else:
+                self._add(record)
 
     async def _found_cuda_states(self, model: Model, status: UnitStatus, record: Model | None) -> dict[int, CudaState]:
         """The driver state of each CUDA process of a unit found on start. The driver's GetState blocks on a

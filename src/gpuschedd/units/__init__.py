@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -81,3 +81,15 @@ class UnitBackend(Protocol):
         self, unit: str, pids: list[int], description: str, slice: str = "gpusched.slice"
     ) -> UnitStatus:
         """Move running processes into a new transient scope (AdoptProcesses). Raises UnitFailed."""
+
+
+@runtime_checkable
+class WakeCapable(Protocol):
+    """A unit backend that can open a model's public port (Run option Port): wake on first connection through
+    gpusched-wake@NAME.socket and its proxy. Only the systemd backend can; the engine asks isinstance."""
+
+    async def start_wake(self, name: str, port: int, backend_port: int, user: str, address: str = "") -> None:
+        """Start the wake socket on `port` (on `address`, empty: every address), proxying to `backend_port`."""
+
+    async def stop_wake(self, name: str) -> None:
+        """Stop the model's wake socket and proxy; nothing happens when it has none."""
