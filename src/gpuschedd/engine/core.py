@@ -273,6 +273,23 @@ class Core:
             if gpus:
                 model.gpus = gpus
 
+    async def refresh_running(self) -> None:
+        """Keep running models' Pids and VramBytes current between transitions (a model loads its weights after
+        it starts; the daemon calls this every few seconds), announcing a change to the listeners (model_changed:
+        the bus sends PropertiesChanged). A model in a transition is left to it."""
+        for model in list(self.models.values()):
+            if model.state != State.RUNNING or model.lock.locked():
+                continue
+            before = (list(model.pids), model.vram_bytes)
+            try:
+                await self.refresh(model)
+            except Exception as e:  # a unit that vanished mid-read is reported by its own exit event
+                log.debug("refresh of %s: %s", model.name, e)
+                continue
+            if (model.pids, model.vram_bytes) != before:
+                for listener in self._listeners:
+                    listener.model_changed(model)
+
     async def _read_pids(self, model: Model) -> bool:
         """The unit's processes into the model, in one systemd call where the backend has one (`pids`), instead of
         a whole status (several): a freeze reads them twice. False when the unit is gone."""
