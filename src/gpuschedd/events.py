@@ -184,3 +184,42 @@ def lost_pids(model: Model, lost: list[int], share: int) -> Event:
         f"snapshot (about {share} bytes of host RAM) is released. The model may need a restart.",
         bytes=share,
     )
+
+
+def adopted_unit(model: Model) -> Event:
+    message = f"unit {model.unit} adopted as model {model.name} (owner uid {model.owner})"
+    return Event(EventKind.ADOPT, model.name, model.unit, message)
+
+
+def adopted_processes(model: Model, pids: list[int]) -> Event:
+    message = f"process(es) {', '.join(map(str, pids))} adopted as model {model.name} in {model.unit}"
+    return Event(EventKind.ADOPT, model.name, model.unit, message)
+
+
+def forgotten(model: Model, why: str, reason: str = "") -> Event:
+    """A model dropped from the table: by Forget (`why` says whether its unit runs on) or a policy (`reason`)."""
+    fields = {"GPUSCHED_REASON": reason} if reason else {}
+    return Event(EventKind.FORGET, model.name, model.unit, f"model {model.name} forgotten{why}", fields=fields)
+
+
+def swapped(out: Model, into: Model, duration_usec: int) -> Event:
+    """A swap done: the event is the thawed model's, naming the frozen one."""
+    return Event(
+        EventKind.SWAP,
+        into.name,
+        into.unit,
+        f"swapped {out.name} out and {into.name} in",
+        duration_usec=duration_usec,
+        fields={"GPUSCHED_SWAP_OUT": out.name},
+    )
+
+
+def swap_rolled_back(out: Model, into: str) -> Event:
+    """A swap cut short by a restart, made "neither" on start: `out` thawed back."""
+    return Event(
+        EventKind.FAILURE,
+        out.name,
+        out.unit,
+        f"swap of {out.name} for {into} was interrupted by a restart of gpuschedd: {out.name} thawed back",
+        fields={"GPUSCHED_RECOVERY": "1", "GPUSCHED_INTERRUPTED": "swap", "GPUSCHED_SWAP_IN": into},
+    )

@@ -6,14 +6,13 @@ import contextlib
 import logging
 import os
 
-from .. import adopt
+from .. import adopt, events
 from ..errors import (
     AccessDenied,
     InvalidArgs,
     InvalidState,
     ModelExists,
 )
-from ..events import Event, EventKind
 from ..model import ENDED, Model
 from ..names import validate_model_name
 from ..options import Policies
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class Adoption(Core):
-    # ----------------------------------------------------------------- adopt
+    """Adopt and AdoptProcesses: checks that read the unit or /proc, then admission as for a Run."""
 
     def _check_new_model(self, name: str, unit: str, pids: list[int]) -> None:
         """The name is free, and neither the unit nor any of the PIDs belongs to a live model. Without an await, so
@@ -87,7 +86,7 @@ class Adoption(Core):
             self._remove(existing)  # an ended model of that name
         self.units.track(unit)
         self._add(model)
-        self._emit(Event(EventKind.ADOPT, name, unit, f"unit {unit} adopted as model {name} (owner uid {owner})"))
+        self._emit(events.adopted_unit(model))
         return model
 
     def adoptable_pids(self, name: str, pids: list[int]) -> dict[int, int]:
@@ -135,11 +134,6 @@ class Adoption(Core):
         status = await self._admit(model, move, caller)
         self._announce(
             status,
-            Event(
-                EventKind.ADOPT,
-                name,
-                unit,
-                f"process(es) {', '.join(map(str, sorted(owners)))} adopted as model {name} in {unit}",
-            ),
+            events.adopted_processes(model, sorted(owners)),
         )
         return model

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class Budget(Core):
+    """The RAM budget and free VRAM: checked without an await before the step that reserves them; one loop that
+    makes room (evictions, stops) before a model's own lock is taken."""
+
     def ram_frozen_bytes(self) -> int:
         """Host RAM held by the snapshots of frozen (or freezing, thawing) models."""
         return sum(m.snapshot_bytes for m in self.models.values() if m.cuda_pids)

@@ -87,6 +87,9 @@ def _find_gpu(gpus: list[GpuInfo], gpu: str) -> GpuInfo:
 
 
 class Core:
+    """What every concern shares: the model table, its listeners and state file, the backends, the unit events.
+    Each concern of the package is a class over it; Engine (__init__.py) puts them together."""
+
     def __init__(
         self,
         units: UnitBackend,

@@ -31,6 +31,8 @@ class _FreezeStep:
 
 
 class Freezing(Core):
+    """Freeze, as named steps; and the settling of a failed step (shared with thaw and start-up)."""
+
     async def freeze(self, name: str, reason: str = "", why: str = "", by: Requester | None = None) -> Model:
         """An entry point. `reason` and `why`: a freeze the daemon decided itself (idle, eviction), said in its
         event. `by`: whose rights a stop for room in the RAM budget has (default: the model owner's).

@@ -17,7 +17,7 @@ from ..errors import (
     LimitExceeded,
     ModelExists,
 )
-from ..events import Event, EventKind
+from ..events import Event
 from ..model import ENDED, Model, State, require
 from ..names import model_name_from_unit, model_unit, validate_model_name
 from ..options import Policies, RunOptions
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class Lifecycle(Core):
-    # ----------------------------------------------------------------- run / stop
+    """Run, Stop and Forget, and the wake units that go with a model's life."""
 
     async def run(
         self, name: str, argv: list[str], options: RunOptions, owner: int, by: Requester | None = None
@@ -248,4 +248,4 @@ class Lifecycle(Core):
             if model_name_from_unit(model.unit) is None:
                 self.units.untrack(model.unit)
         runs_on = "" if model.state in ENDED else "; its unit runs on"
-        self._emit(Event(EventKind.FORGET, name, model.unit, f"model {name} forgotten{runs_on}"))
+        self._emit(events.forgotten(model, runs_on))

@@ -20,6 +20,8 @@ _T = TypeVar("_T")
 
 
 class Parking(Core):
+    """The agents' connections (one per parked process) and their waits, which a Stop cuts short."""
+
     async def _park(self, model: Model, pids: list[int]) -> None:
         """The fast path: each process's agent copies its memory out and releases it, keeping the addresses.
         A process without an agent, or whose agent fails or misses the deadline, is left whole to the driver's

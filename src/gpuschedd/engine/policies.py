@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from .. import events
 from ..errors import (
     GpuschedError,
 )
-from ..events import Event, EventKind
 from ..model import ENDED, Model, State
 from ..names import model_name_from_unit
 from .core import DAEMON, Core
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 class Policies_(Core):
-    # ----------------------------------------------------------------- policies
+    """One round of the automatic decisions, every second (named with _: options.Policies is the Run options)."""
 
     def idle_limit(self, model: Model) -> int:
         """The idle time in force for a model: its own IdleFreezeSec, else the daemon's (0: never frozen idle)."""
@@ -76,12 +76,5 @@ class Policies_(Core):
             self._remove(model)
             if model_name_from_unit(model.unit) is None:
                 self.units.untrack(model.unit)
-            self._emit(
-                Event(
-                    EventKind.FORGET,
-                    model.name,
-                    model.unit,
-                    f"model {model.name} forgotten: it ended {ended:.0f}s ago, past EndedModelTTLSec={ttl}",
-                    fields={"GPUSCHED_REASON": "ended-ttl"},
-                )
-            )
+            why = f": it ended {ended:.0f}s ago, past EndedModelTTLSec={ttl}"
+            self._emit(events.forgotten(model, why, "ended-ttl"))

@@ -10,7 +10,7 @@ from ..checkpoint import CudaState
 from ..errors import (
     InvalidArgs,
 )
-from ..events import Event, EventKind
+from ..events import EventKind
 from ..model import ENDED, Model, State
 from ..names import MODEL_UNIT_PREFIX, model_name_from_unit
 from ..statefile import SavedTable
@@ -24,6 +24,8 @@ _Pending = tuple[Model, State, str, State | None]
 
 
 class Startup(Core):
+    """Taking over the models when the daemon starts (docs/reliability.md)."""
+
     async def start(self) -> None:
         """Take over the models. The units and the driver are the truth; the saved table (statefile.py) is what
         only the daemon knew: a frozen model's VRAM per GPU and snapshot size, a transition under way, a swap, a
@@ -195,12 +197,4 @@ class Startup(Core):
         except Exception as e:
             log.error("swap %s -> %s interrupted by a restart; thawing %s back failed: %s", out, into, out, e)
             return
-        self._emit(
-            Event(
-                EventKind.FAILURE,
-                out,
-                first.unit,
-                f"swap of {out} for {into} was interrupted by a restart of gpuschedd: {out} thawed back",
-                fields={"GPUSCHED_RECOVERY": "1", "GPUSCHED_INTERRUPTED": "swap", "GPUSCHED_SWAP_IN": into},
-            )
-        )
+        self._emit(events.swap_rolled_back(first, into))

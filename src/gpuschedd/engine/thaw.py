@@ -17,7 +17,6 @@ from ..errors import (
     InvalidState,
     NotSupported,
 )
-from ..events import Event, EventKind
 from ..model import Model, State, require
 from .core import Core, Requester, _find_gpu, _gpu_permutation
 
@@ -26,6 +25,8 @@ _T = TypeVar("_T")
 
 
 class Thawing(Core):
+    """Thaw, Migrate and Swap."""
+
     def _drop_lost_pids(self, model: Model) -> None:
         """A CUDA process of a frozen model that ended while the unit lives on (one rank of a multi-process
         model): its snapshot is gone with it. Reported, and left out of the restore, which would fail on it."""
@@ -206,13 +207,4 @@ class Thawing(Core):
             if entry in self._swaps:
                 self._swaps.remove(entry)
                 self._persist()
-        self._emit(
-            Event(
-                EventKind.SWAP,
-                thaw_name,
-                into.unit,
-                f"swapped {freeze_name} out and {thaw_name} in",
-                duration_usec=int((time.monotonic() - t0) * 1e6),
-                fields={"GPUSCHED_SWAP_OUT": freeze_name},
-            )
-        )
+        self._emit(events.swapped(out, into, int((time.monotonic() - t0) * 1e6)))
