@@ -4,6 +4,7 @@ other pair refused; each verb's guard accepts exactly its states, with the refus
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,13 @@ def test_clear_runtime_forgets_the_processes_and_what_they_held() -> None:
     model.clear_runtime()
     assert (model.pids, model.main_pid, model.cuda_pids) == ([], 0, [])
     assert model.snapshot_bytes == model.vram_bytes == model.parked_bytes == 0
+
+
+def test_the_table_in_the_architecture_document_is_the_code() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    block = doc.split("<!-- state-table: checked by tests/unit/test_state_machine.py -->\n```\n", 1)[1].split("```")[0]
+    written: dict[State, frozenset[State]] = {}
+    for line in block.strip().splitlines():
+        before, after = (part.strip() for part in line.split("->"))
+        written[State(before)] = frozenset() if after == "(none)" else frozenset(State(s) for s in after.split(", "))
+    assert written == TRANSITIONS
