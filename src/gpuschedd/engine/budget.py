@@ -132,11 +132,15 @@ class Budget(Core):
             short = shortfall()
             return (short.needed, short.free, short.gpu) if short is not None and short.gpu else None
 
-        def gives(victim: Model, gpu: str) -> int:
-            if victim.state != State.RUNNING or victim.priority > model.priority:
-                return 0
-            per_pid = self.telemetry.vram_by_pid()
-            return sum(per_pid.get(pid, {}).get(gpu, 0) for pid in victim.pids)
+        def gives(gpu: str) -> Callable[[Model], int]:
+            per_pid = self.telemetry.vram_by_pid()  # one reading for the round
+
+            def held(victim: Model) -> int:
+                if victim.state != State.RUNNING or victim.priority > model.priority:
+                    return 0
+                return sum(per_pid.get(pid, {}).get(gpu, 0) for pid in victim.pids)
+
+            return held
 
         async def evict(victim: Model, need: int, free: int, gpu: str) -> None:
             why = (
@@ -165,8 +169,8 @@ class Budget(Core):
             log.info("model %s: %s", victim.name, why)
             await self.stop(victim.name, "ram-budget", why)
 
-        def gives(victim: Model, _where: str) -> int:
-            return victim.snapshot_bytes if victim.state == State.FROZEN else 0
+        def gives(_where: str) -> Callable[[Model], int]:
+            return lambda victim: victim.snapshot_bytes if victim.state == State.FROZEN else 0
 
         await self._make_room(model, by, lack, gives, lambda m: m.state_change_usec, stop)
 
@@ -175,26 +179,25 @@ class Budget(Core):
         model: Model,
         by: Requester,
         lack: Callable[[], tuple[int, int, str] | None],
-        gives: Callable[[Model, str], int],
+        gives: Callable[[str], Callable[[Model], int]],
         order: Callable[[Model], Any],
         act: Callable[[Model, int, int, str], Awaitable[None]],
     ) -> None:
         """The one loop of both: while `lack` says `model` needs more than there is (bytes needed, bytes there,
-        where), `act` on the first by `order` of the models that would give room there (`gives`) and that `by` could
-        touch itself; each tried once. Nothing is done when all of them together would not make room (the caller
-        is refused as without it). Takes no lock but each victim's own, one at a time (in `act`)."""
+        where), `act` on the first by `order` of the models that would give room there (`gives(where)`: what each
+        gives, read once a round) and that `by` could touch itself; each tried once. Nothing is done when all of
+        them together would not make room (the caller is refused as without it). Takes no lock but each victim's
+        own, one at a time (in `act`)."""
         tried: set[str] = set()
         while (short := lack()) is not None:
             need, have, where = short
+            room_of = gives(where)
             victims = sorted(
-                (
-                    m
-                    for m in self.models.values()
-                    if m is not model and m.name not in tried and by.may_touch(m) and gives(m, where) > 0
-                ),
+                (m for m in self.models.values() if m is not model and m.name not in tried and by.may_touch(m)),
                 key=order,
             )
-            if not victims or have + sum(gives(m, where) for m in victims) < need:
+            victims = [m for m in victims if room_of(m) > 0]
+            if not victims or have + sum(room_of(m) for m in victims) < need:
                 return
             tried.add(victims[0].name)
             try:
