@@ -25,7 +25,7 @@ from ..model import ENDED, Model, State, now_usec, transition
 from ..names import model_name_from_unit
 from ..statefile import StateFile
 from ..telemetry import GpuInfo, GpuTelemetry
-from ..units import UnitBackend, UnitStatus
+from ..units import PidsReader, UnitBackend, UnitStatus
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -296,13 +296,12 @@ class Core:
     async def _read_pids(self, model: Model) -> bool:
         """The unit's processes into the model, in one systemd call where the backend has one (`pids`), instead of
         a whole status (several): a freeze reads them twice. False when the unit is gone."""
-        read = getattr(self.units, "pids", None)
-        if read is None:
+        if not isinstance(self.units, PidsReader):
             status = await self.units.status(model.unit)
             if status is not None:
                 self._apply_status(model, status)
             return status is not None
-        pids = await read(model.unit)
+        pids = await self.units.pids(model.unit)
         if pids is not None:
             model.pids = pids
         return pids is not None

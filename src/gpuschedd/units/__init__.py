@@ -93,3 +93,12 @@ class WakeCapable(Protocol):
 
     async def stop_wake(self, name: str) -> None:
         """Stop the model's wake socket and proxy; nothing happens when it has none."""
+
+
+@runtime_checkable
+class PidsReader(Protocol):
+    """A unit backend that reads a unit's processes alone, in one call (systemd's GetUnitProcesses), where a
+    status takes several: a freeze reads them twice."""
+
+    async def pids(self, unit: str) -> list[int] | None:
+        """The unit's processes; None when the unit is gone."""
