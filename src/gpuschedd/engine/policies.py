@@ -27,16 +27,19 @@ class Policies_(Core):
         their IdleFreezeSec, stop frozen models past their FrozenTTLSec. A model in a transition is left alone;
         a policy that cannot be carried out is logged (and its refusal or failure journaled) and tried again."""
         now = self.now_usec()
+        await self._freeze_idle(now)
+        await self._stop_frozen_too_long(now)
+        self._drop_ended(now)
+
+    async def _freeze_idle(self, now: int) -> None:
+        """IdleFreezeSec: freeze running models whose processes used no GPU for that long."""
         watched = [
             m for m in self.models.values() if m.state == State.RUNNING and self.idle_limit(m) > 0 and m.vram_bytes
         ]
         busy = self.telemetry.busy_pids() if watched else None
         for model in watched:
-            if busy is None:
-                model.last_active_usec = now  # utilization unknown: never called idle
-                continue
-            if busy & set(model.pids):
-                model.last_active_usec = now
+            if busy is None or busy & set(model.pids):
+                model.last_active_usec = now  # busy, or utilization unknown: never called idle
                 continue
             limit = self.idle_limit(model)
             idle = (now - model.last_active_usec) / 1e6
@@ -49,6 +52,9 @@ class Policies_(Core):
             except GpuschedError as e:
                 log.warning("idle freeze of %s: %s", model.name, e)
                 model.last_active_usec = now  # try again after another idle period, not every second
+
+    async def _stop_frozen_too_long(self, now: int) -> None:
+        """FrozenTTLSec: stop frozen models frozen longer than that."""
         for model in list(self.models.values()):
             if model.state != State.FROZEN or model.frozen_ttl_sec <= 0 or model.lock.locked():
                 continue
@@ -61,7 +67,6 @@ class Policies_(Core):
                 await self.stop(model.name, "frozen-ttl", why)
             except GpuschedError as e:
                 log.warning("stop of %s past its frozen time to live: %s", model.name, e)
-        self._drop_ended(now)
 
     def _drop_ended(self, now: int) -> None:
         """EndedModelTTLSec=: an ended model is dropped from the table (and the state file) this long after it ended,
