@@ -146,7 +146,7 @@ async def test_thaw_refused_when_the_gpu_lacks_room(setup) -> None:  # type: ign
     calls = len(gpu_dir.log())
     with pytest.raises(InsufficientGpuMemory) as e:
         await engine.thaw("m")
-    assert (e.value.needed, e.value.free, e.value.gpu) == (2 * VRAM, 324 * MIB, GPU0)  # type: ignore[attr-defined]
+    assert (e.value.needed, e.value.free, e.value.gpu) == (2 * VRAM, 324 * MIB, GPU0)
     assert "GPU 0" in e.value.message
     assert model.state == State.FROZEN and units.frozen == {model.unit}
     assert len(gpu_dir.log()) == calls, "nothing was attempted"
