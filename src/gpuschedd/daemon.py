@@ -96,22 +96,11 @@ async def start_metrics(engine: Engine, config: Config) -> None:
             log.error("metrics: cannot listen on %s: %s", config.metrics_listen, e)
 
 
-async def keep_fresh(engine: Engine, publisher: BusPublisher, interval: float = REFRESH_SEC) -> None:
-    """Keep running models' Pids and VramBytes current between transitions (a model loads its weights after
-    it starts), announcing changes with PropertiesChanged. A model in a transition is left to it."""
+async def keep_fresh(engine: Engine, interval: float = REFRESH_SEC) -> None:
+    """Engine.refresh_running every `interval` seconds: the engine announces what changed to its listeners."""
     while True:
         await asyncio.sleep(interval)
-        for model in list(engine.models.values()):
-            if model.state != State.RUNNING or model.lock.locked():
-                continue
-            before = (list(model.pids), model.vram_bytes)
-            try:
-                await engine.refresh(model)
-            except Exception as e:  # a unit that vanished mid-read is reported by its own exit event
-                log.debug("refresh of %s: %s", model.name, e)
-                continue
-            if (model.pids, model.vram_bytes) != before:
-                publisher.model_changed(model)
+        await engine.refresh_running()
 
 
 async def apply_policies(engine: Engine, stop: asyncio.Event, interval: float = POLICY_SEC) -> None:
@@ -179,7 +168,7 @@ async def serve(config: Config) -> int:
     await units.setup()
     await engine.start()
     bus.ready()
-    refresher = asyncio.ensure_future(keep_fresh(engine, publisher))
+    refresher = asyncio.ensure_future(keep_fresh(engine))
     stop = asyncio.Event()
     policies = asyncio.ensure_future(apply_policies(engine, stop))
     log.info(

@@ -34,7 +34,15 @@ class InvalidState(Refused):
 
 
 class InsufficientGpuMemory(Refused):
+    """A GPU lacks free memory for a thaw, a start with GpuMemory or a migration. `needed`, `free` and `gpu` (UUID)
+    say where and how much, for the eviction that may make room; a client rebuilding the error from its D-Bus
+    name has the message only (0, 0, "")."""
+
     dbus_name = "org.gpusched1.Error.InsufficientGpuMemory"
+
+    def __init__(self, message: str, needed: int = 0, free: int = 0, gpu: str = "") -> None:
+        super().__init__(message)
+        self.needed, self.free, self.gpu = needed, free, gpu
 
 
 class RamBudgetExceeded(Refused):

@@ -78,3 +78,148 @@ class EngineListener:
 
     def event(self, event: Event) -> None:
         pass
+
+
+# The texts of the events, built here so the engine's steps carry no string formatting. Each returns the Event whole.
+
+
+def ended(
+    model: Model, was: str, result: str, released: int, wake: str, away: bool = False, stopped: bool = False
+) -> Event:
+    """A model's unit ended by itself (`away`: while no daemon ran; `stopped`: then as a Stop had asked). `released`:
+    the host RAM its snapshot held; `wake`: what became of its public port."""
+    if away:
+        message = f"model {model.name} {'stopped' if stopped else 'ended'} while gpuschedd was not running"
+        message += f" (it was {was}; result {result})" + (
+            f"; {released} bytes of host RAM released" if released else ""
+        )
+    else:
+        message = f"model {model.name} exited ({result})" + (f" while {was}" if was != "running" else "")
+        message += f"; its snapshot is lost and {released} bytes of host RAM were released" if released else ""
+    return Event(
+        EventKind.STOP if stopped else EventKind.EXIT,
+        model.name,
+        model.unit,
+        message + wake,
+        bytes=released,
+        fields={"GPUSCHED_RESULT": result, "GPUSCHED_STATE_BEFORE": was},
+    )
+
+
+def started(model: Model, duration_usec: int) -> Event:
+    return Event(
+        EventKind.RUN,
+        model.name,
+        model.unit,
+        f"model {model.name} started as {model.unit}",
+        duration_usec=duration_usec,
+    )
+
+
+def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: str) -> Event:
+    """A freeze done: how long, how many CUDA processes, by which path, and why when the daemon decided it."""
+    how = f"{cuda} CUDA process(es), backend {backend}"
+    how += f", {model.parked_bytes} bytes parked by the agent" if model.parked_bytes else ""
+    how += ", CUDA contexts kept on the GPU" if kept else ""
+    return Event(
+        EventKind.FREEZE,
+        model.name,
+        model.unit,
+        f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s ({how})" + (f": {why}" if why else ""),
+        duration_usec=model.last_freeze_usec,
+        bytes=model.snapshot_bytes,
+        gpus=tuple(model.gpus),
+        fields={"GPUSCHED_REASON": reason} if reason else {},
+    )
+
+
+def thawed(model: Model) -> Event:
+    return Event(
+        EventKind.THAW,
+        model.name,
+        model.unit,
+        f"model {model.name} thawed in {model.last_thaw_usec / 1e6:.3f}s",
+        duration_usec=model.last_thaw_usec,
+        bytes=model.snapshot_bytes,
+        gpus=tuple(model.gpus),
+    )
+
+
+def stopped(model: Model, duration_usec: int, reason: str, why: str) -> Event:
+    return Event(
+        EventKind.STOP,
+        model.name,
+        model.unit,
+        f"model {model.name} stopped" + (f": {why}" if why else ""),
+        duration_usec=duration_usec,
+        fields={"GPUSCHED_REASON": reason} if reason else {},
+    )
+
+
+def migrated(model: Model, source: str, index: int, target: str, duration_usec: int) -> Event:
+    return Event(
+        EventKind.MIGRATE,
+        model.name,
+        model.unit,
+        f"model {model.name} migrated from {source} to GPU {index} ({target}) in {duration_usec / 1e6:.3f}s",
+        duration_usec=duration_usec,
+        bytes=model.snapshot_bytes,
+        gpus=(target,),
+        fields={"GPUSCHED_GPU_FROM": source, "GPUSCHED_GPU_TO": target},
+    )
+
+
+def recovered(model: Model, kind: EventKind, why: str, interrupted: str) -> Event:
+    """A model brought to a consistent state on start (recovery.py's rules): `interrupted`, the step a restart cut."""
+    fields = {"GPUSCHED_RECOVERY": "1"} | ({"GPUSCHED_INTERRUPTED": interrupted} if interrupted else {})
+    return Event(kind, model.name, model.unit, f"model {model.name}: {why}", fields=fields)
+
+
+def lost_pids(model: Model, lost: list[int], share: int) -> Event:
+    return Event(
+        EventKind.FAILURE,
+        model.name,
+        model.unit,
+        f"model {model.name}: CUDA process(es) {', '.join(map(str, lost))} ended while frozen; their "
+        f"snapshot (about {share} bytes of host RAM) is released. The model may need a restart.",
+        bytes=share,
+    )
+
+
+def adopted_unit(model: Model) -> Event:
+    message = f"unit {model.unit} adopted as model {model.name} (owner uid {model.owner})"
+    return Event(EventKind.ADOPT, model.name, model.unit, message)
+
+
+def adopted_processes(model: Model, pids: list[int]) -> Event:
+    message = f"process(es) {', '.join(map(str, pids))} adopted as model {model.name} in {model.unit}"
+    return Event(EventKind.ADOPT, model.name, model.unit, message)
+
+
+def forgotten(model: Model, why: str, reason: str = "") -> Event:
+    """A model dropped from the table: by Forget (`why` says whether its unit runs on) or a policy (`reason`)."""
+    fields = {"GPUSCHED_REASON": reason} if reason else {}
+    return Event(EventKind.FORGET, model.name, model.unit, f"model {model.name} forgotten{why}", fields=fields)
+
+
+def swapped(out: Model, into: Model, duration_usec: int) -> Event:
+    """A swap done: the event is the thawed model's, naming the frozen one."""
+    return Event(
+        EventKind.SWAP,
+        into.name,
+        into.unit,
+        f"swapped {out.name} out and {into.name} in",
+        duration_usec=duration_usec,
+        fields={"GPUSCHED_SWAP_OUT": out.name},
+    )
+
+
+def swap_rolled_back(out: Model, into: str) -> Event:
+    """A swap cut short by a restart, made "neither" on start: `out` thawed back."""
+    return Event(
+        EventKind.FAILURE,
+        out.name,
+        out.unit,
+        f"swap of {out.name} for {into} was interrupted by a restart of gpuschedd: {out.name} thawed back",
+        fields={"GPUSCHED_RECOVERY": "1", "GPUSCHED_INTERRUPTED": "swap", "GPUSCHED_SWAP_IN": into},
+    )

@@ -1,4 +1,6 @@
-"""The model record and its states. Plain data: the engine owns the transitions."""
+"""The model record and its state machine: the allowed edges (TRANSITIONS), the one function that moves a model
+along them (transition), and the guard of each verb (require). The engine decides when; this decides what may
+follow what."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from .errors import InvalidState
 
 
 class State(StrEnum):
@@ -18,6 +22,48 @@ class State(StrEnum):
 
 
 ENDED = (State.STOPPED, State.FAILED)
+
+# Every edge a model may take. Any live state may end (stopped: a Stop, or a clean exit; failed: a crash), also in
+# the middle of a step; a failed freeze rolls back to running, a failed thaw to frozen (recovery.py's rules settle
+# either way). An ended model never moves again: a new Run of its name is a new model.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.RUNNING: frozenset({State.FREEZING, *ENDED}),
+    State.FREEZING: frozenset({State.FROZEN, State.RUNNING, *ENDED}),
+    State.FROZEN: frozenset({State.THAWING, *ENDED}),
+    State.THAWING: frozenset({State.RUNNING, State.FROZEN, *ENDED}),
+    State.STOPPED: frozenset(),
+    State.FAILED: frozenset(),
+}
+
+# The guard of each verb a caller can ask for: the states it accepts, and what its refusal says after
+# "model 'NAME' is STATE". Freeze of a frozen model and thaw of a running one return before the guard (nothing to do).
+REQUIRES: dict[str, tuple[frozenset[State], str]] = {
+    "freeze": (frozenset({State.RUNNING}), ", not running"),
+    "thaw": (frozenset({State.FROZEN}), ", not frozen"),
+    "migrate": (frozenset({State.RUNNING, State.FROZEN}), ", not running or frozen"),
+    "forget": (frozenset({State.RUNNING, *ENDED}), ": thaw it before forgetting it"),
+    "swap out": (frozenset({State.RUNNING, State.FROZEN}), ", not running"),
+    "swap in": (frozenset({State.RUNNING, State.FROZEN}), ", not frozen"),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """An edge not in TRANSITIONS: a bug in the engine, never a caller's doing."""
+
+
+def require(model: Model, verb: str) -> None:
+    """Refuse `verb` (InvalidState, nothing changed) unless the model is in a state REQUIRES allows for it."""
+    allowed, refusal = REQUIRES[verb]
+    if model.state not in allowed:
+        raise InvalidState(f"model {model.name!r} is {model.state}{refusal}")
+
+
+def transition(model: Model, state: State) -> None:
+    """Move a model along one edge of TRANSITIONS, stamping when."""
+    if state not in TRANSITIONS[model.state]:
+        raise IllegalTransition(f"model {model.name}: {model.state} -> {state} is not a transition")
+    model.state = state
+    model.state_change_usec = now_usec()
 
 
 def now_usec() -> int:
@@ -66,3 +112,8 @@ class Model:
     listen_address: str = ""
     # Serializes every transition of this model; never held across two models at once.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
+
+    def clear_runtime(self) -> None:
+        """Its processes are gone (stopped, exited): nothing of them is left to count, on a GPU or in host RAM."""
+        self.pids, self.main_pid, self.cuda_pids = [], 0, []
+        self.snapshot_bytes = self.vram_bytes = self.parked_bytes = 0

@@ -163,3 +163,19 @@ async def test_a_command_that_ends_during_its_start_is_reported_ended(engine: En
     units.start = start_and_end  # type: ignore[method-assign]
     model = await engine.run("quick", ["sh", "-c", "exit 3"], RunOptions(), 0)
     assert model.state == State.FAILED
+
+
+async def test_a_refresh_that_finds_new_processes_is_announced_once(
+    engine: Engine, units: FakeUnits, rec: Recorder
+) -> None:
+    """The daemon's periodic refresh (refresh_running) tells the listeners (the bus: PropertiesChanged) when a
+    running model's Pids or VRAM changed, and only then."""
+    model = await engine.run("llama", ["python3", "serve.py"], RunOptions(), 0)
+    await engine.refresh_running()
+    assert rec.states == []
+    units._replace(model.unit, pids=[*model.pids, 4242])
+    await engine.refresh_running()
+    assert 4242 in model.pids
+    assert rec.states == [("llama", State.RUNNING)]
+    await engine.refresh_running()
+    assert rec.states == [("llama", State.RUNNING)]

@@ -13,11 +13,11 @@ from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered
 from polling import until
 from process_units import ProcessUnits
 
-from gpuschedd import engine as engine_module
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
+from gpuschedd.engine import parking as engine_module
 from gpuschedd.errors import (
     CheckpointFailed,
     InsufficientGpuMemory,
@@ -143,7 +143,7 @@ async def test_thaw_refused_when_the_gpu_lacks_room(setup) -> None:  # type: ign
     calls = len(gpu_dir.log())
     with pytest.raises(InsufficientGpuMemory) as e:
         await engine.thaw("m")
-    assert (e.value.needed, e.value.free, e.value.gpu) == (2 * VRAM, 324 * MIB, GPU0)  # type: ignore[attr-defined]
+    assert (e.value.needed, e.value.free, e.value.gpu) == (2 * VRAM, 324 * MIB, GPU0)
     assert "GPU 0" in e.value.message
     assert model.state == State.FROZEN and units.frozen == {model.unit}
     assert len(gpu_dir.log()) == calls, "nothing was attempted"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 # systemd's own default search path for services: what ExecStart= resolves bare names against, and the PATH a
 # service gets (the cgroupfs backend gives its units the same).
@@ -85,3 +85,24 @@ class UnitBackend(Protocol):
         self, unit: str, pids: list[int], description: str, slice: str = "gpusched.slice"
     ) -> UnitStatus:
         """Move running processes into a new transient scope (AdoptProcesses). Raises UnitFailed."""
+
+
+@runtime_checkable
+class WakeCapable(Protocol):
+    """A unit backend that can open a model's public port (Run option Port): wake on first connection through
+    gpusched-wake@NAME.socket and its proxy. Only the systemd backend can; the engine asks isinstance."""
+
+    async def start_wake(self, name: str, port: int, backend_port: int, user: str, address: str = "") -> None:
+        """Start the wake socket on `port` (on `address`, empty: every address), proxying to `backend_port`."""
+
+    async def stop_wake(self, name: str) -> None:
+        """Stop the model's wake socket and proxy; nothing happens when it has none."""
+
+
+@runtime_checkable
+class PidsReader(Protocol):
+    """A unit backend that reads a unit's processes alone, in one call (systemd's GetUnitProcesses), where a
+    status takes several: a freeze reads them twice."""
+
+    async def pids(self, unit: str) -> list[int] | None:
+        """The unit's processes; None when the unit is gone."""

@@ -1,0 +1,109 @@
+"""The fast path: the agents that park a model's memory across a freeze."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from ..agentlink import GRACE_S, AgentFailed, AgentLink
+from ..errors import (
+    InvalidState,
+)
+from ..model import Model
+from .core import Core
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class Parking(Core):
+    """The agents' connections (one per parked process) and their waits, which a Stop cuts short."""
+
+    async def _park(self, model: Model, pids: list[int]) -> None:
+        """The fast path: each process's agent copies its memory out and releases it, keeping the addresses.
+        A process without an agent, or whose agent fails or misses the deadline, is left whole to the driver's
+        checkpoint that follows, which works for any process. A Stop cuts the wait: the freeze is rolled back
+        (nothing was checkpointed or frozen yet) and raises InvalidState."""
+        directory = os.path.join(self.config.agent_root, model.name)
+        timeout_ms = self.config.agent_timeout_ms
+        deadline_s = timeout_ms / 1000 + GRACE_S
+
+        async def park_one(pid: int) -> tuple[AgentLink | None, int, str]:
+            link = None
+            try:
+                # One deadline for the whole call: reaching the agent, the request and its whole answer.
+                async with asyncio.timeout(deadline_s):
+                    link = await AgentLink.connect(directory, pid, timeout_ms / 1000)
+                    return (link, await link.park(timeout_ms), "") if link else (None, 0, "")
+            except (AgentFailed, TimeoutError) as e:
+                if link is not None:
+                    link.close()  # a park that finishes late is undone by the agent when it sees this
+                return None, 0, str(e) if isinstance(e, AgentFailed) else f"no whole answer in {deadline_s:g}s"
+            except asyncio.CancelledError:
+                if link is not None:
+                    link.close()
+                raise
+
+        results = await self._agent_wait(model, asyncio.gather(*(park_one(pid) for pid in pids)))
+        if results is None:
+            raise InvalidState(f"model {model.name!r} is being stopped: its freeze was cancelled, nothing was changed")
+        model.parked_bytes = sum(n for _link, n, _error in results)
+        links = [link for link, _n, _error in results if link is not None]
+        if links:
+            self._parked[model.name] = links
+        for pid, (link, n, error) in zip(pids, results, strict=True):
+            if error:
+                log.warning("freeze of %s: pid %d takes the driver path: %s", model.name, pid, error)
+            elif link is not None:
+                log.info("freeze of %s: the agent of pid %d parked %d bytes in %.3fs", model.name, pid, n, link.seconds)
+
+    async def _unpark(self, model: Model) -> str:
+        """Give the agents their memory back; returns what failed ("" when nothing did). An agent that answered
+        with a failure (no room on the GPU) keeps its memory parked and its connection, for the next thaw; one
+        that cannot be reached (or whose wait a Stop cut) unparks by itself once its connection is gone."""
+
+        async def unpark_one(link: AgentLink) -> str:
+            try:
+                await link.unpark(self.config.agent_timeout_ms / 1000)
+                log.info("thaw of %s: the agent of pid %d unparked in %.3fs", model.name, link.pid, link.seconds)
+            except AgentFailed as e:
+                if e.answered:
+                    return str(e)
+            link.close()
+            return ""
+
+        links = self._parked.pop(model.name, [])
+        errors = await self._agent_wait(model, asyncio.gather(*(unpark_one(link) for link in links)))
+        if errors is None:
+            for link in links:
+                link.close()
+            return ""
+        kept = [link for link, error in zip(links, errors, strict=True) if error]
+        if kept:
+            self._parked[model.name] = kept
+        return "; ".join(error for error in errors if error)
+
+    async def _agent_wait(self, model: Model, work: Awaitable[_T]) -> _T | None:
+        """Wait for `work` on a model's agents, in a task a Stop of the model cancels (None when it did): agent
+        I/O is bounded by its deadline, but a Stop does not wait even that long."""
+        task = asyncio.ensure_future(work)
+        if model.name in self._stop_requested:
+            task.cancel()
+        self._agent_waits[model.name] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this call itself is cancelled (the daemon stops), not only the agents' wait
+            return None
+        finally:
+            self._agent_waits.pop(model.name, None)
+
+    def _drop_parked(self, name: str) -> None:
+        """The model's processes are gone: their agents' connections with them."""
+        for link in self._parked.pop(name, []):
+            link.close()
