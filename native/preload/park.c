@@ -15,7 +15,6 @@
  * gate, so nothing changes under a park. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <stdint.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -30,9 +29,6 @@
 #define MIN_VMM_BYTES (64u << 10) /* smaller cuMemAllocs stay with the driver: VMM rounds up to 2 MiB */
 #define SYNTH_BASE 0x6770726500000000ULL /* stand-in handle values: never a real handle (not a user address) */
 #define MAX_ACCESS 4
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels: EINVAL, the pages are touched instead */
-#endif
 
 enum { LIVE, PARKED, EMPTY }; /* EMPTY: mapped again, its bytes not copied back yet */
 
@@ -58,9 +54,8 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct seg **segs;
 static size_t nsegs, capsegs;
 static unsigned long long next_synth = SYNTH_BASE;
-static char *host_area; /* the parked bytes (2 MiB aligned inside host_map, for transparent huge pages) */
-static void *host_map;
-static size_t host_map_size;
+static char *host_area; /* the parked bytes */
+static size_t host_size;
 
 static struct seg *add_seg(void)
 {
@@ -437,11 +432,6 @@ static void *worker(void *arg)
 		struct piece *p = &j->pieces[i];
 		if (j->to_host) {
 			r = d2h(bounce[k], p->dev, p->n, st[k]);
-			/* Fault the destination in while the DMA runs: fresh host memory is what made the copy out
-			 * slower than the copy in (docs/fast-path.md). */
-			if (r == CUDA_SUCCESS && madvise(host_area + p->off, p->n, MADV_POPULATE_WRITE) != 0)
-				for (size_t b = 0; b < p->n; b += 4096)
-					((volatile char *)host_area)[p->off + b] = 0;
 		} else {
 			memcpy(bounce[k], host_area + p->off, p->n);
 			r = h2d(p->dev, bounce[k], p->n, st[k]);
@@ -550,9 +540,9 @@ int park_is_parked(void)
 
 static void free_area(void)
 {
-	if (host_map)
-		munmap(host_map, host_map_size);
-	host_area = NULL, host_map = NULL, host_map_size = 0;
+	if (host_area)
+		munmap(host_area, host_size);
+	host_area = NULL, host_size = 0;
 }
 
 static int unpark_locked(struct park_report *rep, char *err, size_t errlen)
@@ -631,16 +621,14 @@ int park_out(struct park_report *rep, char *err, size_t errlen)
 		s->host_off = total, total += s->size, count++;
 	}
 	if (total) {
-		size_t huge = 2u << 20;
-		host_map_size = total + huge;
-		host_map = mmap(NULL, host_map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-		if (host_map == MAP_FAILED) {
-			host_map = NULL;
+		host_area = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (host_area == MAP_FAILED) {
+			host_area = NULL;
 			snprintf(err, errlen, "no host memory for %zu bytes (%s); nothing was parked", total, strerror(errno));
 			goto out;
 		}
-		host_area = (char *)(((uintptr_t)host_map + huge - 1) & ~(uintptr_t)(huge - 1));
-		madvise(host_area, total, MADV_HUGEPAGE);
+		host_size = total;
+		madvise(host_area, total, MADV_HUGEPAGE); /* fewer faults and TLB misses, as staging.py does */
 		/* LIVE segments only: mark them first so copy_all picks exactly this park's set. */
 		for (size_t i = 0; i < nsegs; i++)
 			if (parkable(segs[i]))
