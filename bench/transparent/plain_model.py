@@ -28,8 +28,8 @@ def main() -> None:
     hidden, inter, layers, kv, vocab = SHAPES[size]
     g = torch.Generator(device="cuda").manual_seed(1)
 
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
+    def w(*shape: int) -> torch.Tensor:  # in place: no temporaries left in PyTorch's cache to park
+        return torch.empty(*shape, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
 
     embed = w(vocab, hidden)
     stack = [
