@@ -7,7 +7,10 @@
  * AgentLink. Commands on stdin: "count" prints the launches done so far; "stop" stops the threads, checks every
  * byte of every buffer against what the launches should have left there and prints "intact" or what differs.
  *
- * Usage: preload_prog GPU_UUID THREADS (FAKECUDA_DIR set; it registers itself as that GPU's CUDA process). */
+ * Usage: preload_prog GPU_UUID THREADS [COUNTER] (FAKECUDA_DIR set; it registers itself as that GPU's CUDA process).
+ * With COUNTER (run as a model by the engine, stdin closed), it writes the launches done so far there instead of
+ * reading stdin, each thread checks its buffer after every launch, and a buffer found wrong writes CORRUPT there
+ * (as tests/fakecuda/fake_model.py does) and exits. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -37,6 +40,16 @@ static CUresult (*init_gpa)(unsigned);
 static alloc_t alloc_gpa;
 static _Atomic int stop;
 static _Atomic long total;
+static const char *counter; /* COUNTER, or NULL */
+
+static void write_counter(const char *text)
+{
+	char tmp[4096];
+	snprintf(tmp, sizeof tmp, "%s.tmp", counter);
+	FILE *f = fopen(tmp, "w");
+	if (f && fputs(text, f) >= 0 && fclose(f) == 0)
+		rename(tmp, counter); /* whole, never half written */
+}
 
 struct worker {
 	pthread_t t;
@@ -88,14 +101,20 @@ static void *work(void *arg)
 		must(r, "launch");
 		w->count++;
 		atomic_fetch_add(&total, 1);
+		unsigned char want = (unsigned char)(w->index * 17 + w->count), *p = (unsigned char *)w->buf;
+		if (counter && (p[0] != want || p[w->size - 1] != want)) {
+			write_counter("CORRUPT");
+			_exit(1);
+		}
 	}
 	return NULL;
 }
 
 int main(int argc, char **argv)
 {
-	if (argc != 3)
+	if (argc != 3 && argc != 4)
 		return 2;
+	counter = argc == 4 ? argv[3] : NULL;
 	int threads = atoi(argv[2]);
 	if (threads < 1 || threads > MAX_THREADS)
 		return 2;
@@ -137,6 +156,12 @@ int main(int argc, char **argv)
 		pthread_create(&workers[i].t, NULL, work, &workers[i]);
 	printf("ready %d\n", (int)getpid());
 	fflush(stdout);
+	while (counter) {
+		char n[32];
+		snprintf(n, sizeof n, "%ld", atomic_load(&total));
+		write_counter(n);
+		usleep(10000);
+	}
 
 	char line[64];
 	while (fgets(line, sizeof line, stdin)) {

@@ -17,33 +17,15 @@ from pathlib import Path
 
 import pytest
 from counters import amoves, astill
-from fakegpu_fixtures import FAKECUDA, GPU0, MIB, wait_for
+from fakegpu_fixtures import GPU0, MIB, wait_for
 
 from gpuschedd.agent.protocol import socket_path
 from gpuschedd.agentlink import AgentFailed, AgentLink
 from gpuschedd.testing.fakegpu import FakeGpuDir
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 THREADS = 4
 PARKED = THREADS * 4 * MIB + 8 * MIB  # 3 MiB buffers round up to 4; the 8 MiB one; the 4 KiB one stays with the driver
 SMALL = 2 * MIB  # the driver's own cuMemAlloc of 4 KiB, rounded to its page
-
-
-@pytest.fixture(scope="session")
-def preload_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None or shutil.which("make") is None:
-        pytest.skip("no gcc or make to build the interposer")
-    out = tmp_path_factory.mktemp("preload")
-    subprocess.run(["make", "-s", "-C", str(ROOT), "preload", f"PRELOAD_OUT={out}", "CFLAGS=-Werror"], check=True)
-    return out / "libgpuschedd-preload.so"
-
-
-@pytest.fixture(scope="session")
-def program(fakecuda_lib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("preload-prog") / "preload_prog"
-    cmd = ["gcc", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2", "-o", str(out), str(FAKECUDA / "preload_prog.c")]
-    subprocess.run([*cmd, f"-L{fakecuda_lib.parent}", "-l:libcuda.so.1", "-ldl", "-lpthread"], check=True)
-    return out
 
 
 class Program:
@@ -78,7 +60,7 @@ class Program:
 
 @pytest.fixture
 def prog(
-    gpu_dir: FakeGpuDir, preload_lib: Path, program: Path, fakecuda_lib: Path, tmp_path: Path
+    gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path, tmp_path: Path
 ) -> Iterator[Program]:
     agent_dir = tmp_path / "agent"
     agent_dir.mkdir()
@@ -88,7 +70,7 @@ def prog(
         LD_LIBRARY_PATH=str(fakecuda_lib.parent),
         GPUSCHED_AGENT_DIR=str(agent_dir),
     )
-    p = Program([str(program), GPU0, str(THREADS)], env, str(agent_dir))
+    p = Program([str(preload_program), GPU0, str(THREADS)], env, str(agent_dir))
     yield p
     if p.proc.poll() is None:
         p.proc.kill()
@@ -192,11 +174,13 @@ async def test_bad_requests_change_nothing(prog: Program, gpu_dir: FakeGpuDir, m
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
-def test_other_users_are_not_served(gpu_dir: FakeGpuDir, preload_lib: Path, program: Path, fakecuda_lib: Path) -> None:
+def test_other_users_are_not_served(
+    gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path
+) -> None:
     directory = tempfile.mkdtemp(prefix="gpusched-agent-test-", dir="/tmp")
     os.chmod(directory, 0o755)
     env = dict(os.environ, LD_PRELOAD=str(preload_lib), LD_LIBRARY_PATH=str(fakecuda_lib.parent))
-    p = Program([str(program), GPU0, "1"], dict(env, GPUSCHED_AGENT_DIR=directory), directory)
+    p = Program([str(preload_program), GPU0, "1"], dict(env, GPUSCHED_AGENT_DIR=directory), directory)
     try:
         path = socket_path(directory, p.pid)
         os.chmod(path, 0o666)  # even where the file lets them in, the interposer checks who connected
@@ -235,11 +219,11 @@ def test_a_process_that_never_calls_cuinit_is_left_alone(preload_lib: Path, tmp_
 
 
 def test_without_an_agent_directory_the_program_runs_on_the_driver_alone(
-    gpu_dir: FakeGpuDir, preload_lib: Path, program: Path, fakecuda_lib: Path
+    gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path
 ) -> None:
     env = dict(os.environ, LD_PRELOAD=str(preload_lib), LD_LIBRARY_PATH=str(fakecuda_lib.parent))
     env.pop("GPUSCHED_AGENT_DIR", None)
-    p = Program([str(program), GPU0, "2"], env, "")
+    p = Program([str(preload_program), GPU0, "2"], env, "")
     try:
         wait_for(lambda: p.count() > 10, what="launches")
         assert p.stop() == "intact (exit 0)"
