@@ -528,7 +528,11 @@ static int copy_all(int to_host, int state, char *err, size_t errlen)
 
 /* ---------------------------------------------------------------- park / unpark */
 
-static int parkable(const struct seg *s) { return s->state == LIVE && s->addr && !s->unparkable && s->ctx; }
+/* Mapped, with access granted (memory nobody may read cannot be copied), in a known context. */
+static int parkable(const struct seg *s)
+{
+	return s->state == LIVE && s->addr && s->nacc && !s->unparkable && s->ctx;
+}
 
 int park_is_parked(void)
 {

@@ -311,8 +311,16 @@ EXPORT void *dlsym(void *h, const char *name)
 	if (!p || name[0] != 'c' || name[1] != 'u')
 		return p;
 	if (!atomic_load(&resolved)) {
-		Dl_info di;
-		if (!dladdr(p, &di) || !di.dli_fname || !strstr(di.dli_fname, "libcuda"))
+		Dl_info di, mine;
+		if (!dladdr(p, &di) || !di.dli_fname)
+			return p;
+		if (dladdr((void *)dlsym, &mine) && di.dli_fbase == mine.dli_fbase) {
+			/* One of this library's exports, found by a global lookup: without a libcuda loaded, the program
+			 * would have found nothing, and must not get a wrapper with no driver behind it. */
+			preload_resolve(NULL);
+			return atomic_load(&resolved) ? p : NULL;
+		}
+		if (!strstr(di.dli_fname, "libcuda"))
 			return p;
 		preload_resolve(p);
 	}
