@@ -68,7 +68,7 @@ preload: $(PRELOAD_LIB)
 $(PRELOAD_LIB): $(wildcard native/preload/*.c native/preload/*.h)
 	mkdir -p $(PRELOAD_OUT)
 	$(CC) $(PRELOAD_CFLAGS) $(CFLAGS) -shared -Wl,-soname,libgpuschedd-preload.so -Wl,-z,now -Wl,-z,relro $(LDFLAGS) \
-		-o $@ $(wildcard native/preload/*.c) -ldl -lpthread
+		-o $@ $(wildcard native/preload/*.c) -ldl -lpthread -lm
 
 # A launcher: "#!PYTHON -I" (isolated mode: a root daemon must ignore PYTHONPATH, PYTHONHOME, the user's site
 # and the current directory), the private package dir first on sys.path, then MODULE:main's return as exit code.

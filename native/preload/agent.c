@@ -233,12 +233,15 @@ static int do_park(int fd, const struct request *req)
 		reply_error(fd, err);
 		return 0;
 	}
-	if (preload_gate_close((double)req->timeout / 1000) != 0) {
+	double t0 = preload_now(), budget = (double)req->timeout / 1000;
+	if (preload_gate_close(budget) != 0) {
 		snprintf(err, sizeof err, "the model stayed busy for %lld ms", req->timeout);
 		reply_error(fd, err);
 		return 0;
 	}
-	int rc = park_out(&rep, err, sizeof err);
+	/* what is left of the daemon's timeout for the work in flight, at least 1 s (its link waits 5 s more) */
+	double left = budget - (preload_now() - t0);
+	int rc = park_out(left > 1 ? left : 1, &rep, err, sizeof err);
 	if (rc != 0) {
 		if (rc == -1)
 			preload_gate_open();

@@ -15,6 +15,7 @@
  * gate, so nothing changes under a park. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -599,7 +600,66 @@ static int unpark_locked(struct park_report *rep, char *err, size_t errlen)
 	return 0;
 }
 
-int park_out(struct park_report *rep, char *err, size_t errlen)
+/* A context's synchronize, run by its own thread so that the park can give up waiting: work the gate let in
+ * may wait on something only a thread held at the gate would do (a host function taking the program's lock).
+ * Whoever of the two finishes last frees it. */
+struct sync_job {
+	CUcontext ctx;
+	CUresult r;
+	int done, abandoned;
+	pthread_mutex_t m;
+	pthread_cond_t c;
+};
+
+static void *sync_thread(void *arg)
+{
+	struct sync_job *j = arg;
+	CUresult r = DRV(cuCtxSetCurrent, CUresult, (CUcontext))(j->ctx);
+	if (r == CUDA_SUCCESS)
+		r = DRV(cuCtxSynchronize, CUresult, (void))();
+	pthread_mutex_lock(&j->m);
+	j->r = r, j->done = 1;
+	int abandoned = j->abandoned;
+	pthread_cond_signal(&j->c);
+	pthread_mutex_unlock(&j->m);
+	if (abandoned)
+		free(j);
+	return NULL;
+}
+
+/* CUDA_SUCCESS, the synchronize's error, or CUDA_ERROR_NOT_READY once `deadline` (preload_now()) passed. */
+static CUresult sync_until(CUcontext ctx, double deadline)
+{
+	struct sync_job *j = calloc(1, sizeof *j);
+	pthread_t t;
+	if (!j)
+		return CUDA_ERROR_OUT_OF_MEMORY;
+	j->ctx = ctx;
+	pthread_mutex_init(&j->m, NULL);
+	pthread_cond_init(&j->c, NULL);
+	if (pthread_create(&t, NULL, sync_thread, j) != 0) {
+		free(j);
+		return CUDA_ERROR_OUT_OF_MEMORY;
+	}
+	pthread_detach(t);
+	struct timespec ts;
+	double whole = 0, frac = modf(deadline - preload_now(), &whole);
+	clock_gettime(CLOCK_REALTIME, &ts);
+	ts.tv_sec += (time_t)(whole > 0 ? whole : 0), ts.tv_nsec += frac > 0 ? (long)(frac * 1e9) : 0;
+	if (ts.tv_nsec >= 1000000000)
+		ts.tv_sec++, ts.tv_nsec -= 1000000000;
+	pthread_mutex_lock(&j->m);
+	while (!j->done && pthread_cond_timedwait(&j->c, &j->m, &ts) == 0)
+		;
+	CUresult r = j->done ? j->r : CUDA_ERROR_NOT_READY;
+	j->abandoned = !j->done;
+	pthread_mutex_unlock(&j->m);
+	if (r != CUDA_ERROR_NOT_READY)
+		free(j);
+	return r;
+}
+
+int park_out(double seconds, struct park_report *rep, char *err, size_t errlen)
 {
 	double t0 = preload_now();
 	pthread_mutex_lock(&mu);
@@ -614,9 +674,15 @@ int park_out(struct park_report *rep, char *err, size_t errlen)
 		struct seg *s = segs[i];
 		if (!parkable(s))
 			continue;
-		CUresult r = DRV(cuCtxSetCurrent, CUresult, (CUcontext))(s->ctx);
-		if (r == CUDA_SUCCESS) /* work queued on any stream must finish before its memory is copied */
-			r = DRV(cuCtxSynchronize, CUresult, (void))();
+		int first = 1; /* work queued on any stream must finish before its memory is copied: once per context */
+		for (size_t k = 0; k < i && first; k++)
+			first = !(parkable(segs[k]) && segs[k]->ctx == s->ctx);
+		CUresult r = first ? sync_until(s->ctx, t0 + seconds) : CUDA_SUCCESS;
+		if (r == CUDA_ERROR_NOT_READY) {
+			snprintf(err, errlen, "the program's GPU work did not finish within %.0f ms; nothing was parked",
+				 seconds * 1000);
+			goto out;
+		}
 		if (r != CUDA_SUCCESS) {
 			snprintf(err, errlen, "synchronizing the program's work failed (%s); nothing was parked",
 				 err_name(r));

@@ -48,8 +48,9 @@ struct park_report {
 	unsigned segments;
 	double seconds;
 };
-/* 0, or -1 with `err` saying what happened and where the memory is (the gate is the caller's business). */
-int park_out(struct park_report *rep, char *err, size_t errlen);
+/* 0, or -1 (nothing parked) or -2 (some still parked) with `err` saying what happened and where the memory is
+ * (the gate is the caller's business). park_out waits at most `seconds` for the program's GPU work to finish. */
+int park_out(double seconds, struct park_report *rep, char *err, size_t errlen);
 int park_in(struct park_report *rep, char *err, size_t errlen);
 int park_is_parked(void);
 

@@ -15,6 +15,7 @@
  *                        timeout and fails with CUDA_ERROR_NOT_READY, the process left RUNNING
  *   delay/<pid>.<step>   milliseconds that step (lock, checkpoint, restore, unlock) sleeps before it acts, for
  *   delay/all.<step>     that pid or every pid: a slow driver, so a test can kill the caller mid-operation
+ *                        (ctx-sync: cuCtxSynchronize, as if the context's work took that long)
  *   broken/<pid>         a restore ran out of memory: every later restore fails with
  *                        CUDA_ERROR_OPERATING_SYSTEM, as the real driver does (cuda-checkpoint issue 44)
  *   req/<pid>, ack/<pid> with agent=1 the copy runs inside the target, like the real driver's restore
@@ -1029,6 +1030,7 @@ CUresult cuCtxSetCurrent(void *ctx)
 
 CUresult cuCtxSynchronize(void)
 {
+    injected_delay(getpid(), "ctx-sync"); /* work that takes that long to finish */
     return vmm_prologue("ctx");
 }
 

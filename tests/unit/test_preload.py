@@ -126,6 +126,23 @@ async def test_a_failed_park_answers_so_and_leaves_the_program_as_it_was(
     assert prog.stop() == "intact (exit 0)"
 
 
+async def test_work_that_does_not_finish_in_time_fails_the_park_and_nothing_else(
+    prog: Program, gpu_dir: FakeGpuDir
+) -> None:
+    """The synchronize before the copy waits no longer than the daemon's timeout (work let in before the gate
+    closed may wait on something a thread held at the gate would do): the park fails, the gate reopens."""
+    link = await prog.link()
+    gpu_dir.delay(prog.pid, "ctx-sync", 3000)
+    with pytest.raises(AgentFailed, match="did not finish within 1000 ms; nothing was parked") as failed:
+        await link.park(500)
+    assert failed.value.answered
+    gpu_dir.clear_delays()
+    assert vram(gpu_dir, prog.pid) == PARKED + SMALL
+    assert await amoves(prog.count), "the gate is open again"
+    link.close()
+    assert prog.stop() == "intact (exit 0)"
+
+
 async def test_an_unpark_without_room_keeps_the_bytes_parked_until_there_is(prog: Program, gpu_dir: FakeGpuDir) -> None:
     link = await prog.link()
     await link.park(5000)
