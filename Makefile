@@ -9,6 +9,7 @@
 #                                             install them first: tools/prerequisites.sh holds the list)
 #   make stress                               the long stress test (16 clients x 1,000 operations) in a sandbox
 #   make wheels                               build/wheels: the project's dependencies as wheels, for offline installs
+#   make preload [PRELOAD_OUT=dir]            the transparent fast path's LD_PRELOAD library (gcc; native/preload)
 #   make deb / make rpm                       distribution packages in build/packages (docs/packaging.md)
 #
 # PREFIX defaults to /usr, not /usr/local: dbus-daemon reads bus policy only from /usr/share/dbus-1/system.d and
@@ -53,10 +54,21 @@ PIP_COMMON = --disable-pip-version-check
 XML_VALID = $(wildcard dbus/*.xml polkit/*.policy)
 XML_WELLFORMED = $(wildcard dbus/*.conf)
 
-.PHONY: all install post-install uninstall wheels venv check lint unit-tests system-tests demo clean deb rpm package-tests stress prerequisites
+# The transparent fast path's interposer (native/preload, docs/fast-path.md): C, built with the C compiler alone
+# (no CUDA headers), installed into the private lib dir where the daemon points LD_PRELOAD.
+PRELOAD_OUT ?= build/preload
+PRELOAD_LIB = $(PRELOAD_OUT)/libgpuschedd-preload.so
+PRELOAD_CFLAGS = -std=gnu11 -O2 -g -fPIC -fvisibility=hidden -Wall -Wextra -Wno-unused-parameter
 
-all:
-	@echo "nothing to build; try: make install, make check, make demo" >&2
+.PHONY: all install preload post-install uninstall wheels venv check lint unit-tests system-tests demo clean deb rpm package-tests stress prerequisites
+
+all: preload
+
+preload: $(PRELOAD_LIB)
+$(PRELOAD_LIB): $(wildcard native/preload/*.c native/preload/*.h)
+	mkdir -p $(PRELOAD_OUT)
+	$(CC) $(PRELOAD_CFLAGS) $(CFLAGS) -shared -Wl,-soname,libgpuschedd-preload.so -Wl,-z,now -Wl,-z,relro $(LDFLAGS) \
+		-o $@ $(wildcard native/preload/*.c) -ldl -lpthread -lm
 
 # A launcher: "#!PYTHON -I" (isolated mode: a root daemon must ignore PYTHONPATH, PYTHONHOME, the user's site
 # and the current directory), the private package dir first on sys.path, then MODULE:main's return as exit code.
@@ -73,12 +85,13 @@ endef
 export DAEMON_LAUNCHER = $(call launcher,daemon,gpuschedd: the daemon)
 export CLI_LAUNCHER = $(call launcher,cli,gpusched: the command-line client)
 
-install:
+install: preload
 	# the package and its dependencies, private to gpuschedd: nothing in the system's site-packages changes
 	rm -rf "$(DESTDIR)$(PYDIR)" build/lib build/bdist.*   # pip builds in-tree: no stale modules from build/lib
 	$(PYTHON) -m pip install $(PIP_COMMON) --root-user-action=ignore --no-compile --target "$(DESTDIR)$(PYDIR)" $(PIP_FLAGS) ".[journal]"
 	rm -rf "$(DESTDIR)$(PYDIR)/bin"
 	install -d "$(DESTDIR)$(LIBEXECDIR)" "$(DESTDIR)$(BINDIR)"
+	install -m 644 $(PRELOAD_LIB) "$(DESTDIR)$(PKGLIBDIR)/libgpuschedd-preload.so"
 	printf '%s\n' "$$DAEMON_LAUNCHER" > "$(DESTDIR)$(LIBEXECDIR)/gpuschedd"
 	printf '%s\n' "$$CLI_LAUNCHER" > "$(DESTDIR)$(BINDIR)/gpusched"
 	chmod 755 "$(DESTDIR)$(LIBEXECDIR)/gpuschedd" "$(DESTDIR)$(BINDIR)/gpusched"

@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <time.h>
 
-#include "gate.h"
+#include "../../native/preload/gate.h"
 
 static long pairs;
 static int sharded;

@@ -43,7 +43,7 @@ typedef int CUresult;
 typedef void *CUfunction, *CUstream, *CUgraphExec;
 typedef unsigned long long CUdeviceptr;
 
-#include "gate.h"
+#include "../../native/preload/gate.h"
 
 static int opt_gate; /* 1: global counter, 2: sharded */
 

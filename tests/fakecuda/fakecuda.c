@@ -15,12 +15,15 @@
  *                        timeout and fails with CUDA_ERROR_NOT_READY, the process left RUNNING
  *   delay/<pid>.<step>   milliseconds that step (lock, checkpoint, restore, unlock) sleeps before it acts, for
  *   delay/all.<step>     that pid or every pid: a slow driver, so a test can kill the caller mid-operation
+ *                        (ctx-sync: cuCtxSynchronize, as if the context's work took that long)
  *   broken/<pid>         a restore ran out of memory: every later restore fails with
  *                        CUDA_ERROR_OPERATING_SYSTEM, as the real driver does (cuda-checkpoint issue 44)
  *   req/<pid>, ack/<pid> with agent=1 the copy runs inside the target, like the real driver's restore
  *                        thread: the call waits for the target's agent thread to answer, so a target
  *                        frozen by the cgroup freezer cannot be checkpointed or restored
- *   (the virtual memory management, copy and stream calls gpuschedd.agent uses are below, over host memory)
+ *   (the virtual memory management, copy and stream calls gpuschedd.agent uses are below, over host memory;
+ *   so are cuMemAlloc/cuMemFree, launches of fake kernels (host functions run by the launching thread: memory
+ *   they touch must be mapped, as on a GPU) and cuGetProcAddress{,_v2}, for the interposer, native/preload)
  *   log                  one line per call: "<step> <pid> <result name>" (cuInit: "init <caller pid>")
  *
  * Build: gcc -shared -fPIC -O2 -o libcuda.so.1 fakecuda.c
@@ -943,11 +946,26 @@ CUresult cuMemUnmap(CUdeviceptr_t ptr, size_t size)
 
 /* ---------------------------------------------------------------- copies, streams, contexts, host memory */
 
+/* cuMemAlloc's memory (below): anonymous host memory, charged like cuMemCreate's. */
+struct allocation {
+    CUdeviceptr_t ptr;
+    size_t size;
+};
+static struct allocation allocations[MAX_ENTRIES];
+
+static int in_allocation(CUdeviceptr_t ptr, size_t size)
+{
+    for (int i = 0; i < MAX_ENTRIES; i++)
+        if (allocations[i].size && ptr >= allocations[i].ptr && ptr + size <= allocations[i].ptr + allocations[i].size)
+            return 1;
+    return 0;
+}
+
 static CUresult device_range(CUdeviceptr_t ptr, size_t size)
 {
     pthread_mutex_lock(&vmm_lock);
     struct mapping *m = find_mapping(ptr, size, 0);
-    int ok = m && m->accessible;
+    int ok = (m && m->accessible) || in_allocation(ptr, size);
     pthread_mutex_unlock(&vmm_lock);
     return ok ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
@@ -1012,6 +1030,7 @@ CUresult cuCtxSetCurrent(void *ctx)
 
 CUresult cuCtxSynchronize(void)
 {
+    injected_delay(getpid(), "ctx-sync"); /* work that takes that long to finish */
     return vmm_prologue("ctx");
 }
 
@@ -1051,6 +1070,162 @@ CUresult cuMemHostUnregister(void *p)
     }
     pthread_mutex_unlock(&vmm_lock);
     return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+}
+
+CUresult cuCtxGetDevice(int *device)
+{
+    CUresult r = vmm_prologue("ctx");
+    if (r == CUDA_SUCCESS && !device)
+        r = CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS)
+        *device = 0;
+    return r;
+}
+
+/* ---------------------------------------------------------------- cuMemAlloc, launches, cuGetProcAddress
+   (what an interposer sees of a CUDA program: native/preload and tests/unit/test_preload.py) */
+
+CUresult cuMemAlloc_v2(CUdeviceptr_t *ptr, size_t size)
+{
+    CUresult r = vmm_prologue("mem-alloc");
+    if (r != CUDA_SUCCESS)
+        return r;
+    if (!ptr || !size)
+        return CUDA_ERROR_INVALID_VALUE;
+    size_t rounded = (size + GRANULARITY - 1) / GRANULARITY * GRANULARITY; /* the driver's pages are 2 MiB too */
+    if ((r = charge(0, (long long)rounded)) != CUDA_SUCCESS)
+        return r;
+    void *p = mmap(NULL, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pthread_mutex_lock(&vmm_lock);
+    int i = 0;
+    while (i < MAX_ENTRIES && allocations[i].size)
+        i++;
+    if (p != MAP_FAILED && i < MAX_ENTRIES)
+        allocations[i] = (struct allocation){(CUdeviceptr_t)p, rounded};
+    pthread_mutex_unlock(&vmm_lock);
+    if (p == MAP_FAILED || i == MAX_ENTRIES) {
+        if (p != MAP_FAILED)
+            munmap(p, rounded);
+        charge(0, -(long long)rounded);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *ptr = (CUdeviceptr_t)p;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemFree_v2(CUdeviceptr_t ptr)
+{
+    CUresult r = vmm_prologue("mem-alloc");
+    if (r != CUDA_SUCCESS)
+        return r;
+    pthread_mutex_lock(&vmm_lock);
+    struct allocation gone = {0, 0};
+    for (int i = 0; i < MAX_ENTRIES; i++)
+        if (allocations[i].size && allocations[i].ptr == ptr) {
+            gone = allocations[i];
+            memset(&allocations[i], 0, sizeof allocations[i]);
+        }
+    pthread_mutex_unlock(&vmm_lock);
+    if (!gone.size)
+        return CUDA_ERROR_INVALID_VALUE; /* not a cuMemAlloc pointer (a VMM one included) */
+    munmap((void *)gone.ptr, gone.size);
+    charge(0, -(long long)gone.size);
+    return CUDA_SUCCESS;
+}
+
+/* A fake kernel is a host function void f(void **params), run in the launching thread: what it touches must be
+   mapped, as on a GPU, or the process faults. */
+typedef void (*fake_kernel)(void **params);
+
+static CUresult launch(void *f, void **params)
+{
+    CUresult r = vmm_prologue("launch");
+    if (r == CUDA_SUCCESS && !f)
+        r = CUDA_ERROR_INVALID_VALUE;
+    if (r == CUDA_SUCCESS)
+        ((fake_kernel)f)(params);
+    return r;
+}
+
+#define LAUNCH_PARAMS void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, \
+    unsigned shared, void *stream, void **params, void **extra
+CUresult cuLaunchKernel(LAUNCH_PARAMS)
+{
+    (void)gx, (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)shared, (void)stream, (void)extra;
+    return launch(f, params);
+}
+
+CUresult cuLaunchKernel_ptsz(LAUNCH_PARAMS)
+{
+    (void)gx, (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)shared, (void)stream, (void)extra;
+    return launch(f, params);
+}
+
+CUresult cuLaunchKernelEx(const void *config, void *f, void **params, void **extra)
+{
+    (void)extra;
+    return config ? launch(f, params) : CUDA_ERROR_INVALID_VALUE;
+}
+
+CUresult cuLaunchKernelEx_ptsz(const void *config, void *f, void **params, void **extra)
+{
+    (void)extra;
+    return config ? launch(f, params) : CUDA_ERROR_INVALID_VALUE;
+}
+
+/* The driver's lookup: a base name, a version and flags → the variant it serves (per-thread default stream
+   variants for CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM = 2), from a table, never through dlsym. */
+static const struct {
+    const char *name;
+    void *fn, *per_thread;
+} procs[] = {
+    {"cuInit", (void *)cuInit, NULL},
+    {"cuGetErrorName", (void *)cuGetErrorName, NULL},
+    {"cuMemAlloc", (void *)cuMemAlloc_v2, NULL},
+    {"cuMemFree", (void *)cuMemFree_v2, NULL},
+    {"cuLaunchKernel", (void *)cuLaunchKernel, (void *)cuLaunchKernel_ptsz},
+    {"cuLaunchKernelEx", (void *)cuLaunchKernelEx, (void *)cuLaunchKernelEx_ptsz},
+    {"cuMemcpyDtoHAsync", (void *)cuMemcpyDtoHAsync_v2, NULL},
+    {"cuMemcpyHtoDAsync", (void *)cuMemcpyHtoDAsync_v2, NULL},
+    {"cuStreamCreate", (void *)cuStreamCreate, NULL},
+    {"cuStreamSynchronize", (void *)cuStreamSynchronize, NULL},
+    {"cuStreamDestroy", (void *)cuStreamDestroy_v2, NULL},
+    {"cuCtxGetCurrent", (void *)cuCtxGetCurrent, NULL},
+    {"cuCtxSetCurrent", (void *)cuCtxSetCurrent, NULL},
+    {"cuCtxGetDevice", (void *)cuCtxGetDevice, NULL},
+    {"cuCtxSynchronize", (void *)cuCtxSynchronize, NULL},
+    {"cuMemGetAllocationGranularity", (void *)cuMemGetAllocationGranularity, NULL},
+    {"cuMemAddressReserve", (void *)cuMemAddressReserve, NULL},
+    {"cuMemAddressFree", (void *)cuMemAddressFree, NULL},
+    {"cuMemCreate", (void *)cuMemCreate, NULL},
+    {"cuMemRelease", (void *)cuMemRelease, NULL},
+    {"cuMemMap", (void *)cuMemMap, NULL},
+    {"cuMemUnmap", (void *)cuMemUnmap, NULL},
+    {"cuMemSetAccess", (void *)cuMemSetAccess, NULL},
+    {"cuMemHostRegister", (void *)cuMemHostRegister_v2, NULL},
+    {"cuMemHostUnregister", (void *)cuMemHostUnregister, NULL},
+};
+
+CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, uint64_t flags, int *status);
+
+CUresult cuGetProcAddress(const char *symbol, void **pfn, int version, uint64_t flags)
+{
+    return cuGetProcAddress_v2(symbol, pfn, version, flags, NULL);
+}
+
+CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, uint64_t flags, int *status)
+{
+    if (!symbol || !pfn || version < 1000)
+        return CUDA_ERROR_INVALID_VALUE;
+    *pfn = NULL;
+    if (!strcmp(symbol, "cuGetProcAddress"))
+        *pfn = (void *)cuGetProcAddress_v2;
+    for (size_t i = 0; !*pfn && i < sizeof procs / sizeof procs[0]; i++)
+        if (!strcmp(procs[i].name, symbol))
+            *pfn = (flags & 2) && procs[i].per_thread ? procs[i].per_thread : procs[i].fn;
+    if (status)
+        *status = *pfn ? 0 : 1; /* CU_GET_PROC_ADDRESS_SUCCESS, CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND */
+    return *pfn ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
 }
 
 #endif /* FAKECUDA_NO_CHECKPOINT */

@@ -20,6 +20,7 @@ from polling import wait_until
 from gpuschedd.testing.fakegpu import FakeGpuDir
 
 FAKECUDA = Path(__file__).resolve().parent.parent / "fakecuda"
+ROOT = FAKECUDA.parent.parent
 sys.path.insert(0, str(FAKECUDA))
 
 from build import build  # noqa: E402
@@ -37,6 +38,25 @@ def fakecuda_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fakecuda")
     build(str(out), checkpoint_api=False)
     return Path(build(str(out)))
+
+
+@pytest.fixture(scope="session")
+def preload_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The transparent fast path's interposer (native/preload), built as the packages build it."""
+    if shutil.which("gcc") is None or shutil.which("make") is None:
+        pytest.skip("no gcc or make to build the interposer")
+    out = tmp_path_factory.mktemp("preload")
+    subprocess.run(["make", "-s", "-C", str(ROOT), "preload", f"PRELOAD_OUT={out}", "CFLAGS=-Werror"], check=True)
+    return out / "libgpuschedd-preload.so"
+
+
+@pytest.fixture(scope="session")
+def preload_program(fakecuda_lib: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/fakecuda/preload_prog.c: an unmodified "CUDA program" of the fake libcuda, linked with it."""
+    out = tmp_path_factory.mktemp("preload-prog") / "preload_prog"
+    cmd = ["gcc", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2", "-o", str(out), str(FAKECUDA / "preload_prog.c")]
+    subprocess.run([*cmd, f"-L{fakecuda_lib.parent}", "-l:libcuda.so.1", "-ldl", "-lpthread"], check=True)
+    return out
 
 
 @pytest.fixture

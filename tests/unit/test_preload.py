@@ -1,0 +1,250 @@
+"""The transparent fast path's interposer (native/preload) in an unmodified C program (tests/fakecuda/preload_prog.c)
+over the fake libcuda, parked and unparked by the daemon's own AgentLink: the memory is released and comes back
+intact at the same addresses, launches wait at the gate while parked, and every failure leaves the program as it
+was. Built with gcc (the library through `make preload`, as the packages build it)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from counters import amoves, astill
+from fakegpu_fixtures import GPU0, MIB, wait_for
+
+from gpuschedd.agent.protocol import socket_path
+from gpuschedd.agentlink import AgentFailed, AgentLink
+from gpuschedd.testing.fakegpu import FakeGpuDir
+
+THREADS = 4
+PARKED = THREADS * 4 * MIB + 8 * MIB  # 3 MiB buffers round up to 4; the 8 MiB one; the 4 KiB one stays with the driver
+SMALL = 2 * MIB  # the driver's own cuMemAlloc of 4 KiB, rounded to its page
+
+
+class Program:
+    """A running preload_prog: its threads launch fake kernels until stop()."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], agent_dir: str) -> None:
+        self.dir = agent_dir
+        self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().startswith("ready"), "the program started"
+        self.pid = self.proc.pid
+
+    def _ask(self, command: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def count(self) -> int:
+        return int(self._ask("count"))
+
+    async def link(self) -> AgentLink:
+        link = await AgentLink.connect(self.dir, self.pid, 5.0)
+        assert link is not None, "the interposer listens"
+        return link
+
+    def stop(self) -> str:
+        """Stop the threads; every byte of every buffer checked: "intact", or what differs."""
+        out, _ = self.proc.communicate("stop\n", timeout=30)
+        return out.strip().splitlines()[-1] + f" (exit {self.proc.returncode})"
+
+
+@pytest.fixture
+def prog(
+    gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path, tmp_path: Path
+) -> Iterator[Program]:
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    env = dict(
+        os.environ,
+        LD_PRELOAD=str(preload_lib),
+        LD_LIBRARY_PATH=str(fakecuda_lib.parent),
+        GPUSCHED_AGENT_DIR=str(agent_dir),
+    )
+    p = Program([str(preload_program), GPU0, str(THREADS)], env, str(agent_dir))
+    yield p
+    if p.proc.poll() is None:
+        p.proc.kill()
+        p.proc.wait()
+
+
+def vram(gpu_dir: FakeGpuDir, pid: int) -> int:
+    return next(c.vram for c in gpu_dir.contexts() if c.pid == pid)
+
+
+async def test_park_releases_the_memory_holds_the_launches_and_unpark_restores_it(
+    prog: Program, gpu_dir: FakeGpuDir
+) -> None:
+    assert vram(gpu_dir, prog.pid) == PARKED + SMALL
+    link = await prog.link()
+    for _ in range(3):
+        assert await amoves(prog.count)
+        assert await link.park(5000) == PARKED
+        assert vram(gpu_dir, prog.pid) == SMALL, "what cuMemAlloc gave is released; the driver's small one stays"
+        assert await astill(prog.count), "every launching thread waits at the gate"
+        await link.unpark(5.0)
+        assert vram(gpu_dir, prog.pid) == PARKED + SMALL
+    assert await amoves(prog.count)
+    link.close()
+    assert prog.stop() == "intact (exit 0)", "every byte is what the launches made it, at the same addresses"
+
+
+async def test_when_the_daemon_goes_away_the_program_unparks_by_itself(prog: Program, gpu_dir: FakeGpuDir) -> None:
+    link = await prog.link()
+    await link.park(5000)
+    assert await astill(prog.count)
+    link.close()
+    assert await amoves(prog.count)
+    assert vram(gpu_dir, prog.pid) == PARKED + SMALL
+    assert prog.stop() == "intact (exit 0)"
+
+
+@pytest.mark.parametrize(("step", "why"), [("memcpy", "nothing was released"), ("mem-unmap", "mapped back")])
+async def test_a_failed_park_answers_so_and_leaves_the_program_as_it_was(
+    prog: Program, gpu_dir: FakeGpuDir, step: str, why: str
+) -> None:
+    link = await prog.link()
+    gpu_dir.fail(prog.pid, step, "CUDA_ERROR_ILLEGAL_STATE")
+    with pytest.raises(AgentFailed, match=why) as failed:
+        await link.park(5000)
+    assert failed.value.answered, "the interposer itself answered: the daemon takes the driver path"
+    gpu_dir.clear_failures()
+    assert vram(gpu_dir, prog.pid) == PARKED + SMALL
+    assert await amoves(prog.count), "the gate is open again"
+    assert await link.park(5000) == PARKED, "and a later park works"
+    await link.unpark(5.0)
+    link.close()
+    assert prog.stop() == "intact (exit 0)"
+
+
+async def test_work_that_does_not_finish_in_time_fails_the_park_and_nothing_else(
+    prog: Program, gpu_dir: FakeGpuDir
+) -> None:
+    """The synchronize before the copy waits no longer than the daemon's timeout (work let in before the gate
+    closed may wait on something a thread held at the gate would do): the park fails, the gate reopens."""
+    link = await prog.link()
+    gpu_dir.delay(prog.pid, "ctx-sync", 3000)
+    with pytest.raises(AgentFailed, match="did not finish within 1000 ms; nothing was parked") as failed:
+        await link.park(500)
+    assert failed.value.answered
+    gpu_dir.clear_delays()
+    assert vram(gpu_dir, prog.pid) == PARKED + SMALL
+    assert await amoves(prog.count), "the gate is open again"
+    link.close()
+    assert prog.stop() == "intact (exit 0)"
+
+
+async def test_an_unpark_without_room_keeps_the_bytes_parked_until_there_is(prog: Program, gpu_dir: FakeGpuDir) -> None:
+    link = await prog.link()
+    await link.park(5000)
+    gpu_dir.allocate("squatter", 1024 * MIB - SMALL - 4 * MIB, GPU0)  # room for one 4 MiB buffer, not all
+    with pytest.raises(AgentFailed, match="stay parked") as failed:
+        await link.unpark(5.0)
+    assert failed.value.answered
+    assert await astill(prog.count), "the gate stays closed while memory is missing"
+    gpu_dir.free("squatter")
+    await link.unpark(5.0)
+    assert await amoves(prog.count)
+    link.close()
+    assert prog.stop() == "intact (exit 0)"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"nonsense\n",
+        b"[1, 2]\n",
+        b'{"op": "park"}\n',
+        b'{"op": "park", "timeout_ms": 1.5}\n',
+        b'{"op": "park", "timeout_ms": true}\n',
+        b'{"op": "park", "timeout_ms": 99999999999999999999999}\n',
+        b'{"op": "park", "timeout_ms": -1}\n',
+        b'{"op": "unpark"}\n',
+        b'{"op": ["park"], "timeout_ms": 10}\n',
+        b'{"op": "park", "timeout_ms": 10, "x": {"y": [1, "\\u00e9\\"", null]}\n',  # unterminated object
+        b"x" * 5000,
+    ],
+)
+async def test_bad_requests_change_nothing(prog: Program, gpu_dir: FakeGpuDir, message: bytes) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(socket_path(prog.dir, prog.pid))
+        s.sendall(message)
+        with contextlib.suppress(OSError):
+            reply = s.recv(4096)
+            assert not reply or reply.startswith(b'{"ok":false,"error":')
+    assert vram(gpu_dir, prog.pid) == PARKED + SMALL and await amoves(prog.count)
+    link = await prog.link()  # the listener still serves
+    assert await link.park(5000) == PARKED
+    await link.unpark(5.0)
+    link.close()
+    assert prog.stop() == "intact (exit 0)"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_other_users_are_not_served(
+    gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path
+) -> None:
+    directory = tempfile.mkdtemp(prefix="gpusched-agent-test-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    env = dict(os.environ, LD_PRELOAD=str(preload_lib), LD_LIBRARY_PATH=str(fakecuda_lib.parent))
+    p = Program([str(preload_program), GPU0, "1"], dict(env, GPUSCHED_AGENT_DIR=directory), directory)
+    try:
+        path = socket_path(directory, p.pid)
+        os.chmod(path, 0o666)  # even where the file lets them in, the interposer checks who connected
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+            "try:\n"
+            '    s.sendall(b\'{"op": "park", "timeout_ms": 1000}\\n\')\n'
+            "    print('refused' if s.recv(4096) == b'' else 'served')\n"
+            "except (BrokenPipeError, ConnectionResetError):\n"
+            "    print('refused')\n"
+        )
+        argv = [sys.executable, "-c", probe, path]
+        out = subprocess.run(argv, user=65534, capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "refused", out.stderr
+        assert vram(gpu_dir, p.pid) == 4 * MIB + 8 * MIB + SMALL, "nothing was parked"
+        assert p.stop() == "intact (exit 0)"
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_process_that_never_calls_cuinit_is_left_alone(preload_lib: Path, tmp_path: Path) -> None:
+    """LD_PRELOAD reaches every child (compilers, shells): there the interposer loads nothing and starts nothing."""
+    check = (
+        "import os\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('libcuda' in maps, 'libgpuschedd-preload' in maps, len(os.listdir('/proc/self/task')))\n"
+    )
+    env = dict(os.environ, LD_PRELOAD=str(preload_lib), GPUSCHED_AGENT_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "1"]
+    assert not list(tmp_path.iterdir()), "no socket"
+
+
+def test_without_an_agent_directory_the_program_runs_on_the_driver_alone(
+    gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path
+) -> None:
+    env = dict(os.environ, LD_PRELOAD=str(preload_lib), LD_LIBRARY_PATH=str(fakecuda_lib.parent))
+    env.pop("GPUSCHED_AGENT_DIR", None)
+    p = Program([str(preload_program), GPU0, "2"], env, "")
+    try:
+        wait_for(lambda: p.count() > 10, what="launches")
+        assert p.stop() == "intact (exit 0)"
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
