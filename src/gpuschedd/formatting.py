@@ -163,7 +163,8 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
             else ""
         )
         kept = ", keeps its CUDA contexts" if m.get("KeepContext") else ""
-        add("Fast path", f"agent{kept}; last freeze: {path}{parked}")
+        injected = " (injected)" if m.get("InjectAgent") else ""
+        add("Fast path", f"agent{injected}{kept}; last freeze: {path}{parked}")
     if "Priority" in m:  # a daemon older than the CLI has no policy properties
 
         def after(seconds: int) -> str:

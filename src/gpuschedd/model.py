@@ -102,6 +102,7 @@ class Model:
     # ("agent": their agents parked `parked_bytes`, the driver took the rest; "driver": all by the driver;
     # "agent-only": the agents parked, and with KeepContext the CUDA contexts stayed on the GPU, no driver call).
     agent: bool = False
+    inject_agent: bool = False  # Run option InjectAgent: the agent is the daemon's interposer, preloaded
     keep_context: bool = False
     freeze_path: str = ""
     parked_bytes: int = 0

@@ -185,6 +185,16 @@ class RunOptions(Policies):
         cli="flag",
         help="with --agent: a freeze leaves the CUDA contexts on the GPU (faster; some VRAM stays held)",
     )
+    # the daemon preloads its interposer (native/preload) into an unmodified program: an agent model without its help
+    inject_agent: bool = option(
+        "InjectAgent",
+        "b",
+        False,
+        bool,
+        flags=("--inject-agent",),
+        cli="flag",
+        help="the fast path for a program that does not import gpuschedd.agent: the daemon preloads its interposer",
+    )
 
 
 def declared(cls: type[Policies] = RunOptions) -> list[tuple[dataclasses.Field[Any], Option]]:

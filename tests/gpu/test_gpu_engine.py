@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -223,6 +224,47 @@ async def test_the_agent_parks_a_torch_model(engine: Engine, tmp_path: Path, kee
         assert used_before - gpu_used(engine) >= (MIB << 20) * 0.9
         assert not await counters_move(d, 0.5)
         await engine.thaw("fast")
+        assert await counters_move(d)
+        assert await verify(d, pids) == {pid: True for pid in pids}
+
+
+@pytest.fixture(scope="session")
+def preload_lib(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The interposer (native/preload), built from the checkout as the packages build it."""
+    out = tmp_path_factory.mktemp("preload")
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run(["make", "-s", "-C", str(root), "preload", f"PRELOAD_OUT={out}"], check=True)
+    return str(out / "libgpuschedd-preload.so")
+
+
+@pytest.mark.parametrize("keep_context", [False, True], ids=["agent", "agent-only"])
+async def test_inject_agent_parks_an_unmodified_torch_model(
+    engine: Engine, tmp_path: Path, preload_lib: str, monkeypatch: pytest.MonkeyPatch, keep_context: bool
+) -> None:
+    """InjectAgent on the real driver: torch_model.py without --agent (it imports nothing of gpuschedd, its steps
+    run in no busy()) gets the interposer preloaded; its freezes park its tensors through it, the gate holds its
+    matmuls, and every byte is back after the thaw."""
+    from gpuschedd import preload
+
+    monkeypatch.setattr(preload, "library_path", lambda: preload_lib)
+    d = tmp_path / "inject"
+    options = RunOptions(inject_agent=True, keep_context=keep_context)
+    pids = await run_model(engine, "inject", d, "--matmul", options=options)
+    model = engine.get("inject")
+    await engine.refresh(model)
+    used_before = gpu_used(engine)
+    for _cycle in range(3):
+        await engine.freeze("inject")
+        assert (model.freeze_path, model.state) == ("agent-only" if keep_context else "agent", State.FROZEN)
+        assert model.parked_bytes >= MIB << 20, "the tensors went through the interposer"
+        held = engine.telemetry.vram_by_pid()
+        if keep_context:
+            assert all(sum(held[pid].values()) < MIB << 20 for pid in pids), "only the context stays"
+        else:
+            assert not any(pid in held for pid in pids)
+        assert used_before - gpu_used(engine) >= (MIB << 20) * 0.9
+        assert not await counters_move(d, 0.5)
+        await engine.thaw("inject")
         assert await counters_move(d)
         assert await verify(d, pids) == {pid: True for pid in pids}
 

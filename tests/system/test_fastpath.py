@@ -22,7 +22,7 @@ from fakegpu_sys import (
     journal_entries,
     restart_daemon,
 )
-from sysutil import REPO, cgroup_frozen, gpusched, list_models, model_property, unit_property, wait_until
+from sysutil import REPO, WORKDIR, cgroup_frozen, gpusched, list_models, model_property, unit_property, wait_until
 
 from gpuschedd.checkpoint import CudaState
 from gpuschedd.testing.fakegpu import FakeGpuDir, FakeGpuTelemetry
@@ -138,3 +138,33 @@ def test_hostile_agents_delay_no_other_model_and_a_stop_cuts_their_wait(fmodels:
         assert check_consistent(m.name, fake) == "frozen" and model_property(m.name, "FreezePath") == "driver"
         gpusched("thaw", m.name)
         m.assert_moving()
+
+
+def test_inject_agent_parks_an_unmodified_program(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    """`gpusched run --inject-agent` of a C program that knows nothing of gpuschedd (tests/fakecuda/preload_prog.c,
+    linked with the fake libcuda, launching from two threads and checking its buffers after every launch): the
+    daemon preloads its installed interposer, and freezes park through it like an agent model's."""
+    model = FakeModel(f"{fmodels.prefix}-inject", 1)
+    fmodels.started.append(model)
+    prog = WORKDIR / "preload_prog"
+    source = REPO / "tests" / "fakecuda" / "preload_prog.c"
+    subprocess.run(
+        ["gcc", "-O2", "-o", str(prog), str(source), f"-L{LIB_DIR}", "-l:libcuda.so.1", "-ldl", "-lpthread"], check=True
+    )
+    env = [f"LD_LIBRARY_PATH={LIB_DIR}", f"FAKECUDA_DIR={FAKE_DIR}"]
+    argv = [str(prog), GPU0, "2", str(model.counter_path())]
+    gpusched("run", "--name", model.name, "--inject-agent", *(f"--setenv={e}" for e in env), "--", *argv)
+    wait_until("the interposer's socket", lambda: list((AGENT_ROOT / model.name).glob("agent-*.sock")))
+    model.assert_moving()
+    assert (model_property(model.name, "InjectAgent"), model_property(model.name, "Agent")) == (True, True)
+    for _cycle in range(2):
+        gpusched("freeze", model.name)
+        assert check_consistent(model.name, fake) == "frozen"
+        assert model_property(model.name, "FreezePath") == "agent"
+        assert model_property(model.name, "ParkedBytes") == 2 * 4 * MIB + 8 * MIB
+        model.assert_still()
+        assert "Fast path: agent (injected); last freeze: agent" in gpusched("status", model.name).stdout
+        gpusched("thaw", model.name)
+        assert check_consistent(model.name, fake) == "running"
+        model.assert_moving()  # a wrong byte in a buffer would have written CORRUPT and ended the program
+    gpusched("stop", model.name)

@@ -147,6 +147,7 @@ def test_sdk_keywords_round_trip_through_the_bus_parser() -> None:
         "gpu_memory": 1 << 30,
         "agent": True,
         "keep_context": True,
+        "inject_agent": True,
     }
     assert set(given) == {f.name for f, _spec in declared(RunOptions)}
     parsed = parse_options(client._options(given))

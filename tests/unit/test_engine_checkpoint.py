@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 from counters import amoves, astill, file_counter
@@ -13,6 +14,7 @@ from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered
 from polling import until
 from process_units import ProcessUnits
 
+from gpuschedd import preload
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
@@ -417,6 +419,44 @@ async def test_a_stop_cuts_a_freeze_waiting_on_a_silent_agent(setup) -> None:  #
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert [e.kind for e in events.events[-1:]] == [EventKind.STOP]
+
+
+# ---------------------------------------------------------------- InjectAgent: the interposer as the agent
+
+
+async def test_inject_agent_parks_an_unmodified_program(  # type: ignore[no-untyped-def]
+    setup, monkeypatch, preload_lib, preload_program, fakecuda_lib
+) -> None:
+    """Run with InjectAgent: the daemon preloads native/preload into a program that knows nothing of gpuschedd (a C
+    program of the fake libcuda, launching from two threads), and its freezes take the fast path like an Agent
+    model's: the interposer parks what cuMemAlloc gave, the driver the rest, every byte back after the thaw."""
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    engine.config.agent_root = str(tmp_path / "agents")
+    monkeypatch.setattr(preload, "library_path", lambda: str(preload_lib))
+    argv = [str(preload_program), GPU0, "2", str(tmp_path / "c")]
+    environment = [f"LD_LIBRARY_PATH={fakecuda_lib.parent}", "LD_PRELOAD=libm.so.6"]
+    options = RunOptions(inject_agent=True, environment=environment)
+    model = await engine.run("c", argv, options, 0)
+    assert (model.agent, model.inject_agent) == (True, True)
+    environ = Path(f"/proc/{model.main_pid}/environ").read_bytes().split(b"\0")
+    assert f"LD_PRELOAD={preload_lib} libm.so.6".encode() in environ, "the interposer first, then the caller's"
+    await until("the interposer's socket", lambda: list((tmp_path / "agents" / "c").glob("agent-*.sock")), 10.0)
+    await engine.refresh(model)
+    assert await amoves(file_counter(tmp_path / "c")), "its threads launch: every buffer is allocated"
+    for _cycle in range(2):
+        await engine.freeze("c")
+        assert (model.freeze_path, model.parked_bytes) == ("agent", 2 * 4 * MIB + 8 * MIB)
+        assert gpu_dir.state(model.main_pid) == CudaState.CHECKPOINTED, "the driver took the rest"
+        await engine.thaw("c")
+        assert await amoves(file_counter(tmp_path / "c")) and not_corrupt(tmp_path, "c")
+
+
+async def test_inject_agent_needs_the_library(setup, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine, _units, _gpu_dir, _events, _tmp = setup
+    monkeypatch.setattr(preload, "library_path", lambda: str(tmp_path / "missing.so"))
+    with pytest.raises(NotSupported, match=r"InjectAgent needs libgpuschedd-preload\.so"):
+        await engine.run("c", ["/bin/true"], RunOptions(inject_agent=True), 0)
+    assert "c" not in engine.models
 
 
 # ---------------------------------------------------------------- KeepContext: the agents park, no driver call

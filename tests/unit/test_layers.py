@@ -56,6 +56,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.recovery",
         "gpuschedd.adopt",
         "gpuschedd.agentlink",
+        "gpuschedd.preload",
     ],
     # run by any user: the SDK, the CLI, the dashboard, the wake proxy (as the model's user)
     "clients": [

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from counters import amoves, astill
-from fakegpu_fixtures import GPU0, MIB, wait_for
+from fakegpu_fixtures import GPU0, MIB
+from polling import wait_until
 
 from gpuschedd.agent.protocol import socket_path
 from gpuschedd.agentlink import AgentFailed, AgentLink
@@ -242,7 +243,7 @@ def test_without_an_agent_directory_the_program_runs_on_the_driver_alone(
     env.pop("GPUSCHED_AGENT_DIR", None)
     p = Program([str(preload_program), GPU0, "2"], env, "")
     try:
-        wait_for(lambda: p.count() > 10, what="launches")
+        wait_until("launches", lambda: p.count() > 10)
         assert p.stop() == "intact (exit 0)"
     finally:
         if p.proc.poll() is None:

@@ -39,6 +39,7 @@ MODEL_PROPERTIES = (
     Exported("Command", "as", None),  # the caller's own or root's: ModelInterface.Command
     Exported("Agent", "b", _model("agent")),
     Exported("KeepContext", "b", _model("keep_context")),
+    Exported("InjectAgent", "b", _model("inject_agent")),
     Exported("FreezePath", "s", _model("freeze_path"), emits=True),
     Exported("ParkedBytes", "t", _model("parked_bytes"), emits=True),
     Exported("Priority", "i", _model("priority")),

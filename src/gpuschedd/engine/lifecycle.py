@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from .. import events
+from .. import events, preload
 from ..agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
 from ..errors import (
     AccessDenied,
@@ -16,6 +16,7 @@ from ..errors import (
     InvalidArgs,
     LimitExceeded,
     ModelExists,
+    NotSupported,
 )
 from ..events import Event
 from ..model import ENDED, Model, State, require
@@ -25,6 +26,16 @@ from ..units import UnitSpec, UnitStatus, WakeCapable
 from .core import Core, Requester, _kept_bytes, _user_name, _user_uid
 
 log = logging.getLogger(__name__)
+
+
+def _ld_preload(environment: list[str]) -> str:
+    """LD_PRELOAD with the interposer first, then whatever the caller's Environment preloads (its last entry wins in
+    systemd, so this one, appended, does); NotSupported where the library is not installed."""
+    library = preload.library_path()
+    if not os.path.isfile(library):
+        raise NotSupported(f"InjectAgent needs {preload.LIBRARY_NAME}, which is not installed ({library})")
+    theirs = [e.split("=", 1)[1] for e in environment if e.startswith("LD_PRELOAD=")]
+    return "LD_PRELOAD=" + " ".join([library, *theirs[-1:]]).strip()
 
 
 class Lifecycle(Core):
@@ -75,16 +86,19 @@ class Lifecycle(Core):
             # The bus layer allows User= only with `manage`; this holds even if that check ever goes wrong:
             # a caller that is not root never gets a process running as root (any name with uid 0 included).
             raise AccessDenied("only root may run a model as root")
-        if options.keep_context and not options.agent:
+        if options.keep_context and not (options.agent or options.inject_agent):
             raise InvalidArgs("KeepContext needs Agent: only a model whose agents park its memory keeps its contexts")
         return user
 
     def _unit_spec(self, name: str, argv: list[str], options: RunOptions, user: str) -> UnitSpec:
-        """The unit of a new model: its environment carries the GPUs it may see and where its agents listen."""
+        """The unit of a new model: its environment carries the GPUs it may see, where its agents listen and, with
+        InjectAgent, the interposer preloaded."""
         environment = list(options.environment)
+        if options.inject_agent:
+            environment.append(_ld_preload(environment))
         if options.gpus:
             environment.append("CUDA_VISIBLE_DEVICES=" + ",".join(options.gpus))
-        agent_dir = os.path.join(self.config.agent_root, name) if options.agent else ""
+        agent_dir = os.path.join(self.config.agent_root, name) if options.agent or options.inject_agent else ""
         if agent_dir:
             environment += [f"{AGENT_DIR_ENV}={agent_dir}", f"{DAEMON_UID_ENV}={os.geteuid()}"]
         return UnitSpec(
@@ -107,7 +121,8 @@ class Lifecycle(Core):
             port=options.port,
             backend_port=options.backend_port,
             listen_address=options.listen_address,
-            agent=options.agent,
+            agent=options.agent or options.inject_agent,
+            inject_agent=options.inject_agent,
             keep_context=options.keep_context,
             environment_bytes=sum(len(entry.encode()) + 1 for entry in options.environment),
         )
