@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import shlex
 import statistics
 import subprocess
@@ -114,11 +115,19 @@ async def bench(counts: list[int], calls: int, processes: int) -> list[tuple[str
         await call(bus, GPUSCHED, "Run", "sasa{sv}", f"{PREFIX}-freeze", SLEEPER, {})
         subprocess.run(["systemd-run", "--quiet", f"--unit={BARE_UNIT}", *SLEEPER], check=True)
         freeze, freeze_unit, thaw, thaw_unit = [], [], [], []
+        # A random pause before each call: a freeze's time depends on when it lands against the kernel's and
+        # systemd's own periodic work (measured: ours and FreezeUnit took ~5 and ~11 ms in one run, ~15 and ~1 ms in
+        # the next, always ~16 together), so a fixed rhythm would favour whichever call the rhythm favours.
+        pause = random.Random(1)
         for _ in range(calls // 4 or 1):
-            freeze.append(await timed(lambda: call(bus, GPUSCHED, "Freeze", "s", f"{PREFIX}-freeze")))
-            freeze_unit.append(await timed(lambda: call(bus, SYSTEMD, "FreezeUnit", "s", BARE_UNIT)))
-            thaw.append(await timed(lambda: call(bus, GPUSCHED, "Thaw", "s", f"{PREFIX}-freeze")))
-            thaw_unit.append(await timed(lambda: call(bus, SYSTEMD, "ThawUnit", "s", BARE_UNIT)))
+            for times, target, member, unit in (
+                (freeze, GPUSCHED, "Freeze", f"{PREFIX}-freeze"),
+                (freeze_unit, SYSTEMD, "FreezeUnit", BARE_UNIT),
+                (thaw, GPUSCHED, "Thaw", f"{PREFIX}-freeze"),
+                (thaw_unit, SYSTEMD, "ThawUnit", BARE_UNIT),
+            ):
+                await asyncio.sleep(pause.uniform(0, 0.02))
+                times.append(await timed(lambda t=target, m=member, u=unit: call(bus, t, m, "s", u)))
         rows.append(("Freeze of a model without CUDA | FreezeUnit", "", freeze, freeze_unit))
         rows.append(("Thaw of a model without CUDA | ThawUnit", "", thaw, thaw_unit))
         for count in counts:

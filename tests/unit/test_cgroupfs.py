@@ -25,7 +25,7 @@ from gpuschedd.model import State
 from gpuschedd.options import RunOptions
 from gpuschedd.testing.fakegpu import FakeGpuTelemetry
 from gpuschedd.units import UnitSpec, UnitStatus
-from gpuschedd.units.cgroup import cgroup2_mount
+from gpuschedd.units.cgroup import cgroup2_mount, procs_below
 from gpuschedd.units.cgroupfs import CgroupfsUnits
 
 COUNTER = 'i=0; while :; do i=$((i+1)); echo $i > "$0"; sleep 0.01; done'
@@ -174,3 +174,17 @@ async def test_engine_freezes_a_cuda_model_in_its_cgroup(units: CgroupfsUnits, g
     assert model.state == State.RUNNING and await amoves(file_counter(tmp_path / "n"))
     await engine.stop("llm")
     assert not group.exists()
+
+
+def test_procs_below_reads_the_group_and_every_group_below(tmp_path: Path) -> None:
+    """What systemd's GetUnitProcesses lists, from the files: the group's processes and its descendants'; a group
+    that is gone is FileNotFoundError (the caller then asks systemd), a child without a procs file counts empty."""
+    group = tmp_path / "gpusched.slice" / "gpusched-model@m.service"
+    (group / "payload" / "inner").mkdir(parents=True)
+    (group / "cgroup.procs").write_text("10\n11\n")
+    (group / "payload" / "cgroup.procs").write_text("20\n")
+    (group / "payload" / "inner" / "cgroup.procs").write_text("")
+    (group / "empty").mkdir()
+    assert sorted(procs_below(str(group))) == [10, 11, 20]
+    with pytest.raises(FileNotFoundError):
+        procs_below(str(tmp_path / "gone.service"))

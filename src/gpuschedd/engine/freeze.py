@@ -114,7 +114,7 @@ class Freezing(Core):
         step.reached says where."""
         for _attempt in range(3):
             try:
-                if not step.kept:
+                if step.cuda and not step.kept:  # no CUDA process: no worker thread to wake
                     await asyncio.to_thread(
                         recovery.drive, self.checkpoint, step.cuda, True, self.config.lock_timeout_ms
                     )

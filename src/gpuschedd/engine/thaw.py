@@ -69,9 +69,10 @@ class Thawing(Core):
             # The driver's restore runs on a thread inside the target: thaw the cgroup first.
             await self.units.thaw(model.unit)
             try:
-                await asyncio.to_thread(
-                    recovery.drive, self.checkpoint, model.cuda_pids, False, self.config.lock_timeout_ms, gpu_pairs
-                )
+                if model.cuda_pids:  # no CUDA process: no worker thread to wake
+                    await asyncio.to_thread(
+                        recovery.drive, self.checkpoint, model.cuda_pids, False, self.config.lock_timeout_ms, gpu_pairs
+                    )
             except CheckpointError as e:
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True

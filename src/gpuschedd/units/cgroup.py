@@ -44,6 +44,15 @@ def procs(group: str) -> list[int]:
         return []
 
 
+def procs_below(group: str) -> list[int]:
+    """Every process in the group and in the groups below it (what systemd's GetUnitProcesses lists, read from the
+    kernel's files in microseconds instead of a bus round trip); FileNotFoundError when the group is gone. A child
+    group that goes away during the walk counts as empty."""
+    if not os.path.isdir(group):
+        raise FileNotFoundError(group)
+    return [pid for directory, _dirs, _files in os.walk(group) for pid in procs(directory)]
+
+
 def attach(group: str, pid: int) -> None:
     """Move one process (all its threads) into the group."""
     _write(group, "cgroup.procs", str(pid))

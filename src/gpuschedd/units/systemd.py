@@ -24,7 +24,7 @@ from .. import validate
 from ..errors import InvalidArgs, UnitFailed
 from ..names import bus_label_unescape
 from ..sysbus import call
-from . import DEFAULT_PATH, UnitSpec, UnitStatus, UnitWatcher
+from . import DEFAULT_PATH, UnitSpec, UnitStatus, UnitWatcher, cgroup
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 # What status() and start() read of a unit; and the errors that mean it is not there (any more).
 _UNIT_PROPERTIES = ("ActiveState", "FreezerState")
-_SERVICE_PROPERTIES = ("MainPID", "ExecMainPID", "User", "ExecStart", "Result")
+_SERVICE_PROPERTIES = ("MainPID", "ExecMainPID", "User", "ExecStart", "Result", "ControlGroup")
 _GONE = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject")
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 OUR_UNIT_PREFIX = "gpusched-"  # gpusched-model@NAME.service, gpusched-adopt-NAME.scope
@@ -71,8 +71,13 @@ class SystemdUnits:
         self._watchers: list[UnitWatcher] = []
         self._tracked: set[str] = set()  # adopted units, watched though their names are not ours
         self._tasks: set[asyncio.Task[None]] = set()
+        # Each service's cgroup directory as its last status gave it (systemd's ControlGroup under the cgroup v2
+        # mount), so a freeze reads the unit's processes from the kernel's files instead of asking PID 1 twice.
+        self._cgroup_mount = ""
+        self._cgroups: dict[str, str] = {}
 
     async def setup(self) -> None:
+        self._cgroup_mount = cgroup.cgroup2_mount() or ""
         for rule in (
             f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',member='JobRemoved'",
             f"type='signal',sender='{SYSTEMD}',interface='{PROPERTIES}',member='PropertiesChanged',"
@@ -300,6 +305,7 @@ class SystemdUnits:
     async def status(self, unit: str) -> UnitStatus | None:
         props = await self._properties(unit)
         if props is None:
+            self._cgroups.pop(unit, None)
             return None
         try:
             [procs] = await self._manager("GetUnitProcesses", "s", [unit])
@@ -308,6 +314,12 @@ class SystemdUnits:
 
         def get(name: str, default: Any) -> Any:
             return props[name].value if name in props else default
+
+        group = get("ControlGroup", "")
+        if group and self._cgroup_mount:
+            self._cgroups[unit] = self._cgroup_mount + group
+        else:
+            self._cgroups.pop(unit, None)
 
         exec_start = get("ExecStart", [])
         return UnitStatus(
@@ -322,7 +334,14 @@ class SystemdUnits:
         )
 
     async def pids(self, unit: str) -> list[int] | None:
-        """The unit's processes alone (one call; a status is several), None when it is not loaded."""
+        """The unit's processes alone, None when it is not loaded: from its cgroup's files where its last status
+        named its cgroup (no bus round trip), else one GetUnitProcesses (a status is several calls)."""
+        group = self._cgroups.get(unit)
+        if group is not None:
+            try:
+                return sorted(cgroup.procs_below(group))
+            except OSError:
+                del self._cgroups[unit]  # gone (or unreadable): systemd says what became of the unit
         try:
             [procs] = await self._manager("GetUnitProcesses", "s", [unit])
         except DBusError as e:
