@@ -209,13 +209,20 @@ async def test_the_agent_parks_a_torch_model(engine: Engine, tmp_path: Path, kee
     src = str(Path(__file__).resolve().parents[2] / "src")
     options = RunOptions(agent=True, keep_context=keep_context, environment=[f"PYTHONPATH={src}"])
     pids = await run_model(engine, "fast", d, "--agent", "--matmul", options=options)
-    model = engine.get("fast")
+    await parked_cycles(engine, "fast", d, pids, keep_context)
+
+
+async def parked_cycles(engine: Engine, name: str, d: Path, pids: list[int], keep_context: bool) -> None:
+    """Three freezes and thaws of a model whose memory its agent (or the interposer) parks: the tensors went
+    through it, the GPU memory left (all of it, or all but the contexts with KeepContext), its work stopped while
+    frozen and goes on after, every byte intact."""
+    model = engine.get(name)
     await engine.refresh(model)
     used_before = gpu_used(engine)
     for _cycle in range(3):
-        await engine.freeze("fast")
+        await engine.freeze(name)
         assert (model.freeze_path, model.state) == ("agent-only" if keep_context else "agent", State.FROZEN)
-        assert model.parked_bytes >= MIB << 20, "the tensors went through the agent"
+        assert model.parked_bytes >= MIB << 20, "the tensors were parked"
         held = engine.telemetry.vram_by_pid()
         if keep_context:
             assert all(sum(held[pid].values()) < MIB << 20 for pid in pids), "only the context stays"
@@ -223,7 +230,7 @@ async def test_the_agent_parks_a_torch_model(engine: Engine, tmp_path: Path, kee
             assert not any(pid in held for pid in pids)
         assert used_before - gpu_used(engine) >= (MIB << 20) * 0.9
         assert not await counters_move(d, 0.5)
-        await engine.thaw("fast")
+        await engine.thaw(name)
         assert await counters_move(d)
         assert await verify(d, pids) == {pid: True for pid in pids}
 
@@ -250,23 +257,7 @@ async def test_inject_agent_parks_an_unmodified_torch_model(
     d = tmp_path / "inject"
     options = RunOptions(inject_agent=True, keep_context=keep_context)
     pids = await run_model(engine, "inject", d, "--matmul", options=options)
-    model = engine.get("inject")
-    await engine.refresh(model)
-    used_before = gpu_used(engine)
-    for _cycle in range(3):
-        await engine.freeze("inject")
-        assert (model.freeze_path, model.state) == ("agent-only" if keep_context else "agent", State.FROZEN)
-        assert model.parked_bytes >= MIB << 20, "the tensors went through the interposer"
-        held = engine.telemetry.vram_by_pid()
-        if keep_context:
-            assert all(sum(held[pid].values()) < MIB << 20 for pid in pids), "only the context stays"
-        else:
-            assert not any(pid in held for pid in pids)
-        assert used_before - gpu_used(engine) >= (MIB << 20) * 0.9
-        assert not await counters_move(d, 0.5)
-        await engine.thaw("inject")
-        assert await counters_move(d)
-        assert await verify(d, pids) == {pid: True for pid in pids}
+    await parked_cycles(engine, "inject", d, pids, keep_context)
 
 
 async def test_migrate_onto_the_same_gpu_is_an_identity_map(engine: Engine, tmp_path: Path) -> None:
