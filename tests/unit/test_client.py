@@ -14,6 +14,7 @@ from dbus_fast import BusType, Variant
 from dbus_fast.aio import MessageBus
 from fake_units import FakeUnits
 
+from gpuschedd import client
 from gpuschedd.bus.manager import ManagerInterface
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.client import AsyncGpuSched, GpuSched, NoBus, TimedOut
@@ -104,8 +105,17 @@ def test_no_answer_in_time_and_unsendable_arguments_are_typed_errors(session_bus
             gs.adopt_processes("m", [-1])
 
 
-def test_values_are_unwrapped() -> None:
-    from gpuschedd.client import _unwrap
+def test_calls_that_change_something_wait_longer_than_reads(session_bus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A freeze of tens of GB takes minutes: Freeze's default timeout is the long one, a read's the short one."""
+    monkeypatch.setattr(client, "LONG_CALL_TIMEOUT_S", 0.4)
+    monkeypatch.setattr(client, "CALL_TIMEOUT_S", 0.1)
+    with daemon(manager=False), GpuSched(bus_type="session") as gs:
+        for call, waited in ((lambda: gs.freeze("m"), "0.4 s"), (gs.status, "0.1 s")):
+            with pytest.raises(TimedOut) as info:
+                call()
+            assert f"within {waited}" in info.value.message
 
-    value = _unwrap({"Gpus": Variant("aa{sv}", [{"index": Variant("u", 0)}]), "State": Variant("s", "running")})
+
+def test_values_are_unwrapped() -> None:
+    value = client._unwrap({"Gpus": Variant("aa{sv}", [{"index": Variant("u", 0)}]), "State": Variant("s", "running")})
     assert value == {"Gpus": [{"index": 0}], "State": "running"} and plain(value)
