@@ -144,7 +144,7 @@ def show_logs(args: argparse.Namespace) -> int:
     try:
         with GpuSched(interactive=False) as gs:
             unit = gs.model(args.name)["Unit"]
-    except (GpuschedError, OSError):
+    except GpuschedError:
         pass  # not known (any more) or no daemon: its unit's journal is still there
     argv = ["journalctl", f"--unit={unit}"]
     if args.lines is not None:
