@@ -8,8 +8,9 @@ thaw shows its progress on stderr, and nothing extra is written when output goes
 from __future__ import annotations
 
 import argparse
-import json
+import grp
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -19,8 +20,18 @@ from typing import Any
 
 from . import __version__, eventlog
 from .client import GpuSched
-from .errors import GpuschedError, NoSuchModel
-from .formatting import Progress, colors, event_line, human_bytes, list_rows, manager_lines, model_lines, print_table
+from .errors import AccessDenied, GpuschedError, InteractiveAuthorizationRequired, NoSuchModel
+from .formatting import (
+    Progress,
+    colors,
+    event_line,
+    human_bytes,
+    list_rows,
+    manager_lines,
+    model_lines,
+    print_table,
+    to_json,
+)
 from .names import model_unit, validate_model_name
 from .options import Policies, RunOptions, declared
 from .validate import parse_size
@@ -29,9 +40,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_LIVE = 3
 EXIT_NO_SUCH_MODEL = 4
+GROUP = "gpusched"  # sysusers.d/gpusched.conf
 
 
-def show_status(gs: GpuSched, names: list[str], as_json: bool) -> int:
+def show_status(gs: GpuSched, names: list[str], as_json: str | None) -> int:
     manager = gs.status()
     rc = 0
     if names:
@@ -47,7 +59,7 @@ def show_status(gs: GpuSched, names: list[str], as_json: bool) -> int:
     else:
         models = [gs.model(m.name) for m in gs.models()]
     if as_json:
-        print(json.dumps({"manager": manager, "models": models}, indent=2))
+        print(to_json({"manager": manager, "models": models}, as_json))
         return rc
     color = colors(sys.stdout)
     blocks = [] if names else [manager_lines(manager, models, color)]
@@ -57,7 +69,7 @@ def show_status(gs: GpuSched, names: list[str], as_json: bool) -> int:
     return rc
 
 
-def transition(gs: GpuSched, verb: str, name: str, as_json: bool) -> None:
+def transition(gs: GpuSched, verb: str, name: str, as_json: str | None) -> None:
     """freeze or thaw `name`, with progress on a terminal, then a summary line there (or JSON)."""
     interactive = sys.stderr.isatty() or (sys.stdout.isatty() and not as_json)
     before = gs.model(name) if interactive else {}
@@ -68,7 +80,7 @@ def transition(gs: GpuSched, verb: str, name: str, as_json: bool) -> None:
     with progress:
         getattr(gs, verb)(name)
     if as_json:
-        print(json.dumps(gs.model(name), indent=2))
+        print(to_json(gs.model(name), as_json))
     elif sys.stdout.isatty():
         after = gs.model(name)
         if before.get("State") == after["State"]:
@@ -82,7 +94,7 @@ def transition(gs: GpuSched, verb: str, name: str, as_json: bool) -> None:
             print(f"Thawed {name} in {after['LastThawUSec'] / 1e6:.2f} s: it runs again")
 
 
-def swap(gs: GpuSched, out: str, into: str, as_json: bool) -> None:
+def swap(gs: GpuSched, out: str, into: str, as_json: str | None) -> None:
     interactive = sys.stderr.isatty()
     before_out = gs.model(out) if interactive else {}
     before_in = gs.model(into) if interactive else {}
@@ -91,7 +103,7 @@ def swap(gs: GpuSched, out: str, into: str, as_json: bool) -> None:
     with Progress(f"Swapping {out} out and {into} in", total):
         gs.swap(out, into)
     if as_json:
-        print(json.dumps({"frozen": gs.model(out), "thawed": gs.model(into)}, indent=2))
+        print(to_json({"frozen": gs.model(out), "thawed": gs.model(into)}, as_json))
     elif sys.stdout.isatty():
         print(f"Swapped {out} out and {into} in, in {time.monotonic() - started:.2f} s")
 
@@ -104,7 +116,7 @@ def show_events(args: argparse.Namespace) -> int:
     try:
         if args.follow:
             for event in eventlog.follow(args.model, args.since, args.lines):
-                print(json.dumps(event.to_json()) if args.json else event_line(event, 20, color), flush=True)
+                print(to_json(event.to_json(), args.json) if args.json else event_line(event, 20, color), flush=True)
             return 0
         events = eventlog.read(args.model, args.since, args.lines)
     except subprocess.CalledProcessError:
@@ -114,7 +126,7 @@ def show_events(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if args.json:
         for event in events:
-            print(json.dumps(event.to_json()))
+            print(to_json(event.to_json(), args.json))
         return 0
     width = max((len(e.model) for e in events), default=1)
     for event in events:
@@ -132,7 +144,7 @@ def show_logs(args: argparse.Namespace) -> int:
     try:
         with GpuSched(interactive=False) as gs:
             unit = gs.model(args.name)["Unit"]
-    except (GpuschedError, OSError):
+    except GpuschedError:
         pass  # not known (any more) or no daemon: its unit's journal is still there
     argv = ["journalctl", f"--unit={unit}"]
     if args.lines is not None:
@@ -142,7 +154,7 @@ def show_logs(args: argparse.Namespace) -> int:
     if args.no_pager:
         argv.append("--no-pager")
     if args.json:
-        argv.append("--output=json")
+        argv.append("--output=json-pretty" if args.json == "pretty" else "--output=json")
     sys.stdout.flush()
     try:
         os.execvp(argv[0], argv)
@@ -194,7 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     # The global options work before or after the command word (`gpusched --json list`, `gpusched list --json`):
     # the subcommands' copies default to SUPPRESS so they never overwrite a value given earlier.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument(
+        "--json",
+        action="store_const",
+        const="short",
+        default=argparse.SUPPRESS,
+        help="machine-readable output: --json or --json=short one line, --json=pretty indented",
+    )
+    # --json=STYLE as options of their own: a --json taking an optional value would swallow the command word of
+    # `gpusched --json list`.
+    for style in ("short", "pretty"):
+        common.add_argument(
+            f"--json={style}", dest="json", action="store_const", const=style, default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )  # fmt: skip
+    common.add_argument(
+        "--no-pager",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="do not pipe output into a pager (only `logs` pages, through journalctl; accepted everywhere, as "
+        "systemctl does)",
+    )
     common.add_argument(
         "--no-ask-password",
         action="store_true",
@@ -259,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("name")
     logs.add_argument("-n", "--lines", type=int, help="only the last N lines")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("--no-pager", action="store_true", help="do not pipe the output into a pager")
 
     sub.add_parser("dashboard", parents=[common], help="a live terminal view: GPUs, host RAM, models, events")
+    help_parser = sub.add_parser("help", parents=[common], help="show the help of gpusched or of one command")
+    help_parser.add_argument("topic", nargs="?", metavar="COMMAND")
 
     return parser
 
@@ -269,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.json = getattr(args, "json", False)
+    args.json = getattr(args, "json", None)
     args.no_ask_password = getattr(args, "no_ask_password", False)
+    args.no_pager = getattr(args, "no_pager", False)
+    if args.command == "help":
+        return show_help(parser, args.topic)
     command: list[str] = []
     if args.command == "run":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
@@ -294,18 +330,49 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_SUCH_MODEL
     except GpuschedError as e:
         print(f"gpusched: {e.message} ({e.dbus_name})", file=sys.stderr)
-        return EXIT_FAILURE
-    except (ConnectionError, FileNotFoundError) as e:
-        print(f"gpusched: cannot reach the system bus: {e}", file=sys.stderr)
+        if isinstance(e, AccessDenied | InteractiveAuthorizationRequired):
+            hint = access_hint()
+            if hint:
+                print(f"gpusched: {hint}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 
 
-def report_new_model(gs: GpuSched, name: str, path: str, verb: str, as_json: bool) -> None:
+def show_help(parser: argparse.ArgumentParser, topic: str | None) -> int:
+    """`gpusched help [COMMAND]`: the help of gpusched, or of one command (as `gpusched COMMAND --help`)."""
+    if topic is None:
+        parser.print_help()
+        return 0
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if topic not in commands:
+        parser.error(f"help: no command {topic!r}; commands: {', '.join(commands)}")
+    commands[topic].print_help()
+    return 0
+
+
+def access_hint() -> str:
+    """What a user refused for not being in group gpusched can do about it (polkit lets its members run and control
+    their own models: polkit/50-gpusched.rules); empty where that is not the reason."""
+    try:
+        group = grp.getgrnam(GROUP)
+    except KeyError:
+        return ""
+    if os.geteuid() == 0 or group.gr_gid in os.getgroups():
+        return ""
+    user = pwd.getpwuid(os.getuid()).pw_name
+    if user in group.gr_mem:
+        return f"{user} is in group {GROUP}, but this login session is not yet: log in again (or run newgrp {GROUP})"
+    return (
+        f"members of group {GROUP} may run models and control their own; to join, as root: "
+        f"usermod -aG {GROUP} {user}, then log in again"
+    )
+
+
+def report_new_model(gs: GpuSched, name: str, path: str, verb: str, as_json: str | None) -> None:
     info = gs.model(name)
     if as_json:
-        print(json.dumps({"name": name, "path": path, "unit": info["Unit"], "pids": info["Pids"]}))
+        print(to_json({"name": name, "path": path, "unit": info["Unit"], "pids": info["Pids"]}, as_json))
     else:
         print(f"{verb} {name} as unit {info['Unit']}")
 
@@ -315,7 +382,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     if args.command in simple:
         simple[args.command](args.name)
         if args.json:
-            print(json.dumps({"name": args.name, "command": args.command, "ok": True}))
+            print(to_json({"name": args.name, "command": args.command, "ok": True}, args.json))
     elif args.command in ("freeze", "thaw"):
         transition(gs, args.command, args.name, args.json)
     elif args.command == "swap":
@@ -330,7 +397,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         gs.migrate(args.name, args.to)
         gpus = gs.model(args.name)["Gpus"]
         if args.json:
-            print(json.dumps({"name": args.name, "command": "migrate", "ok": True, "gpus": gpus}))
+            print(to_json({"name": args.name, "command": "migrate", "ok": True, "gpus": gpus}, args.json))
         else:
             print(f"{args.name} now runs on {' '.join(gpus)}")
     elif args.command == "run":
@@ -342,7 +409,7 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
     elif args.command == "list":
         models = gs.models()
         if args.json:
-            print(json.dumps([asdict(m) for m in models], indent=2))
+            print(to_json([asdict(m) for m in models], args.json))
         elif models:
             print_table(list_rows(models), legend=not args.no_legend)
         elif not args.no_legend:

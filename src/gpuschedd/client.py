@@ -12,13 +12,18 @@ on classes, never on message text:
         for event in gs.events():          # PropertiesChanged, ModelNew, ModelRemoved as they come
             print(event.name, event.kind, event.state)
 
-Both classes have the same methods; the blocking one runs each call to completion on a private event loop.
+Both classes have the same methods; the blocking one runs each call to completion on a private event loop in a
+thread of its own, so it also works where an event loop already runs (Jupyter). Every error either raises is a
+GpuschedError (a missing system bus too: NoBus); what they return is plain Python (str, int, list, dict), never a
+dbus-fast type. Every method takes `timeout` (seconds, None: the default): a call that changes something waits up to
+LONG_CALL_TIMEOUT_S (a freeze of tens of GB through the driver takes minutes), a read CALL_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,8 +31,9 @@ from typing import Any, TypeVar
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from dbus_fast.errors import DBusFastError
 
-from .errors import ALL_ERRORS, GpuschedError
+from .errors import ALL_ERRORS, GpuschedError, InvalidArgs
 from .names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE, MODEL_PATH_PREFIX, model_name_from_path
 from .options import Policies, RunOptions, to_dbus
 
@@ -44,6 +50,11 @@ _NOT_RUNNING = {
     "org.freedesktop.DBus.Error.Spawn.ChildExited",
     "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
 }
+# How long a call waits for its answer (seconds). busctl's and gdbus's 25 s suit reads; what changes something may
+# wait for polkit's password prompt and for a checkpoint of tens of GB through the driver (minutes).
+CALL_TIMEOUT_S = 25.0
+LONG_CALL_TIMEOUT_S = 900.0
+_LONG_CALLS = {"Run", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate"}
 
 
 class BusError(GpuschedError):
@@ -56,6 +67,21 @@ class BusError(GpuschedError):
 
 class DaemonNotRunning(BusError):
     """Nobody owns org.gpusched1 and the bus could not start gpuschedd (`systemctl start gpuschedd`)."""
+
+
+class NoBus(BusError):
+    """The system bus cannot be reached (no dbus-daemon or dbus-broker, or its socket refuses this process)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__("org.freedesktop.DBus.Error.NoServer", f"cannot connect to the system bus: {error}")
+
+
+class TimedOut(BusError, TimeoutError):
+    """No answer (or no event, or not the state waited for) within the timeout. For a call, the daemon may still be
+    doing it: check the model's state, or pass a longer `timeout`. Also a TimeoutError, as asyncio's are."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("org.freedesktop.DBus.Error.Timeout", message)
 
 
 class BusLost(BusError):
@@ -179,9 +205,12 @@ class EventStream:
         return await self._queue.get()
 
     async def get(self, timeout: float | None = None) -> ModelEvent:
-        """The next event; TimeoutError after `timeout` seconds without one."""
+        """The next event; TimedOut after `timeout` seconds without one."""
         await self.start()
-        return await asyncio.wait_for(self._queue.get(), timeout)
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            raise TimedOut(f"no event of gpuschedd within {timeout:g} s") from None
 
     async def __aenter__(self) -> EventStream:
         return await self.start()
@@ -197,15 +226,19 @@ def _options(keywords: dict[str, Any], cls: type[Policies] = RunOptions) -> dict
 
 
 class AsyncGpuSched:
-    def __init__(self, interactive: bool = True, bus_type: BusType = BusType.SYSTEM) -> None:
-        """interactive: let polkit ask for a password (the caller's agent answers); False fails at once."""
+    def __init__(self, interactive: bool = True, bus_type: BusType | str = BusType.SYSTEM) -> None:
+        """interactive: let polkit ask for a password (the caller's agent answers); False fails at once.
+        bus_type: "system" (gpuschedd's) or "session" (tests)."""
         self.interactive = interactive
-        self.bus_type = bus_type
+        self.bus_type = BusType[bus_type.upper()] if isinstance(bus_type, str) else bus_type
         self.bus: MessageBus | None = None
 
     async def connect(self) -> AsyncGpuSched:
         if self.bus is None:
-            self.bus = await MessageBus(bus_type=self.bus_type).connect()
+            try:
+                self.bus = await MessageBus(bus_type=self.bus_type).connect()
+            except (OSError, EOFError, DBusFastError) as e:  # no socket, refused, or the bus turned us away
+                raise NoBus(e) from e
         return self
 
     def close(self) -> None:
@@ -227,24 +260,35 @@ class AsyncGpuSched:
         destination: str = BUS_NAME,
         path: str = MANAGER_PATH,
         interface: str = MANAGER_IFACE,
+        timeout: float | None = None,
     ) -> list[Any]:
         await self.connect()
         assert self.bus is not None
         flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if self.interactive else MessageFlag.NONE
-        message = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-            flags=flags,
-        )
+        if timeout is None:
+            timeout = LONG_CALL_TIMEOUT_S if member in _LONG_CALLS else CALL_TIMEOUT_S
         try:
-            reply = await self.bus.call(message)
+            if signature:  # an argument of the wrong type or range is refused here, before anything is sent
+                Variant(f"({signature})", body or [])
+            message = Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+                flags=flags,
+            )
+            reply = await asyncio.wait_for(self.bus.call(message), timeout)
+        except TimeoutError:
+            raise TimedOut(
+                f"no answer to {member} within {timeout:g} s; it may still be under way: see `gpusched status`"
+            ) from None
         except (EOFError, ConnectionError) as e:  # dbus-fast fails a pending call with the reader's EOFError
             self.bus = None
             raise BusLost() from e
+        except (TypeError, ValueError) as e:  # an argument dbus-fast cannot send (type, range, path syntax)
+            raise InvalidArgs(f"{member}: {e}") from e
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
             raise _error(reply)
@@ -252,7 +296,7 @@ class AsyncGpuSched:
 
     # ------------------------------------------------------------- actions
 
-    async def run(self, name: str, argv: list[str], **options: Any) -> str:
+    async def run(self, name: str, argv: list[str], *, timeout: float | None = None, **options: Any) -> str:
         """Start argv as model `name` (unit gpusched-model@NAME.service); returns its object path. The options are
         Run's (docs/dbus-api.md), by the field names of options.RunOptions: description, working_directory,
         environment, gpus, user; port/backend_port/listen_address wake the model on a connection;
@@ -260,61 +304,65 @@ class AsyncGpuSched:
         needs free on each of its GPUs before it starts (InsufficientGpuMemory when they cannot be had), agent the
         fast path and keep_context its freezes that leave the CUDA contexts on the GPU (docs/fast-path.md). An
         unknown keyword is a TypeError."""
-        [path] = await self._call("Run", "sasa{sv}", [name, argv, _options(options)])
+        [path] = await self._call("Run", "sasa{sv}", [name, argv, _options(options)], timeout=timeout)
         return str(path)
 
-    async def freeze(self, name: str) -> None:
-        await self._call("Freeze", "s", [name])
+    async def freeze(self, name: str, *, timeout: float | None = None) -> None:
+        await self._call("Freeze", "s", [name], timeout=timeout)
 
-    async def thaw(self, name: str) -> None:
-        await self._call("Thaw", "s", [name])
+    async def thaw(self, name: str, *, timeout: float | None = None) -> None:
+        await self._call("Thaw", "s", [name], timeout=timeout)
 
-    async def swap(self, freeze_name: str, thaw_name: str) -> None:
+    async def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
         """Freeze one model and thaw the other: both or neither."""
-        await self._call("Swap", "ss", [freeze_name, thaw_name])
+        await self._call("Swap", "ss", [freeze_name, thaw_name], timeout=timeout)
 
-    async def stop(self, name: str) -> None:
-        await self._call("Stop", "s", [name])
+    async def stop(self, name: str, *, timeout: float | None = None) -> None:
+        await self._call("Stop", "s", [name], timeout=timeout)
 
-    async def forget(self, name: str) -> None:
-        await self._call("Forget", "s", [name])
+    async def forget(self, name: str, *, timeout: float | None = None) -> None:
+        await self._call("Forget", "s", [name], timeout=timeout)
 
-    async def adopt(self, name: str, unit: str, **policies: Any) -> str:
+    async def adopt(self, name: str, unit: str, *, timeout: float | None = None, **policies: Any) -> str:
         """Manage an existing unit (vllm.service) in place as model `name`; returns its object path. The policies
         are Run's (priority, idle_freeze_sec, frozen_ttl_sec)."""
-        [path] = await self._call("Adopt", "ssa{sv}", [name, unit, _options(policies, Policies)])
+        [path] = await self._call("Adopt", "ssa{sv}", [name, unit, _options(policies, Policies)], timeout=timeout)
         return str(path)
 
-    async def adopt_processes(self, name: str, pids: list[int], **policies: Any) -> str:
+    async def adopt_processes(
+        self, name: str, pids: list[int], *, timeout: float | None = None, **policies: Any
+    ) -> str:
         """Move running processes into the scope gpusched-adopt-NAME.scope as model `name`; returns its path. The
         policies are Run's (priority, idle_freeze_sec, frozen_ttl_sec)."""
-        [path] = await self._call("AdoptProcesses", "saua{sv}", [name, pids, _options(policies, Policies)])
+        body = [name, pids, _options(policies, Policies)]
+        [path] = await self._call("AdoptProcesses", "saua{sv}", body, timeout=timeout)
         return str(path)
 
-    async def migrate(self, name: str, gpu: str) -> None:
+    async def migrate(self, name: str, gpu: str, *, timeout: float | None = None) -> None:
         """Move a model onto another GPU (an index or a UUID); it runs there afterwards."""
-        await self._call("Migrate", "ss", [name, gpu])
+        await self._call("Migrate", "ss", [name, gpu], timeout=timeout)
 
     # ------------------------------------------------------------- reading
 
-    async def models(self) -> list[ModelInfo]:
-        [rows] = await self._call("ListModels")
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        [rows] = await self._call("ListModels", timeout=timeout)
         return [ModelInfo(*row) for row in rows]
 
-    async def model(self, name: str) -> dict[str, Any]:
+    async def model(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Every property of one model object (Name, State, Pids, VramBytes, ...)."""
-        [path] = await self._call("GetModel", "s", [name])
-        [props] = await self._call("GetAll", "s", [MODEL_IFACE], path=path, interface=PROPERTIES_IFACE)
+        [path] = await self._call("GetModel", "s", [name], timeout=timeout)
+        [props] = await self._call("GetAll", "s", [MODEL_IFACE], path=path, interface=PROPERTIES_IFACE, timeout=timeout)
         return _unwrap(props)
 
-    async def state(self, name: str) -> str:
-        [path] = await self._call("GetModel", "s", [name])
-        [value] = await self._call("Get", "ss", [MODEL_IFACE, "State"], path=path, interface=PROPERTIES_IFACE)
+    async def state(self, name: str, *, timeout: float | None = None) -> str:
+        [path] = await self._call("GetModel", "s", [name], timeout=timeout)
+        body = [MODEL_IFACE, "State"]
+        [value] = await self._call("Get", "ss", body, path=path, interface=PROPERTIES_IFACE, timeout=timeout)
         return str(_unwrap(value))
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The Manager's properties (Version, CheckpointBackend, Gpus, RamBudgetBytes, ...)."""
-        [props] = await self._call("GetAll", "s", [MANAGER_IFACE], interface=PROPERTIES_IFACE)
+        [props] = await self._call("GetAll", "s", [MANAGER_IFACE], interface=PROPERTIES_IFACE, timeout=timeout)
         return _unwrap(props)
 
     def events(self) -> EventStream:
@@ -323,7 +371,7 @@ class AsyncGpuSched:
 
     async def wait_for_state(self, name: str, state: str | Iterable[str], timeout: float = 30.0) -> str:
         """Wait until model `name` is in `state` (one state or several); returns the state reached.
-        TimeoutError after `timeout` seconds; NoSuchModel if the model is (or becomes) unknown."""
+        TimedOut (a TimeoutError) after `timeout` seconds; NoSuchModel if the model is (or becomes) unknown."""
         wanted = {state} if isinstance(state, str) else set(state)
         deadline = time.monotonic() + timeout
         # Subscribe first, then read: a change between the two is not missed.
@@ -333,10 +381,8 @@ class AsyncGpuSched:
                 left = deadline - time.monotonic()
                 try:
                     event = await stream.get(max(left, 0))
-                except TimeoutError:
-                    raise TimeoutError(
-                        f"model {name} did not become {'/'.join(sorted(wanted))} in {timeout}s"
-                    ) from None
+                except TimedOut:
+                    raise TimedOut(f"model {name} did not become {'/'.join(sorted(wanted))} in {timeout}s") from None
                 if event.name != name:
                     continue
                 if event.kind == "removed":
@@ -347,18 +393,31 @@ class AsyncGpuSched:
 
 
 class GpuSched:
-    """Blocking twin of AsyncGpuSched: the same methods, each run to completion on a private loop."""
+    """Blocking twin of AsyncGpuSched: the same methods, each run to completion on a private event loop in a thread
+    of its own, so the caller's thread may run an event loop of its own (Jupyter, an asyncio program)."""
 
-    def __init__(self, interactive: bool = True, bus_type: BusType = BusType.SYSTEM) -> None:
-        self._loop = asyncio.new_event_loop()
+    def __init__(self, interactive: bool = True, bus_type: BusType | str = BusType.SYSTEM) -> None:
         self._client = AsyncGpuSched(interactive=interactive, bus_type=bus_type)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="gpuschedd-client", daemon=True)
+        self._thread.start()
 
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run_until_complete(coro)
+        if self._loop.is_closed():
+            coro.close()
+            raise GpuschedError("this GpuSched is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def close(self) -> None:
-        self._client.close()
+        if self._loop.is_closed():
+            return
+        self._wait(self._aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
         self._loop.close()
+
+    async def _aclose(self) -> None:
+        self._client.close()
 
     def __enter__(self) -> GpuSched:
         return self
@@ -366,44 +425,44 @@ class GpuSched:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, name: str, argv: list[str], **options: Any) -> str:
-        return self._wait(self._client.run(name, argv, **options))
+    def run(self, name: str, argv: list[str], *, timeout: float | None = None, **options: Any) -> str:
+        return self._wait(self._client.run(name, argv, timeout=timeout, **options))
 
-    def freeze(self, name: str) -> None:
-        self._wait(self._client.freeze(name))
+    def freeze(self, name: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.freeze(name, timeout=timeout))
 
-    def thaw(self, name: str) -> None:
-        self._wait(self._client.thaw(name))
+    def thaw(self, name: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.thaw(name, timeout=timeout))
 
-    def swap(self, freeze_name: str, thaw_name: str) -> None:
-        self._wait(self._client.swap(freeze_name, thaw_name))
+    def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.swap(freeze_name, thaw_name, timeout=timeout))
 
-    def stop(self, name: str) -> None:
-        self._wait(self._client.stop(name))
+    def stop(self, name: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.stop(name, timeout=timeout))
 
-    def forget(self, name: str) -> None:
-        self._wait(self._client.forget(name))
+    def forget(self, name: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.forget(name, timeout=timeout))
 
-    def adopt(self, name: str, unit: str, **policies: Any) -> str:
-        return self._wait(self._client.adopt(name, unit, **policies))
+    def adopt(self, name: str, unit: str, *, timeout: float | None = None, **policies: Any) -> str:
+        return self._wait(self._client.adopt(name, unit, timeout=timeout, **policies))
 
-    def adopt_processes(self, name: str, pids: list[int], **policies: Any) -> str:
-        return self._wait(self._client.adopt_processes(name, pids, **policies))
+    def adopt_processes(self, name: str, pids: list[int], *, timeout: float | None = None, **policies: Any) -> str:
+        return self._wait(self._client.adopt_processes(name, pids, timeout=timeout, **policies))
 
-    def migrate(self, name: str, gpu: str) -> None:
-        self._wait(self._client.migrate(name, gpu))
+    def migrate(self, name: str, gpu: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.migrate(name, gpu, timeout=timeout))
 
-    def models(self) -> list[ModelInfo]:
-        return self._wait(self._client.models())
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return self._wait(self._client.models(timeout=timeout))
 
-    def model(self, name: str) -> dict[str, Any]:
-        return self._wait(self._client.model(name))
+    def model(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._wait(self._client.model(name, timeout=timeout))
 
-    def state(self, name: str) -> str:
-        return self._wait(self._client.state(name))
+    def state(self, name: str, *, timeout: float | None = None) -> str:
+        return self._wait(self._client.state(name, timeout=timeout))
 
-    def status(self) -> dict[str, Any]:
-        return self._wait(self._client.status())
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return self._wait(self._client.status(timeout=timeout))
 
     def wait_for_state(self, name: str, state: str | Iterable[str], timeout: float = 30.0) -> str:
         return self._wait(self._client.wait_for_state(name, state, timeout))
@@ -411,7 +470,7 @@ class GpuSched:
     def events(self, timeout: float | None = None) -> Events:
         """The daemon's signals as they come, subscribed at once (so what a later call causes is seen):
         `for event in gs.events(): ...`, or `with gs.events(timeout=5) as events: gs.freeze(x); next(events)`.
-        timeout: TimeoutError when no event came for that many seconds."""
+        timeout: TimedOut (a TimeoutError) when no event came for that many seconds."""
         return Events(self, timeout)
 
 
@@ -431,7 +490,7 @@ class Events:
         return self._gs._wait(self._stream.get(self.timeout))
 
     def close(self) -> None:
-        if not self._gs._loop.is_closed():
+        with contextlib.suppress(GpuschedError):  # the client was closed first: nothing left to unsubscribe
             self._gs._wait(self._stream.close())
 
     def __enter__(self) -> Events:

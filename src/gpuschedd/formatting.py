@@ -4,6 +4,7 @@ import the CLI: that was a cycle) and free of D-Bus: it formats what the SDK alr
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import sys
@@ -61,8 +62,22 @@ def user_name(uid: int) -> str:
         return str(uid)
 
 
+# SYSTEMD_COLORS as systemd reads it: a boolean, or a colour mode (on); anything else leaves the usual rules.
+_COLORS_ON = {"1", "yes", "y", "true", "t", "on", "16", "256", "24bit"}
+_COLORS_OFF = {"0", "no", "n", "false", "f", "off"}
+
+
 def colors(stream: TextIO) -> bool:
+    """Colour on `stream`: as systemd's tools decide, SYSTEMD_COLORS first, then NO_COLOR, TERM=dumb, a terminal."""
+    forced = os.environ.get("SYSTEMD_COLORS", "").strip().lower()
+    if forced in _COLORS_ON | _COLORS_OFF:
+        return forced in _COLORS_ON
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def to_json(value: object, style: str | bool) -> str:
+    """--json=short (plain --json: one line) or --json=pretty (indented), as systemd's tools spell them."""
+    return json.dumps(value, indent=2 if style == "pretty" else None)
 
 
 def paint(text: str, code: str, on: bool) -> str:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from secutil import BOB, ensure_users, run_as
 from sysutil import Models, get_property, gpusched, list_models, model_path, model_unit, run, wait_until
 
 MANAGER = ("/org/gpusched1", "org.gpusched1.Manager")
@@ -188,3 +189,30 @@ def test_man_pages_installed() -> None:
         pytest.skip("no man(1) here")
     text = run("man", "-P", "cat", "gpusched", check=False).stdout
     assert "EXIT STATUS" in text and "gpuschedd(8)" in text
+
+
+def test_json_styles_help_no_pager_and_systemd_colors(models: Models) -> None:
+    name, _ = models.run("styles")
+    short = gpusched("--json", "list", "--no-pager").stdout
+    assert short.count("\n") == 1 and json.loads(short) == json.loads(gpusched("list", "--json=short").stdout)
+    pretty = gpusched("list", "--json=pretty").stdout
+    assert "\n  " in pretty and name in {m["name"] for m in json.loads(pretty)}
+    assert gpusched("help", "freeze").stdout.startswith("usage: gpusched freeze")
+    assert "\x1b[" in run("env", "SYSTEMD_COLORS=1", "gpusched", "status").stdout  # colour though piped
+    assert "\x1b[" not in on_terminal(f"env SYSTEMD_COLORS=0 gpusched status {name}")
+    assert "\x1b[" in on_terminal(f"env -u NO_COLOR TERM=xterm gpusched status {name}")
+    completion = "source /usr/share/bash-completion/completions/gpusched; _gpusched; printf '%s\\n' \"${COMPREPLY[@]}\""
+    offered = run("bash", "-c", f"set -u; COMP_WORDS=(gpusched help fr); COMP_CWORD=2; {completion}").stdout.split()
+    assert offered == ["freeze"]
+    offered = run("bash", "-c", f"set -u; COMP_WORDS=(gpusched list --); COMP_CWORD=2; {completion}").stdout.split()
+    assert {"--json=pretty", "--no-pager"} <= set(offered)
+
+
+def test_a_user_outside_the_group_is_told_how_to_join(models: Models) -> None:
+    ensure_users()
+    name = models.name("outsider")
+    models.names.append(name)
+    refused = run_as(BOB, "gpusched", "--no-ask-password", "run", "--name", name, "--", "sleep", "60", check=False)
+    assert refused.returncode == 1, refused
+    assert f"usermod -aG gpusched {BOB}, then log in again" in refused.stderr, refused.stderr
+    assert name not in list_models()

@@ -100,6 +100,29 @@ def test_model_changes_emit_the_declared_properties(interfaces: dict[str, Servic
 
 
 @pytest.mark.parametrize(
+    ("interface", "table", "heading"),
+    [
+        (MANAGER_IFACE, MANAGER_PROPERTIES, "### `org.gpusched1.Manager`"),
+        (MODEL_IFACE, MODEL_PROPERTIES, "### `org.gpusched1.Model`"),
+    ],
+)
+def test_doc_marks_what_changes_and_what_is_fixed(interface: str, table: tuple[Exported, ...], heading: str) -> None:
+    marks = {name: what.split(":")[0] for kind, name, _sig, what in doc_table(heading) if kind == "property"}
+    declared = {row.name: "*changes*" if row.emits else "*fixed*" if row.const else "" for row in table}
+    assert {name: mark if mark in ("*changes*", "*fixed*") else "" for name, mark in marks.items()} == declared
+
+
+def test_manager_sends_what_a_model_change_moved(interfaces: dict[str, ServiceInterface]) -> None:
+    manager = interfaces[MANAGER_IFACE]
+    sent: list[dict[str, Any]] = []
+    manager.emit_properties_changed = sent.append  # type: ignore[method-assign]
+    manager.changed()  # type: ignore[attr-defined]
+    assert set(sent[0]) == {row.name for row in MANAGER_PROPERTIES if row.emits}
+    manager.changed()  # type: ignore[attr-defined]
+    assert len(sent) == 1  # nothing moved: nothing sent
+
+
+@pytest.mark.parametrize(
     ("interface", "heading"),
     [(MANAGER_IFACE, "### `org.gpusched1.Manager`"), (MODEL_IFACE, "### `org.gpusched1.Model`")],
 )

@@ -4,12 +4,15 @@ mapping, and the hand-written man pages (tests/system/test_cli.py and test_sdk.p
 from __future__ import annotations
 
 import asyncio
+import grp
 import io
+import json
 import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from dbus_fast import Message, MessageType, Variant
@@ -18,6 +21,7 @@ from gpuschedd import cli, eventlog, formatting
 from gpuschedd.client import DaemonNotRunning, _error, _event_of
 from gpuschedd.errors import InsufficientGpuMemory
 from gpuschedd.events import MESSAGE_IDS
+from gpuschedd.formatting import colors, to_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -198,3 +202,61 @@ def test_status_shows_a_models_policies() -> None:
     assert "    Policies: priority -1, idle freeze after 300s, stop when frozen never" in lines
     del model["Priority"], model["IdleFreezeSec"], model["FrozenTTLSec"]  # a daemon older than the CLI
     assert not any("Policies" in line for line in formatting.model_lines(model, [], False, time.time()))
+
+
+@pytest.mark.parametrize(
+    ("argv", "style"),
+    [
+        (["list"], None),
+        (["--json", "list"], "short"),
+        (["list", "--json"], "short"),
+        (["--json=short", "list"], "short"),
+        (["--json=pretty", "list"], "pretty"),
+        (["status", "--json=pretty", "m"], "pretty"),
+    ],
+)
+def test_json_styles_before_or_after_the_command(argv: list[str], style: str | None) -> None:
+    args = cli.build_parser().parse_args(argv)
+    assert getattr(args, "json", None) == style and args.command in ("list", "status")
+    assert cli.build_parser().parse_args([*argv, "--no-pager"]).no_pager is True
+
+
+def test_to_json_short_is_one_line_pretty_is_indented() -> None:
+    value = {"a": [1, 2], "b": {"c": "d"}}
+    assert "\n" not in to_json(value, "short") and json.loads(to_json(value, "short")) == value
+    assert json.loads(to_json(value, "pretty")) == value and "\n  " in to_json(value, "pretty")
+
+
+@pytest.mark.parametrize(
+    ("value", "tty", "expected"),
+    [("0", True, False), ("false", True, False), ("1", False, True), ("256", False, True), ("", True, True)],
+)
+def test_systemd_colors_is_honoured(monkeypatch: pytest.MonkeyPatch, value: str, tty: bool, expected: bool) -> None:
+    monkeypatch.setenv("SYSTEMD_COLORS", value)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    stream = io.StringIO()
+    stream.isatty = lambda: tty  # type: ignore[method-assign]
+    assert colors(stream) is expected
+
+
+def test_help_shows_the_program_or_one_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["help"]) == 0
+    assert "usage: gpusched" in capsys.readouterr().out
+    assert cli.main(["help", "freeze"]) == 0
+    assert capsys.readouterr().out.startswith("usage: gpusched freeze")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["help", "nosuch"])
+    assert info.value.code == cli.EXIT_USAGE
+
+
+def test_refused_outside_the_group_says_how_to_join(monkeypatch: pytest.MonkeyPatch) -> None:
+    member = grp.struct_group(("gpusched", "x", 4242, ["alice"]))
+    monkeypatch.setattr(cli.grp, "getgrnam", lambda name: member)
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(cli.os, "getgroups", lambda: [1000])
+    for user, wanted in (("bob", "usermod -aG gpusched bob, then log in again"), ("alice", "log in again")):
+        monkeypatch.setattr(cli.pwd, "getpwuid", lambda uid, user=user: SimpleNamespace(pw_name=user))
+        assert wanted in cli.access_hint()
+    monkeypatch.setattr(cli.os, "getgroups", lambda: [1000, 4242])
+    assert cli.access_hint() == ""

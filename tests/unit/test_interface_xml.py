@@ -1,10 +1,12 @@
-"""The shipped interface XML documents exactly what the daemon serves: same members, same signatures."""
+"""The shipped interface XML documents exactly what the daemon serves: same members, same signatures, same
+EmitsChangedSignal annotations (what a client may cache)."""
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gpuschedd.bus.manager import ManagerInterface
 from gpuschedd.bus.model_object import ModelInterface
+from gpuschedd.bus.service import EMITS_CHANGED_SIGNAL
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
@@ -18,7 +20,8 @@ def members(iface: ET.Element) -> dict[str, tuple[str, ...]]:
     out = {}
     for child in iface:
         if child.tag == "property":
-            out[f"property {child.get('name')}"] = (child.get("type", ""), child.get("access", ""))
+            emits = [a.get("value", "") for a in child.findall("annotation") if a.get("name") == EMITS_CHANGED_SIGNAL]
+            out[f"property {child.get('name')}"] = (child.get("type", ""), child.get("access", ""), *emits)
         elif child.tag in ("method", "signal"):
             args = tuple(f"{a.get('direction', 'out')}:{a.get('type')}" for a in child.findall("arg"))
             out[f"{child.tag} {child.get('name')}"] = args
@@ -41,3 +44,11 @@ def test_every_member_is_documented() -> None:
         for child in iface:
             name = child.get("name")
             assert name and (f"{name}:" in text or f"{name}," in text), f"{name} has no comment"
+
+
+def test_every_property_says_whether_it_emits() -> None:
+    """Without the annotation D-Bus means "true": a property that changes unannounced must say "false"."""
+    for iface in ET.parse(XML).getroot().findall("interface"):
+        for prop in iface.findall("property"):
+            values = [a.get("value") for a in prop.findall("annotation") if a.get("name") == EMITS_CHANGED_SIGNAL]
+            assert values in (["true"], ["const"], ["false"]), prop.get("name")

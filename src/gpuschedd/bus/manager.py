@@ -91,14 +91,16 @@ def _gpus(iface: "ManagerInterface") -> list[dict[str, Variant]]:
     ]
 
 
-# The Manager's properties (docs/dbus-api.md; dbus/org.gpusched1.xml says what each means).
+# The Manager's properties (docs/dbus-api.md; dbus/org.gpusched1.xml says what each means). `emits`: sent in
+# PropertiesChanged when a model's change changed it (ManagerInterface.changed); `const`: fixed while the daemon runs
+# (its configuration is read once); TransparentHugepages is the kernel's, which an admin may change at any time.
 MANAGER_PROPERTIES = (
-    Exported("Version", "s", lambda iface: __version__),
-    Exported("CheckpointBackend", "s", lambda iface: iface.engine.checkpoint.name),
-    Exported("UnitBackend", "s", lambda iface: iface.engine.units.name),
-    Exported("RamBudgetBytes", "t", lambda iface: iface.engine.config.ram_budget_bytes),
-    Exported("RamFrozenBytes", "t", lambda iface: iface.engine.ram_frozen_bytes()),
-    Exported("Gpus", "aa{sv}", _gpus),
+    Exported("Version", "s", lambda iface: __version__, const=True),
+    Exported("CheckpointBackend", "s", lambda iface: iface.engine.checkpoint.name, const=True),
+    Exported("UnitBackend", "s", lambda iface: iface.engine.units.name, const=True),
+    Exported("RamBudgetBytes", "t", lambda iface: iface.engine.config.ram_budget_bytes, const=True),
+    Exported("RamFrozenBytes", "t", lambda iface: iface.engine.ram_frozen_bytes(), emits=True),
+    Exported("Gpus", "aa{sv}", _gpus, emits=True),
     Exported("TransparentHugepages", "s", lambda iface: hostmem.thp_mode()),
 )
 
@@ -111,6 +113,16 @@ class ManagerInterface(Authorizing, ServiceInterface):
         super().__init__(MANAGER_IFACE)
         self.engine = engine
         self.authority = authority
+        self._sent: dict[str, Any] = {}
+
+    def changed(self) -> None:
+        """After a model's change: PropertiesChanged with those of the emitting properties whose value moved since
+        last sent (a freeze changes RamFrozenBytes and the GPUs' used and free memory; a Pids refresh may not)."""
+        now = {row.name: row.get(self) for row in MANAGER_PROPERTIES if row.emits and row.get}
+        moved = {name: value for name, value in now.items() if self._sent.get(name) != value}
+        self._sent = now
+        if moved:
+            self.emit_properties_changed(moved)
 
     def _model_for(self, args: tuple[Any, ...]) -> Model | None:
         name = validate_model_name(args[0]) if args else ""

@@ -21,30 +21,30 @@ def _model(attribute: str) -> Any:
 
 
 # The Model's properties (docs/dbus-api.md; dbus/org.gpusched1.xml says what each means). `emits`: sent in
-# PropertiesChanged on every change of the model (the rest are fixed when the model is made, or, IdleFreezeSec,
-# follow the daemon's configuration).
+# PropertiesChanged on every change of the model; `const`: fixed when the model is made (IdleFreezeSec: from the
+# model's own option or the daemon's configuration, read once at start).
 MODEL_PROPERTIES = (
-    Exported("Name", "s", _model("name")),
-    Exported("Unit", "s", _model("unit")),
+    Exported("Name", "s", _model("name"), const=True),
+    Exported("Unit", "s", _model("unit"), const=True),
     Exported("State", "s", lambda iface: str(iface.model.state), emits=True),
-    Exported("Owner", "u", _model("owner")),
+    Exported("Owner", "u", _model("owner"), const=True),
     Exported("Pids", "au", _model("pids"), emits=True),
-    Exported("MainPid", "u", _model("main_pid")),
+    Exported("MainPid", "u", _model("main_pid"), emits=True),
     Exported("Gpus", "as", _model("gpus"), emits=True),
     Exported("VramBytes", "t", _model("vram_bytes"), emits=True),
     Exported("SnapshotBytes", "t", _model("snapshot_bytes"), emits=True),
     Exported("LastFreezeUSec", "t", _model("last_freeze_usec"), emits=True),
     Exported("LastThawUSec", "t", _model("last_thaw_usec"), emits=True),
     Exported("StateChangeTimestamp", "t", _model("state_change_usec"), emits=True),
-    Exported("Command", "as", None),  # the caller's own or root's: ModelInterface.Command
-    Exported("Agent", "b", _model("agent")),
-    Exported("KeepContext", "b", _model("keep_context")),
-    Exported("InjectAgent", "b", _model("inject_agent")),
+    Exported("Command", "as", None, const=True),  # the caller's own or root's: ModelInterface.Command
+    Exported("Agent", "b", _model("agent"), const=True),
+    Exported("KeepContext", "b", _model("keep_context"), const=True),
+    Exported("InjectAgent", "b", _model("inject_agent"), const=True),
     Exported("FreezePath", "s", _model("freeze_path"), emits=True),
     Exported("ParkedBytes", "t", _model("parked_bytes"), emits=True),
-    Exported("Priority", "i", _model("priority")),
-    Exported("IdleFreezeSec", "t", lambda iface: iface.engine.idle_limit(iface.model)),
-    Exported("FrozenTTLSec", "t", _model("frozen_ttl_sec")),
+    Exported("Priority", "i", _model("priority"), const=True),
+    Exported("IdleFreezeSec", "t", lambda iface: iface.engine.idle_limit(iface.model), const=True),
+    Exported("FrozenTTLSec", "t", _model("frozen_ttl_sec"), const=True),
 )
 
 

@@ -61,11 +61,13 @@ class BusPublisher(EngineListener):
         self.bus.export(path, iface)
         self.objects[model.name] = iface
         self.manager.ModelNew(model.name, path)
+        self.manager.changed()
 
     def model_changed(self, model: Model) -> None:
         iface = self.objects.get(model.name)
         if iface is not None and iface.model is model:
             iface.changed()
+        self.manager.changed()
 
     def model_removed(self, model: Model) -> None:
         iface = self.objects.pop(model.name, None)
@@ -73,3 +75,4 @@ class BusPublisher(EngineListener):
             path = model_path(model.name)
             self.bus.unexport(path, iface)
             self.manager.ModelRemoved(model.name, path)
+        self.manager.changed()

@@ -5,9 +5,9 @@ Every method goes through `exposed()`, which authorizes the caller and maps ever
 error. Its default is the strictest action (`manage`), so a method added without thinking about access fails
 closed. Reading (properties, ListModels, introspection) is open to everyone.
 
-Properties are declared once (`Exported`: name, signature, getter, whether a model's change emits it) and the
-dbus-fast property methods are generated from the declarations (`exporting`): dbus-fast reads properties from class
-members with a signature annotation, so a generated getter per row is what it needs, and the same row gives
+Properties are declared once (`Exported`: name, signature, getter, whether a change emits it, or it never changes)
+and the dbus-fast property methods are generated from the declarations (`exporting`): dbus-fast reads properties from
+class members with a signature annotation, so a generated getter per row is what it needs, and the same row gives
 PropertiesChanged its value. A property whose getter depends on the caller (Model.Command) stays a written method,
 declared with no getter.
 """
@@ -188,25 +188,36 @@ class Authorizing:
             raise NoSuchModel(f"model {model.name!r} was replaced while the call was being authorized; retry")
 
 
+EMITS_CHANGED_SIGNAL = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+
+
 @dataclass(frozen=True)
 class Exported:
     """One exported property: its name and D-Bus signature; `get`: the interface object to its value (None: a
-    method written by hand, for a value that depends on the caller); `emits`: sent in PropertiesChanged when the
-    model changes."""
+    method written by hand, for a value that depends on the caller); `emits`: sent in PropertiesChanged when it
+    changes; `const`: fixed for the object's life. Introspection says which (EmitsChangedSignal: true, const, or
+    false for a value that changes unannounced), so a client knows what it may cache and what it must re-read."""
 
     name: str
     signature: str
     get: Callable[[Any], Any] | None
     emits: bool = False
+    const: bool = False
+
+    @property
+    def emits_changed_signal(self) -> str:
+        return "true" if self.emits else "const" if self.const else "false"
 
 
 def exporting(table: tuple[Exported, ...]) -> Callable[[type[ServiceInterface]], type[ServiceInterface]]:
-    """Class decorator: a read-only dbus-fast property per row of `table` that has a getter."""
+    """Class decorator: a read-only dbus-fast property per row of `table` that has a getter, and every row's
+    EmitsChangedSignal annotation (dbus-fast's dbus_property has no parameter for it) on its introspection."""
 
     def decorate(cls: type[ServiceInterface]) -> type[ServiceInterface]:
         for row in table:
             if row.get is not None:
                 setattr(cls, row.name, _property(row))
+            getattr(cls, row.name).introspection.annotations[EMITS_CHANGED_SIGNAL] = row.emits_changed_signal
         return cls
 
     return decorate

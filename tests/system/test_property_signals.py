@@ -1,0 +1,32 @@
+"""What the interface XML declares EmitsChangedSignal=true is really sent, on the fake GPU (a freeze there moves
+memory, so RamFrozenBytes and Gpus change): a client that caches on the annotation's word stays right."""
+
+from __future__ import annotations
+
+from fakegpu_sys import FakeModels, manager_property
+from sysutil import MANAGER_IFACE, MANAGER_PATH, gpusched, model_path, model_property, wait_until
+from test_bus import Monitor
+
+from gpuschedd.testing.fakegpu import FakeGpuDir
+
+
+def test_declared_emitting_properties_are_sent(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    monitor = Monitor()
+    try:
+        model = fmodels.run("emits")
+        wait_until("MainPid known", lambda: model_property(model.name, "MainPid") != 0)
+        main_pid = model_property(model.name, "MainPid")
+        gpusched("freeze", model.name)
+        frozen_bytes = manager_property("RamFrozenBytes")
+        gpusched("thaw", model.name)
+    finally:
+        out = monitor.stop()
+    props = "org.freedesktop.DBus.Properties.PropertiesChanged"
+    of_model = [line for line in out.splitlines() if line.startswith(f"{model_path(model.name)}: {props}")]
+    of_manager = [line for line in out.splitlines() if line.startswith(f"{MANAGER_PATH}: {props} ('{MANAGER_IFACE}'")]
+    assert any(f"'MainPid': <uint32 {main_pid}>" in line for line in of_model), out
+    assert frozen_bytes > 0
+    sent = [line for line in of_manager if "'RamFrozenBytes'" in line]
+    at_freeze = next(i for i, line in enumerate(sent) if f"'RamFrozenBytes': <uint64 {frozen_bytes}>" in line)
+    assert any("'RamFrozenBytes': <uint64 0>" in line for line in sent[at_freeze + 1 :]), out
+    assert any("'Gpus':" in line for line in of_manager), out
