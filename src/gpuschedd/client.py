@@ -26,73 +26,41 @@ import contextlib
 import threading
 import time
 from collections.abc import Coroutine, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusFastError
 
-from .errors import ALL_ERRORS, GpuschedError, InvalidArgs
-from .names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE, MODEL_PATH_PREFIX, model_name_from_path
+from .client_errors import BusError, BusLost, DaemonNotRunning, NoBus, TimedOut, error_of
+from .client_events import PROPERTIES_IFACE, EventStream, ModelEvent, unwrap
+from .errors import GpuschedError, InvalidArgs
+from .names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE
 from .options import Policies, RunOptions, to_dbus
+
+# The SDK's public names from its two helper modules, importable from here as before.
+__all__ = [
+    "AsyncGpuSched",
+    "BusError",
+    "BusLost",
+    "DaemonNotRunning",
+    "EventStream",
+    "Events",
+    "GpuSched",
+    "ModelEvent",
+    "ModelInfo",
+    "NoBus",
+    "TimedOut",
+]
 
 T = TypeVar("T")
 
-_ERRORS_BY_NAME = {cls.dbus_name: cls for cls in ALL_ERRORS}
-DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
-# What a call to a daemon that is not running (and cannot be started by activation) is answered with.
-_NOT_RUNNING = {
-    "org.freedesktop.DBus.Error.ServiceUnknown",
-    "org.freedesktop.DBus.Error.NameHasNoOwner",
-    "org.freedesktop.systemd1.NoSuchUnit",
-    "org.freedesktop.DBus.Error.Spawn.ChildExited",
-    "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
-}
 # How long a call waits for its answer (seconds). busctl's and gdbus's 25 s suit reads; what changes something may
 # wait for polkit's password prompt and for a checkpoint of tens of GB through the driver (minutes).
 CALL_TIMEOUT_S = 25.0
 LONG_CALL_TIMEOUT_S = 900.0
 _LONG_CALLS = {"Run", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate"}
-
-
-class BusError(GpuschedError):
-    """A D-Bus error that is none of ours."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.dbus_name = name
-
-
-class DaemonNotRunning(BusError):
-    """Nobody owns org.gpusched1 and the bus could not start gpuschedd (`systemctl start gpuschedd`)."""
-
-
-class NoBus(BusError):
-    """The system bus cannot be reached (no dbus-daemon or dbus-broker, or its socket refuses this process)."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__("org.freedesktop.DBus.Error.NoServer", f"cannot connect to the system bus: {error}")
-
-
-class TimedOut(BusError, TimeoutError):
-    """No answer (or no event, or not the state waited for) within the timeout. For a call, the daemon may still be
-    doing it: check the model's state, or pass a longer `timeout`. Also a TimeoutError, as asyncio's are."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("org.freedesktop.DBus.Error.Timeout", message)
-
-
-class BusLost(BusError):
-    """The connection to the system bus ended during a call (dbus restarted): whether the call took effect is
-    unknown; the daemon comes back by itself and the call may be repeated (Freeze and Thaw are idempotent)."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "org.freedesktop.DBus.Error.Disconnected",
-            "the system bus connection was lost during the call; check the result and retry",
-        )
 
 
 @dataclass(frozen=True)
@@ -106,117 +74,6 @@ class ModelInfo:
     main_pid: int
     vram_bytes: int
     snapshot_bytes: int
-
-
-@dataclass(frozen=True)
-class ModelEvent:
-    """A signal of the daemon: kind "changed" (a model's PropertiesChanged), "new" (ModelNew) or "removed"
-    (ModelRemoved). `changed` holds the properties that changed, by their D-Bus names (State, Pids, ...)."""
-
-    kind: str
-    name: str
-    path: str
-    changed: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def state(self) -> str | None:
-        """The new state, when this event changed it."""
-        return self.changed.get("State")
-
-
-def _unwrap(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return _unwrap(value.value)
-    if isinstance(value, dict):
-        return {k: _unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unwrap(v) for v in value]
-    return value
-
-
-def _error(reply: Message) -> GpuschedError:
-    name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
-    text = str(reply.body[0]) if reply.body else name
-    if name in _NOT_RUNNING:
-        return DaemonNotRunning(name, f"gpuschedd is not running ({text}); try: systemctl start gpuschedd")
-    cls = _ERRORS_BY_NAME.get(name)
-    return cls(text) if cls else BusError(name, text)
-
-
-def _event_of(msg: Message) -> ModelEvent | None:
-    """The ModelEvent a signal of the daemon stands for, or None for any other message."""
-    if msg.message_type != MessageType.SIGNAL:
-        return None
-    if msg.interface == MANAGER_IFACE and msg.path == MANAGER_PATH and msg.member in ("ModelNew", "ModelRemoved"):
-        name, path = msg.body
-        return ModelEvent("new" if msg.member == "ModelNew" else "removed", name, path)
-    if msg.interface == PROPERTIES_IFACE and msg.member == "PropertiesChanged" and msg.body[0] == MODEL_IFACE:
-        name = model_name_from_path(msg.path or "")
-        if name is not None:
-            return ModelEvent("changed", name, msg.path or "", _unwrap(msg.body[1]))
-    return None
-
-
-class EventStream:
-    """The daemon's signals as an async iterator of ModelEvent. Subscribes on start() (or the first
-    iteration); close() unsubscribes. Signals are matched by the well-known name, so a restarted daemon's
-    signals keep coming."""
-
-    def __init__(self, client: AsyncGpuSched) -> None:
-        self._client = client
-        self._queue: asyncio.Queue[ModelEvent] = asyncio.Queue()
-        self._rules = [
-            f"type='signal',sender='{BUS_NAME}',interface='{PROPERTIES_IFACE}',member='PropertiesChanged',"
-            f"path_namespace='{MODEL_PATH_PREFIX.rstrip('/')}'",
-            f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_IFACE}',path='{MANAGER_PATH}'",
-        ]
-        self._bus: MessageBus | None = None
-
-    def _handler(self, msg: Message) -> None:
-        event = _event_of(msg)
-        if event is not None:
-            self._queue.put_nowait(event)
-
-    async def start(self) -> EventStream:
-        if self._bus is None:
-            await self._client.connect()
-            self._bus = self._client.bus
-            assert self._bus is not None
-            self._bus.add_message_handler(self._handler)
-            for rule in self._rules:
-                await self._client._call("AddMatch", "s", [rule], *DBUS)
-        return self
-
-    async def close(self) -> None:
-        bus, self._bus = self._bus, None
-        if bus is None:
-            return
-        bus.remove_message_handler(self._handler)
-        if bus.connected:
-            for rule in self._rules:
-                with contextlib.suppress(GpuschedError):
-                    await self._client._call("RemoveMatch", "s", [rule], *DBUS)
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> ModelEvent:
-        await self.start()
-        return await self._queue.get()
-
-    async def get(self, timeout: float | None = None) -> ModelEvent:
-        """The next event; TimedOut after `timeout` seconds without one."""
-        await self.start()
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            raise TimedOut(f"no event of gpuschedd within {timeout:g} s") from None
-
-    async def __aenter__(self) -> EventStream:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 def _options(keywords: dict[str, Any], cls: type[Policies] = RunOptions) -> dict[str, Variant]:
@@ -291,7 +148,7 @@ class AsyncGpuSched:
             raise InvalidArgs(f"{member}: {e}") from e
         assert reply is not None
         if reply.message_type == MessageType.ERROR:
-            raise _error(reply)
+            raise error_of(reply)
         return list(reply.body)
 
     # ------------------------------------------------------------- actions
@@ -352,18 +209,18 @@ class AsyncGpuSched:
         """Every property of one model object (Name, State, Pids, VramBytes, ...)."""
         [path] = await self._call("GetModel", "s", [name], timeout=timeout)
         [props] = await self._call("GetAll", "s", [MODEL_IFACE], path=path, interface=PROPERTIES_IFACE, timeout=timeout)
-        return _unwrap(props)
+        return unwrap(props)
 
     async def state(self, name: str, *, timeout: float | None = None) -> str:
         [path] = await self._call("GetModel", "s", [name], timeout=timeout)
         body = [MODEL_IFACE, "State"]
         [value] = await self._call("Get", "ss", body, path=path, interface=PROPERTIES_IFACE, timeout=timeout)
-        return str(_unwrap(value))
+        return str(unwrap(value))
 
     async def status(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The Manager's properties (Version, CheckpointBackend, Gpus, RamBudgetBytes, ...)."""
         [props] = await self._call("GetAll", "s", [MANAGER_IFACE], interface=PROPERTIES_IFACE, timeout=timeout)
-        return _unwrap(props)
+        return unwrap(props)
 
     def events(self) -> EventStream:
         """The daemon's signals as they come: `async for event in gs.events(): ...`."""

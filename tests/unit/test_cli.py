@@ -18,7 +18,8 @@ import pytest
 from dbus_fast import Message, MessageType, Variant
 
 from gpuschedd import cli, eventlog, formatting
-from gpuschedd.client import DaemonNotRunning, _error, _event_of
+from gpuschedd.client_errors import DaemonNotRunning, error_of
+from gpuschedd.client_events import event_of
 from gpuschedd.errors import InsufficientGpuMemory
 from gpuschedd.events import MESSAGE_IDS
 from gpuschedd.formatting import colors, to_json
@@ -117,10 +118,10 @@ def test_signals_become_model_events() -> None:
         "sa{sv}as",
         ["org.gpusched1.Model", props, []],
     )
-    event = _event_of(changed)
+    event = event_of(changed)
     assert event is not None and (event.kind, event.name, event.state) == ("changed", "llama-7b", "frozen")
     added = signal("/org/gpusched1", "org.gpusched1.Manager", "ModelNew", "so", ["x", "/org/gpusched1/model/x"])
-    new = _event_of(added)
+    new = event_of(added)
     assert new is not None and (new.kind, new.name) == ("new", "x")
 
 
@@ -128,9 +129,9 @@ def test_errors_map_to_typed_exceptions() -> None:
     def reply(name: str) -> Message:
         return Message(message_type=MessageType.ERROR, error_name=name, reply_serial=1, signature="s", body=["text"])
 
-    assert isinstance(_error(reply("org.gpusched1.Error.InsufficientGpuMemory")), InsufficientGpuMemory)
-    assert isinstance(_error(reply("org.freedesktop.DBus.Error.ServiceUnknown")), DaemonNotRunning)
-    other = _error(reply("org.example.Odd"))
+    assert isinstance(error_of(reply("org.gpusched1.Error.InsufficientGpuMemory")), InsufficientGpuMemory)
+    assert isinstance(error_of(reply("org.freedesktop.DBus.Error.ServiceUnknown")), DaemonNotRunning)
+    other = error_of(reply("org.example.Odd"))
     assert other.dbus_name == "org.example.Odd" and other.message == "text"
 
 

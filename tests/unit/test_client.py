@@ -14,7 +14,7 @@ from dbus_fast import BusType, Variant
 from dbus_fast.aio import MessageBus
 from fake_units import FakeUnits
 
-from gpuschedd import client
+from gpuschedd import client, client_events
 from gpuschedd.bus.manager import ManagerInterface
 from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.client import AsyncGpuSched, GpuSched, NoBus, TimedOut
@@ -117,5 +117,7 @@ def test_calls_that_change_something_wait_longer_than_reads(session_bus: str, mo
 
 
 def test_values_are_unwrapped() -> None:
-    value = client._unwrap({"Gpus": Variant("aa{sv}", [{"index": Variant("u", 0)}]), "State": Variant("s", "running")})
+    value = client_events.unwrap(
+        {"Gpus": Variant("aa{sv}", [{"index": Variant("u", 0)}]), "State": Variant("s", "running")}
+    )
     assert value == {"Gpus": [{"index": 0}], "State": "running"} and plain(value)

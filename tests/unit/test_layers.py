@@ -61,6 +61,8 @@ LAYERS: dict[str, list[str]] = {
     # run by any user: the SDK, the CLI, the dashboard, the wake proxy (as the model's user)
     "clients": [
         "gpuschedd.client",
+        "gpuschedd.client_errors",
+        "gpuschedd.client_events",
         "gpuschedd.cli",
         "gpuschedd.dashboard",
         "gpuschedd.wake",
@@ -86,6 +88,8 @@ MAY_IMPORT_DBUS = (
     "gpuschedd.sysbus",
     "gpuschedd.units.systemd",
     "gpuschedd.client",
+    "gpuschedd.client_errors",
+    "gpuschedd.client_events",
 )
 
 
