@@ -139,3 +139,22 @@ def spawn_model(gpu_dir: FakeGpuDir, tmp_path: Path) -> Iterator:  # type: ignor
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signum)
         proc.wait()
+
+
+# What another user sees knocking at an agent's socket (the Python agent's or the interposer's): "refused" when the
+# listener hung up on it, "served" when it answered a park.
+_STRANGER_PROBE = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+    "try:\n"
+    '    s.sendall(b\'{"op": "park", "timeout_ms": 1000}\\n\')\n'
+    "    print('refused' if s.recv(4096) == b'' else 'served')\n"
+    "except (BrokenPipeError, ConnectionResetError):\n"
+    "    print('refused')\n"
+)
+
+
+def park_as_nobody(path: str) -> subprocess.CompletedProcess[str]:
+    """Ask the agent listening at `path` to park, as user nobody (uid 65534)."""
+    argv = [sys.executable, "-c", _STRANGER_PROBE, path]
+    return subprocess.run(argv, user=65534, capture_output=True, text=True, timeout=30)

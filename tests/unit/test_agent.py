@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakegpu_fixtures import GPU0, MIB
+from fakegpu_fixtures import GPU0, MIB, park_as_nobody
 from polling import until, wait_until
 
 from gpuschedd.agent.cuda import Cuda
@@ -218,18 +218,8 @@ def test_other_users_are_not_served(agent) -> None:  # type: ignore[no-untyped-d
     b.start()
     path = socket_path(directory, os.getpid())
     os.chmod(path, 0o666)  # even where the file lets them in, the agent checks who connected
-    probe = (
-        "import socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
-        "try:\n"
-        '    s.sendall(b\'{"op": "park", "timeout_ms": 1000}\\n\')\n'
-        "    print('refused' if s.recv(4096) == b'' else 'served')\n"
-        "except (BrokenPipeError, ConnectionResetError):\n"
-        "    print('refused')\n"
-    )
     try:
-        argv = [sys.executable, "-c", probe, path]
-        out = subprocess.run(argv, user=65534, capture_output=True, text=True, timeout=30)
+        out = park_as_nobody(path)
     finally:
         b.close()
         os.rmdir(directory)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from counters import amoves, astill
-from fakegpu_fixtures import GPU0, MIB
+from fakegpu_fixtures import GPU0, MIB, park_as_nobody
 from polling import wait_until
 
 from gpuschedd.agent.protocol import socket_path
@@ -202,17 +202,7 @@ def test_other_users_are_not_served(
     try:
         path = socket_path(directory, p.pid)
         os.chmod(path, 0o666)  # even where the file lets them in, the interposer checks who connected
-        probe = (
-            "import socket, sys\n"
-            "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
-            "try:\n"
-            '    s.sendall(b\'{"op": "park", "timeout_ms": 1000}\\n\')\n'
-            "    print('refused' if s.recv(4096) == b'' else 'served')\n"
-            "except (BrokenPipeError, ConnectionResetError):\n"
-            "    print('refused')\n"
-        )
-        argv = [sys.executable, "-c", probe, path]
-        out = subprocess.run(argv, user=65534, capture_output=True, text=True, timeout=30)
+        out = park_as_nobody(path)
         assert out.stdout.strip() == "refused", out.stderr
         assert vram(gpu_dir, p.pid) == 4 * MIB + 8 * MIB + SMALL, "nothing was parked"
         assert p.stop() == "intact (exit 0)"
