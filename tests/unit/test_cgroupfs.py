@@ -185,6 +185,11 @@ def test_procs_below_reads_the_group_and_every_group_below(tmp_path: Path) -> No
     (group / "payload" / "cgroup.procs").write_text("20\n")
     (group / "payload" / "inner" / "cgroup.procs").write_text("")
     (group / "empty").mkdir()
+    (group / "cgroup.stat").write_text("nr_descendants 3\nnr_dying_descendants 0\n")
     assert sorted(procs_below(str(group))) == [10, 11, 20]
+    (group / "payload" / "cgroup.stat").write_text("nr_descendants 1\nnr_dying_descendants 0\n")
+    assert procs_below(str(group / "payload")) == [20]
+    (group / "payload" / "inner" / "cgroup.stat").write_text("nr_descendants 0\nnr_dying_descendants 0\n")
+    assert procs_below(str(group / "payload" / "inner")) == []
     with pytest.raises(FileNotFoundError):
         procs_below(str(tmp_path / "gone.service"))
