@@ -144,10 +144,7 @@ class ManagerInterface(Authorizing, ServiceInterface):
             await self._authorize(MANAGE, "run", (name,), {"user": run_options.user})
         await self._check_priority("run", name, run_options)
         await self._check_wake(name, run_options)
-        ended = self.engine.models.get(name)
-        if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
-            # Running a name again replaces its ended model: forgetting someone else's model needs control-any.
-            await self._authorize(CONTROL, "run", (name,))
+        await self._replace_ended(name, "run")
         by = await self._requester()
         model = await self.engine.run(name, validate.argv(argv), run_options, caller_uid.get(), by)
         return model_path(model.name)
@@ -178,7 +175,7 @@ class ManagerInterface(Authorizing, ServiceInterface):
         if others:
             # Someone else's unit: a root-only choice.
             await self._authorize(MANAGE, "adopt", (name, unit), {"unit": unit, "owner": str(owner)})
-        await self._replace_ended(name)
+        await self._replace_ended(name, "adopt")
         model = await self.engine.adopt(name, unit, uid, others, policies)
         return model_path(model.name)
 
@@ -196,15 +193,16 @@ class ManagerInterface(Authorizing, ServiceInterface):
             if others:
                 # Someone else's processes: a root-only choice.
                 await self._authorize(MANAGE, "adopt", (name,), {"unit": "", "owner": ",".join(map(str, foreign))})
-            await self._replace_ended(name)
+            await self._replace_ended(name, "adopt")
             model = await self.engine.adopt_processes(name, list(pids), uid, others, policies, pins)
         return model_path(model.name)
 
-    async def _replace_ended(self, name: str) -> None:
-        """A new model of a name replaces its ended model: forgetting someone else's model needs control-any."""
+    async def _replace_ended(self, name: str, verb: str) -> None:
+        """A new model of a name (Run, Adopt, AdoptProcesses: `verb`) replaces its ended model: forgetting someone
+        else's model needs control-any."""
         ended = self.engine.models.get(name)
         if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
-            await self._authorize(CONTROL, "adopt", (name,))
+            await self._authorize(CONTROL, verb, (name,))
 
     @method()
     @exposed(CONTROL)
