@@ -28,7 +28,7 @@ PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 200 python3 $t torch 0.
 echo "== torch 7B"; timeout 240 python3 $t torch 7B --cycles ${CYCLES:-3}
 fi
 if want cost; then
-echo "== running cost, 7B"; timeout 200 python3 $t cost 7B
+echo "== running cost, 7B"; timeout 300 python3 $t cost 7B --rounds ${ROUNDS:-3}
 fi
 if want bench; then
 echo "== bench.py, serve.py unmodified"
