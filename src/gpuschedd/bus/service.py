@@ -136,6 +136,8 @@ class Authorizing:
         details = {"verb": verb}
         model = self._model_for(args) if access == CONTROL else None
         if model is not None:
+            if verb == "start" and not model.catalog_digest:
+                raise NoSuchModel(f"no catalog model named {model.name!r}")
             uid = await self.authority.caller_uid(msg)
             action = polkit.ACTION_CONTROL if uid == model.owner else polkit.ACTION_CONTROL_ANY
             details.update(model=model.name, unit=model.unit, owner=str(model.owner))
