@@ -326,6 +326,19 @@ async def test_forget_of_a_catalog_model_only_once_it_ended_until_the_next_reloa
     assert cat.get("llama").state == State.STOPPED
 
 
+async def test_the_daemons_idle_freeze_is_not_a_catalog_models_but_its_files_is(
+    cat: Engine, dirs: tuple[Path, Path]
+) -> None:
+    cat.config.idle_freeze_sec = 60
+    write(dirs[0], "routed", model_text())
+    write(dirs[0], "own", model_text(extra="IdleFreezeSec=30\n"))
+    await cat.reload_catalog()
+    ran = await cat.run("ran", ["sleep", "1"], RunOptions(), UID)
+    assert (cat.idle_limit(cat.get("routed")), cat.idle_limit(cat.get("own")), cat.idle_limit(ran)) == (0, 30, 60)
+    started = await cat.start_catalog("routed", DAEMON)
+    assert cat.idle_limit(started) == 0
+
+
 async def test_preload_starts_what_does_not_run(cat: Engine, dirs: tuple[Path, Path], units: FakeUnits) -> None:
     write(dirs[0], "warm", model_text(extra="Preload=yes\n"))
     write(dirs[0], "cold", model_text())
