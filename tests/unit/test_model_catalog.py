@@ -279,7 +279,7 @@ async def test_reload_adds_updates_and_removes(
     assert cat.get("a").command == ["a2"] and cat.get("a").state == State.STOPPED
     assert cat.get("b") is running and running.command == ["b1"]  # runs with its old definition
     assert "c" not in cat.models and cat.get("d").state == State.STOPPED
-    assert (EventKind.FORGET, "c", "catalog") in rec.reasons()
+    assert [r for r in rec.reasons() if r[0] == EventKind.FORGET] == [(EventKind.FORGET, "c", "catalog")]
     # once it stops, it is listed as the file now says
     await cat.stop("b")
     await cat.drain(5)
@@ -395,3 +395,17 @@ def test_the_shipped_example_parses() -> None:
     assert entry.argv[:3] == ["/opt/vllm/bin/vllm", "serve", "Qwen/Qwen2.5-7B-Instruct"] and entry.argv[-1] == "0.45"
     assert entry.options.backend_port == 9001 and entry.options.gpu_memory == 20 << 30 and entry.preload
     assert entry.aliases == ["qwen2.5", "qwen-7b"] and entry.options.environment[-1] == "VLLM_LOGGING_LEVEL=WARNING"
+
+
+async def test_a_model_someone_ran_under_a_new_catalog_name_gives_way_once_it_ends(
+    cat: Engine, dirs: tuple[Path, Path], rec: Recorder
+) -> None:
+    await cat.run("llama", ["mine"], RunOptions(), UID)
+    write(dirs[0], "llama", model_text())
+    await cat.reload_catalog()
+    assert not cat.get("llama").catalog_digest and cat.get("llama").state == State.RUNNING
+    await cat.stop("llama")
+    await cat.drain(5)
+    assert cat.get("llama").catalog_digest and cat.get("llama").command == ["sleep", "100"]
+    assert cat.get("llama").state == State.STOPPED
+    assert (EventKind.FORGET, "llama", "catalog") in rec.reasons()
