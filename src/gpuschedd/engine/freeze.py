@@ -67,11 +67,11 @@ class Freezing(Core):
         release_gpu: the driver checkpoints every CUDA process even of a KeepContext model (a migration, an
         eviction). A failed step leaves the model running (rolled back) or, if that cannot be done, frozen."""
         t0 = time.monotonic()
-        await self.refresh(model, quick=True)
+        holding = await self.refresh(model, quick=True)
         self._check_ram(model)
         # The scan only reads (nothing is acted on before `freezing` is saved): started first, its worker thread's
         # wake-up and the driver's answers overlap the saving and announcing of `freezing` instead of following them.
-        scan = self._scan_cuda(model)
+        scan = self._scan_cuda(model, holding)
         self._set_state(model, State.FREEZING)
         step = _FreezeStep()
         try:
@@ -99,15 +99,16 @@ class Freezing(Core):
         self._set_state(model, State.FROZEN)
         self._emit(events.frozen(model, len(step.cuda), self.checkpoint.name, step.kept, reason, why))
 
-    def _scan_cuda(self, model: Model) -> _CudaScan:
+    def _scan_cuda(self, model: Model, vram_by_pid: dict[int, dict[str, int]] | None = None) -> _CudaScan:
         """Start asking the checkpoint backend which of the model's processes have a CUDA context (on a worker
-        thread, at once: not at the caller's next await); _find_cuda awaits the answer."""
+        thread, at once: not at the caller's next await); _find_cuda awaits the answer. `vram_by_pid`: what NVML
+        said just before, read for these PIDs (the refresh that read them), so NVML is not asked twice."""
         # NVML first: a process that creates its CUDA context in between is then seen by the driver too, instead of
         # being taken for a process whose context the driver cannot see. One list of PIDs throughout: a status read
         # meanwhile may replace model.pids with a newer one (a process forked since is caught by the check after the
         # cgroup freeze).
         pids = list(model.pids)
-        holding = set(self.telemetry.vram_by_pid())
+        holding = set(self.telemetry.vram_by_pid() if vram_by_pid is None else vram_by_pid)
         return _CudaScan(
             pids, holding, asyncio.get_running_loop().run_in_executor(None, self.checkpoint.cuda_pids, pids)
         )
