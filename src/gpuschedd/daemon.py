@@ -58,7 +58,8 @@ STATUS_DELAY_SEC = 0.1
 
 class Notifier(EngineListener):
     """Keeps `systemctl status gpuschedd` telling the truth: READY=1 once serving, STATUS= after every change (at
-    most STATUS_DELAY_SEC later, and only when the text differs from the last one sent)."""
+    most STATUS_DELAY_SEC later, and only when the text differs from the last one sent; at once when the model
+    table stops or starts being saved)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -91,14 +92,20 @@ class Notifier(EngineListener):
         self.send("READY=1\nSTATUS=" + self._sent)
 
     def _flush(self) -> None:
-        self._pending = None
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         text = self.status()
         if text != self._sent:
             self._sent = text
             self.send("STATUS=" + text)
 
     def model_added(self, model: Model) -> None:
-        if self._pending is None:
+        state_file = self.engine.state_file
+        degraded = state_file is not None and state_file.error is not None
+        if degraded != self._sent.startswith("DEGRADED"):
+            self._flush()  # the model table cannot be saved (or can again): said at once
+        elif self._pending is None:
             self._pending = asyncio.get_running_loop().call_later(STATUS_DELAY_SEC, self._flush)
 
     model_changed = model_removed = model_added
