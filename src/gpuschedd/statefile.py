@@ -140,8 +140,11 @@ class StateFile:
         directory = os.path.dirname(self.path) or "."
         tmp = ""
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
+            except FileNotFoundError:  # made when missing, not checked on every transition
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)
             try:
                 os.fchmod(fd, 0o600)  # mkstemp's 0600 is masked by the umask; the file must not depend on it
                 # dumps, not dump: dump streams through the pure-Python encoder, several times slower per transition;
