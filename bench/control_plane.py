@@ -7,7 +7,8 @@ installs it; the fake GPU of the tests), as root:
 
 Prints one table: ListModels over one D-Bus connection, through busctl and through `gpusched status`, with 50 and
 200 models, beside systemd's ListUnits done the same way in the same loop; and the Freeze (then Thaw) of a model
-without CUDA beside systemd's FreezeUnit (ThawUnit) of a bare unit. Goals (issue 21): ListModels ≤ 10 ms p50 at 50
+without CUDA beside systemd's FreezeUnit (ThawUnit) of a bare unit; then the daemon's CPU time per Freeze or Thaw
+(docs/control-plane.md has figures and where a freeze's time goes). Goals (issue 21): ListModels ≤ 10 ms p50 at 50
 models and at most 3 times ListUnits; Freeze ≤ 3 ms above FreezeUnit.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shlex
 import statistics
@@ -91,6 +93,15 @@ async def cleanup(bus: MessageBus) -> None:
     subprocess.run(["systemctl", "stop", BARE_UNIT], check=False)
 
 
+def cpu_ms(unit: str) -> float:
+    """CPU time (user + system, all threads) the main process of `unit` has used so far."""
+    pid = subprocess.run(
+        ["systemctl", "show", "-P", "MainPID", unit], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 async def pair(
     rows: list[tuple[str, str, list[float], list[float]]],
     what: str,
@@ -106,7 +117,9 @@ async def pair(
     rows.append((what, "", a, b))
 
 
-async def bench(counts: list[int], calls: int, processes: int) -> list[tuple[str, str, list[float], list[float]]]:
+async def bench(
+    counts: list[int], calls: int, processes: int, cpu: list[float]
+) -> list[tuple[str, str, list[float], list[float]]]:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     rows: list[tuple[str, str, list[float], list[float]]] = []
     try:
@@ -119,6 +132,8 @@ async def bench(counts: list[int], calls: int, processes: int) -> list[tuple[str
         # systemd's own periodic work (measured: ours and FreezeUnit took ~5 and ~11 ms in one run, ~15 and ~1 ms in
         # the next, always ~16 together), so a fixed rhythm would favour whichever call the rhythm favours.
         pause = random.Random(1)
+        # The daemon's own CPU per call, beside the latencies: unlike them it hardly moves with the host's load.
+        cpu_before = cpu_ms("gpuschedd.service")
         for _ in range(calls // 4 or 1):
             for times, target, member, unit in (
                 (freeze, GPUSCHED, "Freeze", f"{PREFIX}-freeze"),
@@ -128,6 +143,7 @@ async def bench(counts: list[int], calls: int, processes: int) -> list[tuple[str
             ):
                 await asyncio.sleep(pause.uniform(0, 0.02))
                 times.append(await timed(lambda t=target, m=member, u=unit: call(bus, t, m, "s", u)))
+        cpu.append((cpu_ms("gpuschedd.service") - cpu_before) / (len(freeze) + len(thaw)))
         rows.append(("Freeze of a model without CUDA | FreezeUnit", "", freeze, freeze_unit))
         rows.append(("Thaw of a model without CUDA | ThawUnit", "", thaw, thaw_unit))
         for count in counts:
@@ -171,13 +187,15 @@ def main() -> int:
     install_project()
     # The fake GPU of the system tests: the driver checkpoint backend, whose GetState a CUDA-less process answers.
     with fake_gpu_daemon():
-        rows = asyncio.run(bench([int(n) for n in args.models.split(",")], args.calls, args.processes))
+        cpu: list[float] = []
+        rows = asyncio.run(bench([int(n) for n in args.models.split(",")], args.calls, args.processes, cpu))
     header = f"{'call | systemd call in the same loop':58} {'p50 ms':>8} {'p99 ms':>8}"
     print(f"{header} {'systemd p50':>12} {'p99':>8} {'ratio':>6}")
     for what, _, ours, theirs in rows:
         (p50, p99), (s50, s99) = stats(ours), stats(theirs)
         print(f"{what:58} {p50:8.2f} {p99:8.2f} {s50:12.2f} {s99:8.2f} {p50 / s50:6.1f}")
-    print(f"\nreproduce: {COMMAND} {shlex.join(sys.argv[1:])}".rstrip())
+    print(f"\ngpuschedd's CPU time per Freeze or Thaw (user + system, all its threads): {cpu[0]:.2f} ms")
+    print(f"reproduce: {COMMAND} {shlex.join(sys.argv[1:])}".rstrip())
     return 0
 
 

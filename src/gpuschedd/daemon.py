@@ -50,11 +50,21 @@ def pid1_is_systemd() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
+# STATUS= follows the model table within this delay. Each STATUS= wakes PID 1 (which then announces StatusText on the
+# bus): sent on every change, a freeze paid for two of them before its reply (bench/control_plane.py), for a
+# `freezing` that lasts milliseconds. A burst of changes now becomes one STATUS= with the text as it then is.
+STATUS_DELAY_SEC = 0.1
+
+
 class Notifier(EngineListener):
-    """Keeps `systemctl status gpuschedd` telling the truth: READY=1 once serving, STATUS= on every change."""
+    """Keeps `systemctl status gpuschedd` telling the truth: READY=1 once serving, STATUS= after every change (at
+    most STATUS_DELAY_SEC later, and only when the text differs from the last one sent; at once when the model
+    table stops or starts being saved)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._pending: asyncio.TimerHandle | None = None
+        self._sent = ""
         try:
             from systemd import daemon
         except ImportError:
@@ -77,8 +87,26 @@ class Notifier(EngineListener):
             return f"DEGRADED: {state_file.error}; " + ", ".join(parts)
         return ", ".join(parts)
 
+    def ready(self) -> None:
+        self._sent = self.status()
+        self.send("READY=1\nSTATUS=" + self._sent)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        text = self.status()
+        if text != self._sent:
+            self._sent = text
+            self.send("STATUS=" + text)
+
     def model_added(self, model: Model) -> None:
-        self.send("STATUS=" + self.status())
+        state_file = self.engine.state_file
+        degraded = state_file is not None and state_file.error is not None
+        if degraded != self._sent.startswith("DEGRADED"):
+            self._flush()  # the model table cannot be saved (or can again): said at once
+        elif self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(STATUS_DELAY_SEC, self._flush)
 
     model_changed = model_removed = model_added
 
@@ -181,7 +209,7 @@ async def serve(config: Config) -> int:
         engine.checkpoint.name,
         len(engine.models),
     )
-    notifier.send("READY=1\nSTATUS=" + notifier.status())
+    notifier.ready()
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -90,6 +90,15 @@ class NativeJournal:
                 raise
             self._send_large(data)
 
+    def send_nowait(self, message: str, **fields: Any) -> bool:
+        """Send at once if journald takes it without waiting; False if not (its queue full, the entry too large for
+        one datagram, the socket gone), for the caller to queue it instead. Never raises, never blocks."""
+        try:
+            self._sock.sendto(encode_entry({"MESSAGE": message, **fields}), socket.MSG_DONTWAIT, self.path)
+        except OSError:
+            return False
+        return True
+
     def _send_large(self, data: bytes) -> None:
         fd = os.memfd_create("gpuschedd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -103,10 +112,10 @@ class NativeJournal:
             os.close(fd)
 
 
-def _journal_sender() -> Callable[..., None] | None:
+def _native_journal() -> NativeJournal | None:
     if not os.path.exists(JOURNAL_SOCKET):
         return None
-    return NativeJournal().send
+    return NativeJournal(JOURNAL_SOCKET)
 
 
 # Entries waiting for journald. A burst of events is a few hundred; a journald stopped for a minute under a busy
@@ -115,7 +124,8 @@ QUEUE_SIZE = 4096
 
 
 class JournalQueue:
-    """Writes to the journal (events and log records) from one thread, never from the event loop.
+    """Writes to the journal (events and log records) from one thread: what the event loop cannot send without
+    waiting (JournalWriter sends an event itself only when journald takes it at once and nothing is queued).
 
     journald's sockets block their writer when it does not read (a datagram queue of max_dgram_qlen=10 entries, a
     stream buffer): a journald stopped or stalled would stop every Freeze, Thaw and ListModels with it. Non-blocking
@@ -129,6 +139,10 @@ class JournalQueue:
         self.dropped = 0
         self._thread = threading.Thread(target=self._drain, name="journal", daemon=True)
         self._thread.start()
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing being written: a write made now cannot overtake an earlier one."""
+        return self._queue.unfinished_tasks == 0
 
     def put(self, write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         try:
@@ -144,6 +158,7 @@ class JournalQueue:
                 write(*args, **kwargs)
             except Exception as e:  # the journal is gone (a reinstall, a test): the entry only
                 print(f"gpuschedd: cannot write to the journal: {e}", file=sys.stderr)
+            self._queue.task_done()
             with self._lock:
                 dropped, self.dropped = self.dropped, 0
             if dropped:
@@ -223,16 +238,21 @@ def setup_logging(level: int = logging.INFO) -> JournalQueue:
 
 
 class JournalWriter(EngineListener):
-    """Each event as one structured entry, written by the JournalQueue's thread."""
+    """Each event as one structured entry: sent at once when journald takes it without waiting and nothing is queued
+    before it, else written by the JournalQueue's thread. Waking that thread for every entry put a thread switch
+    (and the two threads' turns at the GIL) into every freeze's reply (bench/control_plane.py)."""
 
     def __init__(self, journal: JournalQueue | None = None) -> None:
-        self._send = _journal_sender()
+        self._native = _native_journal()
         self._journal = journal or journal_queue()
-        if self._send is None:
+        if self._native is None:
             log.warning("no journald (%s): events go to the plain log only", JOURNAL_SOCKET)
 
     def event(self, event: Event) -> None:
-        if self._send is None:
+        if self._native is None:
             log.info("%s", event.message)
             return
-        self._journal.put(self._send, event.message, **journal_fields(event))
+        fields = journal_fields(event)
+        if self._journal.idle() and self._native.send_nowait(event.message, **fields):
+            return
+        self._journal.put(self._native.send, event.message, **fields)

@@ -12,7 +12,9 @@ without taking any model's lock. /run is a tmpfs: a daemon killed at any point l
 behind (no fsync is needed against a process crash; a power loss ends the models as well).
 
 The file is the daemon's alone, whatever the unit's UMask=: it is created 0600 with O_EXCL|O_NOFOLLOW under a
-random name in the directory (mkstemp), so no link planted there is followed, then fsync'd and renamed.
+random name in the directory (mkstemp), so no link planted there is followed, then renamed. It is not fsync'd: on
+the tmpfs it lives on that does nothing, and where RUNTIME_DIRECTORY points at a disk a power loss ends the models
+too and the file's boot ID makes the next boot ignore it (a torn or empty file is ignored as unreadable).
 
 The file records the boot it was written in; a file from another boot is ignored.
 
@@ -138,14 +140,20 @@ class StateFile:
         directory = os.path.dirname(self.path) or "."
         tmp = ""
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
-            with os.fdopen(fd, "w") as f:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
+            except FileNotFoundError:  # made when missing, not checked on every transition
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)
+            try:
                 os.fchmod(fd, 0o600)  # mkstemp's 0600 is masked by the umask; the file must not depend on it
-                # dumps, not dump: dump streams through the pure-Python encoder, several times slower per transition
-                f.write(json.dumps(data, separators=(",", ":")))
-                f.flush()
-                os.fsync(fd)
+                # dumps, not dump: dump streams through the pure-Python encoder, several times slower per transition;
+                # bytes straight to the descriptor, without a text file object around it. No fsync (module docstring).
+                payload = memoryview(json.dumps(data, separators=(",", ":")).encode())
+                while payload:
+                    payload = payload[os.write(fd, payload) :]
+            finally:
+                os.close(fd)
             os.replace(tmp, self.path)
         except OSError as e:
             if self.error is None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuschedd.journal import JournalQueue, NativeJournal, encode_entry
+from gpuschedd import journal as journal_module
+from gpuschedd.events import Event, EventKind
+from gpuschedd.journal import JournalQueue, JournalWriter, NativeJournal, encode_entry
 
 
 def test_a_stalled_journal_never_blocks_and_drops_are_counted(caplog: pytest.LogCaptureFixture) -> None:
@@ -50,3 +52,28 @@ def test_native_entries_as_journald_reads_them(tmp_path: Path) -> None:
     with os.fdopen(fd, "rb") as f:
         f.seek(0)  # journald reads the memfd from its start
         assert f.read() == encode_entry({"MESSAGE": big})
+
+
+def test_events_go_at_once_while_journald_reads_and_keep_their_order_when_it_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "socket"))
+    monkeypatch.setattr(journal_module, "JOURNAL_SOCKET", str(tmp_path / "socket"))
+    queue = JournalQueue()
+    writer = JournalWriter(queue)
+
+    def event(n: int) -> None:
+        writer.event(Event(EventKind.FREEZE, "m", "gpusched-model@m.service", f"entry {n}"))
+
+    event(0)  # nothing queued: sent by the caller itself, no thread involved
+    assert queue.idle() and b"MESSAGE=entry 0\n" in server.recv(4096)
+    # journald not reading: its socket queue (net.unix.max_dgram_qlen) fills, the rest waits in the JournalQueue,
+    # and nothing sent at once overtakes what waits there.
+    entries = 60
+    for n in range(1, entries + 1):
+        event(n)
+    assert not queue.idle()
+    got = [server.recv(4096).split(b"\n")[0] for _ in range(entries)]
+    assert got == [f"MESSAGE=entry {n}".encode() for n in range(1, entries + 1)]
+    queue.close(5)

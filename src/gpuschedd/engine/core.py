@@ -260,19 +260,20 @@ class Core:
             self._set_state(model, State.FAILED if failed else State.STOPPED)
         self._emit(events.ended(model, str(was), result, released, self._close_wake(model), away, stopped))
 
-    async def refresh(self, model: Model, vram: bool = False, quick: bool = False) -> None:
+    async def refresh(self, model: Model, vram: bool = False, quick: bool = False) -> dict[int, dict[str, int]] | None:
         """Re-read PIDs of a live model, and its VRAM when it runs (or when `vram`: the last step of a thaw). Never
         mid-transition otherwise: half a thaw's VRAM must not become what the next thaw checks for. `quick`: the
-        PIDs only (a freeze's first step), not the rest of the unit's status."""
+        PIDs only (a freeze's first step), not the rest of the unit's status. Returns what NVML said of every
+        process's VRAM, when it was asked (a freeze's scan uses it instead of asking again)."""
         if model.state in ENDED:
-            return
+            return None
         if quick:
             if not await self._read_pids(model):
-                return
+                return None
         else:
             status = await self.units.status(model.unit)
             if status is None:
-                return
+                return None
             self._apply_status(model, status)
         if vram or model.state == State.RUNNING:
             per_pid = self.telemetry.vram_by_pid()
@@ -285,6 +286,8 @@ class Core:
             gpus = sorted({uuid for pid in model.pids for uuid in per_pid.get(pid, {})})
             if gpus:
                 model.gpus = gpus
+            return per_pid
+        return None
 
     async def refresh_running(self) -> None:
         """Keep running models' Pids and VramBytes current between transitions (a model loads its weights after

@@ -30,6 +30,15 @@ class _FreezeStep:
     reached: State = State.RUNNING  # where a failure leaves the model; a rollback that cannot run ends it frozen
 
 
+@dataclass
+class _CudaScan:
+    """A scan for CUDA processes under way: the PIDs asked about, those NVML saw holding VRAM before, the answer."""
+
+    pids: list[int]
+    holding: set[int]
+    cuda: asyncio.Future[list[int]]
+
+
 class Freezing(Core):
     """Freeze, as named steps; and the settling of a failed step (shared with thaw and start-up)."""
 
@@ -58,12 +67,15 @@ class Freezing(Core):
         release_gpu: the driver checkpoints every CUDA process even of a KeepContext model (a migration, an
         eviction). A failed step leaves the model running (rolled back) or, if that cannot be done, frozen."""
         t0 = time.monotonic()
-        await self.refresh(model, quick=True)
+        holding = await self.refresh(model, quick=True)
         self._check_ram(model)
+        # The scan only reads (nothing is acted on before `freezing` is saved): started first, its worker thread's
+        # wake-up and the driver's answers overlap the saving and announcing of `freezing` instead of following them.
+        scan = self._scan_cuda(model, holding)
         self._set_state(model, State.FREEZING)
         step = _FreezeStep()
         try:
-            step.cuda = await self._find_cuda(model)
+            step.cuda = await self._find_cuda(model, scan)
             model.parked_bytes = 0
             if model.agent:
                 await self._park(model, step.cuda)
@@ -87,17 +99,26 @@ class Freezing(Core):
         self._set_state(model, State.FROZEN)
         self._emit(events.frozen(model, len(step.cuda), self.checkpoint.name, step.kept, reason, why))
 
-    async def _find_cuda(self, model: Model) -> list[int]:
-        """The model's CUDA processes, as the checkpoint backend sees them; CheckpointFailed (nothing changed) when
-        NVML sees one holding VRAM that the backend cannot see."""
+    def _scan_cuda(self, model: Model, vram_by_pid: dict[int, dict[str, int]] | None = None) -> _CudaScan:
+        """Start asking the checkpoint backend which of the model's processes have a CUDA context (on a worker
+        thread, at once: not at the caller's next await); _find_cuda awaits the answer. `vram_by_pid`: what NVML
+        said just before, read for these PIDs (the refresh that read them), so NVML is not asked twice."""
         # NVML first: a process that creates its CUDA context in between is then seen by the driver too, instead of
         # being taken for a process whose context the driver cannot see. One list of PIDs throughout: a status read
         # meanwhile may replace model.pids with a newer one (a process forked since is caught by the check after the
         # cgroup freeze).
         pids = list(model.pids)
-        holding = set(self.telemetry.vram_by_pid())
+        holding = set(self.telemetry.vram_by_pid() if vram_by_pid is None else vram_by_pid)
+        return _CudaScan(
+            pids, holding, asyncio.get_running_loop().run_in_executor(None, self.checkpoint.cuda_pids, pids)
+        )
+
+    async def _find_cuda(self, model: Model, scan: _CudaScan) -> list[int]:
+        """The model's CUDA processes, as the checkpoint backend sees them; CheckpointFailed (nothing changed) when
+        NVML sees one holding VRAM that the backend cannot see."""
+        pids, holding = scan.pids, scan.holding
         try:
-            cuda = await asyncio.to_thread(self.checkpoint.cuda_pids, pids)
+            cuda = await scan.cuda
         except CheckpointError as e:
             raise CheckpointFailed(f"model {model.name}: {e}; nothing was changed") from e
         unseen = sorted((set(pids) & holding) - set(cuda))
