@@ -202,15 +202,17 @@ def forgotten(model: Model, why: str, reason: str = "") -> Event:
     return Event(EventKind.FORGET, model.name, model.unit, f"model {model.name} forgotten{why}", fields=fields)
 
 
-def swapped(out: Model, into: Model, duration_usec: int) -> Event:
-    """A swap done: the event is the thawed model's, naming the frozen one."""
+def swapped(out: Model, into: Model, duration_usec: int, overlapped: bool) -> Event:
+    """A swap done: the event is the thawed model's, naming the frozen one, and whether the freeze and the thaw ran
+    at once (engine/swap.py)."""
+    how = "overlapped" if overlapped else "one after the other"
     return Event(
         EventKind.SWAP,
         into.name,
         into.unit,
-        f"swapped {out.name} out and {into.name} in",
+        f"swapped {out.name} out and {into.name} in in {duration_usec / 1e6:.3f}s ({how})",
         duration_usec=duration_usec,
-        fields={"GPUSCHED_SWAP_OUT": out.name},
+        fields={"GPUSCHED_SWAP_OUT": out.name, "GPUSCHED_OVERLAPPED": "1" if overlapped else "0"},
     )
 
 
