@@ -44,9 +44,10 @@ class Swapping(Core):
         require(out, "swap out")
         t0 = time.monotonic()
         # Saved while under way, so a restart in the middle still ends both-or-neither (_finish_swap). Only when
-        # the first model runs: thawing back one that was frozen before the swap would be wrong.
+        # the first model runs and the second is frozen: thawing back one that was frozen before the swap, or
+        # freezing again one that ran before it, would be wrong (either way the swap has nothing to undo).
         entry = (freeze_name, thaw_name)
-        if out.state == State.RUNNING:
+        if out.state == State.RUNNING and into.state == State.FROZEN:
             self._swaps.append(entry)
         # Decided with no await since the reading: the incoming model fits beside the outgoing one as it is now.
         overlapped = out.state == State.RUNNING and into.state == State.FROZEN and self._gpu_shortfall(into) is None
