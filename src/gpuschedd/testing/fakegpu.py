@@ -105,6 +105,10 @@ class FakeGpuDir:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._p("hold", f"{pid}.{step}"))
 
+    def clear_holds(self) -> None:
+        for name in os.listdir(self._p("hold")):
+            os.unlink(self._p("hold", name))
+
     def busy(self, pid: int, ms: int) -> None:
         """The process cannot be locked for `ms` milliseconds (a long kernel, a held CUDA call)."""
         _write(self._p("busy", str(pid)), f"{ms}\n")
