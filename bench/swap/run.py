@@ -50,15 +50,6 @@ class Swaps(EngineListener):
     def __init__(self) -> None:
         self.overlapped: list[str] = []
 
-    def model_added(self, model: Model) -> None:
-        pass
-
-    def model_changed(self, model: Model) -> None:
-        pass
-
-    def model_removed(self, model: Model) -> None:
-        pass
-
     def event(self, event: Event) -> None:
         if event.kind == EventKind.SWAP:
             self.overlapped.append(event.fields.get("GPUSCHED_OVERLAPPED", "?"))

@@ -15,7 +15,7 @@ from test_engine_checkpoint import not_corrupt, run_agent_model, run_model, setu
 
 from gpuschedd.checkpoint import CudaState
 from gpuschedd.engine import Engine
-from gpuschedd.errors import CheckpointFailed, InvalidState
+from gpuschedd.errors import CheckpointFailed, InvalidState, RamBudgetExceeded
 from gpuschedd.events import EventKind
 from gpuschedd.model import Model, State
 
@@ -119,6 +119,18 @@ async def test_an_overlapped_freeze_that_fails_freezes_the_second_again(setup) -
     gpu_dir.clear_failures()
     await engine.swap("a", "b")
     assert (a.state, b.state) == (State.FROZEN, State.RUNNING)
+
+
+async def test_a_refused_freeze_leaves_the_second_model_untouched(setup) -> None:  # noqa: F811
+    """The thaw starts only once the freeze has passed its checks: a refusal changes nothing, overlapped too."""
+    engine, units, gpu_dir, events, tmp_path = setup
+    a, b = await two_models(engine, gpu_dir, tmp_path)
+    engine.mem_available = lambda: 1  # the kernel has no room for a's snapshot
+    calls = len(gpu_dir.log())
+    with pytest.raises(RamBudgetExceeded):
+        await engine.swap("a", "b")
+    assert (a.state, b.state) == (State.RUNNING, State.FROZEN) and len(gpu_dir.log()) == calls
+    assert ("b", State.THAWING) not in events.states and units.frozen == {b.unit}
 
 
 async def test_an_overlapped_swap_with_agents(setup) -> None:  # noqa: F811

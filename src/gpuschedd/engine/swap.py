@@ -12,6 +12,9 @@ it only after its whole copy-out (agent/parking.py), with the contexts following
 an earlier start would gain little and risk the outgoing model. An eviction is that case by definition (the
 incoming model lacks room while its victims hold theirs): evictions stay one after the other.
 
+The thaw starts once the freeze has passed its checks (the model is freezing): a refused freeze (the RAM budget,
+an InvalidState) changes nothing, as without overlap.
+
 Locking: each step takes one model's lock, never two (the freeze under the outgoing model's, the thaw under the
 incoming one's, concurrently), so opposite swaps cannot deadlock, and a Stop of either model waits only for that
 model's own step."""
@@ -24,6 +27,7 @@ import time
 
 from .. import events
 from ..errors import GpuschedError, InvalidArgs, InvalidState
+from ..events import EngineListener
 from ..model import Model, State, require
 from .core import Core, Requester
 
@@ -53,26 +57,26 @@ class Swapping(Core):
         overlapped = out.state == State.RUNNING and into.state == State.FROZEN and self._gpu_shortfall(into) is None
         try:
             if overlapped:
-                await self._swap_overlapped(out, into, by)
+                overlapped = await self._swap_overlapped(out, into, by)
             else:
                 await self.freeze(freeze_name, by=by)
-                try:
-                    await self.thaw(thaw_name, by)
-                except BaseException:
-                    await self._thaw_back(out, by)
-                    raise
+                await self._thaw_or_back(out, into, by)
         finally:
             if entry in self._swaps:
                 self._swaps.remove(entry)
                 self._persist()
         self._emit(events.swapped(out, into, int((time.monotonic() - t0) * 1e6), overlapped))
 
-    async def _swap_overlapped(self, out: Model, into: Model, by: Requester | None) -> None:
-        """The freeze and the thaw at once, each under its own model's lock; then both or neither. Both steps are
-        waited for before anything is undone: a thaw back needs the freeze over, a freeze back the thaw."""
-        froze, thawed = await asyncio.gather(
-            self.freeze(out.name, by=by), self.thaw(into.name, by), return_exceptions=True
-        )
+    async def _swap_overlapped(self, out: Model, into: Model, by: Requester | None) -> bool:
+        """The freeze, and once it has passed its checks (a refusal changes nothing, here too) the thaw beside
+        it, each under its own model's lock; then both or neither. Both steps are waited for before anything is
+        undone: a thaw back needs the freeze over, a freeze back the thaw. Returns whether they ran at once."""
+        freezing = await self._freeze_under_way(out, by)
+        if freezing.done():  # refused, or already over: nothing to overlap
+            await freezing
+            await self._thaw_or_back(out, into, by)
+            return False
+        froze, thawed = await asyncio.gather(freezing, self.thaw(into.name, by), return_exceptions=True)
         if isinstance(froze, BaseException):
             if not isinstance(thawed, BaseException):
                 await self._freeze_back(into, out)
@@ -80,6 +84,33 @@ class Swapping(Core):
         if isinstance(thawed, BaseException):
             await self._thaw_back(out, by)
             raise thawed
+        return True
+
+    async def _freeze_under_way(self, out: Model, by: Requester | None) -> asyncio.Task[Model]:
+        """Start the freeze of `out`; return its task once the model is freezing (its lock taken, the RAM budget
+        checked) or the freeze is over (refused, failed, or nothing to do)."""
+        freezing = asyncio.ensure_future(self.freeze(out.name, by=by))
+        started = _Leaves(out, State.RUNNING)
+        self._listeners.append(started)
+        try:
+            await asyncio.wait(
+                {freezing, asyncio.ensure_future(started.left.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:
+            freezing.cancel()  # the swap itself is cancelled (the daemon stops): the freeze is rolled back
+            raise
+        finally:
+            self._listeners.remove(started)
+            started.left.set()  # ends the waiter task, if it still waits
+        return freezing
+
+    async def _thaw_or_back(self, out: Model, into: Model, by: Requester | None) -> None:
+        """The thaw after the freeze is over; if it fails, the first model is thawed back."""
+        try:
+            await self.thaw(into.name, by)
+        except BaseException:
+            await self._thaw_back(out, by)
+            raise
 
     async def _thaw_back(self, out: Model, by: Requester | None) -> None:
         """The thaw failed: the first model is thawed back. A failure here is logged; the thaw's error is the one
@@ -104,3 +135,14 @@ class Swapping(Core):
                 await self._freeze_locked(into, "swap-rollback", why)
         except GpuschedError as e:
             log.error("swap rollback: freezing %s again failed: %s", into.name, e)
+
+
+class _Leaves(EngineListener):
+    """Sets `left` when `model` is announced in a state other than `state`: a transition of it has begun."""
+
+    def __init__(self, model: Model, state: State) -> None:
+        self.model, self.state, self.left = model, state, asyncio.Event()
+
+    def model_changed(self, model: Model) -> None:
+        if model is self.model and model.state != self.state:
+            self.left.set()
