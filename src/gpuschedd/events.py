@@ -210,7 +210,7 @@ def swapped(out: Model, into: Model, duration_usec: int, overlapped: bool) -> Ev
         EventKind.SWAP,
         into.name,
         into.unit,
-        f"swapped {out.name} out and {into.name} in in {duration_usec / 1e6:.3f}s ({how})",
+        f"swapped {out.name} out and {into.name} in: {duration_usec / 1e6:.3f}s, {how}",
         duration_usec=duration_usec,
         fields={"GPUSCHED_SWAP_OUT": out.name, "GPUSCHED_OVERLAPPED": "1" if overlapped else "0"},
     )
