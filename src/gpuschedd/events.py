@@ -202,24 +202,32 @@ def forgotten(model: Model, why: str, reason: str = "") -> Event:
     return Event(EventKind.FORGET, model.name, model.unit, f"model {model.name} forgotten{why}", fields=fields)
 
 
-def swapped(out: Model, into: Model, duration_usec: int) -> Event:
-    """A swap done: the event is the thawed model's, naming the frozen one."""
+def swapped(out: Model, into: Model, duration_usec: int, overlapped: bool) -> Event:
+    """A swap done: the event is the thawed model's, naming the frozen one, and whether the freeze and the thaw ran
+    at once (engine/swap.py)."""
+    how = "overlapped" if overlapped else "one after the other"
     return Event(
         EventKind.SWAP,
         into.name,
         into.unit,
-        f"swapped {out.name} out and {into.name} in",
+        f"swapped {out.name} out and {into.name} in: {duration_usec / 1e6:.3f}s, {how}",
         duration_usec=duration_usec,
-        fields={"GPUSCHED_SWAP_OUT": out.name},
+        fields={"GPUSCHED_SWAP_OUT": out.name, "GPUSCHED_OVERLAPPED": "1" if overlapped else "0"},
     )
 
 
-def swap_rolled_back(out: Model, into: str) -> Event:
-    """A swap cut short by a restart, made "neither" on start: `out` thawed back."""
+def swap_rolled_back(model: Model, other: str, thawed_back: bool) -> Event:
+    """A swap cut short by a restart, made "neither" on start: the model to freeze thawed back (`thawed_back`), or
+    the model to thaw frozen again (an overlapped swap whose freeze was undone); `other` is the swap's other one."""
+    if thawed_back:
+        what, fields = f"swap of {model.name} for {other}", {"GPUSCHED_SWAP_IN": other}
+    else:
+        what, fields = f"swap of {other} for {model.name}", {"GPUSCHED_SWAP_OUT": other}
+    done = "thawed back" if thawed_back else "frozen again"
     return Event(
         EventKind.FAILURE,
-        out.name,
-        out.unit,
-        f"swap of {out.name} for {into} was interrupted by a restart of gpuschedd: {out.name} thawed back",
-        fields={"GPUSCHED_RECOVERY": "1", "GPUSCHED_INTERRUPTED": "swap", "GPUSCHED_SWAP_IN": into},
+        model.name,
+        model.unit,
+        f"{what} was interrupted by a restart of gpuschedd: {model.name} {done}",
+        fields={"GPUSCHED_RECOVERY": "1", "GPUSCHED_INTERRUPTED": "swap", **fields},
     )

@@ -16,6 +16,11 @@
  *   delay/<pid>.<step>   milliseconds that step (lock, checkpoint, restore, unlock) sleeps before it acts, for
  *   delay/all.<step>     that pid or every pid: a slow driver, so a test can kill the caller mid-operation
  *                        (ctx-sync: cuCtxSynchronize, as if the context's work took that long)
+ *   hold/<pid>.<step>    while this file exists, that step (checkpoint, restore) stays in its copy, up to 30 s: a
+ *                        copy that lasts until the test lets it end, so the order of two models' steps shows
+ *                        whether they overlapped. As on the real driver, a checkpoint holds the process's GPU
+ *                        memory until its copy ends (and fail/<pid>.checkpoint read after the hold fails it
+ *                        there, memory still held); a restore claims the memory before its copy
  *   broken/<pid>         a restore ran out of memory: every later restore fails with
  *                        CUDA_ERROR_OPERATING_SYSTEM, as the real driver does (cuda-checkpoint issue 44)
  *   req/<pid>, ack/<pid> with agent=1 the copy runs inside the target, like the real driver's restore
@@ -198,7 +203,7 @@ static void write_file(const char *p, const char *text)
 
 static void mkdirs(void)
 {
-    static const char *subs[] = {"ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay"};
+    static const char *subs[] = {"ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "hold"};
     char p[PATH_MAX];
     mkdir(dir(), 0755);
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
@@ -269,6 +274,7 @@ static CUresult injected(int pid, const char *step)
 }
 
 static void sleep_ms(long ms);
+static long long now_ms(void);
 
 /* An injected delay for this step: delay/<pid>.<step>, else delay/all.<step> (milliseconds). */
 static void injected_delay(int pid, const char *step)
@@ -282,6 +288,17 @@ static void injected_delay(int pid, const char *step)
             return;
     }
     sleep_ms(atol(buf));
+}
+
+/* A held copy: while hold/<pid>.<step> exists (at most 30 s, so a test that never lets go does not hang). */
+static void injected_hold(int pid, const char *step)
+{
+    char p[PATH_MAX], suffix[32];
+    snprintf(suffix, sizeof suffix, ".%s", step);
+    path(p, "hold", pid, suffix);
+    long long deadline = now_ms() + 30000;
+    while (access(p, F_OK) == 0 && now_ms() < deadline)
+        sleep_ms(2);
 }
 
 struct ctx {
@@ -557,7 +574,10 @@ CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args
     if (get_state(pid) != CU_PROCESS_STATE_LOCKED)
         return logged("checkpoint", pid, CUDA_ERROR_ILLEGAL_STATE);
     injected_delay(pid, "checkpoint");
-    r = run_in_target(pid, "checkpoint", &c);
+    injected_hold(pid, "checkpoint"); /* the copy: the memory is held until it ends */
+    r = injected(pid, "checkpoint");  /* a copy that fails at its end */
+    if (r == CUDA_SUCCESS)
+        r = run_in_target(pid, "checkpoint", &c);
     if (r == CUDA_SUCCESS)
         set_state(pid, CU_PROCESS_STATE_CHECKPOINTED);
     return logged("checkpoint", pid, r);
@@ -613,6 +633,7 @@ CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args)
     /* Claim the memory before the copy, so two restores cannot both fit in the same free space. */
     set_state(pid, CU_PROCESS_STATE_LOCKED);
     big_unlock(fd);
+    injected_hold(pid, "restore"); /* the copy, into memory already claimed */
     r = run_in_target(pid, "restore", &c);
     if (r != CUDA_SUCCESS) {
         set_state(pid, CU_PROCESS_STATE_CHECKPOINTED);

@@ -198,6 +198,7 @@ class FakeModels:
         return model
 
     def cleanup(self) -> None:
+        self.fake.clear_holds()  # first: a held copy would keep the stops waiting
         for model in self.started:
             gpusched("stop", model.name, check=False)
             gpusched("forget", model.name, check=False)

@@ -18,7 +18,7 @@ CATALOG = Path(__file__).resolve().parents[2] / "catalog" / "gpuschedd.catalog"
 # What each kind's emitter always adds beyond the common fields (engine.py, bus/service.py).
 KIND_FIELDS: dict[EventKind, dict[str, str]] = {
     EventKind.EXIT: {"GPUSCHED_RESULT": "exit-code"},
-    EventKind.SWAP: {"GPUSCHED_SWAP_OUT": "other"},
+    EventKind.SWAP: {"GPUSCHED_SWAP_OUT": "other", "GPUSCHED_OVERLAPPED": "1"},
     EventKind.FAILURE: {"GPUSCHED_ERROR": "org.gpusched1.Error.CheckpointFailed"},
     EventKind.REFUSAL: {"GPUSCHED_ERROR": "org.freedesktop.DBus.Error.AccessDenied"},
 }

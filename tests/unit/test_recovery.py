@@ -310,6 +310,22 @@ async def test_a_restart_mid_swap_is_both_or_neither(first) -> None:  # type: ig
     assert json.loads((tmp_path / "run" / "models.json").read_text())["swaps"] == []
 
 
+async def test_a_restart_mid_overlapped_swap_whose_freeze_was_undone(first) -> None:  # type: ignore[no-untyped-def]
+    """An overlapped swap thawed `other` while m's freeze ran; the daemon died and m was found running: the swap is
+    made "neither" by freezing `other` again."""
+    engine, units, gpu_dir, model, tmp_path = first
+    other = await engine.run("other", ["sleep", "60"], RunOptions(), 0)
+    engine._swaps.append(("m", "other"))
+    engine._persist()
+    again, events = await restart(engine, units, gpu_dir, tmp_path)
+    assert again.get("m").state == State.RUNNING and states(gpu_dir, model.pids) == [R, R]
+    assert again.get(other.name).state == State.FROZEN and units.frozen == {other.unit}
+    last = events.events[-1]
+    assert (last.model, last.fields["GPUSCHED_INTERRUPTED"], last.fields["GPUSCHED_SWAP_OUT"]) == ("other", "swap", "m")
+    assert (EventKind.FREEZE, "other", "swap-rollback") in events.reasons()
+    assert json.loads((tmp_path / "run" / "models.json").read_text())["swaps"] == []
+
+
 async def test_a_model_that_ended_while_the_daemon_was_down(first) -> None:  # type: ignore[no-untyped-def]
     engine, units, gpu_dir, model, tmp_path = first
     await engine.freeze("m")

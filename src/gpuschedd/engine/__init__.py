@@ -17,10 +17,11 @@ from .lifecycle import Lifecycle
 from .parking import Parking
 from .policies import Policies_
 from .startup import Startup
+from .swap import Swapping
 from .thaw import Thawing
 
 __all__ = ["DAEMON", "Engine", "Requester"]
 
 
-class Engine(Startup, Lifecycle, Adoption, Freezing, Thawing, Parking, Budget, Policies_, Catalog):
+class Engine(Startup, Lifecycle, Adoption, Swapping, Freezing, Thawing, Parking, Budget, Policies_, Catalog):
     """The facade the daemon and the bus drive."""

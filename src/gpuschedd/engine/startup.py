@@ -186,9 +186,17 @@ class Startup(Core):
 
     async def _finish_swap(self, out: str, into: str) -> None:
         """A swap cut short by a restart is made both-or-neither: if the model to thaw is not running, the model
-        that was frozen for it is thawed back."""
+        that was frozen for it is thawed back; if both run (an overlapped swap whose freeze was undone), the model
+        thawed for it is frozen again."""
         first, second = self.models.get(out), self.models.get(into)
         if second is not None and second.state == State.RUNNING:
+            if first is not None and first.state == State.RUNNING:
+                try:
+                    await self.freeze(into, "swap-rollback", f"frozen again: the swap of {out} for it was cut short")
+                except Exception as e:
+                    log.error("swap %s -> %s interrupted by a restart; freezing %s again: %s", out, into, into, e)
+                    return
+                self._emit(events.swap_rolled_back(second, out, thawed_back=False))
             return
         if first is None or first.state != State.FROZEN:
             return
@@ -197,4 +205,4 @@ class Startup(Core):
         except Exception as e:
             log.error("swap %s -> %s interrupted by a restart; thawing %s back failed: %s", out, into, out, e)
             return
-        self._emit(events.swap_rolled_back(first, into))
+        self._emit(events.swap_rolled_back(first, into, thawed_back=True))

@@ -1,4 +1,4 @@
-"""Thaw, migrate and swap."""
+"""Thaw and migrate (swap.py puts a freeze and a thaw together)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from ..errors import (
     CheckpointFailed,
     GpuschedError,
     InsufficientGpuMemory,
-    InvalidArgs,
-    InvalidState,
     NotSupported,
 )
 from ..model import Model, State, require
@@ -25,7 +23,7 @@ _T = TypeVar("_T")
 
 
 class Thawing(Core):
-    """Thaw, Migrate and Swap."""
+    """Thaw and Migrate."""
 
     def _drop_lost_pids(self, model: Model) -> None:
         """A CUDA process of a frozen model that ended while the unit lives on (one rank of a multi-process
@@ -177,35 +175,3 @@ class Thawing(Core):
             log.error("migration of %s failed, and so did moving pid(s) %s back: %s", model.name, moved, e)
         finally:
             await self.units.freeze(model.unit)
-
-    async def swap(self, freeze_name: str, thaw_name: str, by: Requester | None = None) -> None:
-        """Freeze one model and thaw another: both or neither. If the thaw fails, the first is thawed back. `by`:
-        as for freeze and thaw."""
-        if freeze_name == thaw_name:
-            raise InvalidArgs("swap needs two different models")
-        out, into = self.get(freeze_name), self.get(thaw_name)
-        require(into, "swap in")
-        require(out, "swap out")
-        t0 = time.monotonic()
-        # Saved while under way, so a restart in the middle still ends both-or-neither (_finish_swap). Only when
-        # the first model runs: thawing back one that was frozen before the swap would be wrong.
-        entry = (freeze_name, thaw_name)
-        if out.state == State.RUNNING:
-            self._swaps.append(entry)
-        try:
-            await self.freeze(freeze_name, by=by)
-            try:
-                await self.thaw(thaw_name, by)
-            except BaseException:
-                try:
-                    await self.thaw(freeze_name, by)
-                except InvalidState as e:  # stopped or thawed by someone meanwhile: nothing left to roll back
-                    log.warning("swap rollback: %s", e.message)
-                except Exception as e:  # the original error is the one the caller needs
-                    log.error("swap rollback: thawing %s failed: %s", freeze_name, e)
-                raise
-        finally:
-            if entry in self._swaps:
-                self._swaps.remove(entry)
-                self._persist()
-        self._emit(events.swapped(out, into, int((time.monotonic() - t0) * 1e6)))

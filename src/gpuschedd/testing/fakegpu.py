@@ -58,7 +58,7 @@ class FakeGpuDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "util"):
+        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "util", "hold"):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
 
     def _p(self, *parts: str) -> str:
@@ -94,6 +94,20 @@ class FakeGpuDir:
     def clear_delays(self) -> None:
         for name in os.listdir(self._p("delay")):
             os.unlink(self._p("delay", name))
+
+    def hold(self, pid: int, step: str) -> None:
+        """Keep `step` (checkpoint, restore) of pid in its copy until release() (30 s at most). As on the real driver,
+        a checkpoint holds the process's GPU memory until its copy ends, and a restore claims it before its copy: the
+        order of two models' steps then shows whether they overlapped, without timing anything."""
+        _write(self._p("hold", f"{pid}.{step}"), "\n")
+
+    def release(self, pid: int, step: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._p("hold", f"{pid}.{step}"))
+
+    def clear_holds(self) -> None:
+        for name in os.listdir(self._p("hold")):
+            os.unlink(self._p("hold", name))
 
     def busy(self, pid: int, ms: int) -> None:
         """The process cannot be locked for `ms` milliseconds (a long kernel, a held CUDA call)."""
