@@ -39,6 +39,18 @@ def swap_bytes() -> tuple[int, int]:
     return swap.total, swap.free
 
 
+def swap_cached_bytes() -> int:
+    """SwapCached of /proc/meminfo: pages that are in swap and still in RAM as a clean copy (0 if unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("SwapCached:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return 0
+
+
 def swapped_bytes(pid: int) -> int:
     """A process's memory that is in swap now (VmSwap of /proc/PID/status; psutil reads it only by walking the
     whole smaps); 0 when the process is gone."""

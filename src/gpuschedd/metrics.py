@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Seconds: from sub-second freezes of small models to the ~10 s of a 7B model on the driver path.
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TIMED = (EventKind.FREEZE, EventKind.THAW)
+TIMED = (EventKind.FREEZE, EventKind.THAW, EventKind.PAGE_OUT)
 # How long the HTTP server's thread waits for the event loop to read the engine.
 SCRAPE_TIMEOUT_S = 10
 

@@ -13,6 +13,7 @@ from .budget import Budget
 from .core import DAEMON, Requester
 from .freeze import Freezing
 from .lifecycle import Lifecycle
+from .paging import Paging
 from .parking import Parking
 from .policies import Policies_
 from .startup import Startup
@@ -21,5 +22,5 @@ from .thaw import Thawing
 __all__ = ["DAEMON", "Engine", "Requester"]
 
 
-class Engine(Startup, Lifecycle, Adoption, Freezing, Thawing, Parking, Budget, Policies_):
+class Engine(Startup, Lifecycle, Adoption, Freezing, Thawing, Parking, Paging, Budget, Policies_):
     """The facade the daemon and the bus drive."""

@@ -65,7 +65,9 @@ class Thawing(Core):
         self._thaw_reserved[model.name] = {moved.get(uuid, uuid): n for uuid, n in model.vram_by_gpu.items()}
         self._set_state(model, State.THAWING)
         reached, settled = State.FROZEN, False  # where a failure leaves the model
+        on_disk = model.snapshot_on_disk()
         try:
+            await self._prefetch(model)
             # The driver's restore runs on a thread inside the target: thaw the cgroup first.
             await self.units.thaw(model.unit)
             try:
@@ -96,7 +98,7 @@ class Thawing(Core):
                 model.cuda_pids = []
             self._set_state(model, reached)
             raise
-        model.cuda_pids = []
+        model.cuda_pids, model.swapped_bytes = [], 0
         if moved:
             model.vram_by_gpu = dict(self._thaw_reserved[model.name])
             model.gpus = sorted({moved.get(uuid, uuid) for uuid in model.gpus})
@@ -104,7 +106,7 @@ class Thawing(Core):
         model.last_active_usec = self.now_usec()
         await self.refresh(model, vram=True, quick=True)
         self._set_state(model, State.RUNNING)
-        self._emit(events.thawed(model))
+        self._emit(events.thawed(model, on_disk))
 
     async def migrate(self, name: str, gpu: str) -> Model:
         """Move a model onto another GPU: freeze it (if it runs), restore its processes there through the driver's
