@@ -7,7 +7,7 @@ after every thaw.
 Page-out methods: `madvise` (gpuschedd.pageout: process_madvise(MADV_PAGEOUT), what the daemon does) and
 `reclaim` (the cgroup's memory.reclaim). After MADV_PAGEOUT the pages written to swap stay in RAM as clean swap
 cache until something needs the memory; `drop` (memory.reclaim of the same cgroup) frees them, so the thaw that
-follows reads the disk. `prefetch`: MADV_WILLNEED (gpuschedd.pageout.prefetch) just before the thaw.
+follows reads the disk. `prefetch`: MADV_WILLNEED (gpuschedd.pageout.prefetch) in a thread beside the restore.
 
 Usage (root, on the GPU machine, swap on, cgroup v2 with the memory controller):
     PYTHONPATH=src python3 bench/disk_tier/run.py driver|agent [--size 7B] [--cases ram,madvise+drop,...]
@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from gpuschedd import pageout
@@ -134,13 +135,16 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     if "pageout_s" in row:
         row["out_gbps"] = row["swapped"] / row["pageout_s"] / 1e9  # type: ignore[operator]
     t2 = time.monotonic()
-    if "prefetch" in steps:
-        pageout.prefetch(pid)
+    ahead = threading.Thread(target=pageout.prefetch, args=(pid,)) if "prefetch" in steps else None
+    if ahead:  # beside the restore, as the daemon does
+        ahead.start()
     cg_freeze(False)
     drv.restore(pid)
     drv.unlock(pid)
     if link:
         await link.unpark(120)
+    if ahead:
+        ahead.join()
     row["thaw_s"] = time.monotonic() - t2
     row["swap_free"] = meminfo()["SwapFree"]
     row["tokens_ok"] = prog.ask("tok") == WANT["tok"]

@@ -117,12 +117,14 @@ class Paging(Core):
         return skipped
 
     async def _prefetch(self, model: Model) -> None:
-        """Before a thaw of a model with pages in swap: have the kernel start reading them back (MADV_WILLNEED
-        returns at once), so the restore that follows finds them in RAM instead of faulting them in one by one. A
-        failure only costs the head start."""
+        """During a thaw of a model with pages in swap, beside the restore: have the kernel read them back
+        (MADV_WILLNEED issues the reads of every page at once, instead of the restore faulting them in a few at a
+        time; measured 1 GiB in 0.9-1.2 s instead of 5.5-7.3 s on a virtio disk). A failure only costs the head
+        start."""
+        pids = list(model.cuda_pids)
         if not model.snapshot_on_disk():
             return
         try:
-            await asyncio.to_thread(lambda: [self._kernel_prefetch(pid) for pid in model.cuda_pids])
-        except pageout.PageOutError as e:
+            await asyncio.to_thread(lambda: [self._kernel_prefetch(pid) for pid in pids])
+        except (pageout.PageOutError, OSError) as e:
             log.warning("read-ahead of %s: %s", model.name, e)

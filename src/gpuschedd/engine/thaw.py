@@ -66,8 +66,9 @@ class Thawing(Core):
         self._set_state(model, State.THAWING)
         reached, settled = State.FROZEN, False  # where a failure leaves the model
         on_disk = model.snapshot_on_disk()
+        # Pages in swap are read ahead alongside the restore, not before it (docs/disk-tier.md has the figures).
+        prefetch = asyncio.ensure_future(self._prefetch(model))
         try:
-            await self._prefetch(model)
             # The driver's restore runs on a thread inside the target: thaw the cgroup first.
             await self.units.thaw(model.unit)
             try:
@@ -98,6 +99,8 @@ class Thawing(Core):
                 model.cuda_pids = []
             self._set_state(model, reached)
             raise
+        finally:
+            await prefetch
         model.cuda_pids, model.swapped_bytes = [], 0
         if moved:
             model.vram_by_gpu = dict(self._thaw_reserved[model.name])
