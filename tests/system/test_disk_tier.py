@@ -13,6 +13,7 @@ import pytest
 from fakegpu_sys import FakeModels, check_consistent, journal_entries, manager_property
 from secutil import ALICE, call_as, ensure_users
 from sysutil import REPO, gpusched, model_property, run
+from test_fastpath import PARKED, run_agent_model
 
 from gpuschedd.events import MESSAGE_IDS, EventKind
 from gpuschedd.testing.fakegpu import FakeGpuDir
@@ -76,6 +77,22 @@ def test_page_out_and_thaw_from_swap(swap: None, fmodels: FakeModels, fake: Fake
     assert model_property(model.name, "SnapshotSwapBytes") > 0 and check_consistent(model.name, fake) == "frozen"
     gpusched("thaw", model.name)
     assert check_consistent(model.name, fake) == "running" and fake.corrupted() == []
+
+
+@pytest.mark.parametrize("flags", [(), ("--keep-context",)], ids=["agent", "agent-only"])
+def test_parked_memory_goes_to_swap_too(swap: None, fmodels: FakeModels, fake: FakeGpuDir, flags: tuple[str]) -> None:
+    """The agent's parked memory is anonymous memory in the model process: it goes to swap with the driver's part
+    (or alone, with KeepContext), and the model reads every parked byte after the thaw (a wrong one stops it)."""
+    model = run_agent_model(fmodels, "disk-" + (flags[0].strip("-") if flags else "agent"), *flags)
+    [pid] = model.cuda_pids(fake)
+    gpusched("freeze", "--to-disk", model.name)
+    assert model_property(model.name, "ParkedBytes") == PARKED
+    assert vm_swap(pid) >= PARKED, "the parked memory is in swap"
+    assert model_property(model.name, "SnapshotSwapBytes") == model_property(model.name, "SnapshotBytes") > 0
+    model.assert_still()
+    gpusched("thaw", model.name)
+    assert check_consistent(model.name, fake) == "running" and fake.corrupted() == []
+    model.assert_moving()
 
 
 def test_refusals_change_nothing(fmodels: FakeModels, fake: FakeGpuDir) -> None:
