@@ -13,7 +13,10 @@ date -u; uname -r; nvidia-smi --query-gpu=name,driver_version,memory.used --form
 echo "zswap: $(cat /sys/module/zswap/parameters/enabled 2>/dev/null || echo absent)  THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled)"
 echo "vm.swappiness=$(cat /proc/sys/vm/swappiness) vm.page-cluster=$(cat /proc/sys/vm/page-cluster)"
 df -hT "$dir"; free -g
-cleanup() { swapoff "$swap" 2>/dev/null; rm -f "$swap" "$dir/gpusched-disktier.dd"; }
+cg=/sys/fs/cgroup/gpusched-disktier-bench
+# A run cut short by its timeout leaves its model process frozen in the bench's cgroup, holding the GPU: kill it.
+killcg() { [ -d $cg ] || return 0; echo 1 > $cg/cgroup.kill; sleep 2; rmdir $cg; }
+cleanup() { killcg; swapoff "$swap" 2>/dev/null; rm -f "$swap" "$dir/gpusched-disktier.dd"; }
 trap cleanup EXIT
 echo "== swap file: $gb GiB on $dir"
 swapoff "$swap" 2>/dev/null; rm -f "$swap"
@@ -42,6 +45,7 @@ rm -f "$dir/gpusched-disktier.dd" "$dir/gpusched-disktier.dd.src"
 echo "+memory" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null; echo "root controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
 echo "== driver path, Qwen2.5-7B shape"
 timeout 260 python3 bench/disk_tier/run.py driver --size ${SIZE:-7B} ${DRIVER_CASES:+--cases $DRIVER_CASES}
+killcg
 if make -s preload PRELOAD_OUT=/tmp/disktier-preload; then
 	echo "== agent path (interposer), Qwen2.5-7B shape"
 	PRELOAD=/tmp/disktier-preload/libgpuschedd-preload.so timeout 160 python3 bench/disk_tier/run.py agent --size ${SIZE:-7B}
