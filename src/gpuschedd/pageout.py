@@ -32,6 +32,7 @@ MADV_WILLNEED = 3
 MADV_PAGEOUT = 21
 UIO_MAXIOV = 1024
 PIECE = 1 << 30  # bytes of one iovec, and of one call in all
+RETRIES = 8  # calls answered EINTR or EAGAIN, tried again, per process
 
 
 class PageOutError(Exception):
@@ -132,13 +133,17 @@ def advise(pid: int, advice: int, syscall: Syscall = _process_madvise) -> Advise
     except ProcessLookupError:
         done.gone = True
         return done
+    except OSError as e:  # ENOSYS: a kernel before 5.3
+        raise PageOutError(f"pidfd_open of pid {pid}: {e.strerror}", e.errno or 0) from e
+    retries = 0
     try:
         todo = batches(pieces(anonymous_ranges(pid)))
         while todo:
             batch = todo.pop(0)
             ret = syscall(pidfd, batch, advice)
             done.calls += 1
-            if ret == -errno.EINTR or ret == -errno.EAGAIN:
+            if ret in (-errno.EINTR, -errno.EAGAIN) and retries < RETRIES:
+                retries += 1
                 todo.insert(0, batch)
                 continue
             if ret == -errno.ESRCH:
@@ -164,8 +169,9 @@ def advise(pid: int, advice: int, syscall: Syscall = _process_madvise) -> Advise
 
 
 def page_out(pid: int, syscall: Syscall = _process_madvise) -> Advised:
-    """MADV_PAGEOUT over the process's anonymous memory: the kernel writes its pages to swap now (or to zswap,
-    where it is on) and frees them once written. Pages shared with another process are left."""
+    """MADV_PAGEOUT over the process's anonymous memory: the kernel unmaps its pages and writes them to swap now
+    (or to zswap, where it is on); the written copies stay in RAM as clean swap cache, dropped without I/O as soon
+    as memory is wanted. Pages shared with another process are left."""
     return advise(pid, MADV_PAGEOUT, syscall)
 
 

@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class Paging(Core):
-    """PageOut and FreezeToDisk, and the read-ahead of a thaw. The kernel's side is behind four methods the tests
-    replace with a fake kernel (as Core's mem_available and rss): page out and read ahead one process, one
-    process's swapped bytes, the host's swap."""
+    """PageOut and FreezeToDisk, and the read-ahead of a thaw. The kernel's side is behind the `_kernel_*` and
+    `_swap*` methods, which the tests replace with a fake kernel (as Core's mem_available and rss): page out and
+    read ahead one process, one process's swapped bytes, the host's swap and its swap cache."""
 
     def _kernel_page_out(self, pid: int) -> pageout.Advised:
         return pageout.page_out(pid)
@@ -38,7 +38,7 @@ class Paging(Core):
 
     def _paged_out_cache(self) -> int:
         """RAM the kernel can take back at once: a page written out by MADV_PAGEOUT stays in RAM as a clean copy
-        (SwapCached) until memory is wanted, and MemAvailable does not count it (measured: it moved by 0 after
+        (SwapCached) until memory is wanted, and MemAvailable does not count it (measured: it did not grow when
         768 MiB were paged out). At most what frozen models have on disk: SwapCached also holds pages read back."""
         on_disk = sum(m.snapshot_on_disk() for m in self.models.values())
         return min(on_disk, self._swap_cached()) if on_disk else 0
