@@ -102,6 +102,23 @@ async def test_no_swap_too_little_or_a_refusing_kernel_changes_nothing(setup) ->
     assert model.state == State.RUNNING and gpu_dir.corrupted() == []
 
 
+async def test_a_thaw_from_swap_without_room_to_come_back_is_refused(setup) -> None:  # noqa: F811
+    engine, gpu_dir, events, _, tmp_path = setup
+    kernel = FakeKernel(engine, 1 << 30)
+    model = await run_model(engine, gpu_dir, tmp_path, "m")
+    await engine.freeze_to_disk("m")
+    engine.mem_available = lambda: model.snapshot_bytes // 4
+    kernel.free = model.snapshot_bytes // 4
+    with pytest.raises(RamBudgetExceeded, match="stays frozen"):
+        await engine.thaw("m")
+    assert model.state == State.FROZEN and model.snapshot_on_disk() == model.snapshot_bytes
+    assert kernel.calls[-1][0] == "page-out", "nothing read back"
+    assert events.events[-1].kind == EventKind.REFUSAL
+    kernel.free = 1 << 30
+    await engine.thaw("m")
+    assert model.state == State.RUNNING and gpu_dir.corrupted() == []
+
+
 async def test_a_partial_move_is_reported_and_counted_as_it_is(setup) -> None:  # noqa: F811
     """The swap fills during the page-out (something else took it meanwhile): what moved is on disk, the rest stays
     in RAM and in the budget; not an error."""

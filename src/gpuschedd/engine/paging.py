@@ -9,7 +9,7 @@ import logging
 import time
 
 from .. import events, hostmem, pageout
-from ..errors import InsufficientSwap, NotSupported
+from ..errors import InsufficientSwap, NotSupported, RamBudgetExceeded
 from ..model import Model, State, require
 from .core import Core, Requester
 
@@ -115,6 +115,23 @@ class Paging(Core):
             if done.skipped:
                 log.info("page-out of pid %d: %d range(s) left in RAM: %s", pid, len(done.skipped), done.skipped[:3])
         return skipped
+
+    def _check_swap_in(self, model: Model) -> None:
+        """Refuse a thaw (the model stays frozen, on disk) whose snapshot could not come back into RAM: more on disk
+        than the kernel has available, counting the free swap it could move other pages to. Short of that, the
+        kernel's OOM killer would choose a process to end during the restore."""
+        on_disk = model.snapshot_on_disk()
+        if not on_disk:
+            return
+        room = self.mem_available() + self._paged_out_cache() + self._swap_space()[1]
+        if on_disk > room:
+            self._refuse(
+                model,
+                RamBudgetExceeded(
+                    f"thawing {model.name} reads {on_disk} bytes back from swap; the host has {room} available"
+                    " (MemAvailable and free swap). The model stays frozen."
+                ),
+            )
 
     async def _prefetch(self, model: Model) -> None:
         """During a thaw of a model with pages in swap, beside the restore: have the kernel read them back

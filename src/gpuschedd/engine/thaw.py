@@ -61,6 +61,7 @@ class Thawing(Core):
         moved = dict(gpu_pairs or [])
         if gpu_pairs is None:
             self._check_gpu_room(model, self._gpu_shortfall(model))
+        self._check_swap_in(model)
         # No await since the check: nothing came between.
         self._thaw_reserved[model.name] = {moved.get(uuid, uuid): n for uuid, n in model.vram_by_gpu.items()}
         self._set_state(model, State.THAWING)
