@@ -2,7 +2,8 @@
 # The disk tier's proof on the GPU machine, in one go (docs/disk-tier.md): a swap file on the disk, the disk's own
 # write and read bandwidth on that file system (dd, direct I/O), then bench/disk_tier/run.py on the driver path and
 # on the agent path (the interposer, built here) of a Qwen2.5-7B-shaped model. Usage, from the repository root, as
-# root: bench/disk_tier/gpu.sh OUTDIR   (SWAP_GB: the swap file's size, default 32; SWAPDIR: where, default /var/tmp)
+# root: bench/disk_tier/gpu.sh OUTDIR   (SWAP_GB: the swap file's size, default 32; SWAPDIR: where, default /var/tmp;
+# DRIVER_CASES, AGENT_CASES: run.py's --cases for each path)
 set -u
 out=${1:?OUTDIR}
 mkdir -p "$out"
@@ -48,6 +49,7 @@ timeout 260 python3 bench/disk_tier/run.py driver --size ${SIZE:-7B} ${DRIVER_CA
 killcg
 if make -s preload PRELOAD_OUT=/tmp/disktier-preload; then
 	echo "== agent path (interposer), Qwen2.5-7B shape"
-	PRELOAD=/tmp/disktier-preload/libgpuschedd-preload.so timeout 160 python3 bench/disk_tier/run.py agent --size ${SIZE:-7B}
+	PRELOAD=/tmp/disktier-preload/libgpuschedd-preload.so timeout 200 python3 bench/disk_tier/run.py agent \
+		--size ${SIZE:-7B} ${AGENT_CASES:+--cases $AGENT_CASES}
 fi
 date -u

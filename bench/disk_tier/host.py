@@ -5,7 +5,7 @@ read-ahead (`willneed-before`: MADV_WILLNEED, then touch), and with the read-ahe
 (`willneed-beside`: what the daemon does during a thaw). Every page is checked.
 
 Usage (root; makes a swap file and a memory cgroup, removes both after):
-    PYTHONPATH=src python3 bench/disk_tier/host.py [--mib 1024] [--rounds 3] [--swapfile PATH]
+    PYTHONPATH=src python3 bench/disk_tier/host.py [--mib 1024] [--rounds 3] [--swapfile PATH] [--threads 1,8]
 (the swap file: default /var/tmp/gpusched-bench.swap, on the disk to measure)"""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Cgroup:
         os.rmdir(self.path)
 
 
-def one(size: int, mode: str, cg: Cgroup) -> dict[str, float]:
+def one(size: int, mode: str, cg: Cgroup, threads: int) -> dict[str, float]:
     to_child, from_parent = os.pipe()
     to_parent, from_child = os.pipe()
     pid = os.fork()
@@ -76,16 +76,16 @@ def one(size: int, mode: str, cg: Cgroup) -> dict[str, float]:
     cg.add(pid)
     os.read(to_parent, 1)
     t0 = time.monotonic()
-    pageout.page_out(pid)
+    pageout.page_out(pid, threads=threads)
     while meminfo("Writeback") > 0:
         time.sleep(0.005)
     out_s = time.monotonic() - t0
     cg.drop(size)
     cached = meminfo("SwapCached")
     t1 = time.monotonic()
-    ahead = threading.Thread(target=pageout.prefetch, args=(pid,))
+    ahead = threading.Thread(target=pageout.prefetch, args=(pid,), kwargs={"threads": threads})
     if mode == "willneed-before":
-        pageout.prefetch(pid)
+        pageout.prefetch(pid, threads=threads)
     elif mode == "willneed-beside":
         ahead.start()
     os.write(from_parent, b"t")
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--swapfile", default="/var/tmp/gpusched-bench.swap")
+    parser.add_argument("--threads", default=f"1,{pageout.THREADS}", help="process_madvise calls at once, each tried")
     args = parser.parse_args()
     size = args.mib << 20
     subprocess.run(["fallocate", "-l", str(2 * size), args.swapfile], check=True)
@@ -111,24 +112,26 @@ def main() -> None:
     subprocess.run(["mkswap", args.swapfile], check=True, capture_output=True)
     subprocess.run(["swapon", args.swapfile], check=True)
     cg = Cgroup()
-    rows: dict[str, list[dict[str, float]]] = {}
+    rows: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         for _ in range(args.rounds):
-            for mode in ("plain", "willneed-before", "willneed-beside"):
-                rows.setdefault(mode, []).append(one(size, mode, cg))
+            for threads in sorted({int(t) for t in args.threads.split(",")}):
+                for mode in ("plain", "willneed-before", "willneed-beside"):
+                    rows.setdefault((mode, threads), []).append(one(size, mode, cg, threads))
     finally:
         subprocess.run(["swapoff", args.swapfile], check=False)
         os.unlink(args.swapfile)
         cg.remove()
     print(f"{args.mib} MiB of private anonymous memory, {args.rounds} rounds (median); kernel {os.uname().release}")
-    print(f"{'read-back':16} {'page-out GB/s':>13} {'read-back s':>11} {'GB/s':>6} {'swap cache left':>15}")
-    for mode, results in rows.items():
+    head = f"{'read-back':16} {'threads':>7} {'page-out GB/s':>13} {'read-back s':>11} {'GB/s':>6}"
+    print(f"{head} {'swap cache left':>15}")
+    for (mode, threads), results in rows.items():
 
         def med(key: str, results: list[dict[str, float]] = results) -> float:
             return statistics.median(r[key] for r in results)
 
         print(
-            f"{mode:16} {med('out_gbps'):13.2f} {med('back_s'):11.2f} {med('back_gbps'):6.2f} "
+            f"{mode:16} {threads:7} {med('out_gbps'):13.2f} {med('back_s'):11.2f} {med('back_gbps'):6.2f} "
             f"{med('cached_mib'):12.0f} MiB"
         )
     print(f"command: PYTHONPATH=src python3 {' '.join(sys.argv)}")

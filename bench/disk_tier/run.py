@@ -8,6 +8,7 @@ Page-out methods: `madvise` (gpuschedd.pageout: process_madvise(MADV_PAGEOUT), w
 `reclaim` (the cgroup's memory.reclaim). After MADV_PAGEOUT the pages written to swap stay in RAM as clean swap
 cache until something needs the memory; `drop` (memory.reclaim of the same cgroup) frees them, so the thaw that
 follows reads the disk. `prefetch`: MADV_WILLNEED (gpuschedd.pageout.prefetch) in a thread beside the restore.
+`@N` after a case: N process_madvise calls at once (default: gpuschedd.pageout.THREADS).
 
 Usage (root, on the GPU machine, swap on, cgroup v2 with the memory controller):
     PYTHONPATH=src python3 bench/disk_tier/run.py driver|agent [--size 7B] [--cases ram,madvise+drop,...]
@@ -108,7 +109,9 @@ class Program:
 
 
 async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, case: str) -> dict[str, object]:
-    pid, steps = prog.p.pid, case.split("+")
+    """One freeze, page-out and thaw. `case`: steps joined by +, and @N for N process_madvise calls at once."""
+    pid, (what, _, at) = prog.p.pid, case.partition("@")
+    steps, threads = what.split("+"), int(at or pageout.THREADS)
     t0 = time.monotonic()
     parked = await link.park(60_000) if link else 0
     drv.lock(pid, 10_000)
@@ -120,7 +123,7 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     before = meminfo()
     if "madvise" in steps:
         t1 = time.monotonic()
-        done = pageout.page_out(pid)
+        done = pageout.page_out(pid, threads=threads)
         row["pageout_call_s"] = time.monotonic() - t1
         row["pageout_s"] = row["pageout_call_s"] + wait_written()  # type: ignore[operator]
         row["advised"], row["skipped"] = done.bytes, len(done.skipped)
@@ -136,7 +139,8 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     if "pageout_s" in row:
         row["out_gbps"] = row["swapped"] / row["pageout_s"] / 1e9  # type: ignore[operator]
     t2 = time.monotonic()
-    ahead = threading.Thread(target=pageout.prefetch, args=(pid,)) if "prefetch" in steps else None
+    ahead = threading.Thread(target=pageout.prefetch, args=(pid,), kwargs={"threads": threads})
+    ahead = ahead if "prefetch" in steps else None
     if ahead:  # beside the restore, as the daemon does
         ahead.start()
     cg_freeze(False)

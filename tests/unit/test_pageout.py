@@ -80,13 +80,17 @@ def test_a_refused_range_is_skipped_and_the_rest_advised(child: tuple[int, list[
     wanted = pageout.pieces(ranges)
     refused = wanted[len(wanted) // 2]
     fake = FakeSyscall(refuse={refused[0]: errno.EINVAL}, interrupt=True)
-    done = pageout.page_out(pid, fake)
+    done = pageout.page_out(pid, fake, threads=1)
     assert fake.advised == [r for r in wanted if r != refused]
     assert done.bytes == sum(n for _s, n in fake.advised)
     assert done.skipped == [(*refused, 0)], "cut short after the ranges before it: they count as advised"
     first = FakeSyscall(refuse={wanted[0][0]: errno.ENOMEM})
-    assert pageout.page_out(pid, first).skipped == [(*wanted[0], errno.ENOMEM)]
+    assert pageout.page_out(pid, first, threads=1).skipped == [(*wanted[0], errno.ENOMEM)]
     assert first.advised == wanted[1:]
+    # From several threads at once: the same ranges, each once.
+    many = FakeSyscall(refuse={refused[0]: errno.EINVAL})
+    assert [skip[:2] for skip in pageout.page_out(pid, many, threads=4).skipped] == [refused]
+    assert sorted(many.advised) == sorted(r for r in wanted if r != refused)
 
 
 @pytest.mark.parametrize("err", [errno.EPERM, errno.ENOSYS])
