@@ -129,9 +129,9 @@ def batches(ranges: list[tuple[int, int]], most: int = PIECE, count: int = UIO_M
 
 def advise(pid: int, advice: int, syscall: Syscall = _process_madvise, threads: int = THREADS) -> Advised:
     """Give `advice` for every private anonymous range of `pid`, in calls within the kernel's limits, from `threads`
-    threads at once (the kernel's work per page, not the disk, bounds one thread: measured on an H200 host, one
-    thread paged out 1.5-2.3 GB/s and read back 1.2 GB/s); a range the kernel refuses is skipped. PageOutError
-    when it refuses the process (EPERM, ENOSYS, EBADF)."""
+    threads at once (one thread, on an H200 host whose disk writes 2.4 GB/s and reads 2.1: paged out at 1.5-2.3
+    GB/s and read back at 1.2, docs/disk-tier.md); a range the kernel refuses is skipped. PageOutError when it
+    refuses the process (EPERM, ENOSYS, EBADF)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
