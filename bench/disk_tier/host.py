@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--swapfile", default="/var/tmp/gpusched-bench.swap")
-    parser.add_argument("--threads", default=f"1,{pageout.THREADS}", help="process_madvise calls at once, each tried")
+    parser.add_argument("--threads", default="1", help="process_madvise calls at once: each of these (1,8) is tried")
     args = parser.parse_args()
     size = args.mib << 20
     subprocess.run(["fallocate", "-l", str(2 * size), args.swapfile], check=True)

@@ -11,8 +11,8 @@ Why ctypes: Python has os.pidfd_open but no process_madvise (glibc has a wrapper
 it, but the call is one syscall whose number is the same on every architecture: 440), so it is one `syscall()`.
 
 The kernel's limits this follows: at most UIO_MAXIOV (1024) iovecs a call; one call advises at most MAX_RW_COUNT
-(just under 2 GiB), so ranges are cut into pieces of at most 256 MiB and a call carries at most 256 MiB; several
-calls run at once, from threads (the kernel takes the process's mmap lock for reading only). A call stops
+(just under 2 GiB), so ranges are cut into pieces of at most 1 GiB and a call carries at most 1 GiB. Several calls
+may run at once, from threads (the kernel takes the process's mmap lock for reading only). A call stops
 at the first range it cannot advise (a range unmapped meanwhile: ENOMEM; an mlocked or device mapping: EINVAL)
 and returns the bytes advised before it; that range is skipped and the rest advised. The caller needs
 CAP_SYS_NICE (and ptrace read access) over the target: EPERM otherwise.
@@ -33,8 +33,10 @@ SYS_PROCESS_MADVISE = 440  # the same on every architecture (asm-generic numberi
 MADV_WILLNEED = 3
 MADV_PAGEOUT = 21
 UIO_MAXIOV = 1024
-PIECE = 256 << 20  # bytes of one iovec, and of one call in all (the kernel's limit is 2 GiB)
-THREADS = min(8, os.cpu_count() or 1)  # calls at once
+PIECE = 1 << 30  # bytes of one iovec, and of one call in all (the kernel's limit is 2 GiB)
+# Calls at once. One is what was measured on the GPU (docs/disk-tier.md); more were not (bench/disk_tier/run.py
+# measures them with @N), and on a 2-core host they were no faster.
+THREADS = 1
 RETRIES = 8  # calls answered EINTR or EAGAIN, tried again, per process
 
 
@@ -129,9 +131,8 @@ def batches(ranges: list[tuple[int, int]], most: int = PIECE, count: int = UIO_M
 
 def advise(pid: int, advice: int, syscall: Syscall = _process_madvise, threads: int = THREADS) -> Advised:
     """Give `advice` for every private anonymous range of `pid`, in calls within the kernel's limits, from `threads`
-    threads at once (one thread, on an H200 host whose disk writes 2.4 GB/s and reads 2.1: paged out at 1.5-2.3
-    GB/s and read back at 1.2, docs/disk-tier.md); a range the kernel refuses is skipped. PageOutError when it
-    refuses the process (EPERM, ENOSYS, EBADF)."""
+    threads at once; a range the kernel refuses is skipped. PageOutError when it refuses the process (EPERM,
+    ENOSYS, EBADF)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
