@@ -94,6 +94,22 @@ def transition(gs: GpuSched, verb: str, name: str, as_json: str | None) -> None:
             print(f"Thawed {name} in {after['LastThawUSec'] / 1e6:.2f} s: it runs again")
 
 
+def to_disk(gs: GpuSched, name: str, freeze: bool, as_json: str | None) -> None:
+    """page-out, or freeze --to-disk: then where the snapshot is (docs/disk-tier.md)."""
+    before = gs.model(name) if sys.stderr.isatty() else {}
+    total = before.get("VramBytes", 0) if before.get("State") == "running" else before.get("SnapshotRamBytes", 0)
+    with Progress(f"Paging {name} out to swap", total):
+        (gs.freeze_to_disk if freeze else gs.page_out)(name)
+    after = gs.model(name)
+    if as_json:
+        print(to_json(after, as_json))
+    elif sys.stdout.isatty():
+        print(
+            f"{name} is frozen: {human_bytes(after['SnapshotSwapBytes'])} of its snapshot in swap, "
+            f"{human_bytes(after['SnapshotRamBytes'])} in host RAM"
+        )
+
+
 def swap(gs: GpuSched, out: str, into: str, as_json: str | None) -> None:
     interactive = sys.stderr.isatty()
     before_out = gs.model(out) if interactive else {}
@@ -260,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("forget", "stop managing a model, leaving its unit running"),
     ):
         sub.add_parser(verb, parents=[common], help=text).add_argument("name")
+    sub.choices["freeze"].add_argument(
+        "--to-disk", action="store_true", help="then page its snapshot out to swap (as page-out)"
+    )
+    page_out = sub.add_parser(
+        "page-out", parents=[common], help="page a frozen model's snapshot out to swap, freeing host RAM"
+    )
+    page_out.add_argument("name")
     adopt = sub.add_parser(
         "adopt",
         parents=[common, policies],
@@ -391,6 +414,8 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         gs.reload()
         if args.json:
             print(to_json({"command": "reload", "ok": True}, args.json))
+    elif args.command == "page-out" or getattr(args, "to_disk", False):
+        to_disk(gs, args.name, args.command == "freeze", args.json)
     elif args.command in ("freeze", "thaw"):
         transition(gs, args.command, args.name, args.json)
     elif args.command == "swap":

@@ -61,18 +61,9 @@ T = TypeVar("T")
 CALL_TIMEOUT_S = 25.0
 LONG_CALL_TIMEOUT_S = 900.0
 _LONG_CALLS = {
-    "Run",
-    "Start",
-    "Reload",
-    "Adopt",
-    "AdoptProcesses",
-    "Freeze",
-    "Thaw",
-    "Swap",
-    "Stop",
-    "Forget",
-    "Migrate",
-}
+    "Run", "Start", "Reload", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate",
+    "PageOut", "FreezeToDisk",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -191,6 +182,14 @@ class AsyncGpuSched:
 
     async def thaw(self, name: str, *, timeout: float | None = None) -> None:
         await self._call("Thaw", "s", [name], timeout=timeout)
+
+    async def page_out(self, name: str, *, timeout: float | None = None) -> None:
+        """Page a frozen model's snapshot out to swap (docs/disk-tier.md); it stays frozen."""
+        await self._call("PageOut", "s", [name], timeout=timeout)
+
+    async def freeze_to_disk(self, name: str, *, timeout: float | None = None) -> None:
+        """Freeze (if it runs), then page out."""
+        await self._call("FreezeToDisk", "s", [name], timeout=timeout)
 
     async def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
         """Freeze one model and thaw the other: both or neither."""
@@ -318,6 +317,12 @@ class GpuSched:
 
     def thaw(self, name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.thaw(name, timeout=timeout))
+
+    def page_out(self, name: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.page_out(name, timeout=timeout))
+
+    def freeze_to_disk(self, name: str, *, timeout: float | None = None) -> None:
+        self._wait(self._client.freeze_to_disk(name, timeout=timeout))
 
     def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.swap(freeze_name, thaw_name, timeout=timeout))

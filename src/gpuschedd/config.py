@@ -83,6 +83,19 @@ def one_of(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+BUDGET_ACTIONS = ("page-out", "stop-oldest")
+
+
+def parse_budget_action(text: str) -> str:
+    """RamBudgetAction=: refuse, or page-out and/or stop-oldest, space-separated, in the order they are tried."""
+    words = text.split()
+    if words == ["refuse"]:
+        return "refuse"
+    if not words or len(set(words)) != len(words) or any(w not in BUDGET_ACTIONS for w in words):
+        raise ValueError("expected refuse, or one or both of page-out and stop-oldest in the order to try them")
+    return " ".join(words)
+
+
 def parse_ports(text: str) -> frozenset[int]:
     """Space-separated ports and ranges (80 443 8000-8099)."""
     ports: set[int] = set()
@@ -121,10 +134,10 @@ class Config:
     metrics_textfile: str = ""  # a .prom file for node_exporter's textfile collector; empty: off
     # Policies (docs/configuration.md): freeze a running model whose processes used no GPU for this long (0: off);
     # on a thaw short of VRAM, freeze lower-priority (then least recently used) models first; on a freeze over the
-    # RAM budget, stop the oldest frozen model(s) instead of refusing.
+    # RAM budget, page out the least recently used frozen model(s) and/or stop the oldest instead of refusing.
     idle_freeze_sec: int = 0
     evict_on_thaw: bool = False
-    ram_budget_action: str = "refuse"  # refuse, stop-oldest
+    ram_budget_action: str = "refuse"  # refuse, or page-out and/or stop-oldest in the order tried
     # The fast path: how long a model's agent may take to park its memory before the driver path is taken, and
     # where the models' agent directories are (systemd creates each as the unit's RuntimeDirectory).
     agent_timeout_ms: int = 30_000
@@ -177,7 +190,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
     "AgentTimeoutSec": ("agent_timeout_ms", parse_milliseconds),
     "CheckpointBackend": ("checkpoint_backend", one_of("auto", "driver", "cli", "none")),
     "UnitBackend": ("unit_backend", one_of("auto", "systemd", "cgroupfs")),
-    "RamBudgetAction": ("ram_budget_action", one_of("refuse", "stop-oldest")),
+    "RamBudgetAction": ("ram_budget_action", parse_budget_action),
     "CudaCheckpoint": ("cuda_checkpoint", str),
     "CgroupRoot": ("cgroup_root", str),
     "MetricsListen": ("metrics_listen", parse_listen),

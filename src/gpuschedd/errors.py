@@ -55,6 +55,12 @@ class LimitExceeded(Refused):
     dbus_name = "org.gpusched1.Error.LimitExceeded"
 
 
+class InsufficientSwap(Refused):
+    """Paging a frozen model out (the disk tier) would not fit in the host's free swap: nothing is moved."""
+
+    dbus_name = "org.gpusched1.Error.InsufficientSwap"
+
+
 class CheckpointFailed(GpuschedError):
     dbus_name = "org.gpusched1.Error.CheckpointFailed"
 
@@ -88,6 +94,7 @@ ALL_ERRORS: tuple[type[GpuschedError], ...] = (
     InsufficientGpuMemory,
     RamBudgetExceeded,
     LimitExceeded,
+    InsufficientSwap,
     CheckpointFailed,
     NotSupported,
     UnitFailed,

@@ -28,6 +28,7 @@ class EventKind(StrEnum):
     ADOPT = "adopt"
     FORGET = "forget"
     MIGRATE = "migrate"
+    PAGE_OUT = "page-out"
 
 
 # One fixed journal MESSAGE_ID per kind (the catalog, catalog/gpuschedd.catalog, explains each; admins filter on them):
@@ -44,6 +45,7 @@ MESSAGE_IDS: dict[EventKind, str] = {
     EventKind.ADOPT: "4820b1fefb24437aa4988a0d61583a23",
     EventKind.FORGET: "9cfd0d9195b04603a3b703a4dc520de5",
     EventKind.MIGRATE: "bacfcd76f96d467ebe962da40948e1e0",
+    EventKind.PAGE_OUT: "d2cdf3d84134402380371dc87834b29d",
 }
 
 
@@ -133,15 +135,39 @@ def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: 
     )
 
 
-def thawed(model: Model) -> Event:
+def thawed(model: Model, on_disk: int = 0) -> Event:
+    """A thaw done; `on_disk`: bytes of the snapshot that came back from swap (the disk tier)."""
     return Event(
         EventKind.THAW,
         model.name,
         model.unit,
-        f"model {model.name} thawed in {model.last_thaw_usec / 1e6:.3f}s",
+        f"model {model.name} thawed in {model.last_thaw_usec / 1e6:.3f}s"
+        + (f" ({on_disk} bytes of its snapshot read back from swap)" if on_disk else ""),
         duration_usec=model.last_thaw_usec,
         bytes=model.snapshot_bytes,
         gpus=tuple(model.gpus),
+        fields={"GPUSCHED_SWAP_BYTES": str(on_disk)} if on_disk else {},
+    )
+
+
+def paged_out(model: Model, moved: int, duration_usec: int, skipped: int, reason: str, why: str) -> Event:
+    """A page-out done (the disk tier): `moved`, bytes of the snapshot that went to swap by it; where the snapshot is
+    now; `skipped`, memory ranges the kernel would not move; why, when the daemon decided it."""
+    left = model.snapshot_in_ram()
+    message = (
+        f"model {model.name} paged out in {duration_usec / 1e6:.3f}s: {moved} bytes of its snapshot written to swap;"
+        f" {model.snapshot_on_disk()} bytes on disk, {left} in RAM"
+    )
+    message += f" ({skipped} memory range(s) the kernel would not move)" if skipped else ""
+    fields = {"GPUSCHED_SWAP_BYTES": str(model.snapshot_on_disk()), "GPUSCHED_RAM_BYTES": str(left)}
+    return Event(
+        EventKind.PAGE_OUT,
+        model.name,
+        model.unit,
+        message + (f": {why}" if why else ""),
+        duration_usec=duration_usec,
+        bytes=moved,
+        fields=fields | ({"GPUSCHED_REASON": reason} if reason else {}),
     )
 
 

@@ -139,6 +139,11 @@ def manager_lines(manager: dict[str, Any], models: list[dict[str, Any]], color: 
         f"{'Host RAM':>12}: {human_bytes(manager['RamFrozenBytes'])} parked in frozen models, "
         f"budget {human_bytes(manager['RamBudgetBytes'])}"
     )
+    if "SwapTotalBytes" in manager:
+        total, free = manager["SwapTotalBytes"], manager["SwapFreeBytes"]
+        swap = f"{human_bytes(total - free)} used, {human_bytes(free)} free of {human_bytes(total)}"
+        swap = swap if total else "none (frozen models stay in RAM)"
+        lines.append(f"{'Swap':>12}: {swap}" + (", zswap on" if manager.get("Zswap") else ""))
     thp = manager.get("TransparentHugepages", "")
     if thp:
         hint = "" if thp == "always" else " (always makes checkpoints 1.3-1.8x faster)"
@@ -165,7 +170,11 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
     add("PIDs", " ".join(map(str, m["Pids"])) or "-")
     add("GPUs", ", ".join(gpu_label(g, gpus) for g in m["Gpus"]) or "-")
     if m["State"] in ("frozen", "freezing", "thawing") or m["SnapshotBytes"]:
-        add("Snapshot", f"{human_bytes(m['SnapshotBytes'])} in host RAM")
+        on_disk = m.get("SnapshotSwapBytes", 0)
+        where = f"{human_bytes(m['SnapshotBytes'])} in host RAM"
+        if on_disk:
+            where = f"{human_bytes(m['SnapshotRamBytes'])} in host RAM, {human_bytes(on_disk)} paged out to swap"
+        add("Snapshot", where)
     else:
         add("VRAM", human_bytes(m["VramBytes"]))
     if m["LastFreezeUSec"] or m["LastThawUSec"]:

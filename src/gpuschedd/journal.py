@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # syslog priorities: failures are errors, refusals warnings, the rest notices. A refusal that only answers a
 # caller's own mistake (a name that does not exist, a thaw of a running model) is a notice.
 _PRIORITY = {EventKind.FAILURE: 3, EventKind.REFUSAL: 4}
-_TIMED = {EventKind.RUN, EventKind.FREEZE, EventKind.THAW, EventKind.SWAP, EventKind.STOP}
-_SIZED = {EventKind.FREEZE, EventKind.THAW}
+_TIMED = {EventKind.RUN, EventKind.FREEZE, EventKind.THAW, EventKind.SWAP, EventKind.STOP, EventKind.PAGE_OUT}
+_SIZED = {EventKind.FREEZE, EventKind.THAW, EventKind.PAGE_OUT}
 _CALLER_MISTAKES = {cls.dbus_name for cls in (NoSuchModel, ModelExists, InvalidState, InvalidArgs, NotSupported)}
 
 

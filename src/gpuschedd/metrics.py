@@ -1,5 +1,5 @@
-"""Prometheus metrics of what gpuschedd manages: per model state, VRAM, snapshot bytes, freeze/thaw counts and
-duration histograms; per GPU memory; host RAM parked in frozen models.
+"""Prometheus metrics of what gpuschedd manages: per model state, VRAM, snapshot bytes (and their part paged out to
+swap), freeze/thaw/page-out counts and duration histograms; per GPU memory; host RAM parked in frozen models; swap.
 
 Off by default. `MetricsListen=127.0.0.1:9835` serves them over HTTP through prometheus_client's server (any path;
 the text format or OpenMetrics as the scraper's Accept header asks, gzip when accepted; no TLS, no auth, so bind it
@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import hostmem
 from .engine import Engine
 from .events import EngineListener, Event, EventKind
 from .model import State
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Seconds: from sub-second freezes of small models to the ~10 s of a 7B model on the driver path.
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TIMED = (EventKind.FREEZE, EventKind.THAW)
+TIMED = (EventKind.FREEZE, EventKind.THAW, EventKind.PAGE_OUT)
 # How long the HTTP server's thread waits for the event loop to read the engine.
 SCRAPE_TIMEOUT_S = 10
 
@@ -60,12 +61,16 @@ class EngineState(Collector):
         snapshot = GaugeMetricFamily(
             "gpusched_model_snapshot_bytes", "host RAM the frozen model's GPU state takes", labels=["model"]
         )
+        swapped = GaugeMetricFamily(
+            "gpusched_model_snapshot_swap_bytes", "the part of the snapshot paged out to swap", labels=["model"]
+        )
         for m in models:
             for s in State:
                 state.add_metric([m.name, str(s)], int(m.state == s))
             vram.add_metric([m.name], m.vram_bytes)
             snapshot.add_metric([m.name], m.snapshot_bytes)
-        out: list[Metric] = [state, vram, snapshot]
+            swapped.add_metric([m.name], m.snapshot_on_disk())
+        out: list[Metric] = [state, vram, snapshot, swapped]
         gpus = self.engine.telemetry.gpus()
         for name, attr, text in (
             ("gpusched_gpu_memory_total_bytes", "total_bytes", "GPU memory in all"),
@@ -84,6 +89,9 @@ class EngineState(Collector):
         out.append(
             GaugeMetricFamily("gpusched_ram_budget_bytes", "RamBudget=", value=self.engine.config.ram_budget_bytes)
         )
+        total, free = hostmem.swap_bytes()
+        out.append(GaugeMetricFamily("gpusched_swap_total_bytes", "the host's swap (SwapTotal)", value=total))
+        out.append(GaugeMetricFamily("gpusched_swap_free_bytes", "the host's free swap (SwapFree)", value=free))
         return out
 
 
@@ -105,7 +113,7 @@ class Metrics(EngineListener):
         )
         self.durations = Histogram(
             "gpusched_transition_seconds",
-            "how long freezes and thaws took",
+            "how long freezes, thaws and page-outs took",
             ["model", "event"],
             buckets=BUCKETS,
             registry=self.registry,

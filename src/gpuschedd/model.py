@@ -40,6 +40,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 REQUIRES: dict[str, tuple[frozenset[State], str]] = {
     "freeze": (frozenset({State.RUNNING}), ", not running"),
     "thaw": (frozenset({State.FROZEN}), ", not frozen"),
+    "page out": (frozenset({State.FROZEN}), ", not frozen: only a frozen model's snapshot can be paged out"),
     "migrate": (frozenset({State.RUNNING, State.FROZEN}), ", not running or frozen"),
     "forget": (frozenset({State.RUNNING, *ENDED}), ": thaw it before forgetting it"),
     "swap out": (frozenset({State.RUNNING, State.FROZEN}), ", not running"),
@@ -106,6 +107,9 @@ class Model:
     keep_context: bool = False
     freeze_path: str = ""
     parked_bytes: int = 0
+    # The disk tier (docs/disk-tier.md): how much of the frozen model's processes was in swap when last paged out
+    # (VmSwap); the snapshot's part of it is on disk, the rest of the snapshot in RAM.
+    swapped_bytes: int = 0
     # Wake on first connection (Run options): the public port of gpusched-wake@NAME.socket (0: none), the model's own
     # port on 127.0.0.1, and the public port's address (empty: every address).
     port: int = 0
@@ -121,4 +125,12 @@ class Model:
     def clear_runtime(self) -> None:
         """Its processes are gone (stopped, exited): nothing of them is left to count, on a GPU or in host RAM."""
         self.pids, self.main_pid, self.cuda_pids = [], 0, []
-        self.snapshot_bytes = self.vram_bytes = self.parked_bytes = 0
+        self.snapshot_bytes = self.vram_bytes = self.parked_bytes = self.swapped_bytes = 0
+
+    def snapshot_on_disk(self) -> int:
+        """Bytes of the snapshot paged out to swap (none without a snapshot: a thawed model's figure is stale)."""
+        return min(self.swapped_bytes, self.snapshot_bytes) if self.cuda_pids else 0
+
+    def snapshot_in_ram(self) -> int:
+        """Bytes of the snapshot in host RAM: what the RAM budget counts."""
+        return self.snapshot_bytes - self.snapshot_on_disk() if self.cuda_pids else 0

@@ -5,8 +5,10 @@ runs as a unit's command anywhere (the systemd sandbox included).
 It registers itself as a CUDA process (FAKECUDA_DIR/ctx/<pid>), counts in a file while its CUDA state is
 RUNNING (a locked or checkpointed process blocks in its next CUDA call, as a real one does), and runs an
 agent thread that answers the fake driver's checkpoint/restore requests the way the real driver's
-in-process thread does: a checkpoint moves the "VRAM" into this process's RSS (an anonymous mapping
-touched page by page), a restore gives it back. A process frozen by the cgroup freezer cannot answer.
+in-process thread does: a checkpoint moves the "VRAM" into this process's RSS (a private anonymous mapping, as the
+real driver's snapshot is, each page marked with its number), a restore reads every page back and gives it up. A
+page that came back different (from swap, after a page-out: docs/disk-tier.md) leaves FAKECUDA_DIR/corrupt/PID.
+A process frozen by the cgroup freezer cannot answer.
 
 With --hostile-agent drip|silent|garbage it serves the agent's socket itself and answers every request
 the way a hostile model's code could: one byte of a reply every 0.2 s, never, or bytes that are no message.
@@ -77,12 +79,19 @@ class FakeCudaProcess:
             token = read(self.path("req"))
             if token and token != done:
                 if token.startswith("checkpoint"):
-                    buf = mmap.mmap(-1, max(self.vram, PAGE))
+                    buf = mmap.mmap(-1, max(self.vram, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                     for off in range(0, len(buf), PAGE):
-                        buf[off] = 1
+                        buf[off : off + 8] = (off // PAGE + 1).to_bytes(8, "little")
                     self.host_copy = buf
                 elif token.startswith("restore") and self.host_copy is not None:
-                    self.host_copy.close()
+                    buf = self.host_copy
+                    if any(
+                        buf[off : off + 8] != (off // PAGE + 1).to_bytes(8, "little")
+                        for off in range(0, len(buf), PAGE)
+                    ):
+                        os.makedirs(os.path.join(self.dir, "corrupt"), exist_ok=True)
+                        write_atomic(self.path("corrupt"), token)
+                    buf.close()
                     self.host_copy = None
                 write_atomic(self.path("ack"), token)
                 done = token

@@ -43,6 +43,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.nvml",
         "gpuschedd.sysbus",
         "gpuschedd.testing",
+        "gpuschedd.pageout",
     ],
     # the root daemon
     "daemon": [

@@ -92,6 +92,9 @@ MANAGER_PROPERTIES = (
     Exported("RamFrozenBytes", "t", lambda iface: iface.engine.ram_frozen_bytes(), emits=True),
     Exported("Gpus", "aa{sv}", _gpus, emits=True),
     Exported("TransparentHugepages", "s", lambda iface: hostmem.thp_mode()),
+    Exported("SwapTotalBytes", "t", lambda iface: hostmem.swap_bytes()[0]),
+    Exported("SwapFreeBytes", "t", lambda iface: hostmem.swap_bytes()[1]),
+    Exported("Zswap", "b", lambda iface: hostmem.zswap_enabled()),
 )
 
 
@@ -214,6 +217,16 @@ class ManagerInterface(Authorizing, ServiceInterface):
     @exposed(CONTROL)
     async def Thaw(self, name: DBusStr) -> None:
         await self.engine.thaw(name, await self._requester(self.engine.get(name)))
+
+    @method()
+    @exposed(CONTROL)
+    async def PageOut(self, name: DBusStr) -> None:
+        await self.engine.page_out(name)
+
+    @method()
+    @exposed(CONTROL)
+    async def FreezeToDisk(self, name: DBusStr) -> None:
+        await self.engine.freeze_to_disk(name, await self._requester(self.engine.get(name)))
 
     @method()
     @exposed(CONTROL)

@@ -42,6 +42,8 @@ MODEL_PROPERTIES = (
     Exported("InjectAgent", "b", _model("inject_agent"), const=True),
     Exported("FreezePath", "s", _model("freeze_path"), emits=True),
     Exported("ParkedBytes", "t", _model("parked_bytes"), emits=True),
+    Exported("SnapshotRamBytes", "t", lambda iface: iface.model.snapshot_in_ram(), emits=True),
+    Exported("SnapshotSwapBytes", "t", lambda iface: iface.model.snapshot_on_disk(), emits=True),
     Exported("Priority", "i", _model("priority"), const=True),
     Exported("IdleFreezeSec", "t", lambda iface: iface.engine.idle_limit(iface.model), const=True),
     Exported("FrozenTTLSec", "t", _model("frozen_ttl_sec"), const=True),
@@ -84,6 +86,16 @@ class ModelInterface(Authorizing, ServiceInterface):
     @exposed(CONTROL)
     async def Thaw(self) -> None:
         await self.engine.thaw(self.model.name, await self._requester(self.model))
+
+    @method()
+    @exposed(CONTROL)
+    async def PageOut(self) -> None:
+        await self.engine.page_out(self.model.name)
+
+    @method()
+    @exposed(CONTROL)
+    async def FreezeToDisk(self) -> None:
+        await self.engine.freeze_to_disk(self.model.name, await self._requester(self.model))
 
     @method()
     @exposed(CONTROL)

@@ -169,7 +169,7 @@ class Authorizing:
         config = self.engine.config
         if uid == 0:
             return Requester(0, any_model=True)
-        if not (config.evict_on_thaw or config.ram_budget_action == "stop-oldest"):
+        if not (config.evict_on_thaw or config.ram_budget_action != "refuse"):
             return Requester(uid)
         msg = current_message.get()
         any_model = msg is not None

@@ -14,6 +14,7 @@ from .catalog import Catalog
 from .core import DAEMON, Requester
 from .freeze import Freezing
 from .lifecycle import Lifecycle
+from .paging import Paging
 from .parking import Parking
 from .policies import Policies_
 from .startup import Startup
@@ -23,5 +24,7 @@ from .thaw import Thawing
 __all__ = ["DAEMON", "Engine", "Requester"]
 
 
-class Engine(Startup, Lifecycle, Adoption, Swapping, Freezing, Thawing, Parking, Budget, Policies_, Catalog):
+class Engine(
+    Startup, Lifecycle, Adoption, Swapping, Freezing, Thawing, Parking, Paging, Budget, Policies_, Catalog
+):
     """The facade the daemon and the bus drive."""

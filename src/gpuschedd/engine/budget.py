@@ -24,8 +24,9 @@ class Budget(Core):
     makes room (evictions, stops) before a model's own lock is taken."""
 
     def ram_frozen_bytes(self) -> int:
-        """Host RAM held by the snapshots of frozen (or freezing, thawing) models."""
-        return sum(m.snapshot_bytes for m in self.models.values() if m.cuda_pids)
+        """Host RAM held by the snapshots of frozen (or freezing, thawing) models: what of them is not paged out to
+        swap (the disk tier)."""
+        return sum(m.snapshot_in_ram() for m in self.models.values())
 
     def _check_ram(self, model: Model) -> None:
         """Refuse a freeze whose snapshot would not fit the RAM budget or the kernel's MemAvailable. The snapshot
@@ -44,7 +45,7 @@ class Budget(Core):
                     f"{frozen} of the {budget}-byte budget"
                 ),
             )
-        available = self.mem_available()
+        available = self.mem_available() + self._paged_out_cache()
         if need > available:
             self._refuse(
                 model,
@@ -152,14 +153,54 @@ class Budget(Core):
 
         await self._make_room(model, by, lack, gives, lambda m: (m.priority, m.last_active_usec), evict)
 
-    async def _make_ram_room(self, model: Model, by: Requester) -> None:
-        """RamBudgetAction=stop-oldest: while freezing `model` would exceed the RAM budget, stop the frozen model
-        frozen longest ago."""
+    def _ram_lack(self, model: Model) -> Callable[[], tuple[int, int, str] | None]:
+        """What freezing `model` would lack in the RAM budget: (bytes needed, bytes of room), or None."""
         need, budget = model.vram_bytes, self.config.ram_budget_bytes
 
         def lack() -> tuple[int, int, str] | None:
             room = budget - self.ram_frozen_bytes()
             return (need, room, "") if need > 0 and need > room else None
+
+        return lack
+
+    async def _make_ram_room(self, model: Model, by: Requester) -> None:
+        """RamBudgetAction=: each action in the order given, until freezing `model` fits the RAM budget. Each acts
+        only where it alone would make the room (page-out: when what the frozen models hold in RAM would fit in
+        the free swap), so with `page-out stop-oldest` nothing is stopped that paging out would have spared."""
+        for action in self.config.ram_budget_action.split():
+            if action == "page-out":
+                await self._page_out_for_ram(model, by)
+            elif action == "stop-oldest":
+                await self._stop_oldest_for_ram(model, by)
+
+    async def _page_out_for_ram(self, model: Model, by: Requester) -> None:
+        """RamBudgetAction=page-out: while freezing `model` would exceed the RAM budget, page out the frozen model
+        least recently used (its last work on a GPU), as far as the free swap takes them."""
+        budget = self.config.ram_budget_bytes
+
+        async def page_out(victim: Model, need: int, room: int, _where: str) -> None:
+            why = (
+                f"the least recently used frozen model, paged out to swap to make room in the RAM budget ({budget}"
+                f" bytes, {budget - room} in RAM) for the freeze of {model.name} ({need} bytes); requested by {by}"
+            )
+            log.info("model %s: %s", victim.name, why)
+            await self.page_out(victim.name, "ram-budget", why)
+
+        def gives(_where: str) -> Callable[[Model], int]:
+            # What each would give comes out of the one free swap: shared out in the order they would be paged out.
+            left, share = self._swap_space()[1], {}
+            for m in sorted(self.models.values(), key=lambda m: m.last_active_usec):
+                if m.state == State.FROZEN and not m.lock.locked() and by.may_touch(m):
+                    share[m.name] = min(m.snapshot_in_ram(), left)
+                    left -= share[m.name]
+            return lambda victim: share.get(victim.name, 0)
+
+        await self._make_room(model, by, self._ram_lack(model), gives, lambda m: m.last_active_usec, page_out)
+
+    async def _stop_oldest_for_ram(self, model: Model, by: Requester) -> None:
+        """RamBudgetAction=stop-oldest: while freezing `model` would exceed the RAM budget, stop the frozen model
+        frozen longest ago."""
+        budget = self.config.ram_budget_bytes
 
         async def stop(victim: Model, need: int, room: int, _where: str) -> None:
             why = (
@@ -170,9 +211,9 @@ class Budget(Core):
             await self.stop(victim.name, "ram-budget", why)
 
         def gives(_where: str) -> Callable[[Model], int]:
-            return lambda victim: victim.snapshot_bytes if victim.state == State.FROZEN else 0
+            return lambda victim: victim.snapshot_in_ram() if victim.state == State.FROZEN else 0
 
-        await self._make_room(model, by, lack, gives, lambda m: m.state_change_usec, stop)
+        await self._make_room(model, by, self._ram_lack(model), gives, lambda m: m.state_change_usec, stop)
 
     async def _make_room(
         self,

@@ -51,7 +51,7 @@ class Freezing(Core):
         check and reservation: _check_ram and the move to freezing (which counts the model against the budget for
         the next check) run with no await between them."""
         model = self.get(name)
-        if model.state == State.RUNNING and self.config.ram_budget_action == "stop-oldest":
+        if model.state == State.RUNNING and self.config.ram_budget_action != "refuse":
             await self._make_ram_room(model, by or Requester(model.owner))
         async with model.lock:
             if model.state == State.FROZEN:
@@ -86,6 +86,7 @@ class Freezing(Core):
             step.rss_before = {pid: self.rss(pid) for pid in step.cuda}
             await self._checkpoint_and_freeze(model, step)
             model.snapshot_bytes = self._snapshot_size(model, step)
+            model.swapped_bytes = 0  # a new snapshot, in RAM
         except BaseException:
             if not await self._ended_meanwhile(model):
                 model.cuda_pids = step.cuda if step.reached == State.FROZEN else []

@@ -59,10 +59,14 @@ class Thawing(Core):
         moved = dict(gpu_pairs or [])
         if gpu_pairs is None:
             self._check_gpu_room(model, self._gpu_shortfall(model))
+        self._check_swap_in(model)
         # No await since the check: nothing came between.
         self._thaw_reserved[model.name] = {moved.get(uuid, uuid): n for uuid, n in model.vram_by_gpu.items()}
         self._set_state(model, State.THAWING)
         reached, settled = State.FROZEN, False  # where a failure leaves the model
+        on_disk = model.snapshot_on_disk()
+        # Pages in swap are read ahead alongside the restore, not before it (docs/disk-tier.md has the figures).
+        prefetch = asyncio.ensure_future(self._prefetch(model))
         try:
             # The driver's restore runs on a thread inside the target: thaw the cgroup first.
             await self.units.thaw(model.unit)
@@ -94,7 +98,9 @@ class Thawing(Core):
                 model.cuda_pids = []
             self._set_state(model, reached)
             raise
-        model.cuda_pids = []
+        finally:
+            await prefetch
+        model.cuda_pids, model.swapped_bytes = [], 0
         if moved:
             model.vram_by_gpu = dict(self._thaw_reserved[model.name])
             model.gpus = sorted({moved.get(uuid, uuid) for uuid in model.gpus})
@@ -102,7 +108,7 @@ class Thawing(Core):
         model.last_active_usec = self.now_usec()
         await self.refresh(model, vram=True, quick=True)
         self._set_state(model, State.RUNNING)
-        self._emit(events.thawed(model))
+        self._emit(events.thawed(model, on_disk))
 
     async def migrate(self, name: str, gpu: str) -> Model:
         """Move a model onto another GPU: freeze it (if it runs), restore its processes there through the driver's

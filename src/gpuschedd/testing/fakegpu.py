@@ -129,6 +129,12 @@ class FakeGpuDir:
     def broken(self, pid: int) -> bool:
         return os.path.exists(self._p("broken", str(pid)))
 
+    def corrupted(self) -> list[int]:
+        """Processes whose snapshot came back different on a restore (fake_model.py checks every page)."""
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(int(name) for name in os.listdir(self._p("corrupt")) if name.isdigit())
+        return []
+
     def log(self) -> list[tuple[str, int, str]]:
         """Every driver call so far, in order: (step, pid, result name)."""
         text = _read(self._p("log")) or ""

@@ -1,0 +1,195 @@
+"""The disk tier on a real GPU (docs/disk-tier.md): a Qwen2.5-7B-shaped PyTorch process (bench/transparent/
+plain_model.py, random bf16 weights, no network) frozen the daemon's way (driver path: lock, checkpoint, cgroup
+freeze; agent path: the interposer's agent parks, then the driver takes the rest), its snapshot paged out to swap,
+then thawed from there; figures next to a thaw from RAM, and tokens plus a hash of every weight's bits checked
+after every thaw.
+
+Page-out methods: `madvise` (gpuschedd.pageout: process_madvise(MADV_PAGEOUT), what the daemon does) and
+`reclaim` (the cgroup's memory.reclaim). After MADV_PAGEOUT the pages written to swap stay in RAM as clean swap
+cache until something needs the memory; `drop` (memory.reclaim of the same cgroup) frees them, so the thaw that
+follows reads the disk. `prefetch`: MADV_WILLNEED (gpuschedd.pageout.prefetch) in a thread beside the restore.
+`@N` after a case: N process_madvise calls at once (default: gpuschedd.pageout.THREADS).
+
+Usage (root, on the GPU machine, swap on, cgroup v2 with the memory controller):
+    PYTHONPATH=src python3 bench/disk_tier/run.py driver|agent [--size 7B] [--cases ram,madvise+drop,...]
+(agent: PRELOAD=path of libgpuschedd-preload.so). One JSON line per cycle, then a table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from gpuschedd import pageout
+from gpuschedd.agentlink import AgentLink
+from gpuschedd.checkpoint.driver import DriverCheckpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PLAIN = os.path.join(HERE, "..", "transparent", "plain_model.py")
+CGROUP = "/sys/fs/cgroup/gpusched-disktier-bench"
+GIB = 1 << 30
+CASES = {
+    # most telling first: a run cut short by its timeout still has them
+    "driver": "ram,madvise+drop+prefetch,madvise+drop,reclaim,madvise",
+    "agent": "ram,madvise+drop+prefetch,madvise+drop",
+}
+
+
+def meminfo() -> dict[str, int]:
+    with open("/proc/meminfo") as f:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+
+
+def status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def cg_write(name: str, value: str) -> None:
+    with open(os.path.join(CGROUP, name), "w") as f:
+        f.write(value)
+
+
+def cg_freeze(frozen: bool) -> None:
+    cg_write("cgroup.freeze", "1" if frozen else "0")
+    for _ in range(2000):
+        with open(os.path.join(CGROUP, "cgroup.events")) as f:
+            if f"frozen {int(frozen)}" in f.read():
+                return
+        time.sleep(0.005)
+    raise SystemExit("cgroup did not freeze/thaw")
+
+
+def reclaim(nbytes: int) -> float:
+    """memory.reclaim of the cgroup; the kernel answers EAGAIN when it reclaimed less than asked."""
+    t0 = time.monotonic()
+    try:
+        cg_write("memory.reclaim", str(nbytes))
+    except OSError as e:
+        print(f"memory.reclaim: {e}", file=sys.stderr)
+    return time.monotonic() - t0
+
+
+def wait_written(timeout: float = 120) -> float:
+    """Until the kernel has no swap writes in flight (Writeback: 0): when a page-out's data is on the disk."""
+    t0 = time.monotonic()
+    while meminfo()["Writeback"] > 0 and time.monotonic() - t0 < timeout:
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+class Program:
+    def __init__(self, size: str, agent: bool) -> None:
+        self.dir = tempfile.mkdtemp(prefix="gpusched-agent-")
+        env = dict(os.environ, GPUSCHED_AGENT_DIR=self.dir)
+        if agent:
+            env["LD_PRELOAD"] = os.environ["PRELOAD"]
+        self.p = subprocess.Popen([sys.executable, PLAIN, size], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  env=env, text=True)  # fmt: skip
+        self.ready = self.p.stdout.readline().strip()  # type: ignore[union-attr]
+
+    def ask(self, cmd: str) -> str:
+        self.p.stdin.write(cmd + "\n")  # type: ignore[union-attr]
+        self.p.stdin.flush()  # type: ignore[union-attr]
+        return self.p.stdout.readline().strip()  # type: ignore[union-attr]
+
+    async def link(self) -> AgentLink:
+        for _ in range(100):
+            link = await AgentLink.connect(self.dir, self.p.pid, 10.0)
+            if link:
+                return link
+            time.sleep(0.05)
+        raise SystemExit("no agent socket")
+
+
+async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, case: str) -> dict[str, object]:
+    """One freeze, page-out and thaw. `case`: steps joined by +, and @N for N process_madvise calls at once."""
+    pid, (what, _, at) = prog.p.pid, case.partition("@")
+    steps, threads = what.split("+"), int(at or pageout.THREADS)
+    t0 = time.monotonic()
+    parked = await link.park(60_000) if link else 0
+    drv.lock(pid, 10_000)
+    drv.checkpoint(pid)
+    cg_freeze(True)
+    row: dict[str, object] = dict(case=case, parked=parked, freeze_s=time.monotonic() - t0)
+    rss = status(pid, "VmRSS")
+    row["rss_frozen"] = rss
+    before = meminfo()
+    if "madvise" in steps:
+        t1 = time.monotonic()
+        done = pageout.page_out(pid, threads=threads)
+        row["pageout_call_s"] = time.monotonic() - t1
+        row["pageout_s"] = row["pageout_call_s"] + wait_written()  # type: ignore[operator]
+        row["advised"], row["skipped"] = done.bytes, len(done.skipped)
+    if "reclaim" in steps:
+        row["pageout_s"] = reclaim(rss) + wait_written()
+    if "drop" in steps:
+        row["drop_s"] = reclaim(rss)
+    after = meminfo()
+    row["swapped"] = status(pid, "VmSwap")
+    row["rss_paged"] = status(pid, "VmRSS")
+    row["swap_cached"] = after["SwapCached"]
+    row["mem_available_gain"] = after["MemAvailable"] - before["MemAvailable"]
+    if "pageout_s" in row:
+        row["out_gbps"] = row["swapped"] / row["pageout_s"] / 1e9  # type: ignore[operator]
+    t2 = time.monotonic()
+    ahead = threading.Thread(target=pageout.prefetch, args=(pid,), kwargs={"threads": threads})
+    ahead = ahead if "prefetch" in steps else None
+    if ahead:  # beside the restore, as the daemon does
+        ahead.start()
+    cg_freeze(False)
+    drv.restore(pid)
+    drv.unlock(pid)
+    if link:
+        await link.unpark(120)
+    if ahead:
+        ahead.join()
+    row["thaw_s"] = time.monotonic() - t2
+    row["swap_free"] = meminfo()["SwapFree"]
+    row["tokens_ok"] = prog.ask("tok") == WANT["tok"]
+    row["check_ok"] = prog.ask("check") == WANT["check"]
+    return row
+
+
+WANT: dict[str, str] = {}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("path", choices=("driver", "agent"))
+    parser.add_argument("--size", default="7B")
+    parser.add_argument("--cases", default="")
+    args = parser.parse_args()
+    os.makedirs(CGROUP, exist_ok=True)
+    prog = Program(args.size, args.path == "agent")
+    print("ready:", prog.ready, flush=True)
+    cg_write("cgroup.procs", str(prog.p.pid))
+    WANT["tok"], WANT["check"] = prog.ask("tok"), prog.ask("check")
+    link = await prog.link() if args.path == "agent" else None
+    drv = DriverCheckpoint()
+    rows = []
+    for case in (args.cases or CASES[args.path]).split(","):
+        row = await cycle(prog, drv, link, case)
+        row["path"] = args.path
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if link:
+        link.close()
+    prog.p.stdin.close()  # type: ignore[union-attr]
+    prog.p.wait(60)
+    os.rmdir(CGROUP)
+    print(f"\n{'path':7} {'case':24} {'snapshot':>9} {'on disk':>8} {'page-out':>9} {'GB/s':>5} {'thaw':>7} ok")
+    for r in rows:
+        out = f"{r['pageout_s']:8.2f}s {r['out_gbps']:5.2f}" if "pageout_s" in r else f"{'-':>9} {'-':>5}"
+        print(f"{r['path']:7} {r['case']:24} {r['rss_frozen'] / GIB:7.2f}Gi {r['swapped'] / GIB:6.2f}Gi {out} "  # type: ignore[operator]
+              f"{r['thaw_s']:6.2f}s {r['tokens_ok'] and r['check_ok']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
