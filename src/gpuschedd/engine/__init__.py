@@ -24,7 +24,5 @@ from .thaw import Thawing
 __all__ = ["DAEMON", "Engine", "Requester"]
 
 
-class Engine(
-    Startup, Lifecycle, Adoption, Swapping, Freezing, Thawing, Parking, Paging, Budget, Policies_, Catalog
-):
+class Engine(Startup, Lifecycle, Adoption, Swapping, Freezing, Thawing, Parking, Paging, Budget, Policies_, Catalog):
     """The facade the daemon and the bus drive."""
