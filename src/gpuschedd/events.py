@@ -80,6 +80,15 @@ class EngineListener:
         pass
 
 
+def timespan(usec: int) -> str:
+    """A duration for people, in the style of systemd's: 0.860s, 7.312s, 2min 3.500s, 1h 2min 3s."""
+    minutes, seconds = divmod(usec / 1e6, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    if hours:
+        return f"{hours}h {minutes}min {int(seconds)}s"
+    return f"{minutes}min {seconds:.3f}s" if minutes else f"{seconds:.3f}s"
+
+
 # The texts of the events, built here so the engine's steps carry no string formatting. Each returns the Event whole.
 
 
@@ -117,7 +126,8 @@ def started(model: Model, duration_usec: int) -> Event:
 
 
 def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: str) -> Event:
-    """A freeze done: how long, how many CUDA processes, by which path, and why when the daemon decided it."""
+    """A freeze done: how long, how many CUDA processes, by which path (GPUSCHED_FREEZE_PATH=, the catalog explains
+    each), and why when the daemon decided it."""
     how = f"{cuda} CUDA process(es), backend {backend}"
     how += f", {model.parked_bytes} bytes parked by the agent" if model.parked_bytes else ""
     how += ", CUDA contexts kept on the GPU" if kept else ""
@@ -125,11 +135,12 @@ def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: 
         EventKind.FREEZE,
         model.name,
         model.unit,
-        f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s ({how})" + (f": {why}" if why else ""),
+        f"model {model.name} frozen in {timespan(model.last_freeze_usec)} ({how})" + (f": {why}" if why else ""),
         duration_usec=model.last_freeze_usec,
         bytes=model.snapshot_bytes,
         gpus=tuple(model.gpus),
-        fields={"GPUSCHED_REASON": reason} if reason else {},
+        fields={"GPUSCHED_FREEZE_PATH": model.freeze_path, "GPUSCHED_CHECKPOINT_BACKEND": backend}
+        | ({"GPUSCHED_REASON": reason} if reason else {}),
     )
 
 
@@ -138,10 +149,11 @@ def thawed(model: Model) -> Event:
         EventKind.THAW,
         model.name,
         model.unit,
-        f"model {model.name} thawed in {model.last_thaw_usec / 1e6:.3f}s",
+        f"model {model.name} thawed in {timespan(model.last_thaw_usec)}",
         duration_usec=model.last_thaw_usec,
         bytes=model.snapshot_bytes,
         gpus=tuple(model.gpus),
+        fields={"GPUSCHED_FREEZE_PATH": model.freeze_path},
     )
 
 
@@ -161,7 +173,7 @@ def migrated(model: Model, source: str, index: int, target: str, duration_usec: 
         EventKind.MIGRATE,
         model.name,
         model.unit,
-        f"model {model.name} migrated from {source} to GPU {index} ({target}) in {duration_usec / 1e6:.3f}s",
+        f"model {model.name} migrated from {source} to GPU {index} ({target}) in {timespan(duration_usec)}",
         duration_usec=duration_usec,
         bytes=model.snapshot_bytes,
         gpus=(target,),
