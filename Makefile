@@ -125,6 +125,7 @@ install: preload
 	install -d "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man5" "$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(BASHCOMPLETIONDIR)"
 	install -m 644 man/gpusched.1 "$(DESTDIR)$(MANDIR)/man1/gpusched.1"
 	install -m 644 man/gpusched-models.d.5 "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5"
+	install -m 644 man/gpuschedd.conf.5 "$(DESTDIR)$(MANDIR)/man5/gpuschedd.conf.5"
 	install -m 644 man/gpuschedd.8 "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
 	install -m 644 completion/gpusched "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	# the admin's configuration: installed once, never overwritten
@@ -150,7 +151,7 @@ uninstall:
 	rm -f $(foreach f,$(notdir $(wildcard polkit/*.rules)),"$(DESTDIR)$(POLKITDIR)/rules.d/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard catalog/*.catalog)),"$(DESTDIR)$(CATALOGDIR)/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard sysusers.d/*.conf)),"$(DESTDIR)$(SYSUSERSDIR)/$(f)")
-	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5" "$(DESTDIR)$(MANDIR)/man5/gpuschedd.conf.5" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
 	-rmdir "$(DESTDIR)$(MODELSDIR)" "$(DESTDIR)$(PREFIX)/lib/gpusched"
 	rm -f "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf and $(DESTDIR)$(CONFDIR)/models.d in place (configuration)"

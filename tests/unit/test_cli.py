@@ -8,8 +8,6 @@ import grp
 import io
 import json
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,15 +131,6 @@ def test_errors_map_to_typed_exceptions() -> None:
     assert isinstance(error_of(reply("org.freedesktop.DBus.Error.ServiceUnknown")), DaemonNotRunning)
     other = error_of(reply("org.example.Odd"))
     assert other.dbus_name == "org.example.Odd" and other.message == "text"
-
-
-@pytest.mark.skipif(shutil.which("groff") is None, reason="no groff")
-@pytest.mark.parametrize("page", ["gpusched.1", "gpuschedd.8"])
-def test_man_pages_render_without_warnings(page: str) -> None:
-    proc = subprocess.run(
-        ["groff", "-man", "-Tutf8", "-ww", "-z", str(REPO / "man" / page)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_man_page_knows_every_command() -> None:
