@@ -250,3 +250,15 @@ def test_refused_outside_the_group_says_how_to_join(monkeypatch: pytest.MonkeyPa
         assert wanted in cli.access_hint()
     monkeypatch.setattr(cli.os, "getgroups", lambda: [1000, 4242])
     assert cli.access_hint() == ""
+
+
+def test_setenv_name_alone_copies_the_callers_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd-run's -E NAME: the caller's value, or empty where the caller has none."""
+    monkeypatch.setenv("GS_COPIED", "from the shell")
+    monkeypatch.delenv("GS_UNSET", raising=False)
+    assert cli.copied_environment(["A=1", "GS_COPIED", "GS_UNSET", "B=x=y"]) == [
+        "A=1",
+        "GS_COPIED=from the shell",
+        "GS_UNSET=",
+        "B=x=y",
+    ]
