@@ -12,7 +12,10 @@
 #   4. the exit status and duration of each, then the chroot is unmounted and removed (KEEP=1 keeps it)
 #
 # Knobs (environment): MIRROR (default http://deb.debian.org/debian), SUITE (default bookworm), STEPS (default
-# "demo check"), KEEP=1. On a machine others share, SYSD_NETNS=1 and the sandbox instance names DEMO_NAME, CHECK_NAME,
+# "demo check"), KEEP=1, HOST_CA=0. The certificate authorities this host added itself (/usr/local/share/
+# ca-certificates/*.crt) are copied into the fresh system, where the ca-certificates package trusts them once
+# installed: behind a proxy that intercepts TLS (this project's CI machines have one) pip reaches PyPI only so.
+# HOST_CA=0 leaves them out. On a machine others share, SYSD_NETNS=1 and the sandbox instance names DEMO_NAME, CHECK_NAME,
 # PKG_CHECK_NAME are passed through to make, so the guests do not collide with another checkout's.
 # Exit status: 0 when every step succeeded, else that of the first that failed.
 set -euo pipefail
@@ -47,6 +50,11 @@ cp /etc/resolv.conf "$dir/etc/resolv.conf"
 # As in any chroot (and Docker's Debian images): packages do not start services here, where no systemd runs as PID 1
 # (the sandboxes of make demo and make check boot their own)
 printf '#!/bin/sh\nexit 101\n' > "$dir/usr/sbin/policy-rc.d" && chmod 755 "$dir/usr/sbin/policy-rc.d"
+if [ "${HOST_CA:-1}" = 1 ] && compgen -G "/usr/local/share/ca-certificates/*.crt" > /dev/null; then
+	mkdir -p "$dir/usr/local/share/ca-certificates"
+	cp /usr/local/share/ca-certificates/*.crt "$dir/usr/local/share/ca-certificates/"
+	echo "fresh-debian: the host's own CAs copied in: $(cd /usr/local/share/ca-certificates && echo *.crt)"
+fi
 
 mount -t proc proc "$dir/proc" && mounted+=("$dir/proc")
 mount --rbind /sys "$dir/sys" && mount --make-rslave "$dir/sys" && mounted+=("$dir/sys")
