@@ -56,6 +56,8 @@ if [ "${HOST_CA:-1}" = 1 ] && compgen -G "/usr/local/share/ca-certificates/*.crt
 	echo "fresh-debian: the host's own CAs copied in: $(cd /usr/local/share/ca-certificates && echo *.crt)"
 fi
 
+# The fresh root a mount point of its own, as a machine's root is: the sandboxes' `unshare --propagation` needs one
+mount --bind "$dir" "$dir" && mounted+=("$dir")
 mount -t proc proc "$dir/proc" && mounted+=("$dir/proc")
 mount --rbind /sys "$dir/sys" && mount --make-rslave "$dir/sys" && mounted+=("$dir/sys")
 mount --rbind /dev "$dir/dev" && mount --make-rslave "$dir/dev" && mounted+=("$dir/dev")
