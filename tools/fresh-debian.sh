@@ -5,11 +5,13 @@
 #
 #   1. debootstrap --variant=minbase bookworm DIR (default /var/tmp/gpuschedd-fresh): nothing but Debian's minimal base
 #   2. git clone of this checkout's HEAD into DIR/root/gpuschedd (what was committed, as a user's clone would have)
-#   3. in a chroot with the host's /proc, /sys and /dev, as root, with a clean environment (PATH, HOME, LANG only):
+#   3. as the root of a mount namespace of its own (pivot_root, as a container's root; the host's /proc, /sys and
+#      /dev inside), as root, with a clean environment (PATH, HOME, LANG only):
 #        apt-get install make    the one step the README asks for before the two commands
 #        make demo               each must install its own prerequisites (tools/prerequisites.sh), wheels, venv
 #        make check
-#   4. the exit status and duration of each, then the chroot is unmounted and removed (KEEP=1 keeps it)
+#   4. the exit status and duration of each, then DIR is removed (KEEP=1 keeps it; nothing stays mounted: the mounts
+#      live in the namespaces, which end with each step)
 #
 # Knobs (environment): MIRROR (default http://deb.debian.org/debian), SUITE (default bookworm), STEPS (default
 # "demo check"), KEEP=1, HOST_CA=0. The certificate authorities this host added itself (/usr/local/share/
@@ -30,10 +32,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 command -v debootstrap > /dev/null || { echo "fresh-debian: apt-get install debootstrap" >&2; exit 2; }
 [ ! -e "$dir" ] || { echo "fresh-debian: $dir exists: remove it first" >&2; exit 2; }
 
-mounted=()
 cleanup() {
-	local i
-	for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -R "${mounted[$i]}" 2> /dev/null || umount -lR "${mounted[$i]}" || true; done
 	if [ "${KEEP:-0}" != 1 ]; then rm -rf --one-file-system "$dir" "$dir.debootstrap.log"; else echo "fresh-debian: kept $dir"; fi
 }
 trap cleanup EXIT
@@ -47,7 +46,7 @@ echo "fresh-debian: $(stamp) debootstrap done in $((SECONDS - t0)) s"
 git clone -q --no-hardlinks "$top" "$dir/root/gpuschedd"
 echo "fresh-debian: cloned $(git -C "$top" rev-parse --short HEAD) ($(git -C "$top" rev-parse --abbrev-ref HEAD))"
 cp /etc/resolv.conf "$dir/etc/resolv.conf"
-# As in any chroot (and Docker's Debian images): packages do not start services here, where no systemd runs as PID 1
+# As in a chroot or Docker's Debian images: packages do not start services here, where no systemd runs as PID 1
 # (the sandboxes of make demo and make check boot their own)
 printf '#!/bin/sh\nexit 101\n' > "$dir/usr/sbin/policy-rc.d" && chmod 755 "$dir/usr/sbin/policy-rc.d"
 if [ "${HOST_CA:-1}" = 1 ] && compgen -G "/usr/local/share/ca-certificates/*.crt" > /dev/null; then
@@ -56,20 +55,23 @@ if [ "${HOST_CA:-1}" = 1 ] && compgen -G "/usr/local/share/ca-certificates/*.crt
 	echo "fresh-debian: the host's own CAs copied in: $(cd /usr/local/share/ca-certificates && echo *.crt)"
 fi
 
-# The fresh root a mount point of its own, as a machine's root is: the sandboxes' `unshare --propagation` needs one
-mount --bind "$dir" "$dir" && mounted+=("$dir")
-mount -t proc proc "$dir/proc" && mounted+=("$dir/proc")
-mount --rbind /sys "$dir/sys" && mount --make-rslave "$dir/sys" && mounted+=("$dir/sys")
-mount --rbind /dev "$dir/dev" && mount --make-rslave "$dir/dev" && mounted+=("$dir/dev")
-mount -t tmpfs -o mode=755 tmpfs "$dir/run" && mounted+=("$dir/run")
-
-# in_chroot CMD: CMD as root in the fresh system, in the clone, with nothing of this shell's environment but what
-# a root login would have and the knobs above
-in_chroot() {
+# in_fresh CMD: CMD as root in the fresh system, in the clone, with nothing of this shell's environment but what a
+# root login would have and the knobs above. The fresh system is the root of a private mount namespace (pivot_root):
+# a chroot would not do, since the sandboxes' nsenter enters a namespace at its root mount, which a chroot is not.
+in_fresh() {
 	local pass=()
 	for knob in SYSD_NETNS DEMO_NAME CHECK_NAME PKG_CHECK_NAME; do [ -z "${!knob:-}" ] || pass+=("$knob=${!knob}"); done
-	chroot "$dir" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-		LANG=C.UTF-8 TERM="${TERM:-dumb}" "${pass[@]}" /bin/bash -c "cd /root/gpuschedd && $*"
+	unshare --mount --propagation private -- /bin/bash -euc '
+		dir=$1; shift
+		mount --bind "$dir" "$dir"
+		mount -t proc proc "$dir/proc"
+		mount --rbind /sys "$dir/sys"
+		mount --rbind /dev "$dir/dev"
+		mount -t tmpfs -o mode=755 tmpfs "$dir/run"
+		cd "$dir" && mkdir -p .oldroot && pivot_root . .oldroot && cd /
+		umount -l /.oldroot && rmdir /.oldroot
+		exec "$@"' _ "$dir" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+		HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" "${pass[@]}" /bin/bash -c "cd /root/gpuschedd && $*"
 }
 
 results=()
@@ -78,7 +80,7 @@ step() {   # step NAME CMD: run it, record its status and duration
 	local name=$1 code start=$SECONDS
 	shift
 	echo "fresh-debian: $(stamp) == $name"
-	if in_chroot "$@"; then code=0; else code=$?; fi
+	if in_fresh "$@"; then code=0; else code=$?; fi
 	results+=("$(printf '%-24s exit %-3s %5d s' "$name" "$code" $((SECONDS - start)))")
 	[ "$code" -eq 0 ] || [ "$rc" -ne 0 ] || rc=$code
 	return 0
