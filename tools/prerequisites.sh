@@ -32,6 +32,8 @@ libxml2-utils      libxml2            check  xmllint (make lint: the D-Bus and p
 groff-base         groff-base         check  the man page checks
 tmux               tmux               check  drives gpusched dashboard on a terminal in the system tests
 debhelper          -                  check  make deb (tests/packaging)
+build-essential    -                  check  make deb: dpkg-buildpackage refuses to build without it
+procps             procps-ng          check  kill, ps, pgrep in the tests (not in a minimal Debian)
 dh-python          -                  check  make deb (tests/packaging)
 rpm                rpm-build          check  make rpm (tests/packaging)
 rpmlint            rpmlint            check  checks the .rpm
