@@ -23,6 +23,10 @@ SYSCONFDIR ?= /etc
 PYTHON ?= /usr/bin/python3
 # Extra pip options, e.g. PIP_FLAGS="--no-index --find-links build/wheels" to install without a network.
 PIP_FLAGS ?=
+# Python dependencies the distribution's own packages provide (project names: the .deb and .rpm say
+# "psutil systemd-python"): not installed into the private directory, which then holds the project and only the rest
+# (packaging/pydeps.py). Empty (make install's default): every dependency is installed there.
+SYSTEM_PYDEPS ?=
 # The development environment (.ci/run creates it): ruff and pytest come from here.
 VENV ?= .venv
 PYTEST_ARGS ?=
@@ -91,7 +95,9 @@ export CLI_LAUNCHER = $(call launcher,cli,gpusched: the command-line client)
 install: preload
 	# the package and its dependencies, private to gpuschedd: nothing in the system's site-packages changes
 	rm -rf "$(DESTDIR)$(PYDIR)" build/lib build/bdist.*   # pip builds in-tree: no stale modules from build/lib
-	$(PYTHON) -m pip install $(PIP_COMMON) --root-user-action=ignore --no-compile --target "$(DESTDIR)$(PYDIR)" $(PIP_FLAGS) ".[journal]"
+	$(if $(strip $(SYSTEM_PYDEPS)),mkdir -p build && $(PYTHON) packaging/pydeps.py $(SYSTEM_PYDEPS) > build/bundled-requirements.txt)
+	$(PYTHON) -m pip install $(PIP_COMMON) --root-user-action=ignore --no-compile --target "$(DESTDIR)$(PYDIR)" $(PIP_FLAGS) \
+		$(if $(strip $(SYSTEM_PYDEPS)),--no-deps . -r build/bundled-requirements.txt,".[journal]")
 	rm -rf "$(DESTDIR)$(PYDIR)/bin"
 	install -d "$(DESTDIR)$(LIBEXECDIR)" "$(DESTDIR)$(BINDIR)"
 	install -m 644 $(PRELOAD_LIB) "$(DESTDIR)$(PKGLIBDIR)/libgpuschedd-preload.so"
@@ -119,6 +125,7 @@ install: preload
 	install -d "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man5" "$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(BASHCOMPLETIONDIR)"
 	install -m 644 man/gpusched.1 "$(DESTDIR)$(MANDIR)/man1/gpusched.1"
 	install -m 644 man/gpusched-models.d.5 "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5"
+	install -m 644 man/gpuschedd.conf.5 "$(DESTDIR)$(MANDIR)/man5/gpuschedd.conf.5"
 	install -m 644 man/gpuschedd.8 "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
 	install -m 644 completion/gpusched "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	# the admin's configuration: installed once, never overwritten
@@ -144,7 +151,7 @@ uninstall:
 	rm -f $(foreach f,$(notdir $(wildcard polkit/*.rules)),"$(DESTDIR)$(POLKITDIR)/rules.d/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard catalog/*.catalog)),"$(DESTDIR)$(CATALOGDIR)/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard sysusers.d/*.conf)),"$(DESTDIR)$(SYSUSERSDIR)/$(f)")
-	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5" "$(DESTDIR)$(MANDIR)/man5/gpuschedd.conf.5" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
 	-rmdir "$(DESTDIR)$(MODELSDIR)" "$(DESTDIR)$(PREFIX)/lib/gpusched"
 	rm -f "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf and $(DESTDIR)$(CONFDIR)/models.d in place (configuration)"

@@ -24,8 +24,6 @@ SANDBOX=$HERE/sandbox.sh
 DEBS="systemd libsystemd-shared libsystemd0 systemd-sysv libpam-systemd dbus dbus-daemon dbus-bin
       dbus-system-bus-common libdbus-1-3 polkitd libpolkit-gobject-1-0 libduktape207 libkmod2 libapparmor1
       libip4tc2 libglib2.0-0"
-# what `make install` pulls in, as Python 3.12 wheels (systemd-python has none: built on the GPU machine)
-PYWHEELS="dbus-fast psutil nvidia-ml-py prometheus-client setuptools wheel"
 ADDROOT=/var/tmp/sysd-addroot      # its own tmpfs: overlayfs refuses overlapping lower layers (ELOOP)
 # the interpreter the installed daemon runs under there (Python 3.12, like the carried wheels)
 GPU_PYTHON=${GPU_PYTHON:-$(command -v python3)}
@@ -42,10 +40,14 @@ cmd_fetch() {   # on a Debian 12 machine with network
 	(cd "$dir/debs" && apt-get download $DEBS)
 	(cd "$dir/py" && apt-get download libsystemd-dev)
 	python3 -m pip download -q --no-deps --no-binary :all: -d "$dir/py" systemd-python==235
-	# shellcheck disable=SC2086
+	# what `make install` pulls in (pyproject.toml's requirements, packaging/pydeps.py), as Python 3.12 wheels;
+	# systemd-python has none: built on the GPU machine (pydeps)
+	local reqs
+	mapfile -t reqs < <(python3 "$REPO/packaging/pydeps.py" systemd-python)
 	python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		--platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 --platform any -d "$dir/wheels" $PYWHEELS
+		--platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 --platform any -d "$dir/wheels" \
+		"${reqs[@]}" setuptools wheel
 	echo "fetched into $dir; carry it to the GPU machine (e.g. as .carry/ of the checkout)"
 }
 

@@ -32,10 +32,17 @@ libxml2-utils      libxml2            check  xmllint (make lint: the D-Bus and p
 groff-base         groff-base         check  the man page checks
 tmux               tmux               check  drives gpusched dashboard on a terminal in the system tests
 debhelper          -                  check  make deb (tests/packaging)
+build-essential    -                  check  make deb: dpkg-buildpackage refuses to build without it
+procps             procps-ng          check  kill, ps, pgrep in the tests (not in a minimal Debian)
 dh-python          -                  check  make deb (tests/packaging)
 rpm                rpm-build          check  make rpm (tests/packaging)
 rpmlint            rpmlint            check  checks the .rpm
 cpio               cpio               check  unpacks the .rpm in tests/packaging
+lintian            -                  check  checks the .deb (tests/packaging)
+python3-psutil     python3-psutil     check  the .deb and .rpm use the distribution's (tests/packaging installs them offline)
+python3-systemd    python3-systemd    check  the same
+openmpi-bin        openmpi            check  a model that initializes Open MPI (tests/system/test_real_programs.py)
+python3-mpi4py     python3-mpi4py-openmpi check  the same, from Python
 "
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' >&2; exit 2; }

@@ -122,6 +122,14 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs dev/shm
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs var/tmp
+# The guest's users (the system tests' alice and bob) run programs from the shared checkout: every directory above a
+# shared path is made traversable for them in the guest (o+x, in the overlay or the guest's tmpfs: no host path is
+# bound yet), so a checkout in root's 0700 home, where a fresh machine's root clones it, works as one in /srv does.
+# The host's modes do not change.
+for b in "$@"; do
+	d=$(dirname "$b")
+	while [ "$d" != / ]; do mkdir -p ".$d"; chmod o+x ".$d"; d=$(dirname "$d"); done
+done
 # host paths shared read-write at the same path (after /dev, /tmp... so binds into them survive)
 for b in "$@"; do
 	[ -e "$b" ] || { echo "SYSD_BIND: $b missing, skipped" >&2; continue; }

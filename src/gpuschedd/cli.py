@@ -196,7 +196,7 @@ _CLI_READS: dict[str, dict[str, Any]] = {
     "int": {"type": int},
     "flag": {"action": "store_true"},
     "list": {"type": lambda text: [item for item in text.split(",") if item]},
-    "append": {"action": "append", "metavar": "NAME=VALUE"},
+    "append": {"action": "append", "metavar": "NAME[=VALUE]"},
     "size": {"type": size_arg, "metavar": "SIZE"},
 }
 
@@ -211,6 +211,12 @@ def add_option_flags(parser: argparse.ArgumentParser, cls: type[Policies], skip:
             if spec.cli != "flag":
                 reads.setdefault("metavar", spec.flags[-1].lstrip("-").upper().replace("-", "_"))  # --workdir WORKDIR
             parser.add_argument(*spec.flags, dest=f.name, default=None, help=spec.help or None, **reads)
+
+
+def copied_environment(entries: list[str]) -> list[str]:
+    """systemd-run's -E NAME: an entry without "=" takes the caller's value, the empty string where it has none (as
+    systemd-run does: -E NAME is -E NAME=$NAME in a shell). A model's unit gets none of the caller's variables else."""
+    return [entry if "=" in entry else f"{entry}={os.environ.get(entry, '')}" for entry in entries]
 
 
 def option_args(args: argparse.Namespace, cls: type[Policies]) -> dict[str, Any]:
@@ -437,6 +443,8 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         given = option_args(args, RunOptions)
         # The default working directory is the caller's, so relative paths in the command work.
         given["working_directory"] = os.path.abspath(given.get("working_directory") or os.getcwd())
+        if "environment" in given:
+            given["environment"] = copied_environment(given["environment"])
         path = gs.run(args.name, command, **given)
         report_new_model(gs, args.name, path, "Running", args.json)
     elif args.command == "list":

@@ -82,6 +82,15 @@ class EngineListener:
         pass
 
 
+def timespan(usec: int) -> str:
+    """A duration for people, in the style of systemd's: 0.860s, 7.312s, 2min 3.500s, 1h 2min 3s."""
+    minutes, seconds = divmod(usec / 1e6, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    if hours:
+        return f"{hours}h {minutes}min {int(seconds)}s"
+    return f"{minutes}min {seconds:.3f}s" if minutes else f"{seconds:.3f}s"
+
+
 # The texts of the events, built here so the engine's steps carry no string formatting. Each returns the Event whole.
 
 
@@ -119,7 +128,8 @@ def started(model: Model, duration_usec: int) -> Event:
 
 
 def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: str) -> Event:
-    """A freeze done: how long, how many CUDA processes, by which path, and why when the daemon decided it."""
+    """A freeze done: how long, how many CUDA processes, by which path (GPUSCHED_FREEZE_PATH=, the catalog explains
+    each), and why when the daemon decided it."""
     how = f"{cuda} CUDA process(es), backend {backend}"
     how += f", {model.parked_bytes} bytes parked by the agent" if model.parked_bytes else ""
     how += ", CUDA contexts kept on the GPU" if kept else ""
@@ -127,11 +137,12 @@ def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: 
         EventKind.FREEZE,
         model.name,
         model.unit,
-        f"model {model.name} frozen in {model.last_freeze_usec / 1e6:.3f}s ({how})" + (f": {why}" if why else ""),
+        f"model {model.name} frozen in {timespan(model.last_freeze_usec)} ({how})" + (f": {why}" if why else ""),
         duration_usec=model.last_freeze_usec,
         bytes=model.snapshot_bytes,
         gpus=tuple(model.gpus),
-        fields={"GPUSCHED_REASON": reason} if reason else {},
+        fields={"GPUSCHED_FREEZE_PATH": model.freeze_path, "GPUSCHED_CHECKPOINT_BACKEND": backend}
+        | ({"GPUSCHED_REASON": reason} if reason else {}),
     )
 
 
@@ -141,12 +152,12 @@ def thawed(model: Model, on_disk: int = 0) -> Event:
         EventKind.THAW,
         model.name,
         model.unit,
-        f"model {model.name} thawed in {model.last_thaw_usec / 1e6:.3f}s"
+        f"model {model.name} thawed in {timespan(model.last_thaw_usec)}"
         + (f" ({on_disk} bytes of its snapshot read back from swap)" if on_disk else ""),
         duration_usec=model.last_thaw_usec,
         bytes=model.snapshot_bytes,
         gpus=tuple(model.gpus),
-        fields={"GPUSCHED_SWAP_BYTES": str(on_disk)} if on_disk else {},
+        fields={"GPUSCHED_FREEZE_PATH": model.freeze_path} | ({"GPUSCHED_SWAP_BYTES": str(on_disk)} if on_disk else {}),
     )
 
 
@@ -155,7 +166,7 @@ def paged_out(model: Model, moved: int, duration_usec: int, skipped: int, reason
     now; `skipped`, memory ranges the kernel would not move; why, when the daemon decided it."""
     left = model.snapshot_in_ram()
     message = (
-        f"model {model.name} paged out in {duration_usec / 1e6:.3f}s: {moved} bytes of its snapshot written to swap;"
+        f"model {model.name} paged out in {timespan(duration_usec)}: {moved} bytes of its snapshot written to swap;"
         f" {model.snapshot_on_disk()} bytes on disk, {left} in RAM"
     )
     message += f" ({skipped} memory range(s) the kernel would not move)" if skipped else ""
@@ -187,7 +198,7 @@ def migrated(model: Model, source: str, index: int, target: str, duration_usec: 
         EventKind.MIGRATE,
         model.name,
         model.unit,
-        f"model {model.name} migrated from {source} to GPU {index} ({target}) in {duration_usec / 1e6:.3f}s",
+        f"model {model.name} migrated from {source} to GPU {index} ({target}) in {timespan(duration_usec)}",
         duration_usec=duration_usec,
         bytes=model.snapshot_bytes,
         gpus=(target,),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import InvalidArgs, InvalidState, ModelExists, NoSuchModel, NotSupported
-from .events import MESSAGE_IDS, EngineListener, Event, EventKind
+from .events import MESSAGE_IDS, EngineListener, Event, EventKind, timespan
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def journal_fields(event: Event) -> dict[str, Any]:
     # its bare name there), so they are written even when zero.
     if event.duration_usec or event.kind in _TIMED:
         fields["GPUSCHED_DURATION_USEC"] = str(event.duration_usec)
+        fields["GPUSCHED_DURATION"] = timespan(event.duration_usec)  # for people: the catalog's texts cite it
     if event.bytes or event.kind in _SIZED:
         fields["GPUSCHED_BYTES"] = str(event.bytes)
     if event.gpus:

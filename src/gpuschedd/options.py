@@ -118,7 +118,7 @@ class RunOptions(Policies):
         validate.environment,
         flags=("-E", "--setenv"),
         cli="append",
-        help="NAME=VALUE, repeatable",
+        help="NAME=VALUE, or NAME alone to copy the caller's value (as systemd-run -E does); repeatable",
     )
     gpus: list[str] = option(  # noqa: RUF009 (option() is a dataclasses.field)
         "Gpus",

@@ -129,9 +129,20 @@ def test_build(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert deb_field(deb, "Version") == VERSION and deb_field(S.debs[UPGRADE], "Version") == UPGRADE
     assert deb_field(deb, "Architecture") == run("dpkg", "--print-architecture").stdout.strip()
     depends = [d.strip() for d in deb_field(deb, "Depends").split(",")]
-    for wanted in ("python3 (>= 3.11)", "systemd", "dbus", "polkitd | policykit-1"):
+    for wanted in (
+        "python3 (>= 3.11)",
+        "python3-psutil (>= 5.9)",
+        "python3-systemd (>= 235)",
+        "systemd",
+        "dbus",
+        "polkitd | policykit-1",
+    ):
         assert wanted in depends, depends
     files = {str(p) for p in package_files(deb)}
+    # The private directory bundles what Debian lacks or has too old, and nothing Debian's own packages provide.
+    bundled = {Path(f).parts[5] for f in files if f.startswith("/usr/lib/gpuschedd/python/")}
+    assert {"dbus_fast", "prometheus_client", "pynvml.py", "gpuschedd"} <= bundled, bundled
+    assert not bundled & {"psutil", "systemd"}, bundled
     for path in (
         *SHARED_PATHS,
         "/lib/systemd/system/gpuschedd.service",

@@ -186,6 +186,7 @@ def test_man_pages_installed() -> None:
     for page in (
         "/usr/share/man/man1/gpusched.1",
         "/usr/share/man/man5/gpusched-models.d.5",
+        "/usr/share/man/man5/gpuschedd.conf.5",
         "/usr/share/man/man8/gpuschedd.8",
     ):
         assert Path(page).is_file(), page
@@ -193,6 +194,8 @@ def test_man_pages_installed() -> None:
         pytest.skip("no man(1) here")
     text = run("man", "-P", "cat", "gpusched", check=False).stdout
     assert "EXIT STATUS" in text and "gpuschedd(8)" in text
+    conf = run("man", "-P", "cat", "5", "gpuschedd.conf", check=False).stdout
+    assert "EvictOnThaw=" in conf and "gpuschedd(8)" in conf
 
 
 def test_json_styles_help_no_pager_and_systemd_colors(models: Models) -> None:

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from secutil import BOB, call_as, ensure_users, uid_of
-from sysutil import Models, gpusched, model_unit, run, wait_until
+from sysutil import Models, gpusched, model_property, model_unit, run, wait_until
 
 # Fixed MESSAGE_IDs are an interface (admins' filters, the catalog): written here again, not imported.
 FREEZE_ID = "4fe48b83b1b04f82ac3ece8dd506c426"
@@ -78,7 +78,10 @@ def test_catalog_explains_a_freeze(models: Models) -> None:
     assert f"Subject: GPU model {name} was frozen" in text
     assert "Defined-By: gpuschedd" in text
     assert f"The GPU model {name} (unit {model_unit(name)}) was frozen in" in text
-    assert "checkpointed by the CUDA driver" in text
+    # A counter has no CUDA process: the entry says the cgroup path, which the catalog explains as no checkpoint
+    [entry] = entries(f"MESSAGE_ID={FREEZE_ID}", f"GPUSCHED_MODEL={name}")
+    assert (entry["GPUSCHED_FREEZE_PATH"], model_property(name, "FreezePath")) == ("cgroup", "cgroup")
+    assert "cgroup      no process was checkpointed" in text.replace("░░ ", "")
     assert not re.search(r"@[A-Z_]+@", text), "every @FIELD@ was filled in"
 
 

@@ -155,6 +155,7 @@ _STRANGER_PROBE = (
 
 
 def park_as_nobody(path: str) -> subprocess.CompletedProcess[str]:
-    """Ask the agent listening at `path` to park, as user nobody (uid 65534)."""
-    argv = [sys.executable, "-c", _STRANGER_PROBE, path]
-    return subprocess.run(argv, user=65534, capture_output=True, text=True, timeout=30)
+    """Ask the agent listening at `path` to park, as user nobody (uid 65534). The interpreter by its real path, and
+    isolated, from /: nobody may not enter the checkout (a clone in root's 0700 home, as on a fresh machine)."""
+    argv = [os.path.realpath(sys.executable), "-I", "-c", _STRANGER_PROBE, path]
+    return subprocess.run(argv, user=65534, capture_output=True, text=True, timeout=30, cwd="/")

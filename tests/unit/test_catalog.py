@@ -9,9 +9,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fake_units import FakeUnits
 
-from gpuschedd.events import Event, EventKind
+from gpuschedd.checkpoint import NoCheckpoint
+from gpuschedd.config import Config
+from gpuschedd.engine import Engine
+from gpuschedd.events import EngineListener, Event, EventKind, timespan
 from gpuschedd.journal import MESSAGE_IDS, journal_fields
+from gpuschedd.options import RunOptions
+from gpuschedd.telemetry import NoGpus
 
 CATALOG = Path(__file__).resolve().parents[2] / "catalog" / "gpuschedd.catalog"
 
@@ -72,3 +78,44 @@ def test_journalctl_reads_the_catalog(tmp_path: Path) -> None:
         ["journalctl", f"--root={tmp_path}", "--list-catalog"], capture_output=True, text=True, check=True
     ).stdout
     assert {line.split()[0] for line in listed.splitlines()} == set(MESSAGE_IDS.values())
+
+
+# Every value of GPUSCHED_FREEZE_PATH= (the model's FreezePath) that engine/freeze.py sets.
+FREEZE_PATHS = ("driver", "agent", "agent-only", "cgroup")
+
+
+@pytest.mark.parametrize("kind", [EventKind.FREEZE, EventKind.THAW])
+def test_freeze_and_thaw_explain_every_path(kind: EventKind) -> None:
+    """A catalog text cannot branch: the freeze and thaw entries list every path, each under its field value."""
+    _headers, body = entries()[MESSAGE_IDS[kind]]
+    for path in FREEZE_PATHS:
+        assert re.search(rf"^  {re.escape(path)} +\S", body, re.M), f"{kind}: {path} not explained"
+
+
+async def test_a_freeze_without_checkpoint_is_not_called_one() -> None:
+    """CheckpointBackend none: the entries say the cgroup path (nothing checkpointed, GPU memory held), and the
+    durations are also written for people."""
+    engine = Engine(FakeUnits(), NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1 << 30))
+    seen: list[Event] = []
+    listener = EngineListener()
+    listener.event = seen.append  # type: ignore[method-assign]
+    engine.add_listener(listener)
+    await engine.start()
+    await engine.run("llama", ["sleep", "1"], RunOptions(), 0)
+    await engine.freeze("llama")
+    await engine.thaw("llama")
+    freeze, thaw = (journal_fields(e) for e in seen if e.kind in (EventKind.FREEZE, EventKind.THAW))
+    assert (freeze["GPUSCHED_FREEZE_PATH"], freeze["GPUSCHED_CHECKPOINT_BACKEND"]) == ("cgroup", "none")
+    assert thaw["GPUSCHED_FREEZE_PATH"] == "cgroup"
+    assert engine.models["llama"].freeze_path == "cgroup"
+    assert freeze["GPUSCHED_DURATION"] == timespan(int(freeze["GPUSCHED_DURATION_USEC"]))
+    _headers, body = entries()[MESSAGE_IDS[EventKind.FREEZE]]
+    assert "cgroup      no process was checkpointed" in body
+
+
+@pytest.mark.parametrize(
+    ("usec", "text"),
+    [(0, "0.000s"), (860_000, "0.860s"), (7_312_345, "7.312s"), (63_200_000, "1min 3.200s"), (3_723e6, "1h 2min 3s")],
+)
+def test_timespan(usec: int, text: str) -> None:
+    assert timespan(int(usec)) == text

@@ -8,8 +8,6 @@ import grp
 import io
 import json
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,15 +133,6 @@ def test_errors_map_to_typed_exceptions() -> None:
     assert other.dbus_name == "org.example.Odd" and other.message == "text"
 
 
-@pytest.mark.skipif(shutil.which("groff") is None, reason="no groff")
-@pytest.mark.parametrize("page", ["gpusched.1", "gpuschedd.8"])
-def test_man_pages_render_without_warnings(page: str) -> None:
-    proc = subprocess.run(
-        ["groff", "-man", "-Tutf8", "-ww", "-z", str(REPO / "man" / page)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-
-
 def test_man_page_knows_every_command() -> None:
     text = (REPO / "man" / "gpusched.1").read_text()
     parser = cli.build_parser()
@@ -261,3 +250,15 @@ def test_refused_outside_the_group_says_how_to_join(monkeypatch: pytest.MonkeyPa
         assert wanted in cli.access_hint()
     monkeypatch.setattr(cli.os, "getgroups", lambda: [1000, 4242])
     assert cli.access_hint() == ""
+
+
+def test_setenv_name_alone_copies_the_callers_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd-run's -E NAME: the caller's value, or empty where the caller has none."""
+    monkeypatch.setenv("GS_COPIED", "from the shell")
+    monkeypatch.delenv("GS_UNSET", raising=False)
+    assert cli.copied_environment(["A=1", "GS_COPIED", "GS_UNSET", "B=x=y"]) == [
+        "A=1",
+        "GS_COPIED=from the shell",
+        "GS_UNSET=",
+        "B=x=y",
+    ]

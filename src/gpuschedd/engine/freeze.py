@@ -94,7 +94,9 @@ class Freezing(Core):
                     await self._unpark(model)
                 self._set_state(model, step.reached)
             raise
-        model.freeze_path = "agent-only" if step.kept else "agent" if self._parked.get(model.name) else "driver"
+        # cgroup: no process was checkpointed (CheckpointBackend none, or no CUDA process): its GPU memory stays held
+        parked = self._parked.get(model.name)
+        model.freeze_path = "agent-only" if step.kept else "agent" if parked else "driver" if step.cuda else "cgroup"
         model.cuda_pids = step.cuda
         model.last_freeze_usec = int((time.monotonic() - t0) * 1e6)
         self._set_state(model, State.FROZEN)

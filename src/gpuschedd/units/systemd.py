@@ -179,15 +179,18 @@ class SystemdUnits:
             ["Description", Variant("s", spec.description)],
             ["Slice", Variant("s", spec.slice)],
             ["Type", Variant("s", "exec")],
-            ["ExecStart", Variant("a(sasb)", [[exe, spec.argv, False]])],
+            # no-env-expand (ExecStart='s ":" prefix): the program gets its argv as given, as exec from a shell
+            # would give it; systemd would otherwise replace ${NAME} and $NAME in it with the unit's environment.
+            ["ExecStartEx", Variant("a(sasas)", [[exe, spec.argv, ["no-env-expand"]]])],
             ["AddRef", Variant("b", False)],
         ]
         if spec.working_directory:
             props.append(["WorkingDirectory", Variant("s", spec.working_directory)])
         if spec.environment:
             props.append(["Environment", Variant("as", spec.environment)])
-        if spec.user:
-            props.append(["User", Variant("s", spec.user)])
+        # Always a User=, root's too: systemd sets HOME, USER, LOGNAME and SHELL only for a unit with one, and a
+        # program run as root expects them as much as one run as alice (docs/models.md).
+        props.append(["User", Variant("s", spec.user or "root")])
         if spec.runtime_directory:
             props.append(["RuntimeDirectory", Variant("as", [os.path.relpath(spec.runtime_directory, "/run")])])
         # A failed unit of the same name (an earlier run of this model) would block the name.
