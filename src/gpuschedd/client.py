@@ -60,7 +60,7 @@ T = TypeVar("T")
 # wait for polkit's password prompt and for a checkpoint of tens of GB through the driver (minutes).
 CALL_TIMEOUT_S = 25.0
 LONG_CALL_TIMEOUT_S = 900.0
-_LONG_CALLS = {"Run", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate"}
+_LONG_CALLS = {"Run", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate", "Start"}
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,11 @@ class AsyncGpuSched:
 
     async def thaw(self, name: str, *, timeout: float | None = None) -> None:
         await self._call("Thaw", "s", [name], timeout=timeout)
+
+    async def start(self, name: str, *, timeout: float | None = None) -> str:
+        """Start a stopped catalog model (models.d); returns its object path. Running or frozen already: nothing."""
+        [path] = await self._call("Start", "s", [name], timeout=timeout)
+        return str(path)
 
     async def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
         """Freeze one model and thaw the other: both or neither."""
@@ -290,6 +295,9 @@ class GpuSched:
 
     def thaw(self, name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.thaw(name, timeout=timeout))
+
+    def start(self, name: str, *, timeout: float | None = None) -> str:
+        return self._wait(self._client.start(name, timeout=timeout))
 
     def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.swap(freeze_name, thaw_name, timeout=timeout))
