@@ -60,7 +60,19 @@ T = TypeVar("T")
 # wait for polkit's password prompt and for a checkpoint of tens of GB through the driver (minutes).
 CALL_TIMEOUT_S = 25.0
 LONG_CALL_TIMEOUT_S = 900.0
-_LONG_CALLS = {"Run", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate", "Start"}
+_LONG_CALLS = {
+    "Run",
+    "Start",
+    "Reload",
+    "Adopt",
+    "AdoptProcesses",
+    "Freeze",
+    "Thaw",
+    "Swap",
+    "Stop",
+    "Forget",
+    "Migrate",
+}
 
 
 @dataclass(frozen=True)
@@ -164,16 +176,21 @@ class AsyncGpuSched:
         [path] = await self._call("Run", "sasa{sv}", [name, argv, _options(options)], timeout=timeout)
         return str(path)
 
+    async def start(self, name: str, *, timeout: float | None = None) -> str:
+        """Start a model of the catalog (/etc/gpusched/models.d/NAME.conf) as its file defines it; returns its object
+        path. One that runs (or is frozen) already is left as it is."""
+        [path] = await self._call("Start", "s", [name], timeout=timeout)
+        return str(path)
+
+    async def reload(self, *, timeout: float | None = None) -> None:
+        """Read the model catalog's files again (needs the manage privilege)."""
+        await self._call("Reload", timeout=timeout)
+
     async def freeze(self, name: str, *, timeout: float | None = None) -> None:
         await self._call("Freeze", "s", [name], timeout=timeout)
 
     async def thaw(self, name: str, *, timeout: float | None = None) -> None:
         await self._call("Thaw", "s", [name], timeout=timeout)
-
-    async def start(self, name: str, *, timeout: float | None = None) -> str:
-        """Start a stopped catalog model (models.d); returns its object path. Running or frozen already: nothing."""
-        [path] = await self._call("Start", "s", [name], timeout=timeout)
-        return str(path)
 
     async def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
         """Freeze one model and thaw the other: both or neither."""
@@ -290,14 +307,17 @@ class GpuSched:
     def run(self, name: str, argv: list[str], *, timeout: float | None = None, **options: Any) -> str:
         return self._wait(self._client.run(name, argv, timeout=timeout, **options))
 
+    def start(self, name: str, *, timeout: float | None = None) -> str:
+        return self._wait(self._client.start(name, timeout=timeout))
+
+    def reload(self, *, timeout: float | None = None) -> None:
+        self._wait(self._client.reload(timeout=timeout))
+
     def freeze(self, name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.freeze(name, timeout=timeout))
 
     def thaw(self, name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.thaw(name, timeout=timeout))
-
-    def start(self, name: str, *, timeout: float | None = None) -> str:
-        return self._wait(self._client.start(name, timeout=timeout))
 
     def swap(self, freeze_name: str, thaw_name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.swap(freeze_name, thaw_name, timeout=timeout))

@@ -52,6 +52,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.journal",
         "gpuschedd.metrics",
         "gpuschedd.config",
+        "gpuschedd.catalog",
         "gpuschedd.daemon",
         "gpuschedd.recovery",
         "gpuschedd.adopt",

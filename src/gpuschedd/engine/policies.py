@@ -70,13 +70,14 @@ class Policies_(Core):
 
     def _drop_ended(self, now: int) -> None:
         """EndedModelTTLSec=: an ended model is dropped from the table (and the state file) this long after it ended,
-        with its command line: nothing a user ran is kept forever, and the table stays small."""
+        with its command line: nothing a user ran is kept forever, and the table stays small. A catalog model stays:
+        it is listed as long as its file is there."""
         ttl = self.config.ended_model_ttl_sec
         if ttl <= 0:
             return
         for model in list(self.models.values()):
             ended = (now - model.state_change_usec) / 1e6
-            if model.state not in ENDED or model.lock.locked() or ended < ttl:
+            if model.state not in ENDED or model.catalog_digest or model.lock.locked() or ended < ttl:
                 continue
             self._remove(model)
             if model_name_from_unit(model.unit) is None:
