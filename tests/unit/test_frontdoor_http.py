@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from fake_daemon import FakeDaemon
 from fake_openai import FakeServer
 
+from gpuschedd.frontdoor import SD_LISTEN_FDS_START, serve
 from gpuschedd.frontdoor.metrics import RouterMetrics
 from gpuschedd.frontdoor.router import Entry, Router
 from gpuschedd.frontdoor.server import FrontDoor
@@ -183,3 +186,28 @@ async def test_streaming_is_not_buffered(daemon: FakeDaemon) -> None:
     finally:
         await door.close()
         await backend.close()
+
+
+async def test_serve_takes_the_socket_from_systemd_and_stops_on_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve() as the unit runs it: the listening socket from LISTEN_FDS (sd_listen_fds), SIGTERM a clean stop."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    fd = os.dup2(listener.fileno(), SD_LISTEN_FDS_START + 40)  # where a real one would be: fd 3
+    monkeypatch.setattr("gpuschedd.frontdoor.SD_LISTEN_FDS_START", fd)
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    server = asyncio.create_task(serve(Settings(listen="127.0.0.1:1")))
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    assert r.status == 200 and "gpusched_frontdoor_waiting" in await r.text()
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the front door did not answer on the socket it was given")
+    assert "LISTEN_FDS" not in os.environ
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(server, 10)
+    listener.close()

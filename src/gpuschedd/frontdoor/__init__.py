@@ -75,16 +75,15 @@ async def serve(settings: Settings) -> None:
     metrics = RouterMetrics()
     link = DaemonLink()
     router = Router(link, settings, metrics)
-    runner = web.AppRunner(FrontDoor(router, settings, metrics).app())
+    # No access log: one journal line per request is too much for a busy endpoint; /metrics counts the answers.
+    runner = web.AppRunner(FrontDoor(router, settings, metrics).app(), access_log=None)
     await runner.setup()
     await sites(runner, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    idle = (
-        asyncio.create_task(freeze_idle_forever(router, settings.idle_freeze_sec)) if settings.idle_freeze_sec else None
-    )
+    idle = asyncio.create_task(freeze_idle_forever(router, settings.idle_freeze_sec))
     log.info("gpusched-frontdoor %s serving", __version__)
     await stop.wait()
     # Waiting requests are answered 503 now; those being served finish (aiohttp waits for them, up to a minute)
@@ -95,6 +94,8 @@ async def serve(settings: Settings) -> None:
         await idle
     await runner.cleanup()
     link.close()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
