@@ -246,9 +246,12 @@ def _message(error: Exception) -> str:
 def _own_value(name: str, key: str, text: str) -> Any:
     if key == "Command":
         try:
-            return validate.argv(shlex.split(text))
+            argv = validate.argv(shlex.split(text))
         except ValueError as e:  # shlex: an unclosed quote
             raise ValueError(f"cannot split it: {e}") from None
+        if "/" in argv[0] and not argv[0].startswith("/"):
+            raise ValueError("the program must be an absolute path, or a name looked up in PATH (as for ExecStart=)")
+        return argv
     if key == "Preload":
         return config.parse_boolean(text)
     aliases = text.split()

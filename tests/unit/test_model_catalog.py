@@ -110,6 +110,7 @@ def test_defaults_and_the_digest_follow_the_definition() -> None:
         (f"[Model]\nUser={ME}\njust words\n", 3, "not KEY=VALUE"),
         (f"[Model]\nUser={ME}\nCommand='unclosed\n", 3, "cannot split"),
         (f"[Model]\nUser={ME}\nCommand=\n", 3, "argv must not be empty"),
+        (f"[Model]\nUser={ME}\nCommand=./serve\n", 3, "absolute path"),
         ("[Model]\nCommand=x\nUser=no-such-user-here\n", 3, "no such user"),
         ("[Model]\nCommand=x\nUser=Bad User\n", 3, "valid user name"),
         (f"[Model]\nCommand=x\nUser={ME}\nPriority=high\n", 4, "whole number"),
@@ -325,6 +326,19 @@ async def test_forget_of_a_catalog_model_only_once_it_ended_until_the_next_reloa
     assert cat.get("llama").state == State.STOPPED
 
 
+async def test_the_daemons_idle_freeze_is_not_a_catalog_models_but_its_files_is(
+    cat: Engine, dirs: tuple[Path, Path]
+) -> None:
+    cat.config.idle_freeze_sec = 60
+    write(dirs[0], "routed", model_text())
+    write(dirs[0], "own", model_text(extra="IdleFreezeSec=30\n"))
+    await cat.reload_catalog()
+    ran = await cat.run("ran", ["sleep", "1"], RunOptions(), UID)
+    assert (cat.idle_limit(cat.get("routed")), cat.idle_limit(cat.get("own")), cat.idle_limit(ran)) == (0, 30, 60)
+    started = await cat.start_catalog("routed", DAEMON)
+    assert cat.idle_limit(started) == 0
+
+
 async def test_preload_starts_what_does_not_run(cat: Engine, dirs: tuple[Path, Path], units: FakeUnits) -> None:
     write(dirs[0], "warm", model_text(extra="Preload=yes\n"))
     write(dirs[0], "cold", model_text())
@@ -372,3 +386,12 @@ async def test_catalog_models_do_not_count_against_their_users_limits(
     await engine.start_catalog("b", DAEMON)
     assert engine.get("b").owner == nobody.pw_uid and units.specs["gpusched-model@b.service"].user == "nobody"
     await engine.run("own", ["sleep", "1"], RunOptions(), nobody.pw_uid)
+
+
+def test_the_shipped_example_parses() -> None:
+    """examples/models.d/qwen.conf, with its user (llm) replaced by one this host has."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "models.d" / "qwen.conf"
+    entry = catalog.parse("qwen", str(example), example.read_text().replace("User=llm", f"User={ME}"))
+    assert entry.argv[:3] == ["/opt/vllm/bin/vllm", "serve", "Qwen/Qwen2.5-7B-Instruct"] and entry.argv[-1] == "0.45"
+    assert entry.options.backend_port == 9001 and entry.options.gpu_memory == 20 << 30 and entry.preload
+    assert entry.aliases == ["qwen2.5", "qwen-7b"] and entry.options.environment[-1] == "VLLM_LOGGING_LEVEL=WARNING"

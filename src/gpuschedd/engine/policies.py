@@ -19,8 +19,12 @@ class Policies_(Core):
     """One round of the automatic decisions, every second (named with _: options.Policies is the Run options)."""
 
     def idle_limit(self, model: Model) -> int:
-        """The idle time in force for a model: its own IdleFreezeSec, else the daemon's (0: never frozen idle)."""
-        return self.config.idle_freeze_sec if model.idle_freeze_sec < 0 else model.idle_freeze_sec
+        """The idle time in force for a model: its own IdleFreezeSec, else the daemon's (0: never frozen idle). Not the
+        daemon's for a catalog model: the front door freezes those when idle, knowing the requests in flight that GPU
+        utilization cannot show (its file's own IdleFreezeSec= still applies)."""
+        if model.idle_freeze_sec < 0:
+            return 0 if model.catalog_digest else self.config.idle_freeze_sec
+        return model.idle_freeze_sec
 
     async def apply_policies(self) -> None:
         """One round of the automatic decisions (the daemon calls it every second): freeze running models idle for
