@@ -49,7 +49,7 @@ def reload_catalog() -> None:
 def catalog_file(name: str, model_dir: Path, port: int, agent: bool) -> str:
     command = f"{TORCH_PY} {HERE / 'serve_openai.py'} {model_dir} --name {name} --port {port}"
     lines = ["[Model]", f"Command={command}{' --agent' if agent else ''}", "User=root",
-             f"Environment=PYTHONPATH={REPO / 'src'}", f"Port={port + 1000}", f"BackendPort={port}"]  # fmt: skip
+             f"Environment=PYTHONPATH={REPO / 'src'}", f"BackendPort={port}"]  # fmt: skip
     if agent:
         lines.append("Agent=yes")
     return "\n".join(lines) + "\n"

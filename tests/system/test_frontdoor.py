@@ -32,7 +32,7 @@ def catalog_file(name: str) -> str:
     aliases = "\nAliases=gpt-4o-mini" if name == "fd-alpha" else ""
     return (
         f"[Model]\nCommand=/usr/bin/python3 {FAKE} --name {name} --port {port}\nUser={secutil.ALICE}\n"
-        f"Port={port + 1000}\nBackendPort={port}{aliases}\n"
+        f"BackendPort={port}{aliases}\n"
     )
 
 
