@@ -14,6 +14,7 @@ from fake_daemon import FakeDaemon
 
 from gpuschedd.frontdoor.metrics import RouterMetrics
 from gpuschedd.frontdoor.router import (
+    CATALOG_REFRESH_S,
     BackendDown,
     Entry,
     NotReady,
@@ -107,6 +108,48 @@ async def test_shared_or_missing_ports_and_ambiguous_aliases_are_not_routed(
         with pytest.raises(UnknownModel):
             await router.resolve(name)
     assert (await router.resolve("b")).name == "b"  # a name wins over another model's alias
+
+
+async def test_a_reload_is_seen_within_catalog_refresh_s(
+    daemon: FakeDaemon, make_router: Callable[..., Router], clock: Clock
+) -> None:
+    daemon.add("a", 9001, "running", aliases=("chat",))
+    daemon.add("b", 9002, "running")
+    router = make_router()
+    assert (await router.resolve("chat")).name == "a"
+    daemon.models["a"].entry = Entry("a", (), 9001)  # the alias moved from a to b
+    daemon.models["b"].entry = Entry("b", ("chat",), 9002)
+    clock.now += CATALOG_REFRESH_S
+    assert (await router.resolve("chat")).name == "b"
+
+
+async def test_a_start_uses_the_port_the_catalog_says_now(
+    daemon: FakeDaemon, make_router: Callable[..., Router]
+) -> None:
+    model = daemon.add("a", 9001, "stopped")
+    router = make_router(request_timeout_sec=5)
+    await router.refresh()
+    model.entry = Entry("a", (), 9005)  # changed by a reload while it was stopped
+    async with router.use("a") as entry:
+        assert entry.backend_port == 9005
+
+
+async def test_known_names_resolve_while_the_daemon_is_gone(
+    daemon: FakeDaemon, make_router: Callable[..., Router], clock: Clock
+) -> None:
+    daemon.add("a", 9001, "running")
+    router = make_router()
+    release, entered = asyncio.Event(), asyncio.Event()
+    busy = asyncio.create_task(hold(router, "a", release, entered))
+    await entered.wait()
+    daemon.down = True
+    clock.now += CATALOG_REFRESH_S
+    async with router.use("a") as entry:  # a request is in flight: a runs, no daemon call is needed
+        assert entry.name == "a"
+    with pytest.raises(Unavailable):
+        await router.resolve("new-model")
+    release.set()
+    await busy
 
 
 # ------------------------------------------------------------------ bringing a model in

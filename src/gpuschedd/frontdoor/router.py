@@ -36,6 +36,7 @@ MOVING = frozenset({"freezing", "thawing"})  # another caller's transition: wait
 STARTABLE = frozenset({"stopped", "failed"})
 POLL_S = 0.05  # how often a state or a port is looked at again while waiting for it
 CATALOG_MAX_AGE_S = 1.0  # an unknown name re-reads the catalog at most this often (each read is N+1 bus calls)
+CATALOG_REFRESH_S = 5.0  # any request re-reads it when older: a reload's new aliases and ports are seen this soon
 T = TypeVar("T")
 
 
@@ -170,10 +171,17 @@ class Router:
         return await self.refresh()
 
     async def resolve(self, model: str) -> Entry:
+        """The catalog entry `model` names, from a reading at most CATALOG_REFRESH_S old (a reload may have moved an
+        alias or a stopped model's port). When the daemon cannot be asked, a name already known is still resolved:
+        a model with requests in flight is served without the daemon."""
+        age = self._clock() - self._catalog_read
+        if age >= CATALOG_REFRESH_S or (model not in self._names and age >= CATALOG_MAX_AGE_S):
+            try:
+                await self.refresh()
+            except Unavailable:
+                if model not in self._names:
+                    raise
         name = self._names.get(model)
-        if name is None and self._clock() - self._catalog_read >= CATALOG_MAX_AGE_S:
-            await self.refresh()
-            name = self._names.get(model)
         if name is None:
             raise UnknownModel(f"The model `{model}` does not exist")
         return self._entries[name]
@@ -190,7 +198,7 @@ class Router:
         name = entry.name
         self.metrics.requests.labels(name).inc()
         if self._busy[name] == 0:
-            await self._wait_ready(entry)
+            entry = await self._wait_ready(entry)
         self._busy[name] += 1
         self.metrics.in_flight.labels(name).inc()
         try:
@@ -201,7 +209,7 @@ class Router:
             self._last_used[name] = self._clock()
             self._released.set()
 
-    async def _wait_ready(self, entry: Entry) -> None:
+    async def _wait_ready(self, entry: Entry) -> Entry:
         if self._waiting >= self.settings.queue_size:
             raise QueueFull(f"{self._waiting} requests are already waiting for their models; try again later")
         self._waiting += 1
@@ -212,7 +220,7 @@ class Router:
         self._waiters.add(task)
         try:
             async with asyncio.timeout(self.settings.request_timeout_sec):
-                await self._bring_in(entry)
+                return await self._bring_in(entry)
         except TimeoutError:
             raise NotReady(
                 f"model `{entry.name}` was not ready within {self.settings.request_timeout_sec:g} s"
@@ -228,21 +236,19 @@ class Router:
             self.metrics.waiting.dec()
             self.metrics.wait_seconds.labels(entry.name).observe(self._clock() - started)
 
-    async def _bring_in(self, entry: Entry) -> None:
+    async def _bring_in(self, entry: Entry) -> Entry:
         """Under the lock, until the model runs: read the states, then thaw, swap or start it, making room first
-        where MaxRunning= or the daemon's InsufficientGpuMemory says so. Returns with the lock held by no one and
-        nothing awaited after the last state read that found it running."""
+        where MaxRunning= or the daemon's InsufficientGpuMemory says so. Returns the model's entry as last read (a
+        start reads the catalog again), with nothing awaited after the state read that found it running."""
         async with self._lock:
             while True:
                 if self._closing:
                     raise Unavailable("the front door is stopping")
                 states = await self._ask(self.daemon.states())
-                state = states.get(entry.name)
-                if state is None:
-                    await self.refresh()
-                    raise UnknownModel(f"The model `{entry.name}` is no longer in the catalog")
+                entry = self._current(entry.name, list(self._entries.values()) if entry.name in states else [])
+                state = states[entry.name]
                 if state == RUNNING:
-                    return
+                    return entry
                 if state in MOVING:
                     await asyncio.sleep(POLL_S)
                     continue
@@ -260,6 +266,14 @@ class Router:
                     if room is not None:
                         await self._freeze(room)
                     continue
+
+    @staticmethod
+    def _current(name: str, entries: list[Entry]) -> Entry:
+        """The model's entry among `entries` (the catalog as last read); UnknownModel once it left the catalog."""
+        for entry in entries:
+            if entry.name == name:
+                return entry
+        raise UnknownModel(f"The model `{name}` is no longer in the catalog")
 
     def _over_limit(self, states: dict[str, str], name: str) -> bool:
         limit = self.settings.max_running
@@ -294,7 +308,9 @@ class Router:
             raise BackendDown(f"model `{name}` is {state}")
 
     async def _start(self, entry: Entry) -> None:
-        """Start the model and wait until its port accepts; its process ending first is BackendDown."""
+        """Start the model and wait until its port accepts; its process ending first is BackendDown. The catalog is
+        read first: a stopped model takes its file's definition as it is now (its port may have changed)."""
+        entry = self._current(entry.name, await self.refresh())
         await self._ask(self.daemon.start(entry.name))
         self._last_used[entry.name] = self._clock()
         last_look = self._clock()
