@@ -140,7 +140,8 @@ def test_build(tmp_path_factory: pytest.TempPathFactory) -> None:
     ):
         assert path in files, f"{path} not in the package"
     assert not [f for f in files if f.startswith("/usr/local/")]
-    # The maintainer scripts stop, restart or disable the daemon, and nothing else: never the slice or a model.
+    # The maintainer scripts stop, restart or disable the daemon (and the front door, which they never enable or
+    # start), and nothing else: never the slice or a model.
     scripts = out / "control"
     run("dpkg-deb", "--control", str(deb), str(scripts))
     acting = re.compile(r"\b(stop|kill|restart|try-restart|disable|mask|freeze|thaw|isolate)\b")
@@ -155,7 +156,9 @@ def test_build(tmp_path_factory: pytest.TempPathFactory) -> None:
             actions.append(line)
             assert "gpusched.slice" not in line and "gpusched-model" not in line, f"{script}: {line}"
             if re.search(r"deb-systemd-invoke|systemctl", line):
-                assert "'gpuschedd.service'" in line, f"{script} acts on something else than the daemon: {line}"
+                assert re.search(r"'gpuschedd\.service'|'gpusched-frontdoor\.(socket|service)'", line), (
+                    f"{script} acts on something else than the daemon and the front door: {line}"
+                )
     assert any("stop 'gpuschedd.service'" in line for line in actions), actions
 
 
