@@ -211,3 +211,28 @@ async def test_serve_takes_the_socket_from_systemd_and_stops_on_sigterm(monkeypa
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(server, 10)
     listener.close()
+
+
+async def test_a_silent_model_is_504(daemon: FakeDaemon) -> None:
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", silent)
+    backend = TestServer(app, host="127.0.0.1")
+    await backend.start_server()
+    daemon.add("mute", backend.port or 0, "running")
+    settings = Settings(backend_timeout_sec=0.1)
+    metrics = RouterMetrics()
+    door = TestServer(FrontDoor(Router(daemon, settings, metrics), settings, metrics).app())
+    await door.start_server()
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(door.make_url("/v1/chat/completions"), json={"model": "mute"}) as r,
+        ):
+            assert r.status == 504 and (await r.json())["error"]["code"] == "model_not_ready"
+    finally:
+        await door.close()
+        await backend.close()

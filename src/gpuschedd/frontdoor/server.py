@@ -103,7 +103,9 @@ class FrontDoor:
         # auto_decompress=False: the answer's bytes pass as they are, with their Content-Encoding.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=self.settings.backend_timeout_sec
+            ),
             auto_decompress=False,
         )
 
@@ -177,7 +179,11 @@ class FrontDoor:
                 upstream = await self.session.request(
                     request.method, url, headers=forwarded(request.headers), data=body or None, allow_redirects=False
                 )
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except TimeoutError:  # aiohttp's ServerTimeoutError too: the model accepted and stayed silent
+                raise NotReady(
+                    f"model `{entry.name}` sent nothing for {self.settings.backend_timeout_sec:g} s"
+                ) from None
+            except aiohttp.ClientError as e:
                 raise BackendDown(f"model `{entry.name}` did not answer on port {entry.backend_port}: {e}") from None
             async with upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)

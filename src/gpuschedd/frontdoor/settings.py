@@ -58,6 +58,9 @@ class Settings:
     request_timeout_sec: float = 300.0
     # Freeze a catalog model that served no request for this long (0: never; the daemon's IdleFreezeSec still may).
     idle_freeze_sec: int = 0
+    # The longest a model may stay silent while answering (before its first byte, or between two): then 504, or a
+    # cut stream. Long for long generations that are not streamed; a bound all the same.
+    backend_timeout_sec: float = 600.0
     # A request body larger than this is answered 413 before the router sees it.
     max_body_bytes: int = 16 << 20
     # Without socket activation only (systemd passes the socket otherwise): HOST:PORT to listen on.
@@ -91,6 +94,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
     "QueueSize": ("queue_size", parse_positive),
     "RequestTimeoutSec": ("request_timeout_sec", parse_seconds),
     "IdleFreezeSec": ("idle_freeze_sec", parse_count),
+    "BackendTimeoutSec": ("backend_timeout_sec", parse_seconds),
     "MaxBodyBytes": ("max_body_bytes", validate.parse_size),
     "Listen": ("listen", parse_listen),
 }
