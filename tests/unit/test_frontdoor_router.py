@@ -274,6 +274,28 @@ async def test_a_model_of_higher_priority_is_not_frozen_for_a_lower_one(
     assert daemon.calls == []
 
 
+async def test_a_request_waiting_for_a_busy_model_does_not_hold_up_the_others(
+    daemon: FakeDaemon, make_router: Callable[..., Router]
+) -> None:
+    daemon.add("busy", 9001, "running")
+    daemon.add("important", 9002, "running", priority=10)
+    daemon.add("low", 9003, "frozen")
+    router = make_router(max_running=2)
+    release, entered = asyncio.Event(), asyncio.Event()
+    serving = asyncio.create_task(hold(router, "busy", release, entered))
+    await entered.wait()
+    waiting = asyncio.create_task(hold(router, "low", asyncio.Event()))  # no victim: busy, or of higher priority
+    await settle()
+    async with asyncio.timeout(5), router.use("important") as entry:  # idle and running: served at once
+        assert entry.name == "important"
+    assert not waiting.done()
+    release.set()
+    await serving
+    await asyncio.sleep(0.05)
+    assert daemon.calls == [("swap", "busy", "low")]
+    waiting.cancel()
+
+
 async def test_short_of_gpu_memory_freezes_an_idle_model_and_tries_again(
     daemon: FakeDaemon, make_router: Callable[..., Router]
 ) -> None:

@@ -6,10 +6,11 @@ to freeze (never one with a request in flight; lowest Priority= first, then leas
 priority than the model coming in); the daemon knows memory, so a thaw or start that does not fit is refused by it
 (InsufficientGpuMemory) and the router answers by freezing one more idle model and trying again.
 
-Why the invariant "never freezes a model with a request in flight" holds: a model's in-flight count is raised only
-while the lock is held and its state was just read as running, or, outside the lock, when it is already above zero
-(a model with a request in flight is running, since the router never freezes it); the victim is chosen and its count
-read under the lock, and nothing awaits between the choice and the call, so no request can enter it in between.
+Why the invariant "never freezes a model with a request in flight" holds (one asyncio thread: code between two
+awaits runs alone): a model's in-flight count is raised only right after a state read under the lock found it
+running, with nothing awaited in between, or when the count is already above zero (a model with a request in flight
+is running, since the router never freezes it); a victim is chosen, by its count, under the lock and with nothing
+awaited between the choice and the Freeze or Swap call, so no request can enter it in between.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger("gpusched-frontdoor")
 RUNNING, FROZEN = "running", "frozen"
 MOVING = frozenset({"freezing", "thawing"})  # another caller's transition: wait for it to end
 STARTABLE = frozenset({"stopped", "failed"})
+READY, AGAIN, MOVING_ON, WAIT = "ready", "again", "moving", "wait"  # what one step of bringing a model in found
 POLL_S = 0.05  # how often a state or a port is looked at again while waiting for it
 CATALOG_MAX_AGE_S = 1.0  # an unknown name re-reads the catalog at most this often (each read is N+1 bus calls)
 CATALOG_REFRESH_S = 5.0  # any request re-reads it when older: a reload's new aliases and ports are seen this soon
@@ -139,7 +141,7 @@ class Router:
         self._last_used: dict[str, float] = {}
         self._waiting = 0
         self._lock = asyncio.Lock()  # one transition at a time; decisions read the daemon's states under it
-        self._released = asyncio.Event()  # set whenever a request ends: a model may have become idle
+        self._idle_waiters: set[asyncio.Future[None]] = set()  # resolved when a request ends: a model may be idle
         self._closing = False
         self._waiters: set[asyncio.Task[object]] = set()
 
@@ -207,7 +209,9 @@ class Router:
             self._busy[name] -= 1
             self.metrics.in_flight.labels(name).dec()
             self._last_used[name] = self._clock()
-            self._released.set()
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _wait_ready(self, entry: Entry) -> Entry:
         if self._waiting >= self.settings.queue_size:
@@ -237,35 +241,54 @@ class Router:
             self.metrics.wait_seconds.labels(entry.name).observe(self._clock() - started)
 
     async def _bring_in(self, entry: Entry) -> Entry:
-        """Under the lock, until the model runs: read the states, then thaw, swap or start it, making room first
-        where MaxRunning= or the daemon's InsufficientGpuMemory says so. Returns the model's entry as last read (a
-        start reads the catalog again), with nothing awaited after the state read that found it running."""
-        async with self._lock:
-            while True:
-                if self._closing:
-                    raise Unavailable("the front door is stopping")
-                states = await self._ask(self.daemon.states())
-                entry = self._current(entry.name, list(self._entries.values()) if entry.name in states else [])
-                state = states[entry.name]
-                if state == RUNNING:
+        """Until the model runs: one step at a time under the lock (_step), and between steps the lock is free, so a
+        request that waits for another to end never holds up requests for other models. Returns the model's entry
+        as last read, with nothing awaited after the state read that found it running."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # registered before the step reads the states, so a request that ends after that read is not missed
+            released: asyncio.Future[None] = loop.create_future()
+            self._idle_waiters.add(released)
+            try:
+                async with self._lock:
+                    entry, outcome = await self._step(entry)
+                if outcome == READY:
                     return entry
-                if state in MOVING:
+                if outcome == WAIT:
+                    await released
+                elif outcome == MOVING_ON:
                     await asyncio.sleep(POLL_S)
-                    continue
-                victim = None
-                if self._over_limit(states, entry.name):
-                    victim = await self._victim_or_wait(states, entry, f"MaxRunning={self.settings.max_running}")
-                    if victim is None:
-                        continue
-                try:
-                    await self._transition(entry, state, victim)
-                except InvalidState:  # someone else changed a state since it was read: read them again
-                    continue
-                except InsufficientGpuMemory as e:
-                    room = await self._victim_or_wait(states, entry, e.message, short=True)
-                    if room is not None:
-                        await self._freeze(room)
-                    continue
+            finally:
+                self._idle_waiters.discard(released)
+
+    async def _step(self, entry: Entry) -> tuple[Entry, str]:
+        """Read the states and do what the model needs: READY (it runs), AGAIN (something changed: read again),
+        MOVING_ON (another caller's transition is under way), WAIT (every model that could make room has a request
+        in flight: wait until one ends)."""
+        if self._closing:
+            raise Unavailable("the front door is stopping")
+        states = await self._ask(self.daemon.states())
+        entry = self._current(entry.name, list(self._entries.values()) if entry.name in states else [])
+        state = states[entry.name]
+        if state == RUNNING:
+            return entry, READY
+        if state in MOVING:
+            return entry, MOVING_ON
+        victim = None
+        if self._over_limit(states, entry.name):
+            victim = self._victim(states, entry, f"MaxRunning={self.settings.max_running}")
+            if victim is None:
+                return entry, WAIT
+        try:
+            await self._transition(entry, state, victim)
+        except InvalidState:  # someone else changed a state since it was read
+            return entry, AGAIN
+        except InsufficientGpuMemory as e:
+            room = self._victim(states, entry, e.message, short=True)
+            if room is None:
+                return entry, WAIT
+            await self._freeze(room)
+        return entry, AGAIN
 
     @staticmethod
     def _current(name: str, entries: list[Entry]) -> Entry:
@@ -280,18 +303,13 @@ class Router:
         running = [n for n in self._entries if n != name and states.get(n) in (RUNNING, "thawing")]
         return limit > 0 and len(running) >= limit
 
-    async def _victim_or_wait(self, states: dict[str, str], entry: Entry, why: str, short: bool = False) -> str | None:
-        """An idle model to freeze for `entry`; or, when every candidate has a request in flight, wait until a request
-        ends and return None (the caller reads the states again). With nothing that could ever make room (short of
-        memory and no catalog model running), BackendDown."""
+    def _victim(self, states: dict[str, str], entry: Entry, why: str, short: bool = False) -> str | None:
+        """An idle model to freeze for `entry`; None when every candidate has a request in flight. With nothing that
+        could ever make room (short of memory and no other catalog model running), BackendDown."""
         victim = choose_victim(list(self._entries.values()), states, self._busy, self._last_used, entry)
-        if victim is not None:
-            return victim
-        if short and not any(states.get(n) == RUNNING for n in self._entries if n != entry.name):
+        if victim is None and short and not any(states.get(n) == RUNNING for n in self._entries if n != entry.name):
             raise BackendDown(f"model `{entry.name}` cannot be brought in: {why}")
-        self._released.clear()
-        await self._released.wait()
-        return None
+        return victim
 
     async def _transition(self, entry: Entry, state: str, victim: str | None) -> None:
         name = entry.name
