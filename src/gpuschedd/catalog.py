@@ -92,7 +92,7 @@ def read(dirs: tuple[str, ...] = DIRS, owner: int = 0) -> Catalog:
         except FileNotFoundError:
             continue
         except (OSError, CatalogError) as e:
-            catalog.errors.append(f"{directory}: {_why(e)}: the directory is ignored")
+            catalog.errors.append(f"{validate.shown(directory)}: {_why(e)}: the directory is ignored")
             continue
         for file_name in names_here:
             if file_name.endswith(SUFFIX) and not file_name.startswith("."):
@@ -106,7 +106,8 @@ def read(dirs: tuple[str, ...] = DIRS, owner: int = 0) -> Catalog:
                 catalog.entries[entry.name] = entry
         except (OSError, CatalogError) as e:
             line = getattr(e, "line", 0)
-            catalog.errors.append(f"{path}{f':{line}' if line else ''}: {_why(e)}; the file is ignored")
+            where = validate.shown(path) + (f":{line}" if line else "")  # a file name may hold a newline
+            catalog.errors.append(f"{where}: {_why(e)}; the file is ignored")
     return catalog
 
 
@@ -187,8 +188,8 @@ def assignments(text: str) -> list[tuple[int, str, str, str]]:
     return out
 
 
-# The keys of [Model] that are not options of Run: key -> the Entry field they fill.
-_OWN_KEYS = {"Command": "argv", "Aliases": "aliases", "Preload": "preload"}
+# The keys of [Model] that are not options of Run.
+_OWN_KEYS = ("Command", "Aliases", "Preload")
 
 
 def parse(name: str, path: str, text: str) -> Entry:

@@ -71,9 +71,10 @@ class Catalog(Core):
         if model is not None and model.catalog_digest and entry is not None and model.catalog_digest == entry.digest:
             return
         if model is not None and (model.catalog_digest or entry is not None):
-            self._remove(model)
-            why = ": its file left the model catalog" if entry is None else ": the model catalog defines its name"
-            self._emit(events.forgotten(model, why, "catalog"))
+            self._remove(model)  # a catalog model's earlier definition is replaced silently; anything else is an event
+            if entry is None or not model.catalog_digest:
+                why = ": its file left the model catalog" if entry is None else ": the model catalog defines its name"
+                self._emit(events.forgotten(model, why, "catalog"))
         if entry is not None:
             self._add(self._listed(entry))
 
