@@ -5,8 +5,10 @@
 # the front door's units, user and polkit rule), runs bench/frontdoor/run.py inside, and tears the guest down.
 #
 #   bench/frontdoor/gpu.sh OUTDIR [CARRY]    from the repository root, as root; CARRY: tools/gpu-sandbox.sh fetch's
-#                                            folder (default .carry/gpu); its wheels/ must hold aiohttp's and
-#                                            openai's Python 3.12 wheels (fetch does since the front door)
+#                                            folder (default .carry/gpu); its wheels/ must also hold aiohttp's (make
+#                                            install needs it) and openai's (the bench's client) Python 3.12 wheels:
+#   pip download --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d CARRY/wheels aiohttp openai
 # Knobs: SIZE (0.5B), CYCLES (5), PATHS (driver,agent), TORCH_PY (/opt/torch/.venv/bin/python3, else python3).
 # About 3-5 minutes; hard limit 450 s for the bench itself. Output: OUTDIR/log.txt, table.md, requests.jsonl,
 # journal.txt.
@@ -19,7 +21,7 @@ torch_py=${TORCH_PY:-/opt/torch/.venv/bin/python3}
 [ -x "$torch_py" ] || torch_py=$(command -v python3)
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 ls "$carry"/wheels/aiohttp-*cp312*.whl "$carry"/wheels/openai-*.whl > /dev/null || {
-	echo "gpu.sh: $carry/wheels lacks aiohttp or openai (tools/gpu-sandbox.sh fetch $carry)"; exit 1; }
+	echo "gpu.sh: $carry/wheels lacks aiohttp or openai (the pip download line at the top of $0)"; exit 1; }
 export SYSD_BIND="$out"
 tools/gpu-sandbox.sh up "$carry" || exit 1
 trap 'tools/gpu-sandbox.sh exec journalctl --no-pager -o short-precise -u gpuschedd -u "gpusched-*" > "$out/journal.txt" 2>&1; tools/gpu-sandbox.sh down' EXIT
