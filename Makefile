@@ -91,6 +91,7 @@ sys.exit(main())
 endef
 export DAEMON_LAUNCHER = $(call launcher,daemon,gpuschedd: the daemon)
 export CLI_LAUNCHER = $(call launcher,cli,gpusched: the command-line client)
+export FRONTDOOR_LAUNCHER = $(call launcher,frontdoor,gpusched-frontdoor: the OpenAI-compatible front door)
 
 install: preload
 	# the package and its dependencies, private to gpuschedd: nothing in the system's site-packages changes
@@ -103,12 +104,15 @@ install: preload
 	install -m 644 $(PRELOAD_LIB) "$(DESTDIR)$(PKGLIBDIR)/libgpuschedd-preload.so"
 	printf '%s\n' "$$DAEMON_LAUNCHER" > "$(DESTDIR)$(LIBEXECDIR)/gpuschedd"
 	printf '%s\n' "$$CLI_LAUNCHER" > "$(DESTDIR)$(BINDIR)/gpusched"
-	chmod 755 "$(DESTDIR)$(LIBEXECDIR)/gpuschedd" "$(DESTDIR)$(BINDIR)/gpusched"
+	printf '%s\n' "$$FRONTDOOR_LAUNCHER" > "$(DESTDIR)$(LIBEXECDIR)/gpusched-frontdoor"
+	chmod 755 "$(DESTDIR)$(LIBEXECDIR)/gpuschedd" "$(DESTDIR)$(BINDIR)/gpusched" "$(DESTDIR)$(LIBEXECDIR)/gpusched-frontdoor"
 	# systemd units; ExecStart follows PREFIX
 	install -d "$(DESTDIR)$(UNITDIR)"
 	sed -e 's|/usr/libexec/|$(LIBEXECDIR)/|g' -e 's|file:/usr/share/|file:$(PREFIX)/share/|g' \
 		units/gpuschedd.service > "$(DESTDIR)$(UNITDIR)/gpuschedd.service"
 	install -m 644 units/gpusched.slice "$(DESTDIR)$(UNITDIR)/gpusched.slice"
+	sed -e 's|/usr/libexec/|$(LIBEXECDIR)/|g' units/gpusched-frontdoor.service > "$(DESTDIR)$(UNITDIR)/gpusched-frontdoor.service"
+	install -m 644 units/gpusched-frontdoor.socket "$(DESTDIR)$(UNITDIR)/gpusched-frontdoor.socket"
 	# D-Bus: bus policy, system activation, interface documentation
 	install -d "$(DESTDIR)$(DBUSDIR)/system.d" "$(DESTDIR)$(DBUSDIR)/system-services" "$(DESTDIR)$(DBUSDIR)/interfaces"
 	install -m 644 dbus/org.gpusched1.conf "$(DESTDIR)$(DBUSDIR)/system.d/org.gpusched1.conf"
@@ -127,10 +131,12 @@ install: preload
 	install -m 644 man/gpusched-models.d.5 "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5"
 	install -m 644 man/gpuschedd.conf.5 "$(DESTDIR)$(MANDIR)/man5/gpuschedd.conf.5"
 	install -m 644 man/gpuschedd.8 "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	install -m 644 man/gpusched-frontdoor.8 "$(DESTDIR)$(MANDIR)/man8/gpusched-frontdoor.8"
 	install -m 644 completion/gpusched "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	# the admin's configuration: installed once, never overwritten
 	install -d "$(DESTDIR)$(CONFDIR)" "$(DESTDIR)$(CONFDIR)/models.d" "$(DESTDIR)$(MODELSDIR)"
 	[ -e "$(DESTDIR)$(CONFDIR)/gpuschedd.conf" ] || install -m 644 conf/gpuschedd.conf "$(DESTDIR)$(CONFDIR)/gpuschedd.conf"
+	[ -e "$(DESTDIR)$(CONFDIR)/frontdoor.conf" ] || install -m 644 conf/frontdoor.conf "$(DESTDIR)$(CONFDIR)/frontdoor.conf"
 
 # What a package's maintainer scripts do after unpacking, on the target system itself (never with DESTDIR): create
 # the system users and groups, index the journal catalog, make systemd and dbus-daemon read the new files.
@@ -143,8 +149,9 @@ post-install:
 
 uninstall:
 	rm -rf "$(DESTDIR)$(PKGLIBDIR)"
-	rm -f "$(DESTDIR)$(LIBEXECDIR)/gpuschedd" "$(DESTDIR)$(BINDIR)/gpusched"
+	rm -f "$(DESTDIR)$(LIBEXECDIR)/gpuschedd" "$(DESTDIR)$(BINDIR)/gpusched" "$(DESTDIR)$(LIBEXECDIR)/gpusched-frontdoor"
 	rm -f "$(DESTDIR)$(UNITDIR)/gpuschedd.service" "$(DESTDIR)$(UNITDIR)/gpusched.slice"
+	rm -f "$(DESTDIR)$(UNITDIR)/gpusched-frontdoor.service" "$(DESTDIR)$(UNITDIR)/gpusched-frontdoor.socket"
 	rm -f "$(DESTDIR)$(DBUSDIR)/system.d/org.gpusched1.conf" "$(DESTDIR)$(DBUSDIR)/system-services/org.gpusched1.service"
 	rm -f "$(DESTDIR)$(DBUSDIR)/interfaces/org.gpusched1.xml"
 	rm -f $(foreach f,$(notdir $(wildcard polkit/*.policy)),"$(DESTDIR)$(POLKITDIR)/actions/$(f)")
@@ -152,9 +159,10 @@ uninstall:
 	rm -f $(foreach f,$(notdir $(wildcard catalog/*.catalog)),"$(DESTDIR)$(CATALOGDIR)/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard sysusers.d/*.conf)),"$(DESTDIR)$(SYSUSERSDIR)/$(f)")
 	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5" "$(DESTDIR)$(MANDIR)/man5/gpuschedd.conf.5" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	rm -f "$(DESTDIR)$(MANDIR)/man8/gpusched-frontdoor.8"
 	-rmdir "$(DESTDIR)$(MODELSDIR)" "$(DESTDIR)$(PREFIX)/lib/gpusched"
 	rm -f "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
-	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf and $(DESTDIR)$(CONFDIR)/models.d in place (configuration)"
+	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf, frontdoor.conf and $(DESTDIR)$(CONFDIR)/models.d in place (configuration)"
 
 # Wheels of everything `make install` pulls in (plus the build backend), so the sandbox installs offline and never
 # compiles: systemd-python is built here once. Rebuilt when the dependencies change.

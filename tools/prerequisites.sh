@@ -41,6 +41,7 @@ cpio               cpio               check  unpacks the .rpm in tests/packaging
 lintian            -                  check  checks the .deb (tests/packaging)
 python3-psutil     python3-psutil     check  the .deb and .rpm use the distribution's (tests/packaging installs them offline)
 python3-systemd    python3-systemd    check  the same
+python3-aiohttp    python3-aiohttp    check  the same (the front door)
 openmpi-bin        openmpi            check  a model that initializes Open MPI (tests/system/test_real_programs.py)
 python3-mpi4py     python3-mpi4py-openmpi check  the same, from Python
 "

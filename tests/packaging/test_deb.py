@@ -133,6 +133,7 @@ def test_build(tmp_path_factory: pytest.TempPathFactory) -> None:
         "python3 (>= 3.11)",
         "python3-psutil (>= 5.9)",
         "python3-systemd (>= 235)",
+        "python3-aiohttp (>= 3.8)",
         "systemd",
         "dbus",
         "polkitd | policykit-1",
@@ -142,7 +143,7 @@ def test_build(tmp_path_factory: pytest.TempPathFactory) -> None:
     # The private directory bundles what Debian lacks or has too old, and nothing Debian's own packages provide.
     bundled = {Path(f).parts[5] for f in files if f.startswith("/usr/lib/gpuschedd/python/")}
     assert {"dbus_fast", "prometheus_client", "pynvml.py", "gpuschedd"} <= bundled, bundled
-    assert not bundled & {"psutil", "systemd"}, bundled
+    assert not bundled & {"psutil", "systemd", "aiohttp"}, bundled
     for path in (
         *SHARED_PATHS,
         "/lib/systemd/system/gpuschedd.service",
@@ -151,7 +152,8 @@ def test_build(tmp_path_factory: pytest.TempPathFactory) -> None:
     ):
         assert path in files, f"{path} not in the package"
     assert not [f for f in files if f.startswith("/usr/local/")]
-    # The maintainer scripts stop, restart or disable the daemon, and nothing else: never the slice or a model.
+    # The maintainer scripts stop, restart or disable the daemon (and the front door, which they never enable or
+    # start), and nothing else: never the slice or a model.
     scripts = out / "control"
     run("dpkg-deb", "--control", str(deb), str(scripts))
     acting = re.compile(r"\b(stop|kill|restart|try-restart|disable|mask|freeze|thaw|isolate)\b")
@@ -166,7 +168,9 @@ def test_build(tmp_path_factory: pytest.TempPathFactory) -> None:
             actions.append(line)
             assert "gpusched.slice" not in line and "gpusched-model" not in line, f"{script}: {line}"
             if re.search(r"deb-systemd-invoke|systemctl", line):
-                assert "'gpuschedd.service'" in line, f"{script} acts on something else than the daemon: {line}"
+                assert re.search(r"'gpuschedd\.service'|'gpusched-frontdoor\.(socket|service)'", line), (
+                    f"{script} acts on something else than the daemon and the front door: {line}"
+                )
     assert any("stop 'gpuschedd.service'" in line for line in actions), actions
 
 

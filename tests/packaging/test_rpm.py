@@ -77,7 +77,7 @@ def test_files_land_where_fedora_expects(rpm: Path) -> None:
     for path in EXPECTED:
         assert path.format(py=py) in files, f"{path} not in {rpm.name}"
     bundled = {Path(f).parts[5] for f in files if f.startswith(f"{PYDIR}/")}
-    assert {"dbus_fast", "prometheus_client", "pynvml.py"} <= bundled and not bundled & {"psutil", "systemd"}, bundled
+    assert {"dbus_fast", "prometheus_client", "pynvml.py"} <= bundled and not bundled & {"psutil", "systemd", "aiohttp"}, bundled
     stray = [f for f in files if not f.startswith(ALLOWED_PREFIXES)]
     assert not stray, f"files outside gpuschedd's places: {stray}"
     modes = per_file(rpm, "FILEMODES:perms")
@@ -107,7 +107,8 @@ def test_scriptlets_are_fedoras_and_touch_only_the_daemon(rpm: Path) -> None:
     assert "gpusched.slice" not in scripts and "gpusched-model" not in scripts
     requires = rpmq(rpm, "--requires").splitlines()
     assert any(r.startswith("python(abi) = 3.") for r in requires), requires
-    for dep in ("dbus", "polkit", "systemd", "python3dist(psutil) >= 5.9", "python3dist(systemd-python) >= 235"):
+    for dep in ("dbus", "polkit", "systemd", "python3dist(psutil) >= 5.9", "python3dist(systemd-python) >= 235",
+                "python3dist(aiohttp) >= 3.8"):
         assert dep in requires, requires
     # the private directory's extensions are nobody else's business
     provides = sorted(p.split()[0] for p in rpmq(rpm, "--provides").splitlines())

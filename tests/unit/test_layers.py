@@ -60,7 +60,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.agentlink",
         "gpuschedd.preload",
     ],
-    # run by any user: the SDK, the CLI, the dashboard, the wake proxy (as the model's user)
+    # run by any user: the SDK, the CLI, the dashboard, the wake proxy (as the model's user), the front door
     "clients": [
         "gpuschedd.client",
         "gpuschedd.client_errors",
@@ -70,6 +70,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.wake",
         "gpuschedd.formatting",
         "gpuschedd.eventlog",
+        "gpuschedd.frontdoor",
     ],
     # inside a model's process, as the model's user
     "agent": ["gpuschedd.agent"],

@@ -1,4 +1,4 @@
-"""The .deb and the .rpm take psutil and systemd-python from the distribution and bundle the rest
+"""The .deb and the .rpm take psutil, systemd-python and aiohttp from the distribution and bundle the rest
 (docs/packaging.md): the names and version floors in debian/control, debian/rules and the spec agree with
 pyproject.toml, and what is bundled can be installed without its dependencies (pip --no-deps)."""
 
@@ -21,6 +21,7 @@ _spec.loader.exec_module(pydeps)
 DISTRIBUTION = {
     "psutil": ("python3-psutil", "python3dist(psutil)"),
     "systemd-python": ("python3-systemd", "python3dist(systemd-python)"),
+    "aiohttp": ("python3-aiohttp", "python3dist(aiohttp)"),
 }
 CONTROL = (REPO / "packaging/debian/control").read_text()
 RULES = (REPO / "packaging/debian/rules").read_text()
