@@ -108,8 +108,14 @@ def test_scriptlets_are_fedoras_and_touch_only_the_daemon(rpm: Path) -> None:
     assert "gpusched.slice" not in scripts and "gpusched-model" not in scripts
     requires = rpmq(rpm, "--requires").splitlines()
     assert any(r.startswith("python(abi) = 3.") for r in requires), requires
-    for dep in ("dbus", "polkit", "systemd", "python3dist(psutil) >= 5.9", "python3dist(systemd-python) >= 235",
-                "python3dist(aiohttp) >= 3.8"):
+    for dep in (
+        "dbus",
+        "polkit",
+        "systemd",
+        "python3dist(psutil) >= 5.9",
+        "python3dist(systemd-python) >= 235",
+        "python3dist(aiohttp) >= 3.8",
+    ):
         assert dep in requires, requires
     # the private directory's extensions are nobody else's business
     provides = sorted(p.split()[0] for p in rpmq(rpm, "--provides").splitlines())

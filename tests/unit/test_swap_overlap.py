@@ -201,3 +201,16 @@ async def test_a_stop_of_the_incoming_model_mid_swap(setup) -> None:  # noqa: F8
     assert b.unit not in units.procs and not engine._swaps
     await engine.thaw("a")
     assert await amoves(file_counter(tmp_path / "a"))
+
+
+async def test_a_swap_never_stops_the_model_it_brings_in_for_the_ram_budget(setup) -> None:  # noqa: F811
+    """RamBudgetAction=stop-oldest: b, the oldest frozen model, is the one the swap thaws; making room for a's freeze
+    must not stop it (the swap would then lose it), so the swap is refused and nothing changes."""
+    engine, units, _gpu_dir, _events, tmp_path = setup
+    a, b = await two_models(engine, _gpu_dir, tmp_path)
+    engine.config.ram_budget_bytes = b.snapshot_bytes + a.vram_bytes - 1
+    engine.config.ram_budget_action = "stop-oldest"
+    with pytest.raises(RamBudgetExceeded):
+        await engine.swap("a", "b")
+    assert (a.state, b.state) == (State.RUNNING, State.FROZEN)
+    assert await amoves(file_counter(tmp_path / "a")) and units.frozen == {b.unit}

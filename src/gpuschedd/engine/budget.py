@@ -228,8 +228,9 @@ class Budget(Core):
         where), `act` on the first by `order` of the models that would give room there (`gives(where)`: what each
         gives, read once a round) and that `by` could touch itself; each tried once. Nothing is done when all of
         them together would not make room (the caller is refused as without it). Takes no lock but each victim's
-        own, one at a time (in `act`)."""
-        tried: set[str] = set()
+        own, one at a time (in `act`). The model a swap brings in is never a victim of its partner's freeze: the
+        swap would stop or page out the very model it is about to thaw."""
+        tried = {into for out, into in self._swaps if out == model.name}
         while (short := lack()) is not None:
             need, have, where = short
             room_of = gives(where)
