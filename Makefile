@@ -44,6 +44,9 @@ SYSUSERSDIR = $(PREFIX)/lib/sysusers.d
 DBUSDIR = $(PREFIX)/share/dbus-1
 POLKITDIR = $(PREFIX)/share/polkit-1
 CONFDIR = $(SYSCONFDIR)/gpusched
+# the model catalog: the admin's files, and a vendor's (the daemon reads /etc/gpusched/models.d and
+# /usr/lib/gpusched/models.d: gpusched-models.d(5))
+MODELSDIR = $(PREFIX)/lib/gpusched/models.d
 MANDIR = $(PREFIX)/share/man
 BASHCOMPLETIONDIR = $(PREFIX)/share/bash-completion/completions
 
@@ -113,12 +116,13 @@ install: preload
 	$(if $(wildcard catalog/*.catalog),install -d "$(DESTDIR)$(CATALOGDIR)" && install -m 644 $(wildcard catalog/*.catalog) "$(DESTDIR)$(CATALOGDIR)/")
 	$(if $(wildcard sysusers.d/*.conf),install -d "$(DESTDIR)$(SYSUSERSDIR)" && install -m 644 $(wildcard sysusers.d/*.conf) "$(DESTDIR)$(SYSUSERSDIR)/")
 	# manual pages and bash completion
-	install -d "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(BASHCOMPLETIONDIR)"
+	install -d "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(MANDIR)/man5" "$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(BASHCOMPLETIONDIR)"
 	install -m 644 man/gpusched.1 "$(DESTDIR)$(MANDIR)/man1/gpusched.1"
+	install -m 644 man/gpusched-models.d.5 "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5"
 	install -m 644 man/gpuschedd.8 "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
 	install -m 644 completion/gpusched "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
 	# the admin's configuration: installed once, never overwritten
-	install -d "$(DESTDIR)$(CONFDIR)"
+	install -d "$(DESTDIR)$(CONFDIR)" "$(DESTDIR)$(CONFDIR)/models.d" "$(DESTDIR)$(MODELSDIR)"
 	[ -e "$(DESTDIR)$(CONFDIR)/gpuschedd.conf" ] || install -m 644 conf/gpuschedd.conf "$(DESTDIR)$(CONFDIR)/gpuschedd.conf"
 
 # What a package's maintainer scripts do after unpacking, on the target system itself (never with DESTDIR): create
@@ -140,9 +144,10 @@ uninstall:
 	rm -f $(foreach f,$(notdir $(wildcard polkit/*.rules)),"$(DESTDIR)$(POLKITDIR)/rules.d/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard catalog/*.catalog)),"$(DESTDIR)$(CATALOGDIR)/$(f)")
 	rm -f $(foreach f,$(notdir $(wildcard sysusers.d/*.conf)),"$(DESTDIR)$(SYSUSERSDIR)/$(f)")
-	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	rm -f "$(DESTDIR)$(MANDIR)/man1/gpusched.1" "$(DESTDIR)$(MANDIR)/man5/gpusched-models.d.5" "$(DESTDIR)$(MANDIR)/man8/gpuschedd.8"
+	-rmdir "$(DESTDIR)$(MODELSDIR)" "$(DESTDIR)$(PREFIX)/lib/gpusched"
 	rm -f "$(DESTDIR)$(BASHCOMPLETIONDIR)/gpusched"
-	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf in place (configuration)"
+	@echo "left $(DESTDIR)$(CONFDIR)/gpuschedd.conf and $(DESTDIR)$(CONFDIR)/models.d in place (configuration)"
 
 # Wheels of everything `make install` pulls in (plus the build backend), so the sandbox installs offline and never
 # compiles: systemd-python is built here once. Rebuilt when the dependencies change.

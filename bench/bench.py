@@ -7,9 +7,11 @@ served by bench/serve.py, run and frozen through gpuschedd's engine (cgroupfs un
 Prints a table: GPU memory, what the agent parked, what stays on the GPU while frozen, freeze, thaw, thaw → first
 token, cold start (process start → first token), the ratio of gpuschedd's freeze/thaw to the bare driver API on the
 same process (goal ≤ 1.05), per THP mode; per path: `driver` (the driver's checkpoint moves everything), `agent`
-(the fast path: serve.py enables gpuschedd.agent, which parks the model's memory, and the driver moves the rest)
-and `agent-only` (KeepContext: the agent parks, the driver is not called, the CUDA context stays on the GPU). Every
-token after a thaw is checked to be the token the model gave before its first freeze. Medians over --runs."""
+(the fast path: serve.py enables gpuschedd.agent, which parks the model's memory, and the driver moves the rest),
+`agent-only` (KeepContext: the agent parks, the driver is not called, the CUDA context stays on the GPU), and
+`inject` / `inject-only`: the same two with serve.py unmodified (no gpuschedd import; Run option InjectAgent
+preloads the interposer built by `make preload`, given by --preload). Every token after a thaw is checked to be
+the token the model gave before its first freeze. Medians over --runs."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from gpuschedd import preload  # noqa: E402
 from gpuschedd.checkpoint.driver import DriverCheckpoint  # noqa: E402
 from gpuschedd.config import Config, host_ram_bytes  # noqa: E402
 from gpuschedd.engine import Engine  # noqa: E402
@@ -114,11 +117,16 @@ async def start(engine: Engine, name: str, model_dir: Path, sock: str, row: Row)
         if os.path.exists(stale):
             os.unlink(stale)
     t0 = time.time()
-    agent = row.path != "driver"
+    agent = row.path in ("agent", "agent-only")
     argv = [sys.executable, str(HERE / "serve.py"), str(model_dir), sock] + (["--agent"] if agent else [])
     # serve.py --agent imports gpuschedd.agent: from this checkout (a user pip-installs gpuschedd in the model's env).
     env = [f"PYTHONPATH={HERE.parent / 'src'}"] if agent else []
-    options = RunOptions(agent=agent, keep_context=row.path == "agent-only", environment=env)
+    options = RunOptions(
+        agent=agent,
+        inject_agent=row.path.startswith("inject"),
+        keep_context=row.path.endswith("-only"),
+        environment=env,
+    )
     await engine.run(name, argv, options, 0)
     ready = (await wait_file(sock + ".ready", 600)).split()
     row.token = ready[2]
@@ -149,8 +157,9 @@ async def bench_size(engine: Engine, size: str, path: str, args: argparse.Namesp
             row.thaw.setdefault(mode, []).append(time.monotonic() - t0)
             row.first.setdefault(mode, []).append(row.thaw[mode][-1] + first_token(sock, row.token))
             row.parked = model.parked_bytes
-            if model.freeze_path != path:
-                raise RuntimeError(f"{name}: the freeze took the {model.freeze_path} path, not the {path} path")
+            expected = path.replace("inject", "agent")  # the daemon cannot tell the interposer from the agent
+            if model.freeze_path != expected:
+                raise RuntimeError(f"{name}: the freeze took the {model.freeze_path} path, not the {expected} path")
     # gpuschedd against the bare driver API on the same process, alternating, in the last THP mode.
     pids = driver.cuda_pids(model.pids)
     for _ in range(args.runs if path == "driver" else 0):
@@ -212,9 +221,12 @@ async def main() -> None:
     parser.add_argument("--thp", default="madvise,always")
     parser.add_argument("--paths", default="driver,agent")
     parser.add_argument("--workdir", default="/var/tmp/gpusched-bench")
+    # the interposer for the inject paths: this checkout's `make preload`, not an installed one
+    parser.add_argument("--preload", default=str(HERE.parent / "build/preload/libgpuschedd-preload.so"))
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup/gpusched-bench")
     args = parser.parse_args()
     args.thp = args.thp.split(",")
+    preload.library_path = lambda: args.preload  # this checkout's build, as an installed daemon finds its own
     # The engine's log on stderr: how long each agent took to park and unpark.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     workdir = Path(args.workdir)

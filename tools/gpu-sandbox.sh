@@ -25,7 +25,7 @@ DEBS="systemd libsystemd-shared libsystemd0 systemd-sysv libpam-systemd dbus dbu
       dbus-system-bus-common libdbus-1-3 polkitd libpolkit-gobject-1-0 libduktape207 libkmod2 libapparmor1
       libip4tc2 libglib2.0-0"
 # what `make install` pulls in, as Python 3.12 wheels (systemd-python has none: built on the GPU machine)
-PYWHEELS="dbus-fast psutil nvidia-ml-py setuptools wheel"
+PYWHEELS="dbus-fast psutil nvidia-ml-py prometheus-client setuptools wheel"
 ADDROOT=/var/tmp/sysd-addroot      # its own tmpfs: overlayfs refuses overlapping lower layers (ELOOP)
 # the interpreter the installed daemon runs under there (Python 3.12, like the carried wheels)
 GPU_PYTHON=${GPU_PYTHON:-$(command -v python3)}

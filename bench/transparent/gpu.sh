@@ -2,6 +2,10 @@
 # The transparent fast path's proof on the GPU machine, in one go (docs/fast-path.md, docs/gpu-results.md):
 # builds the interposer and the CUDA program, then runs bench/transparent/run.py on each program. Usage, from the
 # repository root: bench/transparent/gpu.sh OUTDIR [SRC]  (SRC: where native/ and bench/transparent/ are; default .)
+# SECTIONS picks what runs (default "cuda torch cost"): also `copy` (piece sizes, thread counts), `bench`
+# (bench/bench.py: serve.py unmodified, the inject rows; BENCH_SIZES, BENCH_PATHS) and
+# `daemon` (tests/gpu/test_daemon_gpu.py under a real systemd: needs .carry/gpu and .carry/site, see
+# docs/gpu-results.md).
 set -u
 out=${1:?OUTDIR}; src=${2:-.}
 mkdir -p "$out"
@@ -24,7 +28,19 @@ PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 200 python3 $t torch 0.
 echo "== torch 7B"; timeout 240 python3 $t torch 7B --cycles ${CYCLES:-3}
 fi
 if want cost; then
-echo "== running cost, 7B"; timeout 200 python3 $t cost 7B
+echo "== running cost, 7B"; timeout 300 python3 $t cost 7B --rounds ${ROUNDS:-3}
+fi
+if want bench; then
+echo "== bench.py, serve.py unmodified"
+make -s -C "$src" preload || exit 1
+timeout 420 python3 "$src/bench/bench.py" --sizes "${BENCH_SIZES:-0.5B,1.5B,7B}" \
+	--paths "${BENCH_PATHS:-inject,inject-only}" --runs 3 --cold-runs 1 --thp madvise
+fi
+if want daemon; then
+echo "== the daemon under systemd"
+GPU_PYTHON=/opt/torch/.venv/bin/python3 timeout 300 "$src/tools/gpu-sandbox.sh" with "$src/.carry/gpu" \
+	env PYTHONPATH="$src/.carry/site" /opt/torch/.venv/bin/python3 -m pytest -p no:cacheprovider -v -s \
+	"$src/tests/gpu/test_daemon_gpu.py"
 fi
 if want copy; then
 for cfg in "16 8192" "16 2048" "12 4096"; do

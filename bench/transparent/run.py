@@ -8,7 +8,8 @@ GPU memory (nvidia-smi) while frozen.
 
 Usage (root, on the GPU machine; PRELOAD=path of the built library):
     PYTHONPATH=src python3 bench/transparent/run.py torch SIZE [compile] [--cycles N]
-    PYTHONPATH=src python3 bench/transparent/run.py cost SIZE   (tokens/s and a launch-bound loop, with and without)
+    PYTHONPATH=src python3 bench/transparent/run.py cost SIZE [--rounds N]   (tokens/s and a launch-bound loop,
+        with and without; a first round to warm up is not counted; medians and their ratio at the end)
     PYTHONPATH=src python3 bench/transparent/run.py cuda ./cuprog [async]"""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,15 +105,21 @@ async def torch_run(size: str, compile_: bool, cycles: int, drv: DriverCheckpoin
     prog.p.wait(60)
 
 
-def cost_run(size: str) -> None:
+def cost_run(size: str, rounds: int) -> None:
     """The interposer's running cost: rounds alternate between a process without it and one with it."""
     argv = [sys.executable, os.path.join(HERE, "plain_model.py"), size]
     progs = {"without": Program(argv, {}, preload=False), "with": Program(argv, {})}
-    for r in range(3):
+    rows: list[dict] = []
+    for r in range(rounds + 1):
         for name, prog in progs.items():
             row = dict(size=size, interposer=name, round=r, tokens_per_s=float(prog.ask("bench 200")),
                        launch_us=float(prog.ask("launch 50000")))  # fmt: skip
             print(json.dumps(row), flush=True)
+            rows += [row] if r else []  # round 0 warms both up
+    for key in ("tokens_per_s", "launch_us"):
+        m = {n: statistics.median(x[key] for x in rows if x["interposer"] == n) for n in progs}
+        print(f"median {key}: without {m['without']:.2f}, with {m['with']:.2f}, "
+              f"with/without {m['with'] / m['without']:.3f}", flush=True)  # fmt: skip
     for prog in progs.values():
         prog.p.stdin.close()  # type: ignore[union-attr]
         prog.p.wait(60)
@@ -142,7 +150,7 @@ async def cuda_run(binary: str, mode: str, drv: DriverCheckpoint) -> None:
 def main() -> None:
     drv = DriverCheckpoint()
     if sys.argv[1] == "cost":
-        cost_run(sys.argv[2])
+        cost_run(sys.argv[2], int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3)
     elif sys.argv[1] == "torch":
         cycles = int(sys.argv[sys.argv.index("--cycles") + 1]) if "--cycles" in sys.argv else 3
         asyncio.run(torch_run(sys.argv[2], "compile" in sys.argv[3:], cycles, drv))

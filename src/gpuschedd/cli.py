@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
 
     for verb, text in (
+        ("start", "start a model of the catalog (/etc/gpusched/models.d/NAME.conf) as its file defines it"),
         ("freeze", "checkpoint a model's GPU state into host RAM and freeze its processes"),
         ("thaw", "restore a frozen model"),
         ("stop", "stop a model's unit"),
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", parents=[common], help="move a model onto another GPU (freeze, restore there)")
     migrate.add_argument("name")
     migrate.add_argument("--to", required=True, metavar="GPU", help="the target GPU: an index or a UUID")
+    sub.add_parser("reload", parents=[common], help="read the model catalog's files again (needs manage)")
     status = sub.add_parser("status", parents=[common], help="the daemon, GPUs, host RAM and models, in detail")
     status.add_argument("names", nargs="*", metavar="NAME", help="only these models")
     listing = sub.add_parser("list", parents=[common], help="one line per model")
@@ -406,6 +408,12 @@ def dispatch(gs: GpuSched, args: argparse.Namespace, command: list[str]) -> int:
         simple[args.command](args.name)
         if args.json:
             print(to_json({"name": args.name, "command": args.command, "ok": True}, args.json))
+    elif args.command == "start":
+        report_new_model(gs, args.name, gs.start(args.name), "Started", args.json)
+    elif args.command == "reload":
+        gs.reload()
+        if args.json:
+            print(to_json({"command": "reload", "ok": True}, args.json))
     elif args.command == "page-out" or getattr(args, "to_disk", False):
         to_disk(gs, args.name, args.command == "freeze", args.json)
     elif args.command in ("freeze", "thaw"):

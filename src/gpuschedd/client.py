@@ -61,7 +61,8 @@ T = TypeVar("T")
 CALL_TIMEOUT_S = 25.0
 LONG_CALL_TIMEOUT_S = 900.0
 _LONG_CALLS = {
-    "Run", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate", "PageOut", "FreezeToDisk",
+    "Run", "Start", "Reload", "Adopt", "AdoptProcesses", "Freeze", "Thaw", "Swap", "Stop", "Forget", "Migrate",
+    "PageOut", "FreezeToDisk",
 }  # fmt: skip
 
 
@@ -165,6 +166,16 @@ class AsyncGpuSched:
         unknown keyword is a TypeError."""
         [path] = await self._call("Run", "sasa{sv}", [name, argv, _options(options)], timeout=timeout)
         return str(path)
+
+    async def start(self, name: str, *, timeout: float | None = None) -> str:
+        """Start a model of the catalog (/etc/gpusched/models.d/NAME.conf) as its file defines it; returns its object
+        path. One that runs (or is frozen) already is left as it is."""
+        [path] = await self._call("Start", "s", [name], timeout=timeout)
+        return str(path)
+
+    async def reload(self, *, timeout: float | None = None) -> None:
+        """Read the model catalog's files again (needs the manage privilege)."""
+        await self._call("Reload", timeout=timeout)
 
     async def freeze(self, name: str, *, timeout: float | None = None) -> None:
         await self._call("Freeze", "s", [name], timeout=timeout)
@@ -294,6 +305,12 @@ class GpuSched:
 
     def run(self, name: str, argv: list[str], *, timeout: float | None = None, **options: Any) -> str:
         return self._wait(self._client.run(name, argv, timeout=timeout, **options))
+
+    def start(self, name: str, *, timeout: float | None = None) -> str:
+        return self._wait(self._client.start(name, timeout=timeout))
+
+    def reload(self, *, timeout: float | None = None) -> None:
+        self._wait(self._client.reload(timeout=timeout))
 
     def freeze(self, name: str, *, timeout: float | None = None) -> None:
         self._wait(self._client.freeze(name, timeout=timeout))

@@ -167,7 +167,9 @@ async def serve(config: Config) -> int:
     await start_metrics(engine, config)
     await units.setup()
     await engine.start()
+    await engine.reload_catalog()
     bus.ready()
+    engine._spawn(engine.preload_catalog)  # Preload=yes, while calls are served (a stop's drain waits for it)
     refresher = asyncio.ensure_future(keep_fresh(engine))
     stop = asyncio.Event()
     policies = asyncio.ensure_future(apply_policies(engine, stop))
@@ -184,6 +186,8 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP (`systemctl kill -s HUP gpuschedd`; ExecReload= calls Reload, which waits for it) reads the catalog again
+    loop.add_signal_handler(signal.SIGHUP, engine._spawn, engine.reload_catalog)
     disconnected = asyncio.ensure_future(bus.wait_for_disconnect())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([disconnected, stopping], return_when=asyncio.FIRST_COMPLETED)

@@ -189,6 +189,10 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
         kept = ", keeps its CUDA contexts" if m.get("KeepContext") else ""
         injected = " (injected)" if m.get("InjectAgent") else ""
         add("Fast path", f"agent{injected}{kept}; last freeze: {path}{parked}")
+    if m.get("Catalog"):
+        aliases = f", also {' '.join(m['Aliases'])}" if m.get("Aliases") else ""
+        port = f", serves on 127.0.0.1:{m['BackendPort']}" if m.get("BackendPort") else ""
+        add("Catalog", f"yes (gpusched start {m['Name']}){aliases}{port}")
     if "Priority" in m:  # a daemon older than the CLI has no policy properties
 
         def after(seconds: int) -> str:

@@ -115,6 +115,10 @@ class Model:
     port: int = 0
     backend_port: int = 0
     listen_address: str = ""
+    # The model catalog (catalog.py): the fingerprint of the file's definition it was listed or started from (""
+    # for a model run, adopted or found otherwise), and the other names the front door routes to it.
+    catalog_digest: str = ""
+    aliases: list[str] = field(default_factory=list)
     # Serializes every transition of this model; never held across two models at once.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 

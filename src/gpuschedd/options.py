@@ -206,6 +206,17 @@ def default_of(f: dataclasses.Field[Any]) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
+def check_wake_ports(options: RunOptions) -> None:
+    """Port, BackendPort, ListenAddress: wake on first connection (gpuschedd.wake) needs both ports, unequal. Of Run's
+    options (bus/manager.py) and of a catalog file's (catalog.py) alike."""
+    if not options.port and (options.backend_port or options.listen_address):
+        raise validate.InvalidArgs("BackendPort and ListenAddress need Port")
+    if options.port and not options.backend_port:
+        raise validate.InvalidArgs("Port needs BackendPort: the port the model itself listens on, on 127.0.0.1")
+    if options.port and options.port == options.backend_port:
+        raise validate.InvalidArgs("Port and BackendPort must differ: both are on this host")
+
+
 def to_dbus(kwargs: dict[str, Any], cls: type[Policies] = RunOptions) -> dict[str, tuple[str, Any]]:
     """SDK keywords (the field names) to Run's options as (signature, value) by key. An option left at its default
     (or None) is not sent, so the daemon's default applies. An unknown keyword is a TypeError, as Python's own."""

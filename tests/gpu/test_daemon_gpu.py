@@ -31,7 +31,9 @@ MIB = 1024
 
 
 def sh(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)}: exit {done.returncode}: {done.stderr.strip()}"
+    return done.stdout
 
 
 def prop(path: str, iface: str, name: str) -> str:
@@ -137,6 +139,37 @@ def test_the_fast_path_under_systemd(daemon: None) -> None:
         print(sh("gpusched", "status", "fast"))
     finally:
         subprocess.run(["gpusched", "stop", "fast"])
+
+
+def test_an_unmodified_program_of_a_group_member(daemon: None) -> None:
+    """Issue 16 under systemd: a user in group gpusched runs, over busctl, a PyTorch program that imports nothing of
+    gpuschedd, with InjectAgent; the daemon (sandboxed by its unit) parks it through the preloaded interposer while
+    its matmuls run, and every tensor and its CUDA graph come back; the user's own calls are all it takes."""
+    user = "gs-gpuuser"
+    if subprocess.run(["id", user], capture_output=True).returncode:
+        sh("useradd", "--system", "--no-create-home", "--groups", "gpusched", user)
+    d = model_dir("inject")
+    shutil.chown(d, user)
+    argv = [sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d), "--matmul"]
+    bus = ["runuser", "-u", user, "--", "busctl", "--timeout=120", "--", "call", "org.gpusched1", "/org/gpusched1"]
+    manager = [*bus, "org.gpusched1.Manager"]
+    sh(*manager, "Run", "sasa{sv}", "inject", str(len(argv)), *argv, "1", "InjectAgent", "b", "true")
+    try:
+        [pid] = ready(d)
+        path = "/org/gpusched1/model/inject"
+        assert prop(path, "org.gpusched1.Model", "Owner") == sh("id", "-u", user).strip()
+        assert prop(path, "org.gpusched1.Model", "InjectAgent") == "true"
+        assert "libgpuschedd-preload.so" in Path(f"/proc/{pid}/maps").read_text()
+        for _cycle in range(2):
+            sh(*manager, "Freeze", "s", "inject")
+            assert prop(path, "org.gpusched1.Model", "State") == '"frozen"'
+            assert prop(path, "org.gpusched1.Model", "FreezePath") == '"agent"'
+            assert int(prop(path, "org.gpusched1.Model", "ParkedBytes")) >= MIB << 20
+            sh(*manager, "Thaw", "s", "inject")
+            assert verified(d, pid), "tensors or the CUDA graph changed across freeze/thaw"
+        print(sh("gpusched", "status", "inject"))
+    finally:
+        subprocess.run(["gpusched", "stop", "inject"])
 
 
 def first_line(port: int) -> tuple[float, str]:

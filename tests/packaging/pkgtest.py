@@ -20,6 +20,7 @@ SHARED_PATHS = [
     "/usr/lib/sysusers.d/gpusched.conf",
     "/usr/lib/systemd/catalog/gpuschedd.catalog",
     "/usr/share/man/man1/gpusched.1.gz",
+    "/usr/share/man/man5/gpusched-models.d.5.gz",
     "/usr/share/man/man8/gpuschedd.8.gz",
     "/usr/share/bash-completion/completions/gpusched",
     "/etc/gpusched/gpuschedd.conf",

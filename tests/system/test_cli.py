@@ -183,7 +183,11 @@ def test_bash_completion_under_nounset_and_stop_offers_only_live_models(models: 
 
 
 def test_man_pages_installed() -> None:
-    for page in ("/usr/share/man/man1/gpusched.1", "/usr/share/man/man8/gpuschedd.8"):
+    for page in (
+        "/usr/share/man/man1/gpusched.1",
+        "/usr/share/man/man5/gpusched-models.d.5",
+        "/usr/share/man/man8/gpuschedd.8",
+    ):
         assert Path(page).is_file(), page
     if shutil.which("man") is None:
         pytest.skip("no man(1) here")

@@ -53,6 +53,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.journal",
         "gpuschedd.metrics",
         "gpuschedd.config",
+        "gpuschedd.catalog",
         "gpuschedd.daemon",
         "gpuschedd.recovery",
         "gpuschedd.adopt",

@@ -195,6 +195,63 @@ async def test_a_model_replaced_while_polkit_thinks_is_not_touched(
     assert engine.get("x").state == State.RUNNING and engine.get("x").owner == 0
 
 
+async def test_a_catalog_model_is_started_frozen_and_thawed_with_control_catalog_and_nothing_more(
+    engine: Engine, authority: FakeAuthority, tmp_path: Path
+) -> None:
+    """Root's catalog model: another user with control-catalog may Start, Freeze, Thaw, Swap and PageOut it, never
+    Stop, Forget or Migrate it (control-any); its own User= asks control; Start of a model someone ran is NoSuchModel
+    before polkit is asked; Reload is manage."""
+    for name in ("cat", "cat2"):
+        (tmp_path / f"{name}.conf").write_text("[Model]\nCommand=/bin/true\nUser=root\n")
+    engine.catalog_dirs, engine.catalog_owner = (str(tmp_path),), pwd.getpwuid(tmp_path.stat().st_uid).pw_uid
+    await engine.reload_catalog()
+    await engine.run("roots", ["/bin/true"], RunOptions(), 0)
+    manager = ManagerInterface(engine, authority)
+    authority.allowed.add((NOBODY.pw_uid, polkit.ACTION_CONTROL_CATALOG))
+    with as_(":1.2"):
+        assert await call(manager, "Start", "cat") == "/org/gpusched1/model/cat"
+        await call(manager, "Start", "cat2")
+        await call(manager, "Freeze", "cat")
+        await call(manager, "Thaw", "cat")
+        await call(manager, "Swap", "cat2", "cat")
+        engine._swap_space = lambda: (0, 0)  # type: ignore[method-assign]  # no swap: authorized, then refused
+        assert await error_of(call(manager, "PageOut", "cat2")) == "org.gpusched1.Error.NotSupported"
+        for attempt in (call(manager, "Stop", "cat"), call(manager, "Forget", "cat"), call(manager, "Reload")):
+            assert await error_of(attempt) == ACCESS_DENIED
+        asked = len(authority.asked)
+        assert await error_of(call(manager, "Start", "roots")) == "org.gpusched1.Error.NoSuchModel"
+        assert len(authority.asked) == asked
+        assert await error_of(call(manager, "Freeze", "roots")) == ACCESS_DENIED
+    assert [(a[1], a[2]["verb"]) for a in authority.asked] == [
+        (polkit.ACTION_CONTROL_CATALOG, "start"),
+        (polkit.ACTION_CONTROL_CATALOG, "start"),
+        (polkit.ACTION_CONTROL_CATALOG, "freeze"),
+        (polkit.ACTION_CONTROL_CATALOG, "thaw"),
+        (polkit.ACTION_CONTROL_CATALOG, "swap"),
+        (polkit.ACTION_CONTROL_CATALOG, "swap"),
+        (polkit.ACTION_CONTROL_CATALOG, "pageout"),
+        (polkit.ACTION_CONTROL_ANY, "stop"),
+        (polkit.ACTION_CONTROL_ANY, "forget"),
+        (polkit.ACTION_MANAGE, "reload"),
+        (polkit.ACTION_CONTROL_ANY, "freeze"),
+    ]
+    assert engine.get("cat").state == State.RUNNING and engine.get("cat2").state == State.FROZEN
+    assert engine.get("cat").owner == 0
+    assert engine.units.specs["gpusched-model@cat.service"].user == "root"  # type: ignore[attr-defined]
+    # its own user asks control
+    (tmp_path / "own.conf").write_text("[Model]\nCommand=/bin/true\nUser=nobody\n")
+    await engine.reload_catalog()
+    authority.allowed.add((NOBODY.pw_uid, polkit.ACTION_CONTROL))
+    iface = ModelInterface(engine, authority, engine.get("own"))
+    with as_(":1.2"):
+        await call(iface, "Start")
+    assert authority.asked[-1][1:] == (
+        polkit.ACTION_CONTROL,
+        {"verb": "start", "model": "own", "unit": "gpusched-model@own.service", "owner": str(NOBODY.pw_uid)},
+    )
+    assert engine.units.specs["gpusched-model@own.service"].user == "nobody"  # type: ignore[attr-defined]
+
+
 # ----------------------------------------------------------------- the engine's own line
 
 
@@ -289,6 +346,7 @@ def test_policy_is_valid_xml_with_every_action() -> None:
         polkit.ACTION_RUN,
         polkit.ACTION_CONTROL,
         polkit.ACTION_CONTROL_ANY,
+        polkit.ACTION_CONTROL_CATALOG,
         polkit.ACTION_ADOPT,
         polkit.ACTION_MANAGE,
     }
@@ -303,7 +361,7 @@ def test_policy_is_valid_xml_with_every_action() -> None:
         if a.find("annotate[@key='org.freedesktop.policykit.imply']") is not None
     }
     assert implied[polkit.ACTION_MANAGE] == set(actions) - {polkit.ACTION_MANAGE}
-    assert implied[polkit.ACTION_CONTROL_ANY] == {polkit.ACTION_CONTROL}
+    assert implied[polkit.ACTION_CONTROL_ANY] == {polkit.ACTION_CONTROL, polkit.ACTION_CONTROL_CATALOG}
 
 
 # ----------------------------------------------------------------- Authority: systemd's semantics

@@ -14,7 +14,7 @@ from ..engine import Engine
 from ..errors import InvalidArgs
 from ..model import ENDED, Model
 from ..names import MANAGER_IFACE, is_model_name, model_path, validate_model_name
-from ..options import Policies, RunOptions, declared
+from ..options import Policies, RunOptions, check_wake_ports, declared
 from . import polkit
 from .service import (
     ADOPT,
@@ -58,18 +58,8 @@ def parse_options(options: dict[str, Variant], cls: type[Options] = RunOptions) 
             raise InvalidArgs(f"option {key}: {e}") from None
     parsed = cls(**values)
     if isinstance(parsed, RunOptions):
-        _check_wake_ports(parsed)
+        check_wake_ports(parsed)
     return parsed
-
-
-def _check_wake_ports(options: RunOptions) -> None:
-    """Port, BackendPort, ListenAddress: wake on first connection (gpuschedd.wake) needs both ports, unequal."""
-    if not options.port and (options.backend_port or options.listen_address):
-        raise InvalidArgs("BackendPort and ListenAddress need Port")
-    if options.port and not options.backend_port:
-        raise InvalidArgs("Port needs BackendPort: the port the model itself listens on, on 127.0.0.1")
-    if options.port and options.port == options.backend_port:
-        raise InvalidArgs("Port and BackendPort must differ: both are on this host")
 
 
 def _check_run(argv: list[str], options: dict[str, Variant]) -> None:
@@ -206,6 +196,17 @@ class ManagerInterface(Authorizing, ServiceInterface):
         ended = self.engine.models.get(name)
         if ended is not None and ended.state in ENDED and ended.owner != caller_uid.get():
             await self._authorize(CONTROL, verb, (name,))
+
+    @method()
+    @exposed(CONTROL)
+    async def Start(self, name: DBusStr) -> DBusObjectPath:
+        model = await self.engine.start_catalog(name, await self._requester(self.engine.get(name)))
+        return model_path(model.name)
+
+    @method()
+    @exposed(MANAGE)
+    async def Reload(self) -> None:
+        await self.engine.reload_catalog()
 
     @method()
     @exposed(CONTROL)

@@ -47,6 +47,9 @@ MODEL_PROPERTIES = (
     Exported("Priority", "i", _model("priority"), const=True),
     Exported("IdleFreezeSec", "t", lambda iface: iface.engine.idle_limit(iface.model), const=True),
     Exported("FrozenTTLSec", "t", _model("frozen_ttl_sec"), const=True),
+    Exported("Catalog", "b", lambda iface: bool(iface.model.catalog_digest), const=True),
+    Exported("Aliases", "as", _model("aliases"), const=True),
+    Exported("BackendPort", "q", _model("backend_port"), const=True),
 )
 
 
@@ -68,6 +71,11 @@ class ModelInterface(Authorizing, ServiceInterface):
 
     def changed(self) -> None:
         self.emit_properties_changed({row.name: row.get(self) for row in MODEL_PROPERTIES if row.emits and row.get})
+
+    @method()
+    @exposed(CONTROL)
+    async def Start(self) -> None:
+        await self.engine.start_catalog(self.model.name, await self._requester(self.model))
 
     @method()
     @exposed(CONTROL)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 ACTION_RUN = "org.gpusched1.run"
 ACTION_CONTROL = "org.gpusched1.control"
 ACTION_CONTROL_ANY = "org.gpusched1.control-any"
+ACTION_CONTROL_CATALOG = "org.gpusched1.control-catalog"
 ACTION_ADOPT = "org.gpusched1.adopt"
 ACTION_MANAGE = "org.gpusched1.manage"
 

@@ -43,6 +43,9 @@ ADOPT = "adopt"
 MANAGE = "manage"
 
 _ACTIONS = {RUN: polkit.ACTION_RUN, ADOPT: polkit.ACTION_ADOPT, MANAGE: polkit.ACTION_MANAGE}
+# What control-catalog allows on a catalog model of another user (control-any, which implies it, allows the rest):
+# bringing it in and out of the GPU, never ending it (Stop, Forget) or moving it (Migrate).
+CATALOG_VERBS = frozenset({"start", "freeze", "thaw", "swap", "pageout", "freezetodisk"})
 
 # An error's journal entry names the caller's uid if the bus says it within this time (else its bus name only).
 REPORT_UID_TIMEOUT_S = 1.0
@@ -129,15 +132,20 @@ class Authorizing:
     ) -> Model | None:
         """Ask polkit whether the caller may do `verb`; return the model it was authorized for, if any.
 
-        Details for admins' rules: verb, model, unit, and owner (the model owner's uid) when a model exists."""
+        Details for admins' rules: verb, model, unit, and owner (the model owner's uid) when a model exists. Another
+        user's model needs control-any, or control-catalog for a catalog model's CATALOG_VERBS."""
         msg = current_message.get()
         if msg is None:  # only reachable if a handler is invoked outside the bus dispatch
             raise DBusError("org.freedesktop.DBus.Error.AccessDenied", "unknown caller")
         details = {"verb": verb}
         model = self._model_for(args) if access == CONTROL else None
         if model is not None:
+            if verb == "start" and not model.catalog_digest:
+                raise NoSuchModel(f"no catalog model named {model.name!r}")
             uid = await self.authority.caller_uid(msg)
             action = polkit.ACTION_CONTROL if uid == model.owner else polkit.ACTION_CONTROL_ANY
+            if action == polkit.ACTION_CONTROL_ANY and model.catalog_digest and verb in CATALOG_VERBS:
+                action = polkit.ACTION_CONTROL_CATALOG
             details.update(model=model.name, unit=model.unit, owner=str(model.owner))
         else:
             action = _ACTIONS.get(access, polkit.ACTION_MANAGE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .adoption import Adoption
 from .budget import Budget
+from .catalog import Catalog
 from .core import DAEMON, Requester
 from .freeze import Freezing
 from .lifecycle import Lifecycle
@@ -22,5 +23,5 @@ from .thaw import Thawing
 __all__ = ["DAEMON", "Engine", "Requester"]
 
 
-class Engine(Startup, Lifecycle, Adoption, Freezing, Thawing, Parking, Paging, Budget, Policies_):
+class Engine(Startup, Lifecycle, Adoption, Freezing, Thawing, Parking, Paging, Budget, Policies_, Catalog):
     """The facade the daemon and the bus drive."""

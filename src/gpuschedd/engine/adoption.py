@@ -28,9 +28,7 @@ class Adoption(Core):
     def _check_new_model(self, name: str, unit: str, pids: list[int]) -> None:
         """The name is free, and neither the unit nor any of the PIDs belongs to a live model. Without an await, so
         it holds until the caller's next await."""
-        existing = self.models.get(name)
-        if existing is not None and existing.state not in ENDED:
-            raise ModelExists(f"model {name!r} exists ({existing.state})")
+        self._check_name_free(name)
         for other in self.models.values():
             if other.state in ENDED:
                 continue

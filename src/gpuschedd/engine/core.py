@@ -17,6 +17,7 @@ from ..config import Config
 from ..errors import (
     GpuschedError,
     InvalidArgs,
+    ModelExists,
     NoSuchModel,
     Refused,
 )
@@ -186,6 +187,15 @@ class Core:
         if model is None:
             raise NoSuchModel(f"no model named {name!r}")
         return model
+
+    def _check_name_free(self, name: str, catalog: bool = False) -> None:
+        """A new model may take `name`: no live model has it, and the model catalog does not define it (a catalog
+        model is started by Start only: `catalog`). Without an await, so it holds until the caller's next await."""
+        existing = self.models.get(name)
+        if existing is not None and existing.state not in ENDED:
+            raise ModelExists(f"model {name!r} exists ({existing.state})")
+        if existing is not None and existing.catalog_digest and not catalog:
+            raise ModelExists(f"model {name!r} is defined by the model catalog: start it with Start (gpusched start)")
 
     # ----------------------------------------------------------------- unit events
 

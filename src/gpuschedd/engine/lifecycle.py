@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from .. import events, preload
 from ..agent.protocol import AGENT_DIR_ENV, DAEMON_UID_ENV
+from ..catalog import Entry
 from ..errors import (
     AccessDenied,
     GpuschedError,
     InvalidArgs,
+    InvalidState,
     LimitExceeded,
     ModelExists,
     NotSupported,
@@ -42,17 +44,26 @@ class Lifecycle(Core):
     """Run, Stop and Forget, and the wake units that go with a model's life."""
 
     async def run(
-        self, name: str, argv: list[str], options: RunOptions, owner: int, by: Requester | None = None
+        self,
+        name: str,
+        argv: list[str],
+        options: RunOptions,
+        owner: int,
+        by: Requester | None = None,
+        catalog: Entry | None = None,
     ) -> Model:
         """An entry point: start a new model. `by`: whose rights an eviction for the start has (default: the owner's
-        own models only).
+        own models only). `catalog`: the catalog's definition it starts (Start: engine/catalog.py), which the
+        model keeps; the admin wrote it, so the owner's limits do not apply.
 
         One model lock, never two: evictions for GpuMemory freeze each victim under its own lock before the new
         model's is taken. No await between check and reservation: _admit checks the name and the owner's limits
         and reserves the name in the table with no await between them."""
-        user = self._run_user(name, argv, options, owner)
+        user = self._run_user(name, argv, options, owner, catalog is not None)
         spec = self._unit_spec(name, argv, options, user)
         model = self._new_model(name, spec, _user_uid(user) if user else owner, options)
+        if catalog is not None:
+            model.catalog_digest, model.aliases = catalog.digest, list(catalog.aliases)
         if options.port and not isinstance(self.units, WakeCapable):
             raise InvalidArgs(f"Port needs the systemd unit backend, not {self.units.name}")
         shortfall = self._start_shortfall(model, options)
@@ -60,7 +71,7 @@ class Lifecycle(Core):
             await self._evict_for(model, shortfall, "the start", by or Requester(owner))
         self._check_gpu_room(model, shortfall())
         t0 = time.monotonic()
-        status = await self._admit(model, lambda: self.units.start(spec), owner)
+        status = await self._admit(model, lambda: self.units.start(spec), 0 if catalog else owner)
         if options.port and isinstance(self.units, WakeCapable):
             try:
                 await self.units.start_wake(name, options.port, options.backend_port, user, options.listen_address)
@@ -70,15 +81,13 @@ class Lifecycle(Core):
         self._announce(status, events.started(model, int((time.monotonic() - t0) * 1e6)))
         return model
 
-    def _run_user(self, name: str, argv: list[str], options: RunOptions, owner: int) -> str:
-        """Refuse a Run that cannot be (bad name, empty argv, the name taken, KeepContext without Agent, root for a
-        caller that is not root); returns the user its processes run as ("": root)."""
+    def _run_user(self, name: str, argv: list[str], options: RunOptions, owner: int, catalog: bool = False) -> str:
+        """Refuse a Run that cannot be (bad name, empty argv, the name taken or the catalog's, KeepContext without
+        Agent, root for a caller that is not root); returns the user its processes run as ("": root)."""
         validate_model_name(name)
         if not argv:
             raise InvalidArgs("argv must not be empty")
-        existing = self.models.get(name)
-        if existing is not None and existing.state not in ENDED:
-            raise ModelExists(f"model {name!r} exists ({existing.state})")
+        self._check_name_free(name, catalog)
         if owner < 0:
             raise AccessDenied("unknown caller")
         user = options.user or (_user_name(owner) if owner != 0 else "")
@@ -161,10 +170,13 @@ class Lifecycle(Core):
     def _check_limits(self, model: Model, caller: int) -> None:
         """Refuse a new model past its owner's limits (MaxModelsPerUser=, MaxCommandBytesPerUser=), counting every
         model of the owner in the table, ended ones too, except an ended model of the same name that the new one
-        replaces. Root is exempt. Without an await, so it holds until the caller's next await."""
+        replaces and the catalog's models (the admin's). Root is exempt. Without an await, so it holds until the
+        caller's next await."""
         if caller == 0:
             return
-        mine = [m for m in self.models.values() if m.owner == model.owner and m.name != model.name]
+        mine = [
+            m for m in self.models.values() if m.owner == model.owner and m.name != model.name and not m.catalog_digest
+        ]
         most, most_bytes = self.config.max_models_per_user, self.config.max_command_bytes_per_user
         if most and len(mine) >= most:
             self._refuse(
@@ -253,6 +265,9 @@ class Lifecycle(Core):
         model = self.get(name)
         async with model.lock:
             require(model, "forget")
+            if model.catalog_digest and model.state not in ENDED:
+                # Its unit would run on unmanaged while the catalog lists the name again: stop it instead.
+                raise InvalidState(f"model {name!r} is the model catalog's: stop it; an ended one may be forgotten")
             self._persist()  # a retry now: a Forget the table cannot keep would be undone by a restart
             if self.state_file is not None and self.state_file.error:
                 raise GpuschedError(f"cannot forget {name!r} now: {self.state_file.error}")

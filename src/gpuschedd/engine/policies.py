@@ -19,8 +19,12 @@ class Policies_(Core):
     """One round of the automatic decisions, every second (named with _: options.Policies is the Run options)."""
 
     def idle_limit(self, model: Model) -> int:
-        """The idle time in force for a model: its own IdleFreezeSec, else the daemon's (0: never frozen idle)."""
-        return self.config.idle_freeze_sec if model.idle_freeze_sec < 0 else model.idle_freeze_sec
+        """The idle time in force for a model: its own IdleFreezeSec, else the daemon's (0: never frozen idle). Not the
+        daemon's for a catalog model: the front door freezes those when idle, knowing the requests in flight that GPU
+        utilization cannot show (its file's own IdleFreezeSec= still applies)."""
+        if model.idle_freeze_sec < 0:
+            return 0 if model.catalog_digest else self.config.idle_freeze_sec
+        return model.idle_freeze_sec
 
     async def apply_policies(self) -> None:
         """One round of the automatic decisions (the daemon calls it every second): freeze running models idle for
@@ -70,13 +74,14 @@ class Policies_(Core):
 
     def _drop_ended(self, now: int) -> None:
         """EndedModelTTLSec=: an ended model is dropped from the table (and the state file) this long after it ended,
-        with its command line: nothing a user ran is kept forever, and the table stays small."""
+        with its command line: nothing a user ran is kept forever, and the table stays small. A catalog model stays:
+        it is listed as long as its file is there."""
         ttl = self.config.ended_model_ttl_sec
         if ttl <= 0:
             return
         for model in list(self.models.values()):
             ended = (now - model.state_change_usec) / 1e6
-            if model.state not in ENDED or model.lock.locked() or ended < ttl:
+            if model.state not in ENDED or model.catalog_digest or model.lock.locked() or ended < ttl:
                 continue
             self._remove(model)
             if model_name_from_unit(model.unit) is None:
