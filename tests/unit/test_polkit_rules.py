@@ -198,8 +198,8 @@ async def test_a_model_replaced_while_polkit_thinks_is_not_touched(
 async def test_a_catalog_model_is_started_frozen_and_thawed_with_control_catalog_and_nothing_more(
     engine: Engine, authority: FakeAuthority, tmp_path: Path
 ) -> None:
-    """Root's catalog model: another user with control-catalog may Start, Freeze, Thaw and Swap it, never Stop,
-    Forget or Migrate it (control-any); its own User= asks control; Start of a model someone ran is NoSuchModel
+    """Root's catalog model: another user with control-catalog may Start, Freeze, Thaw, Swap and PageOut it, never
+    Stop, Forget or Migrate it (control-any); its own User= asks control; Start of a model someone ran is NoSuchModel
     before polkit is asked; Reload is manage."""
     for name in ("cat", "cat2"):
         (tmp_path / f"{name}.conf").write_text("[Model]\nCommand=/bin/true\nUser=root\n")
@@ -214,6 +214,8 @@ async def test_a_catalog_model_is_started_frozen_and_thawed_with_control_catalog
         await call(manager, "Freeze", "cat")
         await call(manager, "Thaw", "cat")
         await call(manager, "Swap", "cat2", "cat")
+        engine._swap_space = lambda: (0, 0)  # type: ignore[method-assign]  # no swap: authorized, then refused
+        assert await error_of(call(manager, "PageOut", "cat2")) == "org.gpusched1.Error.NotSupported"
         for attempt in (call(manager, "Stop", "cat"), call(manager, "Forget", "cat"), call(manager, "Reload")):
             assert await error_of(attempt) == ACCESS_DENIED
         asked = len(authority.asked)
@@ -227,6 +229,7 @@ async def test_a_catalog_model_is_started_frozen_and_thawed_with_control_catalog
         (polkit.ACTION_CONTROL_CATALOG, "thaw"),
         (polkit.ACTION_CONTROL_CATALOG, "swap"),
         (polkit.ACTION_CONTROL_CATALOG, "swap"),
+        (polkit.ACTION_CONTROL_CATALOG, "pageout"),
         (polkit.ACTION_CONTROL_ANY, "stop"),
         (polkit.ACTION_CONTROL_ANY, "forget"),
         (polkit.ACTION_MANAGE, "reload"),

@@ -45,7 +45,7 @@ MANAGE = "manage"
 _ACTIONS = {RUN: polkit.ACTION_RUN, ADOPT: polkit.ACTION_ADOPT, MANAGE: polkit.ACTION_MANAGE}
 # What control-catalog allows on a catalog model of another user (control-any, which implies it, allows the rest):
 # bringing it in and out of the GPU, never ending it (Stop, Forget) or moving it (Migrate).
-CATALOG_VERBS = frozenset({"start", "freeze", "thaw", "swap"})
+CATALOG_VERBS = frozenset({"start", "freeze", "thaw", "swap", "pageout", "freezetodisk"})
 
 # An error's journal entry names the caller's uid if the bus says it within this time (else its bus name only).
 REPORT_UID_TIMEOUT_S = 1.0
