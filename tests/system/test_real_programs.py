@@ -5,13 +5,15 @@ mpi4py is installed."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import subprocess
+from pathlib import Path
 
 import pytest
 from secutil import ALICE, ensure_users, run_as
-from sysutil import GUEST_PYTHON, Models, list_models, model_unit, run, wait_until
+from sysutil import GUEST_PYTHON, Models, gpusched, list_models, model_unit, run, unit_property, wait_until
 
 MPI_INIT = 'from mpi4py import MPI; print("mpi size", MPI.COMM_WORLD.Get_size(), "rank", MPI.COMM_WORLD.Get_rank())'
 
@@ -81,6 +83,24 @@ def test_argv_reaches_the_program_as_given(models: Models) -> None:
     words = ["${HOME}", "$HOME", "$$", "a${USER}b", "$"]
     output = run_to_the_end(models, "argv", "root", "--", "printf", "<%s>\\n", *words)
     assert [f"<{w}>" for w in words] == [line for line in output.splitlines() if line.startswith("<")], output
+
+
+def test_a_model_keeps_its_command_through_daemon_reload(models: Models) -> None:
+    """systemd rereads a transient unit from the file it wrote at each daemon-reload (a package's maintainer scripts
+    run one): the model runs on, the same process with its command (a unit written with ExecStartEx= lost it on
+    systemd 252, and the unit stopped), and the command is still the one given."""
+    script = "while :; do sleep 0.2; done # ${HOME} $$"
+    name, _ = models.run("reload", argv=["sh", "-c", script])
+    unit = model_unit(name)
+    pid = wait_until(f"{unit} to run", lambda: int(unit_property(unit, "MainPID")))
+    before = unit_property(unit, "InvocationID")
+    run("systemctl", "daemon-reload")
+    assert "argv[]=sh -c " in unit_property(unit, "ExecStart")
+    assert (unit_property(unit, "ActiveState"), unit_property(unit, "InvocationID")) == ("active", before)
+    assert int(unit_property(unit, "MainPID")) == pid
+    assert Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:3] == ["sh", "-c", script]
+    shown = json.loads(gpusched("status", "--json", name, check=False).stdout)
+    assert [m["Command"] for m in shown["models"]] == [["sh", "-c", script]]
 
 
 def mpi4py_present() -> bool:

@@ -179,9 +179,11 @@ class SystemdUnits:
             ["Description", Variant("s", spec.description)],
             ["Slice", Variant("s", spec.slice)],
             ["Type", Variant("s", "exec")],
-            # no-env-expand (ExecStart='s ":" prefix): the program gets its argv as given, as exec from a shell
-            # would give it; systemd would otherwise replace ${NAME} and $NAME in it with the unit's environment.
-            ["ExecStartEx", Variant("a(sasas)", [[exe, spec.argv, ["no-env-expand"]]])],
+            # systemd replaces ${NAME} and $NAME in ExecStart='s argv with the unit's environment, and "$$" with "$":
+            # every "$" doubled, the program gets its argv as given, as exec from a shell gives it. (ExecStartEx's
+            # no-env-expand flag would say it directly, but systemd 252 writes ExecStartEx= into the transient unit
+            # file, which its own parser rejects on the next daemon-reload, leaving the unit without a command.)
+            ["ExecStart", Variant("a(sasb)", [[exe, [arg.replace("$", "$$") for arg in spec.argv], False]])],
             ["AddRef", Variant("b", False)],
         ]
         if spec.working_directory:
@@ -332,7 +334,7 @@ class SystemdUnits:
             pids=sorted(int(pid) for _cg, pid, _cmd in procs),
             frozen=get("FreezerState", "running") == "frozen",
             user=get("User", ""),
-            command=list(exec_start[0][1]) if exec_start else [],
+            command=[arg.replace("$$", "$") for arg in exec_start[0][1]] if exec_start else [],  # as exec gets it
             result=get("Result", "success"),
         )
 
