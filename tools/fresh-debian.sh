@@ -44,7 +44,8 @@ debootstrap --variant=minbase "$suite" "$dir" "$mirror" > "$dir.debootstrap.log"
 	|| { tail -20 "$dir.debootstrap.log" >&2; exit 1; }
 echo "fresh-debian: $(stamp) debootstrap done in $((SECONDS - t0)) s"
 git clone -q --no-hardlinks "$top" "$dir/root/gpuschedd"
-echo "fresh-debian: cloned $(git -C "$top" rev-parse --short HEAD) ($(git -C "$top" rev-parse --abbrev-ref HEAD))"
+commit=$(git -C "$dir/root/gpuschedd" rev-parse --short HEAD)
+echo "fresh-debian: cloned $commit ($(git -C "$top" rev-parse --abbrev-ref HEAD))"
 cp /etc/resolv.conf "$dir/etc/resolv.conf"
 # As in a chroot or Docker's Debian images: packages do not start services here, where no systemd runs as PID 1
 # (the sandboxes of make demo and make check boot their own)
@@ -95,6 +96,6 @@ for s in $steps; do
 	step "make $s" "make $s $names"
 done
 
-echo "fresh-debian: $(stamp) results (a fresh $suite, $(git -C "$top" rev-parse --short HEAD)):"
+echo "fresh-debian: $(stamp) results (a fresh $suite, $commit):"
 printf '  %s\n' "${results[@]}"
 exit "$rc"

@@ -30,6 +30,7 @@ ALLOWED_PREFIXES = (
     "/usr/bin/gpusched",
     "/usr/libexec/gpuschedd",
     "/usr/lib64/gpuschedd",
+    "/usr/lib/gpusched",  # the vendor model catalog, /usr/lib/gpusched/models.d (gpusched-models.d(5))
     "/usr/lib/.build-id",
     "/usr/lib/systemd/system/",
     "/usr/lib/systemd/catalog/",
@@ -48,6 +49,7 @@ OWN_DIRS = (
     "/usr/share/doc/gpuschedd",
     "/usr/share/licenses/gpuschedd",  # %license LICENSE
     "/usr/lib/.build-id",
+    "/usr/lib/gpusched",  # the vendor model catalog's directory
 )
 
 
