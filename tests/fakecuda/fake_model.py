@@ -81,6 +81,7 @@ class FakeCudaProcess:
     def serve(self) -> None:
         """The in-process thread that does the driver's copies."""
         done = ""
+        restored: mmap.mmap | None = None
         while True:
             token = read(self.path("req"))
             if token and token != done:
@@ -90,15 +91,17 @@ class FakeCudaProcess:
                     buf[::PAGE] = self.marks  # touches every page
                     self.host_copy = buf
                 elif token.startswith("restore") and self.host_copy is not None:
-                    # One byte a page, read in one go: a restore must not take longer than it did before the
-                    # check (tests time their kills by the fake driver's steps).
-                    if self.host_copy[::PAGE] != self.marks:
-                        os.makedirs(os.path.join(self.dir, "corrupt"), exist_ok=True)
-                        write_atomic(self.path("corrupt"), token)
-                    self.host_copy.close()
-                    self.host_copy = None
+                    restored, self.host_copy = self.host_copy, None
                 write_atomic(self.path("ack"), token)
                 done = token
+                if restored is not None:
+                    # Checked after the answer, one byte a page: a restore takes no longer than it did without
+                    # the check (tests time their kills by the fake driver's steps).
+                    if restored[::PAGE] != self.marks:
+                        os.makedirs(os.path.join(self.dir, "corrupt"), exist_ok=True)
+                        write_atomic(self.path("corrupt"), token)
+                    restored.close()
+                    restored = None
             time.sleep(0.002)
 
     def unregister(self) -> None:
