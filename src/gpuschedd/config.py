@@ -3,22 +3,25 @@
 
 from __future__ import annotations
 
-import configparser
-import glob
 import ipaddress
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from . import validate
+from .settings_file import (
+    ConfigError,
+    Table,
+    apply,
+    parse_boolean,
+    parse_count,
+    parse_int,
+    parse_listen,
+    parsed,
+    read_section,
+)
 
 DEFAULT_PATH = "/etc/gpusched/gpuschedd.conf"
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def parse_size(text: str) -> int:
@@ -36,42 +39,12 @@ def parse_percent_or_size(text: str, total: int) -> int:
     return parse_size(text)
 
 
-def parse_boolean(text: str) -> bool:
-    """systemd's booleans: yes/no, true/false, on/off, 1/0."""
-    value = text.strip().lower()
-    if value in ("yes", "true", "on", "1", "y", "t"):
-        return True
-    if value in ("no", "false", "off", "0", "n", "f"):
-        return False
-    raise ValueError("expected yes or no")
-
-
 def parse_milliseconds(text: str) -> int:
     """Seconds (2.5) as milliseconds."""
     try:
         return int(float(text) * 1000)
     except ValueError:
         raise ValueError("expected seconds") from None
-
-
-def parse_count(text: str) -> int:
-    """A whole number, 0 or more (0: off)."""
-    if not text.strip().isdigit():
-        raise ValueError("expected a whole number (0: off)")
-    return int(text)
-
-
-def parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-
-
-def parse_listen(text: str) -> str:
-    if text and not text.rpartition(":")[2].isdigit():
-        raise ValueError("expected HOST:PORT")
-    return text
 
 
 def one_of(*allowed: str) -> Callable[[str], str]:
@@ -161,22 +134,10 @@ class Config:
     def load(cls, path: str = DEFAULT_PATH) -> Config:
         """The main file, then its drop-ins; every setting absent keeps its default. A file that cannot be parsed,
         an unknown key or a bad value is a ConfigError naming the file(s) and the key."""
-        section, where = read_daemon_section(path)
-        unknown = set(section) - set(SETTINGS) - {"RamBudget"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) in [Daemon]: {', '.join(sorted(unknown))}")
-        cfg = cls(ram_budget_bytes=_parsed(where, "RamBudget", parse_ram_budget, section.get("RamBudget", "50%")))
-        for key, (attr, parse) in SETTINGS.items():
-            if key in section:
-                setattr(cfg, attr, _parsed(where, key, parse, section[key]))
+        section, where = read_section(path, "Daemon")
+        cfg = cls(ram_budget_bytes=parsed(where, "RamBudget", parse_ram_budget, section.get("RamBudget", "50%")))
+        apply(cfg, SETTINGS, section, where, "Daemon", also=("RamBudget",))
         return cfg
-
-
-def _parsed(where: str, key: str, parse: Callable[[str], T], text: str) -> T:
-    try:
-        return parse(text)
-    except ValueError as e:  # ConfigError included
-        raise ConfigError(f"{where}: {key}={text}: {e}") from None
 
 
 def parse_ram_budget(text: str) -> int:
@@ -185,7 +146,7 @@ def parse_ram_budget(text: str) -> int:
 
 # Every setting of [Daemon] but RamBudget (required, default 50% of the host's RAM): key -> (Config field, parser).
 # A parser raises ValueError with what it expected; load() names the file and the key.
-SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
+SETTINGS: Table = {
     "LockTimeoutSec": ("lock_timeout_ms", parse_milliseconds),
     "AgentTimeoutSec": ("agent_timeout_ms", parse_milliseconds),
     "CheckpointBackend": ("checkpoint_backend", one_of("auto", "driver", "cli", "none")),
@@ -205,22 +166,3 @@ SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
     "WakeAllowPorts": ("wake_allow_ports", parse_ports),
     "WakeAllowAddresses": ("wake_allow_addresses", parse_addresses),
 }
-
-
-def read_daemon_section(path: str) -> tuple[dict[str, str], str]:
-    """[Daemon] of `path` and of its drop-ins PATH.d/*.conf, read after it in lexical order of their names, and the
-    files it came from (for errors). strict=False: a key or section given twice is no error, the last one wins
-    (systemd's rule), also across files. A missing main file is no error: every setting has a default."""
-    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"), strict=False)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    dropins = sorted(glob.glob(os.path.join(glob.escape(path + ".d"), "*.conf")))
-    for name in [path, *dropins]:
-        try:
-            with open(name) as f:
-                parser.read_file(f)
-        except FileNotFoundError:
-            pass
-        except configparser.Error as e:
-            raise ConfigError(f"{name}: {e.message}") from None
-    where = f"{path} (and {', '.join(dropins)})" if dropins else path
-    return (dict(parser["Daemon"]) if parser.has_section("Daemon") else {}), where

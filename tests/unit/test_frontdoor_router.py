@@ -461,7 +461,12 @@ def test_settings_file(tmp_path: Path) -> None:
     path.write_text("[FrontDoor]\nMaxRunning=1\nQueueSize=8\nRequestTimeoutSec=2.5\nMaxBodyBytes=1M\n")
     s = Settings.load(str(path))
     assert (s.max_running, s.queue_size, s.request_timeout_sec, s.max_body_bytes) == (1, 8, 2.5, 1 << 20)
-    for bad in ("QueueSize=0", "RequestTimeoutSec=0", "MaxRunnig=1", "Listen=nowhere"):
+    # a drop-in, read after it, wins; as for gpuschedd.conf
+    (tmp_path / "frontdoor.conf.d").mkdir()
+    (tmp_path / "frontdoor.conf.d" / "50-local.conf").write_text("[FrontDoor]\nQueueSize=4\n")
+    assert Settings.load(str(path)).queue_size == 4
+    (tmp_path / "frontdoor.conf.d" / "50-local.conf").unlink()
+    for bad in ("QueueSize=0", "RequestTimeoutSec=0", "MaxRunnig=1", "Listen=nowhere", "Listen="):
         path.write_text(f"[FrontDoor]\n{bad}\n")
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             Settings.load(str(path))

@@ -30,6 +30,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.model",
         "gpuschedd.options",
         "gpuschedd.validate",
+        "gpuschedd.settings_file",
         "gpuschedd.libcuda",
         "gpuschedd.procfs",
         "gpuschedd.hostmem",

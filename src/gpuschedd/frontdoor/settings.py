@@ -1,34 +1,16 @@
-"""The front door's settings from /etc/gpusched/frontdoor.conf (systemd-style INI, section [FrontDoor]). The front
-door is a client of the daemon (tests/unit/test_layers.py), so it reads its one file itself rather than through the
-daemon's config module."""
+"""The front door's settings from /etc/gpusched/frontdoor.conf and its drop-ins frontdoor.conf.d/*.conf
+(systemd-style INI, section [FrontDoor]), read as the daemon reads its own (settings_file.py)."""
 
 from __future__ import annotations
 
-import configparser
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import validate
+from ..settings_file import ConfigError, Table, apply, parse_count, parse_listen, read_section
+
+__all__ = ["DEFAULT_PATH", "ConfigError", "Settings"]
 
 DEFAULT_PATH = "/etc/gpusched/frontdoor.conf"
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def parse_count(text: str) -> int:
-    """A whole number, 0 or more (0: off)."""
-    if not text.strip().isdigit():
-        raise ValueError("expected a whole number (0: off)")
-    return int(text)
-
-
-def parse_listen(text: str) -> str:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("expected HOST:PORT")
-    return text
 
 
 def parse_seconds(text: str) -> float:
@@ -40,6 +22,13 @@ def parse_seconds(text: str) -> float:
     if not value > 0:
         raise ValueError("expected seconds, more than 0")
     return value
+
+
+def parse_address(text: str) -> str:
+    """Listen=: HOST:PORT, not empty (the front door always listens somewhere)."""
+    if not text:
+        raise ValueError("expected HOST:PORT")
+    return parse_listen(text)
 
 
 def parse_positive(text: str) -> int:
@@ -69,32 +58,18 @@ class Settings:
     @classmethod
     def load(cls, path: str = DEFAULT_PATH) -> Settings:
         """A setting absent (or the file) keeps its default; a bad or unknown one is a ConfigError naming it."""
-        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"), strict=False)
-        parser.optionxform = str  # type: ignore[assignment,method-assign]
-        try:
-            parser.read(path)
-        except configparser.Error as e:
-            raise ConfigError(f"{path}: {e.message}") from None
-        section = dict(parser["FrontDoor"]) if parser.has_section("FrontDoor") else {}
-        unknown = set(section) - set(SETTINGS)
-        if unknown:
-            raise ConfigError(f"{path}: unknown setting(s) in [FrontDoor]: {', '.join(sorted(unknown))}")
+        section, where = read_section(path, "FrontDoor")
         settings = cls()
-        for key, (attr, parse) in SETTINGS.items():
-            if key in section:
-                try:
-                    setattr(settings, attr, parse(section[key]))
-                except ValueError as e:
-                    raise ConfigError(f"{path}: {key}={section[key]}: {e}") from None
+        apply(settings, SETTINGS, section, where, "FrontDoor")
         return settings
 
 
-SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
+SETTINGS: Table = {
     "MaxRunning": ("max_running", parse_count),
     "QueueSize": ("queue_size", parse_positive),
     "RequestTimeoutSec": ("request_timeout_sec", parse_seconds),
     "IdleFreezeSec": ("idle_freeze_sec", parse_count),
     "BackendTimeoutSec": ("backend_timeout_sec", parse_seconds),
     "MaxBodyBytes": ("max_body_bytes", validate.parse_size),
-    "Listen": ("listen", parse_listen),
+    "Listen": ("listen", parse_address),
 }
