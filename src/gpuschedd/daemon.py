@@ -41,6 +41,8 @@ REFRESH_SEC = 2.0
 POLICY_SEC = 1.0
 # How long a stop waits for freezes and thaws under way (systemd's TimeoutStopSec= defaults to 90 s).
 DRAIN_TIMEOUT_SEC = 60
+# after the drain: how long the replies to the calls it let finish may take to leave (a client that reads slowly)
+FLUSH_TIMEOUT_SEC = 2
 # How long an exit waits for journal entries still queued (journald may be stopped: never forever).
 JOURNAL_FLUSH_SEC = 2.0
 
@@ -232,6 +234,8 @@ async def serve(config: Config) -> int:
         await bus.release_name(BUS_NAME)
     if not await engine.drain(DRAIN_TIMEOUT_SEC):
         log.warning("a transition was still under way after %ds; the next start will settle it", DRAIN_TIMEOUT_SEC)
+    if not await bus.flush(FLUSH_TIMEOUT_SEC):
+        log.warning("a reply was still unsent after %ds", FLUSH_TIMEOUT_SEC)
     bus.disconnect()
     return 0
 

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from fake_daemon import FakeDaemon
 from fake_openai import FakeServer
 
-from gpuschedd.frontdoor import SD_LISTEN_FDS_START, serve
+from gpuschedd.frontdoor import serve
 from gpuschedd.frontdoor.metrics import RouterMetrics
 from gpuschedd.frontdoor.router import Entry, Router
 from gpuschedd.frontdoor.server import FrontDoor
@@ -192,8 +192,8 @@ async def test_serve_takes_the_socket_from_systemd_and_stops_on_sigterm(monkeypa
     """serve() as the unit runs it: the listening socket from LISTEN_FDS (sd_listen_fds), SIGTERM a clean stop."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    fd = os.dup2(listener.fileno(), SD_LISTEN_FDS_START + 40)  # where a real one would be: fd 3
-    monkeypatch.setattr("gpuschedd.frontdoor.SD_LISTEN_FDS_START", fd)
+    # Where systemd would put it is fd 3; the test's process has its own there. serve() owns the socket from now on.
+    monkeypatch.setattr("gpuschedd.frontdoor.SD_LISTEN_FDS_START", listener.detach())
     monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
     monkeypatch.setenv("LISTEN_FDS", "1")
     server = asyncio.create_task(serve(Settings(listen="127.0.0.1:1")))
@@ -210,7 +210,6 @@ async def test_serve_takes_the_socket_from_systemd_and_stops_on_sigterm(monkeypa
     assert "LISTEN_FDS" not in os.environ
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(server, 10)
-    listener.close()
 
 
 async def test_a_silent_model_is_504(daemon: FakeDaemon) -> None:

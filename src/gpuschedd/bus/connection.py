@@ -58,6 +58,17 @@ class CallerAwareBus(QueueingWriterBus):
 
         return handler
 
+    async def flush(self, timeout: float) -> bool:
+        """Wait, at most `timeout` seconds, until every method call dispatched has its reply written to the socket:
+        a stopping daemon answers the freeze it let finish before it disconnects. True when all went out. (dbus-fast
+        keeps each coroutine method's future in _pending_futures until its reply has been handed to the writer.)"""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._pending_futures or (self._writer is not None and not self._writer.idle()):
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     def _default_properties_handler(self, msg: Message, send_reply: Any) -> None:
         # Properties.Get/GetAll too: a property that is not for every reader (a model's Command) must know who asks.
         token = current_message.set(msg)

@@ -65,8 +65,12 @@ class QueueingWriter(_MessageWriter):
             _settle(self.fut, None if self.bus._user_disconnect else e)
             self.bus._finalize(e)
 
+    def idle(self) -> bool:
+        """Nothing is waiting to be written."""
+        return self.buf is None and not self.messages
+
     def schedule_write(self, msg: Message | None = None, future: asyncio.Future[Any] | None = None) -> None:
-        idle = self.buf is None and not self.messages
+        idle = self.idle()
         if msg is not None:
             self.buffer_message(msg, future)
         # Before the bus's Hello is answered only Hello itself may go; connect() calls this again after it.
