@@ -29,6 +29,7 @@ ALLOWED_PREFIXES = (
     "/etc/gpusched",
     "/usr/bin/gpusched",
     "/usr/libexec/gpuschedd",
+    "/usr/libexec/gpusched-frontdoor",
     "/usr/lib64/gpuschedd",
     "/usr/lib/gpusched",  # the vendor model catalog, /usr/lib/gpusched/models.d (gpusched-models.d(5))
     "/usr/lib/.build-id",

@@ -138,6 +138,9 @@ class Router:
         self._names: dict[str, str] = {}  # a model's name and each of its aliases -> its name
         self._catalog_read = -math.inf
         self._busy: Counter[str] = Counter()  # requests in flight, by model
+        # requests waiting for their model, by model: a model brought in for them is not frozen for another before
+        # they reach it (without this, waiters for three models and MaxRunning=1 swapped each other's out forever)
+        self._wanted: Counter[str] = Counter()
         self._last_used: dict[str, float] = {}
         self._waiting = 0
         self._lock = asyncio.Lock()  # one transition at a time; decisions read the daemon's states under it
@@ -209,14 +212,19 @@ class Router:
             self._busy[name] -= 1
             self.metrics.in_flight.labels(name).dec()
             self._last_used[name] = self._clock()
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Requests that wait for room read the states again: a request ended, a waiter left, a model came in."""
+        for waiter in self._idle_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _wait_ready(self, entry: Entry) -> Entry:
         if self._waiting >= self.settings.queue_size:
             raise QueueFull(f"{self._waiting} requests are already waiting for their models; try again later")
         self._waiting += 1
+        self._wanted[entry.name] += 1
         self.metrics.waiting.inc()
         started = self._clock()
         task = asyncio.current_task()
@@ -237,6 +245,8 @@ class Router:
         finally:
             self._waiters.discard(task)
             self._waiting -= 1
+            self._wanted[entry.name] -= 1
+            self._wake()
             self.metrics.waiting.dec()
             self.metrics.wait_seconds.labels(entry.name).observe(self._clock() - started)
 
@@ -288,6 +298,7 @@ class Router:
             if room is None:
                 return entry, WAIT
             await self._freeze(room)
+        self._wake()  # a model came in or went out: requests waiting for room look again
         return entry, AGAIN
 
     @staticmethod
@@ -306,7 +317,7 @@ class Router:
     def _victim(self, states: dict[str, str], entry: Entry, why: str, short: bool = False) -> str | None:
         """An idle model to freeze for `entry`; None when every candidate has a request in flight. With nothing that
         could ever make room (short of memory and no other catalog model running), BackendDown."""
-        victim = choose_victim(list(self._entries.values()), states, self._busy, self._last_used, entry)
+        victim = choose_victim(list(self._entries.values()), states, self._busy + self._wanted, self._last_used, entry)
         if victim is None and short and not any(states.get(n) == RUNNING for n in self._entries if n != entry.name):
             raise BackendDown(f"model `{entry.name}` cannot be brought in: {why}")
         return victim
