@@ -262,6 +262,26 @@ async def test_a_model_with_a_request_in_flight_is_never_frozen(
     waiting.cancel()
 
 
+async def test_requests_for_several_models_all_get_through_one_slot(
+    daemon: FakeDaemon, make_router: Callable[..., Router]
+) -> None:
+    """MaxRunning=1, two requests waiting for each of three models: a model brought in for its waiters is not
+    swapped out for another model's before they reach it (that swapped the three round and round until every
+    request timed out). Each request is answered, by its model."""
+    for i, name in enumerate(("a", "b", "c")):
+        daemon.add(name, 9001 + i, "running" if name == "a" else "frozen")
+    router = make_router(max_running=1, request_timeout_sec=5)
+
+    async def ask(model: str) -> str:
+        async with router.use(model) as entry:
+            await asyncio.sleep(0)
+            return entry.name
+
+    names = ["a", "b", "c"] * 2
+    assert await asyncio.gather(*(ask(n) for n in names)) == names
+    assert len([c for c in daemon.calls if c[0] == "swap"]) <= 4
+
+
 async def test_a_model_of_higher_priority_is_not_frozen_for_a_lower_one(
     daemon: FakeDaemon, make_router: Callable[..., Router]
 ) -> None:
