@@ -20,9 +20,7 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -31,6 +29,9 @@ from gpuschedd.agentlink import AgentLink
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "transparent"))
+from run import Program  # noqa: E402  (the same driven program: bench/transparent/run.py)
+
 PLAIN = os.path.join(HERE, "..", "transparent", "plain_model.py")
 CGROUP = "/sys/fs/cgroup/gpusched-disktier-bench"
 GIB = 1 << 30
@@ -82,30 +83,6 @@ def wait_written(timeout: float = 120) -> float:
     while meminfo()["Writeback"] > 0 and time.monotonic() - t0 < timeout:
         time.sleep(0.01)
     return time.monotonic() - t0
-
-
-class Program:
-    def __init__(self, size: str, agent: bool) -> None:
-        self.dir = tempfile.mkdtemp(prefix="gpusched-agent-")
-        env = dict(os.environ, GPUSCHED_AGENT_DIR=self.dir)
-        if agent:
-            env["LD_PRELOAD"] = os.environ["PRELOAD"]
-        self.p = subprocess.Popen([sys.executable, PLAIN, size], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  env=env, text=True)  # fmt: skip
-        self.ready = self.p.stdout.readline().strip()  # type: ignore[union-attr]
-
-    def ask(self, cmd: str) -> str:
-        self.p.stdin.write(cmd + "\n")  # type: ignore[union-attr]
-        self.p.stdin.flush()  # type: ignore[union-attr]
-        return self.p.stdout.readline().strip()  # type: ignore[union-attr]
-
-    async def link(self) -> AgentLink:
-        for _ in range(100):
-            link = await AgentLink.connect(self.dir, self.p.pid, 10.0)
-            if link:
-                return link
-            time.sleep(0.05)
-        raise SystemExit("no agent socket")
 
 
 async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, case: str) -> dict[str, object]:
@@ -167,7 +144,7 @@ async def main() -> None:
     parser.add_argument("--cases", default="")
     args = parser.parse_args()
     os.makedirs(CGROUP, exist_ok=True)
-    prog = Program(args.size, args.path == "agent")
+    prog = Program([sys.executable, PLAIN, args.size], {}, preload=args.path == "agent")
     print("ready:", prog.ready, flush=True)
     cg_write("cgroup.procs", str(prog.p.pid))
     WANT["tok"], WANT["check"] = prog.ask("tok"), prog.ask("check")
