@@ -16,7 +16,8 @@
  *   delay/<pid>.<step>   milliseconds that step (lock, checkpoint, restore, unlock) sleeps before it acts, for
  *   delay/all.<step>     that pid or every pid: a slow driver, so a test can kill the caller mid-operation
  *                        (ctx-sync: cuCtxSynchronize, as if the context's work took that long)
- *   hold/<pid>.<step>    while this file exists, that step (checkpoint, restore) stays in its copy, up to 30 s: a
+ *   hold/<pid>.<step>    while this file exists, that step (checkpoint, restore; park, unpark: each copy of an agent
+ *                        in that process, device to host and host to device) stays in its copy, up to 30 s: a
  *                        copy that lasts until the test lets it end, so the order of two models' steps shows
  *                        whether they overlapped. As on the real driver, a checkpoint holds the process's GPU
  *                        memory until its copy ends (and fail/<pid>.checkpoint read after the hold fails it
@@ -997,8 +998,10 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr_t src, size_t size, void *s
     CUresult r = vmm_prologue("memcpy");
     if (r == CUDA_SUCCESS)
         r = dst ? device_range(src, size) : CUDA_ERROR_INVALID_VALUE;
-    if (r == CUDA_SUCCESS)
+    if (r == CUDA_SUCCESS) {
+        injected_hold(getpid(), "park");
         memcpy(dst, (const void *)src, size);
+    }
     return r;
 }
 
@@ -1008,8 +1011,10 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr_t dst, const void *src, size_t size, v
     CUresult r = vmm_prologue("memcpy");
     if (r == CUDA_SUCCESS)
         r = src ? device_range(dst, size) : CUDA_ERROR_INVALID_VALUE;
-    if (r == CUDA_SUCCESS)
+    if (r == CUDA_SUCCESS) {
+        injected_hold(getpid(), "unpark");
         memcpy((void *)dst, src, size);
+    }
     return r;
 }
 

@@ -11,7 +11,7 @@ import pytest
 from counters import amoves, astill, file_counter
 from fakegpu_fixtures import GPU0, MIB
 from polling import until
-from test_engine_checkpoint import not_corrupt, run_agent_model, run_model, setup  # noqa: F401  (setup: a fixture)
+from test_engine_checkpoint import PARKED, VRAM, not_corrupt, run_agent_model, run_model, setup  # noqa: F401  (setup: a fixture)
 
 from gpuschedd.checkpoint import CudaState
 from gpuschedd.engine import Engine
@@ -150,6 +150,32 @@ async def test_an_overlapped_swap_with_agents(setup) -> None:  # noqa: F811
     assert await amoves(file_counter(tmp_path / "b")) and not_corrupt(tmp_path, "b")
     await engine.swap("b", "a")
     assert await amoves(file_counter(tmp_path / "a")) and not_corrupt(tmp_path, "a")
+
+
+async def test_the_agents_copies_of_an_overlapped_swap_take_turns(setup) -> None:  # noqa: F811
+    """The incoming model's driver restore runs beside the outgoing model's park, but its agent copies in only once
+    the park is over (two CPU-bound copies at once slow each other); then its unpark runs beside the outgoing
+    model's driver checkpoint of the rest."""
+    engine, _units, gpu_dir, events, tmp_path = setup
+    a = await run_agent_model(engine, gpu_dir, tmp_path, "a")
+    b = await run_agent_model(engine, gpu_dir, tmp_path, "b")
+    await engine.freeze("b")
+    gpu_dir.hold(a.main_pid, "park")
+    gpu_dir.hold(a.main_pid, "checkpoint")
+    swapping = asyncio.create_task(engine.swap("a", "b"))
+    await until("b's context restored", lambda: ("unlock", b.main_pid, "CUDA_SUCCESS") in gpu_dir.log())
+    await asyncio.sleep(0.5)  # what an unpark beside the park would need to claim b's parked memory (~50 ms)
+    assert (a.state, b.state) == (State.FREEZING, State.THAWING)
+    assert engine.telemetry.vram_by_pid()[b.main_pid] == {GPU0: VRAM}, "b's parked memory waits for a's park"
+    gpu_dir.release(a.main_pid, "park")
+    await until("b thawed", lambda: b.state == State.RUNNING)
+    assert a.state == State.FREEZING and gpu_dir.state(a.main_pid) == CudaState.LOCKED, "beside a's checkpoint"
+    assert engine.telemetry.vram_by_pid()[b.main_pid] == {GPU0: VRAM + PARKED}
+    gpu_dir.release(a.main_pid, "checkpoint")
+    await swapping
+    assert (a.state, a.freeze_path, b.state) == (State.FROZEN, "agent", State.RUNNING)
+    assert swap_event(events).fields["GPUSCHED_OVERLAPPED"] == "1" and not engine._copy_out_done
+    assert await amoves(file_counter(tmp_path / "b")) and not_corrupt(tmp_path, "b")
 
 
 async def test_opposite_overlapped_swaps_at_once_do_not_deadlock(setup) -> None:  # noqa: F811

@@ -79,6 +79,7 @@ class Freezing(Core):
             model.parked_bytes = 0
             if model.agent:
                 await self._park(model, step.cuda)
+            self._copied_out(model)
             # KeepContext: when every CUDA process's agent parked, the driver is not called at all; each process
             # keeps its CUDA context (and what it allocated outside parkable()) on the GPU, frozen by the cgroup.
             parked_pids = {link.pid for link in self._parked.get(model.name, [])}

@@ -79,6 +79,7 @@ class Thawing(Core):
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True
                 raise CheckpointFailed(f"model {model.name}: {e}; {await self._left(model, reached, errors)}") from e
+            await self._copy_in_turn(model)
             failed = await self._unpark(model)
             if failed:
                 # A process is back on the GPU without its parked memory (the GPU filled up meanwhile): freeze

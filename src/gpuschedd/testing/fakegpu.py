@@ -96,9 +96,10 @@ class FakeGpuDir:
             os.unlink(self._p("delay", name))
 
     def hold(self, pid: int, step: str) -> None:
-        """Keep `step` (checkpoint, restore) of pid in its copy until release() (30 s at most). As on the real driver,
-        a checkpoint holds the process's GPU memory until its copy ends, and a restore claims it before its copy: the
-        order of two models' steps then shows whether they overlapped, without timing anything."""
+        """Keep `step` (checkpoint, restore; park, unpark: an agent's copies) of pid in its copy until release() (30 s
+        at most). As on the real driver, a checkpoint holds the process's GPU memory until its copy ends, and a
+        restore claims it before its copy: the order of two models' steps then shows whether they overlapped,
+        without timing anything."""
         _write(self._p("hold", f"{pid}.{step}"), "\n")
 
     def release(self, pid: int, step: str) -> None:
