@@ -34,8 +34,8 @@ MADV_WILLNEED = 3
 MADV_PAGEOUT = 21
 UIO_MAXIOV = 1024
 PIECE = 1 << 30  # bytes of one iovec, and of one call in all (the kernel's limit is 2 GiB)
-# Calls at once. One is what was measured on the GPU (docs/disk-tier.md); more were not (bench/disk_tier/run.py
-# measures them with @N), and on a 2-core host they were no faster.
+# Calls at once. Eight on the GPU machine paged out 3-4x slower than one, and scattered the snapshot over the swap
+# file so its read-back ran at random (docs/disk-tier.md, run 2; bench/disk_tier/run.py measures it with @N).
 THREADS = 1
 RETRIES = 8  # calls answered EINTR or EAGAIN, tried again, per process
 
