@@ -188,6 +188,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check . || rc=1; \
 	xmllint --noout --valid --nonet $(XML_VALID) || rc=1; \
 	xmllint --noout --nonet $(XML_WELLFORMED) || rc=1; \
+	if git grep -n -E '^(<<<<<<<|>>>>>>>) |^=======$$' -- . ':!*.txt'; then echo "merge conflict markers"; rc=1; fi; \
 	exit $$rc
 
 unit-tests: venv
