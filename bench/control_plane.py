@@ -118,13 +118,15 @@ async def pair(
 
 
 async def bench(
-    counts: list[int], calls: int, processes: int, cpu: list[float]
+    counts: list[int], calls: int, processes: int, cpu: list[float], table: int = 1
 ) -> list[tuple[str, str, list[float], list[float]]]:
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
     rows: list[tuple[str, str, list[float], list[float]]] = []
     try:
         await cleanup(bus)
-        # Freeze first, with one model in the table: the freeze's own cost, not that of saving a big table.
+        # Freeze first, with one model in the table (unless `table` says more): the freeze's own cost, not that of
+        # saving a big table.
+        await ensure_models(bus, table - 1)
         await call(bus, GPUSCHED, "Run", "sasa{sv}", f"{PREFIX}-freeze", SLEEPER, {})
         subprocess.run(["systemd-run", "--quiet", f"--unit={BARE_UNIT}", *SLEEPER], check=True)
         freeze, freeze_unit, thaw, thaw_unit = [], [], [], []
@@ -144,8 +146,9 @@ async def bench(
                 await asyncio.sleep(pause.uniform(0, 0.02))
                 times.append(await timed(lambda t=target, m=member, u=unit: call(bus, t, m, "s", u)))
         cpu.append((cpu_ms("gpuschedd.service") - cpu_before) / (len(freeze) + len(thaw)))
-        rows.append(("Freeze of a model without CUDA | FreezeUnit", "", freeze, freeze_unit))
-        rows.append(("Thaw of a model without CUDA | ThawUnit", "", thaw, thaw_unit))
+        among = f", {table} models" if table > 1 else ""
+        rows.append((f"Freeze of a model without CUDA{among} | FreezeUnit", "", freeze, freeze_unit))
+        rows.append((f"Thaw of a model without CUDA{among} | ThawUnit", "", thaw, thaw_unit))
         for count in counts:
             await ensure_models(bus, count)
             await pair(
@@ -180,6 +183,7 @@ def main() -> int:
     parser.add_argument("--models", default="50,200", help="model counts (default 50,200)")
     parser.add_argument("--calls", type=int, default=200, help="D-Bus calls per row (default 200)")
     parser.add_argument("--processes", type=int, default=20, help="busctl/CLI runs per row (default 20)")
+    parser.add_argument("--table", type=int, default=1, help="models in the table while Freeze is timed (default 1)")
     args = parser.parse_args()
     if not in_sandbox():
         print(f"run it in the sandbox:\n    {COMMAND}", file=sys.stderr)
@@ -188,7 +192,8 @@ def main() -> int:
     # The fake GPU of the system tests: the driver checkpoint backend, whose GetState a CUDA-less process answers.
     with fake_gpu_daemon():
         cpu: list[float] = []
-        rows = asyncio.run(bench([int(n) for n in args.models.split(",")], args.calls, args.processes, cpu))
+        counts = [int(n) for n in args.models.split(",")]
+        rows = asyncio.run(bench(counts, args.calls, args.processes, cpu, args.table))
     header = f"{'call | systemd call in the same loop':58} {'p50 ms':>8} {'p99 ms':>8}"
     print(f"{header} {'systemd p50':>12} {'p99':>8} {'ratio':>6}")
     for what, _, ours, theirs in rows:

@@ -10,6 +10,10 @@ import os
 
 LIBCUDA_ENV = "GPUSCHED_LIBCUDA"  # the tests point it at the fake libcuda
 DEFAULT_LIBCUDA = "libcuda.so.1"
+# The device files of the driver: a process with a CUDA context holds /dev/nvidiactl, /dev/nvidiaN and
+# /dev/nvidia-uvm open for its whole life (cuInit opens them). The tests point it at the fake libcuda's device file.
+DEVICES_ENV = "GPUSCHED_NVIDIA_DEVICES"
+DEFAULT_DEVICES = "/dev/nvidia"
 
 CUDA_SUCCESS = 0
 CUresult = ctypes.c_int
@@ -17,6 +21,11 @@ CUresult = ctypes.c_int
 
 def library_path(path: str | None = None) -> str:
     return path or os.environ.get(LIBCUDA_ENV) or DEFAULT_LIBCUDA
+
+
+def device_prefix() -> str:
+    """The path prefix of the driver's device files (DEVICES_ENV, else /dev/nvidia)."""
+    return os.environ.get(DEVICES_ENV) or DEFAULT_DEVICES
 
 
 def open_library(path: str) -> ctypes.CDLL:

@@ -1,7 +1,9 @@
-"""What a process is, read from /proc: its arguments, the uid it counts as, its parent. Neutral: the daemon's
-adoption checks and the cgroupfs unit backend both ask."""
+"""What a process is, read from /proc: its arguments, the uid it counts as, its parent, the files it holds open.
+Neutral: the daemon's adoption checks, the cgroupfs unit backend and the freeze's scan for CUDA processes ask."""
 
 from __future__ import annotations
+
+import os
 
 import psutil
 
@@ -36,3 +38,22 @@ def ppid(pid: int) -> int:
         return psutil.Process(pid).ppid()
     except psutil.Error:
         return 0
+
+
+def holds_open(pid: int, prefix: str) -> bool | None:
+    """Whether the process holds a file open whose path starts with `prefix` (its /proc/PID/fd links); False when
+    it is gone, None when its descriptors cannot be read (no right to: then nothing can be told)."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"{fds}/{name}").startswith(prefix):
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False

@@ -8,8 +8,10 @@ It lives in the runtime directory (/run/gpuschedd: RuntimeDirectoryPreserve=yes 
 reboot, which ends every model too, clears it). It is rewritten whole on every transition: JSON into a temporary
 file, then rename(2) over the old one, so a reader (a restarted daemon) sees the old table or the new one, never
 half of one. The write happens on the event loop without an await, so it is a consistent picture of every model
-without taking any model's lock. /run is a tmpfs: a daemon killed at any point leaves the last complete file
-behind (no fsync is needed against a process crash; a power loss ends the models as well).
+without taking any model's lock (each model as it is then: its record, kept between saves, is encoded again when
+any of its values moved, so a transition encodes one model, not the table). /run is a tmpfs: a daemon killed at any
+point leaves the last complete file behind (no fsync is needed against a process crash; a power loss ends the models
+as well).
 
 The file is the daemon's alone, whatever the unit's UMask=: it is created 0600 with O_EXCL|O_NOFOLLOW under a
 random name in the directory (mkstemp), so no link planted there is followed, then renamed. It is not fsync'd: on
@@ -34,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import operator
 import os
 import tempfile
 from collections.abc import Callable
@@ -76,11 +79,27 @@ _READ: dict[str, Callable[[Any], Any]] = {
 }
 # Saved: every field but the lock. Required in a record: the identity and the state; the rest have defaults.
 _SAVED = [f for f in dataclasses.fields(Model) if f.compare]
+_NAMES = tuple(f.name for f in _SAVED)
+_GET = operator.attrgetter(*_NAMES)
+_CONTAINERS = [i for i, f in enumerate(_SAVED) if str(f.type).startswith(("list[", "dict["))]
 _REQUIRED = ("name", "unit", "owner", "state")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def model_to_dict(model: Model) -> dict[str, Any]:
     return {f.name: _plain(getattr(model, f.name)) for f in _SAVED}
+
+
+def _values(model: Model) -> list[Any]:
+    """What its record holds, in the record's order, read at C speed: the containers copied (so a list changed in
+    place later compares unequal to what was saved); a State as it is (JSON writes it as its string)."""
+    values = list(_GET(model))
+    for i in _CONTAINERS:
+        values[i] = values[i].copy()
+    return values
 
 
 def _plain(value: Any) -> Any:
@@ -118,6 +137,16 @@ class StateFile:
         # Why the last write failed; None when the file holds the current table.
         self.error: str | None = None
         self.writes = 0
+        # Each model's record as last written (name → its values and their JSON text): a save encodes again only
+        # the records whose values moved, a transition usually one; the file is still the whole table.
+        self._records: dict[str, tuple[list[Any], str]] = {}
+
+    def _record(self, model: Model) -> tuple[list[Any], str]:
+        values = _values(model)
+        kept = self._records.get(model.name)
+        if kept is not None and kept[0] == values:
+            return kept
+        return values, _json(dict(zip(_NAMES, values, strict=True)))
 
     def save(
         self,
@@ -129,14 +158,13 @@ class StateFile:
         """Write the whole table atomically. A failure is logged and kept in `error` (STATUS= shows it), never
         raised: an operation that worked must not be reported failed because /run is full (the module's docstring
         says why the older file left behind is safe)."""
-        data = {
-            "version": FORMAT_VERSION,
-            "boot_id": self._boot,
-            "models": [model_to_dict(m) for m in models],
-            "forgotten": forgotten,
-            "swaps": [list(s) for s in swaps],
-            "stopping": sorted(stopping or ()),
-        }
+        records = {m.name: self._record(m) for m in models}
+        # What json.dumps of the whole table gives, with the models' records as kept
+        text = (
+            f'{{"version":{FORMAT_VERSION},"boot_id":{_json(self._boot)},'
+            f'"models":[{",".join(record for _kept, record in records.values())}],"forgotten":{_json(forgotten)},'
+            f'"swaps":{_json([list(s) for s in swaps])},"stopping":{_json(sorted(stopping or ()))}}}'
+        )
         directory = os.path.dirname(self.path) or "."
         tmp = ""
         try:
@@ -147,9 +175,9 @@ class StateFile:
                 fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=directory)
             try:
                 os.fchmod(fd, 0o600)  # mkstemp's 0600 is masked by the umask; the file must not depend on it
-                # dumps, not dump: dump streams through the pure-Python encoder, several times slower per transition;
-                # bytes straight to the descriptor, without a text file object around it. No fsync (module docstring).
-                payload = memoryview(json.dumps(data, separators=(",", ":")).encode())
+                # json.dumps, never json.dump (it streams through the pure-Python encoder, several times slower); bytes
+                # straight to the descriptor, without a text file object around it. No fsync (module docstring).
+                payload = memoryview(text.encode())
                 while payload:
                     payload = payload[os.write(fd, payload) :]
             finally:
@@ -171,6 +199,7 @@ class StateFile:
         if self.error is not None:
             log.warning("the model table is saved again to %s", self.path)
             self.error = None
+        self._records = records  # those of models no longer in the table go
         self.writes += 1
 
     def load(self) -> SavedTable:

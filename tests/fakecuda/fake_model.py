@@ -2,8 +2,9 @@
 """A stand-in for a CUDA model process, for the fake libcuda (fakecuda.c). Standard library only, so it
 runs as a unit's command anywhere (the systemd sandbox included).
 
-It registers itself as a CUDA process (FAKECUDA_DIR/ctx/<pid>), counts in a file while its CUDA state is
-RUNNING (a locked or checkpointed process blocks in its next CUDA call, as a real one does), and runs an
+It opens the fake driver's device file (FAKECUDA_DIR/dev/nvidiactl, held open for its whole life, as a real CUDA
+process holds /dev/nvidia*), registers itself as a CUDA process (FAKECUDA_DIR/ctx/<pid>), counts in a file while its
+CUDA state is RUNNING (a locked or checkpointed process blocks in its next CUDA call, as a real one does), and runs an
 agent thread that answers the fake driver's checkpoint/restore requests the way the real driver's
 in-process thread does: a checkpoint moves the "VRAM" into this process's RSS (a private anonymous mapping, as the
 real driver's snapshot is, each page marked in its first byte), a restore reads every mark back and gives it up. A
@@ -62,8 +63,10 @@ class FakeCudaProcess:
         self.pid = os.getpid()
         self.host_copy: mmap.mmap | None = None
         self.marks = b""  # what the first byte of each page of host_copy must be
-        for sub in ("ctx", "state", "req", "ack"):
+        for sub in ("ctx", "state", "req", "ack", "dev"):
             os.makedirs(os.path.join(fdir, sub), exist_ok=True)
+        # What cuInit does first: the driver's device file, open until the process ends.
+        self.device = os.open(os.path.join(fdir, "dev", "nvidiactl"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         write_atomic(self.path("ctx"), f"vram={vram}\ngpu={gpu}\nagent={int(agent)}\n")
 
     def path(self, sub: str) -> str:

@@ -6,6 +6,8 @@
  * gpuschedd/testing/fakegpu.py, which reads the same files for fake NVML):
  *
  *   gpus                 "<uuid> <index> <total bytes> <name>" per line: the fake GPUs
+ *   dev/nvidiactl        the fake driver's device file: cuInit opens it and it stays open for the process's life,
+ *                        as the real cuInit opens /dev/nvidiactl (a process without it open holds no context)
  *   ctx/<pid>            a process that holds a CUDA context: "vram=<bytes>\ngpu=<uuid>\nagent=<0|1>\n"
  *   state/<pid>          its CUprocessState (absent: RUNNING)
  *   alloc/<name>         "<bytes> <uuid>": memory held on a GPU by something that is not a model
@@ -204,7 +206,7 @@ static void write_file(const char *p, const char *text)
 
 static void mkdirs(void)
 {
-    static const char *subs[] = {"ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "hold"};
+    static const char *subs[] = {"ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "hold", "dev"};
     char p[PATH_MAX];
     mkdir(dir(), 0755);
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
@@ -1256,12 +1258,23 @@ CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, uint64
 
 #endif /* FAKECUDA_NO_CHECKPOINT */
 
+#ifndef FAKECUDA_NO_CHECKPOINT
+static int device_fd = -1; /* dev/nvidiactl, open from cuInit on (a forked child inherits it, as a real one does) */
+#endif
+
 CUresult cuInit(unsigned int flags)
 {
     if (flags != 0)
         return CUDA_ERROR_INVALID_VALUE;
 #ifndef FAKECUDA_NO_CHECKPOINT
     mkdirs();
+    if (device_fd < 0) {
+        char p[PATH_MAX];
+        path(p, "dev/nvidiactl", -1, NULL);
+        device_fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+        if (device_fd < 0)
+            return logged("init", getpid(), CUDA_ERROR_NO_DEVICE); /* as the real driver without /dev/nvidiactl */
+    }
     logged("init", getpid(), CUDA_SUCCESS);
 #endif
     initialized_pid = getpid();

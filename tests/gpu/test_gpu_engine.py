@@ -24,6 +24,7 @@ from gpuschedd.errors import InsufficientGpuMemory, InvalidArgs
 from gpuschedd.hostmem import rss_bytes
 from gpuschedd.model import State
 from gpuschedd.options import RunOptions
+from gpuschedd.procfs import holds_open
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "unit")]
 from engine_kit import Recorder  # noqa: E402  (tests/unit's: the one event recorder)
@@ -195,6 +196,8 @@ async def test_real_get_state_tells_cuda_processes_apart(engine: Engine, tmp_pat
     dead.wait()
     try:
         assert engine.checkpoint.cuda_pids([*pids, plain.pid, dead.pid]) == pids
+        # What the freeze's scan reads first (docs/checkpoint.md): a CUDA process holds /dev/nvidia* open, others not
+        assert [p for p in [*pids, plain.pid, dead.pid] if holds_open(p, engine.checkpoint.devices)] == pids
     finally:
         plain.kill()
         plain.wait()

@@ -101,7 +101,8 @@ def fake_gpu_daemon(gpu_bytes: int = 4 * GIB) -> Iterator[FakeGpuDir]:
     DROPIN.parent.mkdir(parents=True, exist_ok=True)
     DROPIN.write_text(
         "[Service]\n"
-        f"Environment=GPUSCHED_LIBCUDA={lib} GPUSCHED_FAKE_GPU_DIR={FAKE_DIR} FAKECUDA_DIR={FAKE_DIR}\n"
+        f"Environment=GPUSCHED_LIBCUDA={lib} GPUSCHED_FAKE_GPU_DIR={FAKE_DIR} FAKECUDA_DIR={FAKE_DIR}"
+        f" GPUSCHED_NVIDIA_DEVICES={fake.devices}\n"
         # ProtectSystem=strict: the fake driver keeps its state in files the daemon writes
         f"ReadWritePaths={FAKE_DIR}\n"
     )

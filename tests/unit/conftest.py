@@ -1,4 +1,6 @@
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,15 @@ from fake_units import FakeUnits
 from fakegpu_fixtures import *  # noqa: F403
 
 from gpuschedd.engine import Engine
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A plain process (no CUDA, nothing of gpuschedd), killed at the end."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
 
 
 @pytest.fixture

@@ -61,11 +61,13 @@ def preload_program(fakecuda_lib: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def gpu_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fakecuda_lib: Path) -> FakeGpuDir:
-    """A fresh fake driver with two 1 GiB GPUs; the fake libcuda and its helpers find it through the env."""
+    """A fresh fake driver with two 1 GiB GPUs; the fake libcuda and its helpers find it through the env, and the
+    checkpoint backends its device files (which its CUDA processes hold open)."""
     path = tmp_path / "fakecuda"
     monkeypatch.setenv("FAKECUDA_DIR", str(path))
     monkeypatch.setenv("GPUSCHED_LIBCUDA", str(fakecuda_lib))
     fake = FakeGpuDir(str(path))
+    monkeypatch.setenv("GPUSCHED_NVIDIA_DEVICES", fake.devices)
     fake.add_gpu(GPU0, 0, GIB)
     fake.add_gpu(GPU1, 1, GIB)
     return fake

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +44,6 @@ async def make_engine(units: FakeUnits, state: Path | None = None) -> tuple[Engi
     engine.add_listener(Listener())  # type: ignore[arg-type]
     await engine.start()
     return engine, events
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 # ------------------------------------------------------------------------------------------- Adopt

@@ -19,7 +19,7 @@ from gpuschedd.checkpoint import NoCheckpoint
 from gpuschedd.cli import build_parser
 from gpuschedd.config import Config
 from gpuschedd.engine import Engine
-from gpuschedd.model import Model
+from gpuschedd.model import Model, State
 from gpuschedd.names import MANAGER_IFACE, MODEL_IFACE
 from gpuschedd.options import Policies, RunOptions, declared, default_of
 from gpuschedd.telemetry import NoGpus
@@ -87,16 +87,26 @@ def test_properties_declared_once_match_the_xml_and_the_service(
             Variant(row.signature, row.get(interfaces[interface]))
 
 
-def test_model_changes_emit_the_declared_properties(interfaces: dict[str, ServiceInterface]) -> None:
-    iface = interfaces[MODEL_IFACE]
+def test_model_changes_send_only_the_declared_properties_that_moved() -> None:
+    """A model's PropertiesChanged carries what moved since the object appeared or was last announced (the
+    Manager's mechanism): a freeze of a model without CUDA sends State and its timestamps, not its PIDs."""
+    engine = Engine(FakeUnits(), NoCheckpoint(), NoGpus(), Config(ram_budget_bytes=1))
+    model = Model("m", "u", 0, ["x"], pids=[5], main_pid=5)
+    iface = ModelInterface(engine, None, model)  # type: ignore[arg-type]
     sent: list[dict[str, Any]] = []
     iface.emit_properties_changed = sent.append  # type: ignore[method-assign]
-    iface.changed()  # type: ignore[attr-defined]
-    assert set(sent[0]) == {row.name for row in MODEL_PROPERTIES if row.emits}
-    emitting = {
-        name for kind, name, _sig, what in doc_table("### `org.gpusched1.Model`") if what.startswith("*changes*")
-    }
-    assert emitting == set(sent[0])
+    assert iface.changed() == {} and sent == [], "nothing moved since it appeared"
+    model.state, model.state_change_usec = State.FREEZING, 7
+    iface.changed()
+    assert sent == [{"State": "freezing", "StateChangeTimestamp": 7}]
+    model.pids.append(6)  # changed in place
+    iface.changed()
+    assert sent[-1] == {"Pids": [5, 6]}
+    model.state, model.pids, model.main_pid, model.gpus = State.FROZEN, [9], 9, ["GPU-1"]
+    model.vram_bytes, model.snapshot_bytes, model.cuda_pids, model.swapped_bytes = 10, 8, [9], 3
+    model.last_freeze_usec, model.last_thaw_usec, model.state_change_usec = 1, 2, 3
+    model.freeze_path, model.parked_bytes = "driver", 4
+    assert set(iface.changed()) == {row.name for row in MODEL_PROPERTIES if row.emits}, "each one, when it moves"
 
 
 @pytest.mark.parametrize(

@@ -210,6 +210,88 @@ async def test_freeze_refused_when_nvml_sees_vram_the_driver_cannot(setup) -> No
     assert states(gpu_dir, model.pids) == [CudaState.RUNNING]
 
 
+# ---------------------------------------------------------------- which processes the driver is asked about
+
+
+def asked_about(engine: Engine) -> list[list[int]]:
+    """Every list of PIDs the checkpoint backend is asked about (cuda_pids) from now on."""
+    asked: list[list[int]] = []
+    real = engine.checkpoint.cuda_pids
+
+    def cuda_pids(pids: list[int]) -> list[int]:
+        asked.append(list(pids))
+        return real(pids)
+
+    engine.checkpoint.cuda_pids = cuda_pids  # type: ignore[method-assign]
+    return asked
+
+
+def register_context(gpu_dir, pid: int, vram: int = VRAM) -> None:  # type: ignore[no-untyped-def]
+    """`pid` holds a CUDA context of the fake driver (and VRAM that fake NVML shows), without its device file open."""
+    Path(gpu_dir.path, "ctx", str(pid)).write_text(f"vram={vram}\ngpu={GPU0}\nagent=0\n")
+
+
+async def test_the_driver_is_asked_only_about_processes_that_hold_its_device_open(setup) -> None:  # type: ignore[no-untyped-def]
+    """A CUDA process holds the driver's device file open (the fake's, as a real one holds /dev/nvidia*); a process
+    without it cannot hold a context and costs the freeze no driver call (nor a worker thread)."""
+    engine, _, gpu_dir, _, tmp_path = setup
+    before = len(gpu_dir.contexts())
+    argv = [*fake_model_argv(gpu_dir, tmp_path / "m", VRAM, GPU0, 1), "--noncuda-child"]
+    model = await engine.run("m", argv, RunOptions(), 0)
+    await until("registration", lambda: registered(gpu_dir, before + 1), 5.0)
+    await until("the child", lambda: Path(f"{tmp_path / 'm'}.noncuda").exists(), 5.0)
+    await engine.refresh(model)
+    [cuda] = [c.pid for c in gpu_dir.contexts()]
+    [other] = [pid for pid in model.pids if pid != cuda]
+    asked = asked_about(engine)
+    await engine.freeze("m")
+    assert asked == [[cuda]] and model.cuda_pids == [cuda] and model.state == State.FROZEN
+    await engine.thaw("m")
+
+    plain = await engine.run("plain", ["sleep", "60"], RunOptions(), 0)
+    await engine.freeze("plain")
+    assert asked == [[cuda]], "a model without CUDA: nothing asked" and plain.state == State.FROZEN
+    assert other not in model.cuda_pids
+
+
+async def test_a_process_nvml_sees_holding_vram_is_asked_about_without_a_device_open(setup) -> None:  # type: ignore[no-untyped-def]
+    """The descriptors only spare the driver a question: a process that NVML sees holding GPU memory is asked
+    about whatever they say, so the cross-check (NVML sees memory the backend cannot) still refuses the freeze."""
+    engine, _, gpu_dir, _, _ = setup
+    model = await engine.run("odd", ["sleep", "60"], RunOptions(), 0)
+    [pid] = model.pids
+    register_context(gpu_dir, pid)
+    asked = asked_about(engine)
+    gpu_dir.fail(pid, "get-state", "CUDA_ERROR_OPERATING_SYSTEM")
+    with pytest.raises(CheckpointFailed, match=f"pid {pid} holds VRAM"):
+        await engine.freeze("odd")
+    assert asked == [[pid]] and model.state == State.RUNNING
+    gpu_dir.clear_failures()
+    await engine.freeze("odd")
+    assert asked == [[pid], [pid]] and model.cuda_pids == [pid] and gpu_dir.state(pid) == CudaState.CHECKPOINTED
+
+
+async def test_a_context_created_after_the_look_at_the_descriptors_is_checkpointed(setup) -> None:  # type: ignore[no-untyped-def]
+    """A process with no device open when the freeze looked, that has a context by the time its cgroup is frozen,
+    is found by NVML after the cgroup freeze and checkpointed: it is not left frozen holding its VRAM."""
+    engine, units, gpu_dir, _, _ = setup
+    model = await engine.run("late", ["sleep", "60"], RunOptions(), 0)
+    [pid] = model.pids
+    asked = asked_about(engine)
+    freeze = units.freeze
+
+    async def context_then_freeze(unit: str) -> None:
+        if not model.cuda_pids and gpu_dir.state(pid) is None:
+            register_context(gpu_dir, pid)
+        await freeze(unit)
+
+    units.freeze = context_then_freeze  # type: ignore[method-assign]
+    await engine.freeze("late")
+    assert asked == [], "no device open when it looked"
+    assert model.state == State.FROZEN and model.cuda_pids == [pid] and gpu_dir.state(pid) == CudaState.CHECKPOINTED
+    assert ("thaw", model.unit) in units.calls, "the cgroup was thawed to checkpoint the late one"
+
+
 # ---------------------------------------------------------------- Migrate: GPU pairs on the restore
 
 

@@ -1,9 +1,11 @@
-"""The state file's own guarantees: its mode whatever the umask, no link followed, and a failed write that is loud,
-retried, and never lets a restart undo a Forget."""
+"""The state file's own guarantees: its mode whatever the umask, no link followed, every save the whole table as it
+is (its records kept between saves change nothing in it), and a failed write that is loud, retried, and never lets a
+restart undo a Forget."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import tempfile
@@ -18,7 +20,7 @@ from gpuschedd.engine import Engine
 from gpuschedd.errors import GpuschedError
 from gpuschedd.model import Model, State
 from gpuschedd.options import RunOptions
-from gpuschedd.statefile import StateFile
+from gpuschedd.statefile import FORMAT_VERSION, StateFile, boot_id, model_to_dict
 from gpuschedd.telemetry import NoGpus
 
 MODEL = Model("a", "gpusched-model@a.service", 0, ["x"], state=State.RUNNING, main_pid=1)
@@ -42,6 +44,36 @@ def test_a_link_planted_in_the_directory_is_not_followed(tmp_path: Path) -> None
     StateFile(str(path)).save([MODEL], {}, [])
     assert victim.read_text() == "untouched"
     assert not path.is_symlink() and "gpusched-model@a.service" in path.read_text()
+
+
+def test_every_save_is_the_whole_table_as_it_is_now(tmp_path: Path) -> None:
+    """A save encodes again only the records that moved; the file is what json.dumps of the whole table gives, each
+    model as it is at that save (one changed without a transition of its own, or a list changed in place, too)."""
+    path = tmp_path / "models.json"
+    state = StateFile(str(path))
+    models = [Model(n, f"gpusched-model@{n}.service", 0, ["x"], pids=[i + 1]) for i, n in enumerate("abc")]
+
+    def saved_is_now(forgotten: dict[str, int], swaps: list[tuple[str, str]], stopping: set[str]) -> None:
+        state.save(models, forgotten, swaps, stopping)
+        table = {
+            "version": FORMAT_VERSION,
+            "boot_id": boot_id(),
+            "models": [model_to_dict(m) for m in models],
+            "forgotten": forgotten,
+            "swaps": [list(s) for s in swaps],
+            "stopping": sorted(stopping),
+        }
+        assert path.read_text() == json.dumps(table, separators=(",", ":"))
+
+    saved_is_now({}, [], set())
+    models[0].state = State.FREEZING
+    models[1].vram_bytes = 7  # read by a refresh: no transition of its own
+    models[2].pids.append(9)
+    saved_is_now({"u.service": 4}, [("a", "b")], {"c"})
+    del models[1]
+    saved_is_now({}, [], set())
+    assert [m.name for m in state.load().models.values()] == ["a", "c"]
+    assert state.load().models["c"].pids == [3, 9]
 
 
 def full(*args: object, **kwargs: object) -> tuple[int, str]:

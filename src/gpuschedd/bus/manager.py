@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from dbus_fast import Variant
 from dbus_fast.annotations import DBusDict, DBusObjectPath, DBusStr
-from dbus_fast.service import ServiceInterface, method, signal
+from dbus_fast.service import method, signal
 
 from .. import __version__, adopt, hostmem, validate
 from ..engine import Engine
@@ -22,6 +22,7 @@ from .service import (
     MANAGE,
     READ,
     RUN,
+    Announcing,
     Authorizing,
     Exported,
     ModelRows,
@@ -99,23 +100,15 @@ MANAGER_PROPERTIES = (
 
 
 @exporting(MANAGER_PROPERTIES)
-class ManagerInterface(Authorizing, ServiceInterface):
+class ManagerInterface(Authorizing, Announcing):
     """/org/gpusched1: the model table's methods (handlers: read the arguments, polkit, the engine, reply)."""
 
     def __init__(self, engine: Engine, authority: polkit.Authority) -> None:
-        super().__init__(MANAGER_IFACE)
         self.engine = engine
         self.authority = authority
-        self._sent: dict[str, Any] = {}
-
-    def changed(self) -> None:
-        """After a model's change: PropertiesChanged with those of the emitting properties whose value moved since
-        last sent (a freeze changes RamFrozenBytes and the GPUs' used and free memory; a Pids refresh may not)."""
-        now = {row.name: row.get(self) for row in MANAGER_PROPERTIES if row.emits and row.get}
-        moved = {name: value for name, value in now.items() if self._sent.get(name) != value}
-        self._sent = now
-        if moved:
-            self.emit_properties_changed(moved)
+        # changed(), after a model's change: those of RamFrozenBytes and Gpus that moved (a freeze changes the frozen
+        # RAM and the GPUs' used and free memory; a Pids refresh may not)
+        super().__init__(MANAGER_IFACE, sent_now=False)
 
     def _model_for(self, args: tuple[Any, ...]) -> Model | None:
         name = validate_model_name(args[0]) if args else ""

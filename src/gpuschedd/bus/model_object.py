@@ -4,7 +4,7 @@
 # No `from __future__ import annotations`: dbus-fast reads D-Bus signatures from the live annotations.
 from typing import Any
 
-from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
+from dbus_fast.service import PropertyAccess, dbus_property, method
 
 from ..engine import Engine
 from ..errors import GpuschedError
@@ -12,7 +12,7 @@ from ..model import Model
 from ..names import MODEL_IFACE
 from . import polkit
 from .connection import current_message
-from .service import CONTROL, Authorizing, Exported, StrList, exporting, exposed
+from .service import CONTROL, Announcing, Authorizing, Exported, StrList, exporting, exposed
 
 
 def _model(attribute: str) -> Any:
@@ -21,7 +21,7 @@ def _model(attribute: str) -> Any:
 
 
 # The Model's properties (docs/dbus-api.md; dbus/org.gpusched1.xml says what each means). `emits`: sent in
-# PropertiesChanged on every change of the model; `const`: fixed when the model is made (IdleFreezeSec: from the
+# PropertiesChanged when a change of the model moved it; `const`: fixed when the model is made (IdleFreezeSec: from the
 # model's own option or the daemon's configuration, read once at start).
 MODEL_PROPERTIES = (
     Exported("Name", "s", _model("name"), const=True),
@@ -54,23 +54,21 @@ MODEL_PROPERTIES = (
 
 
 @exporting(MODEL_PROPERTIES)
-class ModelInterface(Authorizing, ServiceInterface):
+class ModelInterface(Authorizing, Announcing):
     """/org/gpusched1/model/NAME: one model's methods and properties."""
 
     def __init__(self, engine: Engine, authority: polkit.Authority, model: Model) -> None:
-        super().__init__(MODEL_IFACE)
         self.engine = engine
         self.authority = authority
         self.model = model
+        # changed(): what moved since the object appeared (a client reads it whole then), or since last sent
+        super().__init__(MODEL_IFACE, sent_now=True)
 
     def _model_for(self, args: tuple[Any, ...]) -> Model | None:
         return self.model
 
     def _name_in(self, args: tuple[Any, ...]) -> str:
         return self.model.name
-
-    def changed(self) -> None:
-        self.emit_properties_changed({row.name: row.get(self) for row in MODEL_PROPERTIES if row.emits and row.get})
 
     @method()
     @exposed(CONTROL)

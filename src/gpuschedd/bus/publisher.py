@@ -44,6 +44,11 @@ def _get_all_of_empty_interface(bus: MessageBus, msg: Message) -> bool:
     return True
 
 
+# What a model holds that the Manager's emitting properties count: GPU memory (Gpus' used and free bytes) and a
+# snapshot (RamFrozenBytes). A change of a model that held neither before it and holds neither after moves neither.
+_MEMORY = frozenset({"VramBytes", "SnapshotBytes"})
+
+
 class BusPublisher(EngineListener):
     """Keeps the bus in step with the engine: one object per model, signals on every change."""
 
@@ -66,7 +71,9 @@ class BusPublisher(EngineListener):
     def model_changed(self, model: Model) -> None:
         iface = self.objects.get(model.name)
         if iface is not None and iface.model is model:
-            iface.changed()
+            moved = iface.changed()
+            if not (model.vram_bytes or model.snapshot_bytes or _MEMORY & moved.keys()):
+                return  # it held no GPU memory and no snapshot, before or now: none of the Manager's figures moved
         self.manager.changed()
 
     def model_removed(self, model: Model) -> None:

@@ -219,9 +219,11 @@ class Exported:
 
 def exporting(table: tuple[Exported, ...]) -> Callable[[type[ServiceInterface]], type[ServiceInterface]]:
     """Class decorator: a read-only dbus-fast property per row of `table` that has a getter, and every row's
-    EmitsChangedSignal annotation (dbus-fast's dbus_property has no parameter for it) on its introspection."""
+    EmitsChangedSignal annotation (dbus-fast's dbus_property has no parameter for it) on its introspection; the
+    table is what Announcing.changed announces from."""
 
     def decorate(cls: type[ServiceInterface]) -> type[ServiceInterface]:
+        cls.exported = table  # type: ignore[attr-defined]
         for row in table:
             if row.get is not None:
                 setattr(cls, row.name, _property(row))
@@ -229,6 +231,37 @@ def exporting(table: tuple[Exported, ...]) -> Callable[[type[ServiceInterface]],
         return cls
 
     return decorate
+
+
+class Announcing(ServiceInterface):
+    """PropertiesChanged with only those of the emitting properties whose value moved since last sent: each change
+    costs the signal (built, written, routed by dbus-daemon to every subscriber) what moved, not the whole table.
+    `exported`: the class's property table (set by `exporting`)."""
+
+    exported: tuple[Exported, ...] = ()
+
+    def __init__(self, name: str, sent_now: bool) -> None:
+        """sent_now: the values as they are now count as sent (an object new on the bus: a client reads them
+        whole), else the first change sends every emitting property."""
+        super().__init__(name)
+        self._sent: dict[str, Any] = self._emitting() if sent_now else {}
+
+    def _emitting(self) -> dict[str, Any]:
+        # lists copied: a value changed in place must not compare equal to the one sent
+        return {row.name: _copied(row.get(self)) for row in self.exported if row.emits and row.get}
+
+    def changed(self) -> dict[str, Any]:
+        """Send what moved since last sent; returns it ({} when nothing did: no signal)."""
+        now = self._emitting()
+        moved = {name: value for name, value in now.items() if self._sent.get(name) != value}
+        self._sent = now
+        if moved:
+            self.emit_properties_changed(moved)
+        return moved
+
+
+def _copied(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
 
 
 def _property(row: Exported) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Protocol
 
+from ..libcuda import DEFAULT_DEVICES
+
 
 class CudaState(StrEnum):
     """CUprocessState, by the names the driver uses."""
@@ -31,6 +33,9 @@ class CheckpointError(Exception):
 
 class CheckpointBackend(Protocol):
     name: str  # "driver", "cli" or "none": shown as the Manager's CheckpointBackend property
+    # The path prefix of the driver's device files: a process that holds none of them open holds no CUDA context
+    # (libcuda.device_prefix(); the engine does not ask cuda_pids about such a process).
+    devices: str
 
     def cuda_pids(self, pids: list[int]) -> list[int]:
         """The PIDs among `pids` that hold a CUDA context (and so must be checkpointed), in order."""
@@ -51,6 +56,7 @@ class NoCheckpoint:
     """No NVIDIA driver: no process holds a CUDA context, so freezing is the cgroup freezer alone."""
 
     name = "none"
+    devices = DEFAULT_DEVICES
 
     def cuda_pids(self, pids: list[int]) -> list[int]:
         return []

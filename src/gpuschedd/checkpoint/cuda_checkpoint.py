@@ -13,6 +13,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 
+from ..libcuda import device_prefix
 from . import CheckpointError, CudaState
 
 _STATES = {s.value: s for s in CudaState}
@@ -28,6 +29,7 @@ class CliCheckpoint:
     def __init__(self, command: str | list[str] = "cuda-checkpoint", name: str = "cli") -> None:
         self.argv = shlex.split(command) if isinstance(command, str) else list(command)
         self.name = name
+        self.devices = device_prefix()
 
     def _run(self, pid: int, step: str, args: list[str], timeout: float | None = None) -> str:
         argv = [*self.argv, *args]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-from ..libcuda import CUDA_SUCCESS, CUresult, error_name, library_path, open_library
+from ..libcuda import CUDA_SUCCESS, CUresult, device_prefix, error_name, library_path, open_library
 from . import CheckpointError, CudaState
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class DriverCheckpoint:
 
     def __init__(self, path: str | None = None) -> None:
         self.path = library_path(path)
+        self.devices = device_prefix()
         try:
             lib = open_library(self.path)
         except OSError as e:

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from .. import events, recovery
+from .. import events, procfs, recovery
 from ..checkpoint import CheckpointError
 from ..errors import (
     CheckpointFailed,
@@ -32,7 +32,8 @@ class _FreezeStep:
 
 @dataclass
 class _CudaScan:
-    """A scan for CUDA processes under way: the PIDs asked about, those NVML saw holding VRAM before, the answer."""
+    """A scan for CUDA processes under way: the model's PIDs, those NVML saw holding VRAM before, the answer (about
+    those of them that may hold a CUDA context)."""
 
     pids: list[int]
     holding: set[int]
@@ -106,16 +107,29 @@ class Freezing(Core):
     def _scan_cuda(self, model: Model, vram_by_pid: dict[int, dict[str, int]] | None = None) -> _CudaScan:
         """Start asking the checkpoint backend which of the model's processes have a CUDA context (on a worker
         thread, at once: not at the caller's next await); _find_cuda awaits the answer. `vram_by_pid`: what NVML
-        said just before, read for these PIDs (the refresh that read them), so NVML is not asked twice."""
+        said just before, read for these PIDs (the refresh that read them), so NVML is not asked twice.
+
+        Only about the processes that may hold one: a process with a CUDA context keeps the driver's device files
+        open (/dev/nvidiactl, /dev/nvidiaN, /dev/nvidia-uvm) for its whole life, so one that holds none open is not
+        asked (a GetState each, on a worker thread: no thread at all for a model without CUDA). One that NVML sees
+        holding GPU memory is asked whatever its descriptors say: _find_cuda refuses a freeze that would leave it
+        holding its memory unseen by the backend. One whose descriptors cannot be read is asked too."""
         # NVML first: a process that creates its CUDA context in between is then seen by the driver too, instead of
         # being taken for a process whose context the driver cannot see. One list of PIDs throughout: a status read
-        # meanwhile may replace model.pids with a newer one (a process forked since is caught by the check after the
-        # cgroup freeze).
+        # meanwhile may replace model.pids with a newer one (a process forked since, or a context created since the
+        # descriptors were read, is caught by the check after the cgroup freeze).
         pids = list(model.pids)
         holding = set(self.telemetry.vram_by_pid() if vram_by_pid is None else vram_by_pid)
-        return _CudaScan(
-            pids, holding, asyncio.get_running_loop().run_in_executor(None, self.checkpoint.cuda_pids, pids)
-        )
+        devices = self.checkpoint.devices
+        asked = [pid for pid in pids if pid in holding or procfs.holds_open(pid, devices) is not False]
+        loop = asyncio.get_running_loop()
+        cuda: asyncio.Future[list[int]]
+        if asked:
+            cuda = loop.run_in_executor(None, self.checkpoint.cuda_pids, asked)
+        else:
+            cuda = loop.create_future()
+            cuda.set_result([])
+        return _CudaScan(pids, holding, cuda)
 
     async def _find_cuda(self, model: Model, scan: _CudaScan) -> list[int]:
         """The model's CUDA processes, as the checkpoint backend sees them; CheckpointFailed (nothing changed) when

@@ -58,8 +58,21 @@ class FakeGpuDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "util", "hold"):
+        for sub in ("ctx", "state", "alloc", "fail", "busy", "broken", "req", "ack", "delay", "util", "hold", "dev"):
             os.makedirs(os.path.join(path, sub), exist_ok=True)
+        # The fake driver's device file, which its CUDA processes hold open as real ones hold /dev/nvidia*: readable
+        # and writable by every user, as /dev/nvidiactl is (created here, so no one's umask decides).
+        try:
+            fd = os.open(self._p("dev", "nvidiactl"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            return
+        os.fchmod(fd, 0o666)
+        os.close(fd)
+
+    @property
+    def devices(self) -> str:
+        """The path prefix of the fake driver's device files (GPUSCHED_NVIDIA_DEVICES for the daemon)."""
+        return self._p("dev", "nvidia")
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
