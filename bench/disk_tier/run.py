@@ -7,7 +7,8 @@ after every thaw.
 Page-out methods: `madvise` (gpuschedd.pageout: process_madvise(MADV_PAGEOUT), what the daemon does) and
 `reclaim` (the cgroup's memory.reclaim). After MADV_PAGEOUT the pages written to swap stay in RAM as clean swap
 cache until something needs the memory; `drop` (memory.reclaim of the same cgroup) frees them, so the thaw that
-follows reads the disk. `prefetch`: MADV_WILLNEED (gpuschedd.pageout.prefetch) in a thread beside the restore.
+follows reads the disk. `prefetch`: MADV_WILLNEED (gpuschedd.pageout.prefetch) in a thread beside the restore
+(`prefetchN`: in N calls at once).
 `@N` after a case: N process_madvise calls at once (default: gpuschedd.pageout.THREADS).
 
 Usage (root, on the GPU machine, swap on, cgroup v2 with the memory controller):
@@ -116,8 +117,10 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     if "pageout_s" in row:
         row["out_gbps"] = row["swapped"] / row["pageout_s"] / 1e9  # type: ignore[operator]
     t2 = time.monotonic()
-    ahead = threading.Thread(target=pageout.prefetch, args=(pid,), kwargs={"threads": threads})
-    ahead = ahead if "prefetch" in steps else None
+    wanted = [step for step in steps if step.startswith("prefetch")]
+    ahead_threads = int(wanted[0][len("prefetch") :] or threads) if wanted else 0
+    ahead = threading.Thread(target=pageout.prefetch, args=(pid,), kwargs={"threads": ahead_threads})
+    ahead = ahead if wanted else None
     if ahead:  # beside the restore, as the daemon does
         ahead.start()
     cg_freeze(False)
