@@ -127,10 +127,10 @@ async def start_metrics(engine: Engine, config: Config) -> None:
 
 
 async def keep_fresh(engine: Engine, interval: float = REFRESH_SEC) -> None:
-    """Engine.refresh_running every `interval` seconds: the engine announces what changed to its listeners."""
+    """Engine.refresh_live every `interval` seconds: the engine announces what changed to its listeners."""
     while True:
         await asyncio.sleep(interval)
-        await engine.refresh_running()
+        await engine.refresh_live()
 
 
 async def apply_policies(engine: Engine, stop: asyncio.Event, interval: float = POLICY_SEC) -> None:

@@ -78,6 +78,24 @@ async def test_page_out_moves_a_frozen_snapshot_to_swap_and_the_thaw_reads_it_ba
     assert (model.swapped_bytes, model.snapshot_on_disk(), engine.ram_frozen_bytes()) == (0, 0, 0)
 
 
+async def test_what_the_kernel_swaps_out_by_itself_leaves_the_ram_count(setup) -> None:  # noqa: F811
+    """Under memory pressure the kernel swaps a frozen snapshot out without a PageOut: the periodic refresh reads
+    VmSwap again, so SnapshotRamBytes and the RAM budget count only what is still in RAM, and announces it."""
+    engine, gpu_dir, events, _, tmp_path = setup
+    kernel = FakeKernel(engine, 1 << 30)
+    model = await run_model(engine, gpu_dir, tmp_path, "m")
+    await engine.freeze("m")
+    held, announced = engine.ram_frozen_bytes(), len(events.states)
+    kernel.swapped[model.cuda_pids[0]] = held // 4
+    await engine.refresh_live()
+    assert model.snapshot_on_disk() == held // 4 and engine.ram_frozen_bytes() == held - held // 4
+    assert events.states[announced:] == [("m", State.FROZEN)], "announced once"
+    await engine.refresh_live()
+    assert len(events.states) == announced + 1, "nothing moved: nothing announced"
+    await engine.thaw("m")
+    assert (model.swapped_bytes, engine.ram_frozen_bytes()) == (0, 0)
+
+
 async def test_no_swap_too_little_or_a_refusing_kernel_changes_nothing(setup) -> None:  # noqa: F811
     engine, gpu_dir, events, _, tmp_path = setup
     kernel = FakeKernel(engine, 0)

@@ -168,14 +168,14 @@ async def test_a_command_that_ends_during_its_start_is_reported_ended(engine: En
 async def test_a_refresh_that_finds_new_processes_is_announced_once(
     engine: Engine, units: FakeUnits, rec: Recorder
 ) -> None:
-    """The daemon's periodic refresh (refresh_running) tells the listeners (the bus: PropertiesChanged) when a
+    """The daemon's periodic refresh (refresh_live) tells the listeners (the bus: PropertiesChanged) when a
     running model's Pids or VRAM changed, and only then."""
     model = await engine.run("llama", ["python3", "serve.py"], RunOptions(), 0)
-    await engine.refresh_running()
+    await engine.refresh_live()
     assert rec.states == []
     units._replace(model.unit, pids=[*model.pids, 4242])
-    await engine.refresh_running()
+    await engine.refresh_live()
     assert 4242 in model.pids
     assert rec.states == [("llama", State.RUNNING)]
-    await engine.refresh_running()
+    await engine.refresh_live()
     assert rec.states == [("llama", State.RUNNING)]

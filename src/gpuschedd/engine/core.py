@@ -292,12 +292,18 @@ class Core:
             return per_pid
         return None
 
-    async def refresh_running(self) -> None:
+    async def refresh_live(self) -> None:
         """Keep running models' Pids and VramBytes current between transitions (a model loads its weights after
-        it starts; the daemon calls this every few seconds), announcing a change to the listeners (model_changed:
-        the bus sends PropertiesChanged). A model in a transition is left to it."""
+        it starts; the daemon calls this every few seconds), and frozen models' bytes in swap (the kernel swaps a
+        frozen snapshot out by itself under memory pressure, and the RAM budget counts only what is in RAM),
+        announcing a change to the listeners (model_changed: the bus sends PropertiesChanged). A model in a
+        transition is left to it."""
         for model in list(self.models.values()):
-            if model.state != State.RUNNING or model.lock.locked():
+            if model.lock.locked():
+                continue
+            if model.state == State.FROZEN and model.cuda_pids:
+                self._refresh_swapped(model)
+            if model.state != State.RUNNING:
                 continue
             before = (list(model.pids), model.vram_bytes)
             try:

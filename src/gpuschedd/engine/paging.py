@@ -99,12 +99,19 @@ class Paging(Core):
             ) from e
         finally:
             if model.state == State.FROZEN:
-                model.swapped_bytes = sum(self._swapped(pid) for pid in model.cuda_pids)
-                self._persist()
-                for listener in self._listeners:
-                    listener.model_changed(model)
+                self._refresh_swapped(model)
         duration = int((time.monotonic() - t0) * 1e6)
         self._emit(events.paged_out(model, model.snapshot_on_disk() - before, duration, skipped, reason, why))
+
+    def _refresh_swapped(self, model: Model) -> None:
+        """A frozen model's snapshot bytes in swap, read again from its processes' VmSwap; saved and announced when
+        they moved."""
+        swapped = sum(self._swapped(pid) for pid in model.cuda_pids)
+        if swapped != model.swapped_bytes:
+            model.swapped_bytes = swapped
+            self._persist()
+            for listener in self._listeners:
+                listener.model_changed(model)
 
     def _page_out_all(self, pids: list[int]) -> int:
         """Page out each process; the ranges the kernel would not take, counted."""
