@@ -174,7 +174,7 @@ async def test_the_agents_copies_of_an_overlapped_swap_take_turns(setup) -> None
     gpu_dir.release(a.main_pid, "checkpoint")
     await swapping
     assert (a.state, a.freeze_path, b.state) == (State.FROZEN, "agent", State.RUNNING)
-    assert swap_event(events).fields["GPUSCHED_OVERLAPPED"] == "1" and not engine._copy_out_done
+    assert swap_event(events).fields["GPUSCHED_OVERLAPPED"] == "1" and not engine._copy_turns
     assert await amoves(file_counter(tmp_path / "b")) and not_corrupt(tmp_path, "b")
 
 
@@ -195,6 +195,24 @@ async def test_opposite_overlapped_swaps_at_once_do_not_deadlock(setup) -> None:
         elif a.state == b.state:
             await engine.thaw("a")
         assert not engine._swaps
+
+
+async def test_two_swaps_out_of_the_same_model_at_once(setup) -> None:  # noqa: F811
+    """Swap(a, b) and Swap(a, c) together: a is frozen once, each swap ends cleanly (the second finds a frozen or
+    being frozen and does what a swap of a frozen model does), and no swap's bookkeeping is left behind."""
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    a, b = await two_models(engine, gpu_dir, tmp_path)
+    c = await run_model(engine, gpu_dir, tmp_path, "c", procs=1)
+    await engine.freeze("c")
+    gpu_dir.hold(a.main_pid, "checkpoint")
+    both = asyncio.gather(engine.swap("a", "b"), engine.swap("a", "c"), return_exceptions=True)
+    await until("a's checkpoint under way", lambda: gpu_dir.state(a.main_pid) == CudaState.LOCKED)
+    gpu_dir.release(a.main_pid, "checkpoint")
+    results = await asyncio.wait_for(both, timeout=60)
+    assert all(r is None or isinstance(r, InvalidState) for r in results), results
+    assert a.state == State.FROZEN and b.state == State.RUNNING
+    assert c.state == (State.RUNNING if results[1] is None else State.FROZEN)
+    assert not engine._swaps and not engine._copy_turns
 
 
 async def test_a_stop_of_the_outgoing_model_mid_swap(setup) -> None:  # noqa: F811

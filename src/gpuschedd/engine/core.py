@@ -111,9 +111,9 @@ class Core:
         self._forgotten: dict[str, int] = {}
         # Swaps under way (freeze name, thaw name): a restart completes "both or neither" from these.
         self._swaps: list[tuple[str, str]] = []
-        # Overlapped swaps' copy-out signals (the outgoing model's name → its incoming model's name, and the event
-        # set once the outgoing model's agents have copied out): swap.py staggers the agents' copies.
-        self._copy_out_done: dict[str, tuple[str, asyncio.Event]] = {}
+        # Overlapped swaps under way (outgoing model, incoming model, an event set once the outgoing model's agents
+        # have copied out): swap.py staggers the agents' copies.
+        self._copy_turns: list[tuple[str, str, asyncio.Event]] = []
         # Models being stopped: a restart finishes the stop (a frozen unit is thawed by systemd to be killed, and
         # must not be taken for a frozen model found half running).
         self._stopping: set[str] = set()

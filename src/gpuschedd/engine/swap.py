@@ -77,7 +77,8 @@ class Swapping(Core):
         it, each under its own model's lock; then both or neither. Both steps are waited for before anything is
         undone: a thaw back needs the freeze over, a freeze back the thaw. Returns whether they ran at once."""
         copied_out = asyncio.Event()
-        self._copy_out_done[out.name] = (into.name, copied_out)
+        turn = (out.name, into.name, copied_out)
+        self._copy_turns.append(turn)
         try:
             freezing = await self._freeze_under_way(out, by)
             freezing.add_done_callback(lambda _task: copied_out.set())  # however the freeze ends
@@ -88,7 +89,7 @@ class Swapping(Core):
             froze, thawed = await asyncio.gather(freezing, self.thaw(into.name, by), return_exceptions=True)
         finally:
             copied_out.set()
-            del self._copy_out_done[out.name]
+            self._copy_turns.remove(turn)
         if isinstance(froze, BaseException):
             if not isinstance(thawed, BaseException):
                 await self._freeze_back(into, out)
@@ -100,8 +101,9 @@ class Swapping(Core):
 
     def _copied_out(self, model: Model) -> None:
         """A freeze has passed its agents' copy-out (or had none): the swap's incoming model may copy in."""
-        if model.name in self._copy_out_done:
-            self._copy_out_done[model.name][1].set()
+        for out, _into, copied_out in self._copy_turns:
+            if out == model.name:
+                copied_out.set()
 
     async def _copy_in_turn(self, model: Model) -> None:
         """A thaw about to have its agents copy in waits, when it is an overlapped swap's, for the outgoing
@@ -112,7 +114,7 @@ class Swapping(Core):
         on the GPU. A thaw with nothing parked, or not a swap's, does not wait."""
         if not self._parked.get(model.name):
             return
-        for into, copied_out in self._copy_out_done.values():
+        for _out, into, copied_out in list(self._copy_turns):
             if into == model.name:
                 await copied_out.wait()
 
