@@ -1,7 +1,8 @@
 /* The daemon's side of the program: a listener thread that speaks the agent protocol of
  * src/gpuschedd/agent/protocol.py (one JSON object per line on DIR/agent-PID.sock), as server.py does for a Python
  * agent, so the daemon's AgentLink cannot tell the two apart:
- *   {"op": "park", "timeout_ms": N} -> {"ok": true, "parked_bytes": B, "segments": S, "seconds": T}
+ *   {"op": "park", "timeout_ms": N} -> {"ok": true, "parked_bytes": B, "staging_bytes": R, "segments": S,
+ *                                        "seconds": T}
  *   {"op": "unpark"}                 -> {"ok": true, "seconds": T}
  *   a failure                        -> {"ok": false, "error": "..."}
  * Only root and $GPUSCHED_AGENT_DAEMON_UID are served (SO_PEERCRED). A park belongs to its connection: if the
@@ -248,8 +249,9 @@ static int do_park(int fd, const struct request *req)
 		reply_error(fd, err);
 		return rc == -2;
 	}
-	snprintf(out, sizeof out, "{\"ok\":true,\"parked_bytes\":%llu,\"segments\":%u,\"seconds\":%.6f}\n", rep.bytes,
-		 rep.segments, rep.seconds);
+	snprintf(out, sizeof out,
+		 "{\"ok\":true,\"parked_bytes\":%llu,\"staging_bytes\":%llu,\"segments\":%u,\"seconds\":%.6f}\n",
+		 rep.bytes, rep.staging, rep.segments, rep.seconds);
 	reply(fd, out);
 	return 1;
 }

@@ -45,6 +45,7 @@ CUresult park_cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *h, void 
 
 struct park_report {
 	unsigned long long bytes;
+	unsigned long long staging; /* host memory kept beside the parked bytes until the unpark: the staging ring */
 	unsigned segments;
 	double seconds;
 };

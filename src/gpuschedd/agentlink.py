@@ -36,6 +36,8 @@ class AgentLink:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int) -> None:
         self.reader, self.writer, self.pid = reader, writer, pid
         self.seconds = 0.0  # the agent's time for its last park or unpark, as it reported it
+        # Host memory the agent keeps beside its parked bytes until the unpark (the interposer's staging ring)
+        self.staging_bytes = 0
 
     @classmethod
     async def connect(cls, directory: str, pid: int, timeout_s: float) -> AgentLink | None:
@@ -85,11 +87,13 @@ class AgentLink:
         return reply
 
     async def park(self, timeout_ms: int) -> int:
-        """Park; returns the bytes parked (the agent's own time for it in `seconds`)."""
+        """Park; returns the bytes parked (the agent's own time for it in `seconds`, the host memory it keeps
+        beside them in `staging_bytes`)."""
         reply = await self._call({"op": "park", "timeout_ms": timeout_ms}, timeout_ms / 1000 + GRACE_S)
-        parked = reply.get("parked_bytes")
-        if type(parked) is not int or parked < 0:
+        parked, staging = reply.get("parked_bytes"), reply.get("staging_bytes", 0)
+        if type(parked) is not int or parked < 0 or type(staging) is not int or staging < 0:
             raise AgentFailed(f"agent of pid {self.pid}: bad reply {reply!r:.200}")
+        self.staging_bytes = staging
         self._took(reply)
         return parked
 

@@ -533,6 +533,29 @@ async def test_inject_agent_parks_an_unmodified_program(  # type: ignore[no-unty
         assert await amoves(file_counter(tmp_path / "c")) and not_corrupt(tmp_path, "c")
 
 
+async def test_the_interposers_staging_ring_counts_in_the_snapshot(  # type: ignore[no-untyped-def]
+    setup, monkeypatch, preload_lib, preload_program, fakecuda_lib
+) -> None:
+    """The interposer keeps its pinned bounce buffers from the park to the unpark and says how much: host RAM the
+    frozen model holds beside its parked bytes, so the snapshot (and the RAM budget) count it."""
+    engine, _units, _gpu_dir, _events, tmp_path = setup
+    engine.config.agent_root = str(tmp_path / "agents")
+    monkeypatch.setattr(preload, "library_path", lambda: str(preload_lib))
+    argv = [str(preload_program), GPU0, "2", str(tmp_path / "c")]
+    options = RunOptions(inject_agent=True, keep_context=True, environment=[f"LD_LIBRARY_PATH={fakecuda_lib.parent}"])
+    model = await engine.run("c", argv, options, 0)
+    await until("the interposer's socket", lambda: list((tmp_path / "agents" / "c").glob("agent-*.sock")), 10.0)
+    await engine.refresh(model)
+    assert await amoves(file_counter(tmp_path / "c"))
+    engine.rss = lambda pid: 0  # no RSS growth to see: the snapshot is what the agent reported
+    await engine.freeze("c")
+    staging = sum(link.staging_bytes for link in engine._parked["c"])
+    assert model.freeze_path == "agent-only" and staging >= 2 * 4 * MIB
+    assert model.snapshot_bytes == model.parked_bytes + staging
+    await engine.thaw("c")
+    assert await amoves(file_counter(tmp_path / "c")) and not_corrupt(tmp_path, "c")
+
+
 async def test_inject_agent_needs_the_library(setup, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     engine, _units, _gpu_dir, _events, _tmp = setup
     monkeypatch.setattr(preload, "library_path", lambda: str(tmp_path / "missing.so"))

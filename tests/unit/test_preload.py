@@ -127,6 +127,27 @@ async def test_a_failed_park_answers_so_and_leaves_the_program_as_it_was(
     assert prog.stop() == "intact (exit 0)"
 
 
+async def test_the_park_keeps_its_pinned_buffers_for_the_unpark_and_no_longer(
+    prog: Program, gpu_dir: FakeGpuDir
+) -> None:
+    """The unpark copies through the bounce buffers the park registered (no registration on the thaw's path); once
+    it is over they are gone, so the next park registers its own."""
+    link = await prog.link()
+    assert await link.park(5000) == PARKED
+    threads = min(16, max(2, os.sysconf("SC_NPROCESSORS_ONLN")), THREADS + 2)  # at most one per 4 MiB piece
+    assert link.staging_bytes == threads * 2 * 4 * MIB, "two pinned 4 MiB buffers per copy thread, reported"
+    gpu_dir.fail(prog.pid, "host-register", "CUDA_ERROR_OUT_OF_MEMORY")
+    await link.unpark(5.0)  # would fail at cuMemHostRegister had the ring not been kept
+    assert vram(gpu_dir, prog.pid) == PARKED + SMALL and await amoves(prog.count)
+    with pytest.raises(AgentFailed, match=r"cuMemHostRegister.*nothing was released"):
+        await link.park(5000)
+    gpu_dir.clear_failures()
+    assert await link.park(5000) == PARKED
+    await link.unpark(5.0)
+    link.close()
+    assert prog.stop() == "intact (exit 0)"
+
+
 async def test_work_that_does_not_finish_in_time_fails_the_park_and_nothing_else(
     prog: Program, gpu_dir: FakeGpuDir
 ) -> None:

@@ -5,6 +5,7 @@ passes it as $GPUSCHED_AGENT_DIR; systemd creates it as the unit's RuntimeDirect
 The daemon connects, checks the listener's credentials (it must be PID), and sends:
 
     {"op": "park", "timeout_ms": N}  →  {"ok": true, "parked_bytes": B, "segments": S, "seconds": T}
+                                        (the interposer adds "staging_bytes": R, host memory it keeps beside B)
     {"op": "unpark"}                  →  {"ok": true, "seconds": T}
     any failure                       →  {"ok": false, "error": "..."}
 

@@ -26,6 +26,7 @@ class _FreezeStep:
 
     cuda: list[int] = field(default_factory=list)
     kept: bool = False  # KeepContext honoured: no driver call
+    staging: int = 0  # host memory the agents keep beside their parked bytes (in RSS before rss_before is read)
     rss_before: dict[int, int] = field(default_factory=dict)
     reached: State = State.RUNNING  # where a failure leaves the model; a rollback that cannot run ends it frozen
 
@@ -79,7 +80,7 @@ class Freezing(Core):
             step.cuda = await self._find_cuda(model, scan)
             model.parked_bytes = 0
             if model.agent:
-                await self._park(model, step.cuda)
+                step.staging = await self._park(model, step.cuda)
             self._copied_out(model)
             # KeepContext: when every CUDA process's agent parked, the driver is not called at all; each process
             # keeps its CUDA context (and what it allocated outside parkable()) on the GPU, frozen by the cgroup.
@@ -191,12 +192,13 @@ class Freezing(Core):
             raise
 
     def _snapshot_size(self, model: Model, step: _FreezeStep) -> int:
-        """The snapshot lives in the targets' own memory: what the agents parked, plus the driver's part, their RSS
-        growth since. Where that does not show (RSS not readable), the VRAM NVML saw is the estimate."""
+        """The snapshot lives in the targets' own memory: what the agents parked (and keep to copy it back), plus the
+        driver's part, their RSS growth since. Where that does not show (RSS not readable), the VRAM NVML saw is the
+        estimate."""
         grown = sum(self.rss(pid) - before for pid, before in step.rss_before.items())
         if step.kept:
-            return max(grown, 0) + model.parked_bytes
-        return grown + model.parked_bytes if grown > 0 else (model.vram_bytes if step.cuda else 0)
+            return max(grown, 0) + model.parked_bytes + step.staging
+        return grown + model.parked_bytes + step.staging if grown > 0 else (model.vram_bytes if step.cuda else 0)
 
     async def _late_cuda_pids(self, model: Model, known: list[int]) -> list[int]:
         """Processes of the (frozen) unit that hold GPU memory the freeze has not checkpointed. NVML answers, not

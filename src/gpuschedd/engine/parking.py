@@ -22,8 +22,10 @@ _T = TypeVar("_T")
 class Parking(Core):
     """The agents' connections (one per parked process) and their waits, which a Stop cuts short."""
 
-    async def _park(self, model: Model, pids: list[int]) -> None:
+    async def _park(self, model: Model, pids: list[int]) -> int:
         """The fast path: each process's agent copies its memory out and releases it, keeping the addresses.
+        Returns the host memory the agents keep beside the parked bytes until the unpark (the interposer's
+        staging ring), which the snapshot counts.
         A process without an agent, or whose agent fails or misses the deadline, is left whole to the driver's
         checkpoint that follows, which works for any process. A Stop cuts the wait: the freeze is rolled back
         (nothing was checkpointed or frozen yet) and raises InvalidState."""
@@ -59,6 +61,7 @@ class Parking(Core):
                 log.warning("freeze of %s: pid %d takes the driver path: %s", model.name, pid, error)
             elif link is not None:
                 log.info("freeze of %s: the agent of pid %d parked %d bytes in %.3fs", model.name, pid, n, link.seconds)
+        return sum(link.staging_bytes for link in links)
 
     async def _unpark(self, model: Model) -> str:
         """Give the agents their memory back; returns what failed ("" when nothing did). An agent that answered
