@@ -149,6 +149,28 @@ async def test_equal_priority_evicts_least_recently_used(setup) -> None:  # type
     assert events.reasons() == [(EventKind.FREEZE, "old", "evicted")]
 
 
+async def test_never_evicts_a_catalog_model(setup) -> None:  # type: ignore[no-untyped-def]
+    """Catalog models are the front door's to freeze (it knows which have requests in flight): a thaw short of
+    memory evicts the other model, and fails where only catalog models could make room."""
+    engine, gpu_dir, events, clock, tmp_path = setup
+    engine.config.evict_on_thaw = True
+    want = await run_model(engine, gpu_dir, tmp_path, "want", 400 * MIB)
+    await engine.freeze("want")
+    served = await run_model(engine, gpu_dir, tmp_path, "served", 400 * MIB)
+    plain = await run_model(engine, gpu_dir, tmp_path, "plain", 400 * MIB)
+    served.catalog_digest = "0123abcd"  # listed from /etc/gpusched/models.d
+    served.last_active_usec, plain.last_active_usec = clock() - 100 * SEC, clock() - 10 * SEC  # served: the LRU
+    await engine.thaw("want")
+    assert (want.state, served.state, plain.state) == (State.RUNNING, State.RUNNING, State.FROZEN)
+    assert events.reasons() == [(EventKind.FREEZE, "plain", "evicted")]
+    await engine.freeze("want")
+    plain.catalog_digest = "4567cdef"
+    await engine.thaw("plain")  # room again: plain runs
+    with pytest.raises(InsufficientGpuMemory):
+        await engine.thaw("want")
+    assert (want.state, served.state, plain.state) == (State.FROZEN, State.RUNNING, State.RUNNING)
+
+
 async def test_never_evicts_a_higher_priority_model(setup) -> None:  # type: ignore[no-untyped-def]
     engine, gpu_dir, events, _, tmp_path = setup
     engine.config.evict_on_thaw = True

@@ -127,7 +127,8 @@ class Budget(Core):
     ) -> None:
         """EvictOnThaw=yes: while `purpose` (the thaw of `model`, or its start with GpuMemory) lacks VRAM on a GPU
         (`shortfall`), freeze running models there of lower priority, then of equal priority least recently used
-        first; never one of higher priority."""
+        first; never one of higher priority, and never a catalog model: the front door freezes those, knowing which
+        have requests in flight (as the daemon's IdleFreezeSec= leaves them to it, policies.py)."""
 
         def lack() -> tuple[int, int, str] | None:
             short = shortfall()
@@ -137,7 +138,7 @@ class Budget(Core):
             per_pid = self.telemetry.vram_by_pid()  # one reading for the round
 
             def held(victim: Model) -> int:
-                if victim.state != State.RUNNING or victim.priority > model.priority:
+                if victim.state != State.RUNNING or victim.priority > model.priority or victim.catalog_digest:
                     return 0
                 return sum(per_pid.get(pid, {}).get(gpu, 0) for pid in victim.pids)
 
