@@ -136,14 +136,22 @@ async def test_thaw_evicts_lower_priority_first(setup) -> None:  # type: ignore[
     assert "evicted for the thaw of hi (priority 5)" in evicted.message and "priority 0" in evicted.message
 
 
-async def test_equal_priority_evicts_least_recently_used(setup) -> None:  # type: ignore[no-untyped-def]
-    engine, gpu_dir, events, clock, tmp_path = setup
+async def want_beside_two(setup, older: str, newer: str) -> tuple[Model, Model, Model]:  # type: ignore[no-untyped-def]
+    """EvictOnThaw=yes; `want` frozen, then `older` and `newer` running (last active 100 s and 10 s ago): 1 GiB
+    GPU, 400 MiB each, so want's thaw needs one of them frozen."""
+    engine, gpu_dir, _events, clock, tmp_path = setup
     engine.config.evict_on_thaw = True
     want = await run_model(engine, gpu_dir, tmp_path, "want", 400 * MIB)
     await engine.freeze("want")
-    old = await run_model(engine, gpu_dir, tmp_path, "old", 400 * MIB)
-    new = await run_model(engine, gpu_dir, tmp_path, "new", 400 * MIB)
+    old = await run_model(engine, gpu_dir, tmp_path, older, 400 * MIB)
+    new = await run_model(engine, gpu_dir, tmp_path, newer, 400 * MIB)
     old.last_active_usec, new.last_active_usec = clock() - 100 * SEC, clock() - 10 * SEC
+    return want, old, new
+
+
+async def test_equal_priority_evicts_least_recently_used(setup) -> None:  # type: ignore[no-untyped-def]
+    engine, _gpu_dir, events, _clock, _tmp_path = setup
+    want, old, new = await want_beside_two(setup, "old", "new")
     await engine.thaw("want")
     assert (want.state, old.state, new.state) == (State.RUNNING, State.FROZEN, State.RUNNING)
     assert events.reasons() == [(EventKind.FREEZE, "old", "evicted")]
@@ -152,14 +160,9 @@ async def test_equal_priority_evicts_least_recently_used(setup) -> None:  # type
 async def test_never_evicts_a_catalog_model(setup) -> None:  # type: ignore[no-untyped-def]
     """Catalog models are the front door's to freeze (it knows which have requests in flight): a thaw short of
     memory evicts the other model, and fails where only catalog models could make room."""
-    engine, gpu_dir, events, clock, tmp_path = setup
-    engine.config.evict_on_thaw = True
-    want = await run_model(engine, gpu_dir, tmp_path, "want", 400 * MIB)
-    await engine.freeze("want")
-    served = await run_model(engine, gpu_dir, tmp_path, "served", 400 * MIB)
-    plain = await run_model(engine, gpu_dir, tmp_path, "plain", 400 * MIB)
+    engine, _gpu_dir, events, _clock, _tmp_path = setup
+    want, served, plain = await want_beside_two(setup, "served", "plain")  # served: the least recently used
     served.catalog_digest = "0123abcd"  # listed from /etc/gpusched/models.d
-    served.last_active_usec, plain.last_active_usec = clock() - 100 * SEC, clock() - 10 * SEC  # served: the LRU
     await engine.thaw("want")
     assert (want.state, served.state, plain.state) == (State.RUNNING, State.RUNNING, State.FROZEN)
     assert events.reasons() == [(EventKind.FREEZE, "plain", "evicted")]
