@@ -541,6 +541,23 @@ static const char *err_name(CUresult r)
 	return s ? s : "CUDA error";
 }
 
+/* Whether a copy of the segments in state `state` moves `s`. */
+static int moved(const struct seg *s, int state)
+{
+	return s->state == state && !s->unparkable && s->addr;
+}
+
+/* Whether segs[i] is the first segment such a copy moves in its context (each context's job runs once). */
+static int first_of_context(size_t i, int state)
+{
+	if (!moved(segs[i], state))
+		return 0;
+	for (size_t k = 0; k < i; k++)
+		if (segs[k]->ctx == segs[i]->ctx && moved(segs[k], state))
+			return 0;
+	return 1;
+}
+
 /* Copy the segments in state `state` between the GPU and the host area, context by context. */
 static int copy_all(int to_host, int state, char *err, size_t errlen)
 {
@@ -551,24 +568,14 @@ static int copy_all(int to_host, int state, char *err, size_t errlen)
 		threads = ncpu < 2 ? 2 : ncpu;
 	int rc = 0, contexts = 0;
 	for (size_t i = 0; i < nsegs; i++)
-		if (segs[i]->state == state && !segs[i]->unparkable && segs[i]->addr) {
-			int first = 1;
-			for (size_t k = 0; k < i && first; k++)
-				first = !(segs[k]->state == state && !segs[k]->unparkable && segs[k]->addr &&
-					  segs[k]->ctx == segs[i]->ctx);
-			contexts += first;
-		}
+		contexts += first_of_context(i, state);
 	for (size_t i = 0; i < nsegs && !rc; i++) {
-		CUcontext ctx = segs[i]->ctx;
-		int first = segs[i]->state == state && !segs[i]->unparkable && segs[i]->addr;
-		for (size_t k = 0; k < i && first; k++)
-			if (segs[k]->ctx == ctx && segs[k]->state == state && !segs[k]->unparkable && segs[k]->addr)
-				first = 0; /* this context's job was run already */
-		if (!first)
+		if (!first_of_context(i, state))
 			continue;
+		CUcontext ctx = segs[i]->ctx;
 		size_t np = 0;
 		for (size_t k = 0; k < nsegs; k++)
-			if (segs[k]->ctx == ctx && segs[k]->state == state && !segs[k]->unparkable && segs[k]->addr)
+			if (segs[k]->ctx == ctx && moved(segs[k], state))
 				np += (segs[k]->size + chunk - 1) / chunk;
 		struct job j = {.ctx = ctx, .chunk = chunk, .to_host = to_host, .keep = to_host && contexts == 1,
 			.pieces = calloc(np, sizeof(struct piece))};
@@ -578,7 +585,7 @@ static int copy_all(int to_host, int state, char *err, size_t errlen)
 		}
 		for (size_t k = 0; k < nsegs; k++) {
 			struct seg *s = segs[k];
-			if (s->ctx != ctx || s->state != state || s->unparkable || !s->addr)
+			if (s->ctx != ctx || !moved(s, state))
 				continue;
 			for (size_t d = 0; d < s->size; d += chunk)
 				j.pieces[j.npieces++] = (struct piece){s->addr + d, s->host_off + d,
