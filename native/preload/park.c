@@ -57,6 +57,11 @@ static size_t nsegs, capsegs;
 static unsigned long long next_synth = SYNTH_BASE;
 static char *host_area; /* the parked bytes */
 static size_t host_size;
+/* The last unpark's host area, given back lazily (MADV_FREE): the kernel takes its pages when it wants memory, and
+ * until then the next park writes into them without the page faults and zeroing of fresh memory, which bound the
+ * copy out on the H200 (docs/fast-path.md). GPUSCHED_PRELOAD_KEEP_HOST=0 unmaps it instead. */
+static char *spare_area;
+static size_t spare_size;
 
 static struct seg *add_seg(void)
 {
@@ -629,12 +634,38 @@ int park_is_parked(void)
 	return parked;
 }
 
-static void free_area(void)
+/* Give the host area back: lazily, kept as the spare for the next park, when `keep` and the knob allow. */
+static void free_area(int keep)
 {
-	if (host_area)
+	if (host_area && keep && env_long("GPUSCHED_PRELOAD_KEEP_HOST", 1, 0, 1) &&
+	    madvise(host_area, host_size, MADV_FREE) == 0) {
+		if (spare_area)
+			munmap(spare_area, spare_size);
+		spare_area = host_area, spare_size = host_size;
+	} else if (host_area) {
 		munmap(host_area, host_size);
+	}
 	host_area = NULL, host_size = 0;
 	ring_free();
+}
+
+/* A host area of at least `total` bytes: the spare when it is large enough, else fresh memory. */
+static char *new_area(size_t total, size_t *size)
+{
+	if (spare_area && spare_size >= total) {
+		char *a = spare_area;
+		*size = spare_size, spare_area = NULL, spare_size = 0;
+		return a;
+	}
+	if (spare_area)
+		munmap(spare_area, spare_size);
+	spare_area = NULL, spare_size = 0;
+	char *a = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (a == MAP_FAILED)
+		return NULL;
+	madvise(a, total, MADV_HUGEPAGE); /* fewer faults and TLB misses, as staging.py does */
+	*size = total;
+	return a;
 }
 
 static int unpark_locked(struct park_report *rep, char *err, size_t errlen)
@@ -682,7 +713,7 @@ static int unpark_locked(struct park_report *rep, char *err, size_t errlen)
 		}
 		s->state = LIVE, bytes += s->size, count++;
 	}
-	free_area();
+	free_area(1);
 	rep->bytes = bytes, rep->staging = 0, rep->segments = count, rep->seconds = preload_now() - t0;
 	return 0;
 }
@@ -778,14 +809,11 @@ int park_out(double seconds, struct park_report *rep, char *err, size_t errlen)
 		s->host_off = total, total += s->size, count++;
 	}
 	if (total) {
-		host_area = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-		if (host_area == MAP_FAILED) {
-			host_area = NULL;
+		host_area = new_area(total, &host_size);
+		if (!host_area) {
 			snprintf(err, errlen, "no host memory for %zu bytes (%s); nothing was parked", total, strerror(errno));
 			goto out;
 		}
-		host_size = total;
-		madvise(host_area, total, MADV_HUGEPAGE); /* fewer faults and TLB misses, as staging.py does */
 		/* LIVE segments only: mark them first so copy_all picks exactly this park's set. */
 		for (size_t i = 0; i < nsegs; i++)
 			if (parkable(segs[i]))
@@ -794,7 +822,7 @@ int park_out(double seconds, struct park_report *rep, char *err, size_t errlen)
 			for (size_t i = 0; i < nsegs; i++)
 				if (segs[i]->state == EMPTY)
 					segs[i]->state = LIVE;
-			free_area();
+			free_area(0);
 			size_t n = strlen(err);
 			snprintf(err + n, errlen - n, "; copying out failed, nothing was released");
 			goto out;

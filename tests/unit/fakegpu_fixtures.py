@@ -31,6 +31,14 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 
+def lazily_freed(pid: int) -> int:
+    """Bytes of a process's memory given back with MADV_FREE and not yet taken by the kernel."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("LazyFree:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no LazyFree in smaps_rollup")
+
+
 @pytest.fixture(scope="session")
 def fakecuda_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which(os.environ.get("CC", "gcc")) is None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakegpu_fixtures import GPU0, MIB, park_as_nobody
+from fakegpu_fixtures import GPU0, MIB, lazily_freed, park_as_nobody
 from polling import until, wait_until
 
 from gpuschedd.agent.cuda import Cuda
@@ -73,6 +73,25 @@ def test_park_releases_the_memory_and_unpark_restores_it_in_place(fake: FakeGpuD
     for address, _n, _b in segments:
         lot.free(address)
     assert vram(fake) == 0
+
+
+def test_the_host_memory_is_given_back_lazily_and_reused_by_the_next_park(fake: FakeGpuDir) -> None:
+    """After an unpark the host area is MADV_FREE'd, not unmapped, and the next park copies into it: no fresh
+    zeroed pages to fault in on the copy out's path (its bound on the H200, docs/fast-path.md)."""
+    lot = ParkingLot(Cuda(), threads=2, chunk=1 * MIB)
+    segments = filled(lot, [4 * MIB, 4 * MIB])
+    before = lazily_freed(os.getpid())
+    lot.park()
+    assert lot.area is not None
+    first = lot.area.address
+    lot.unpark()
+    assert lazily_freed(os.getpid()) - before >= 8 * MIB, "given back lazily"
+    for address, size, byte in segments:
+        ctypes.memset(address, byte + 100, size)
+    lot.park()
+    assert lot.area is not None and lot.area.address == first, "the same host memory"
+    lot.unpark()
+    assert intact([(a, n, b + 100) for a, n, b in segments]), "this park's bytes, not the last one's"
 
 
 def test_a_failed_copy_out_releases_nothing(fake: FakeGpuDir) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from counters import amoves, astill
-from fakegpu_fixtures import GPU0, MIB, park_as_nobody
+from fakegpu_fixtures import GPU0, MIB, lazily_freed, park_as_nobody
 from polling import wait_until
 
 from gpuschedd.agent.protocol import socket_path
@@ -58,6 +58,18 @@ class Program:
         out, _ = self.proc.communicate("stop\n", timeout=30)
         return out.strip().splitlines()[-1] + f" (exit {self.proc.returncode})"
 
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def program_env(preload_lib: Path, fakecuda_lib: Path, agent_dir: str | None, **extra: str) -> dict[str, str]:
+    """The environment of a program the interposer is injected into, over the fake libcuda."""
+    env = dict(os.environ, LD_PRELOAD=str(preload_lib), LD_LIBRARY_PATH=str(fakecuda_lib.parent), **extra)
+    env.pop("GPUSCHED_AGENT_DIR", None)
+    return env if agent_dir is None else dict(env, GPUSCHED_AGENT_DIR=agent_dir)
+
 
 @pytest.fixture
 def prog(
@@ -65,17 +77,13 @@ def prog(
 ) -> Iterator[Program]:
     agent_dir = tmp_path / "agent"
     agent_dir.mkdir()
-    env = dict(
-        os.environ,
-        LD_PRELOAD=str(preload_lib),
-        LD_LIBRARY_PATH=str(fakecuda_lib.parent),
-        GPUSCHED_AGENT_DIR=str(agent_dir),
+    p = Program(
+        [str(preload_program), GPU0, str(THREADS)],
+        program_env(preload_lib, fakecuda_lib, str(agent_dir)),
+        str(agent_dir),
     )
-    p = Program([str(preload_program), GPU0, str(THREADS)], env, str(agent_dir))
     yield p
-    if p.proc.poll() is None:
-        p.proc.kill()
-        p.proc.wait()
+    p.kill()
 
 
 def vram(gpu_dir: FakeGpuDir, pid: int) -> int:
@@ -148,6 +156,30 @@ async def test_the_park_keeps_its_pinned_buffers_for_the_unpark_and_no_longer(
     assert prog.stop() == "intact (exit 0)"
 
 
+@pytest.mark.parametrize("keep", ["1", "0"])
+async def test_the_unparked_host_memory_is_given_back_lazily_for_the_next_park(
+    gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path, tmp_path: Path, keep: str
+) -> None:
+    """After an unpark the parked bytes' host memory is MADV_FREE'd, not unmapped: the next park writes into it
+    without faulting in fresh zeroed pages (the copy out's bound on the H200), and the kernel takes it whenever it
+    wants memory. GPUSCHED_PRELOAD_KEEP_HOST=0 unmaps it."""
+    env = program_env(preload_lib, fakecuda_lib, str(tmp_path), GPUSCHED_PRELOAD_KEEP_HOST=keep)
+    prog = Program([str(preload_program), GPU0, str(THREADS)], env, str(tmp_path))
+    try:
+        link = await prog.link()
+        before = lazily_freed(prog.pid)
+        for _ in range(3):
+            assert await link.park(5000) == PARKED
+            await link.unpark(5.0)
+            kept = lazily_freed(prog.pid) - before
+            assert kept >= PARKED if keep == "1" else kept < PARKED
+            assert await amoves(prog.count)
+        link.close()
+        assert prog.stop() == "intact (exit 0)", "a park into the reused memory parks this park's bytes"
+    finally:
+        prog.kill()
+
+
 async def test_work_that_does_not_finish_in_time_fails_the_park_and_nothing_else(
     prog: Program, gpu_dir: FakeGpuDir
 ) -> None:
@@ -218,8 +250,7 @@ def test_other_users_are_not_served(
 ) -> None:
     directory = tempfile.mkdtemp(prefix="gpusched-agent-test-", dir="/tmp")
     os.chmod(directory, 0o755)
-    env = dict(os.environ, LD_PRELOAD=str(preload_lib), LD_LIBRARY_PATH=str(fakecuda_lib.parent))
-    p = Program([str(preload_program), GPU0, "1"], dict(env, GPUSCHED_AGENT_DIR=directory), directory)
+    p = Program([str(preload_program), GPU0, "1"], program_env(preload_lib, fakecuda_lib, directory), directory)
     try:
         path = socket_path(directory, p.pid)
         os.chmod(path, 0o666)  # even where the file lets them in, the interposer checks who connected
@@ -228,9 +259,7 @@ def test_other_users_are_not_served(
         assert vram(gpu_dir, p.pid) == 4 * MIB + 8 * MIB + SMALL, "nothing was parked"
         assert p.stop() == "intact (exit 0)"
     finally:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        p.kill()
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -250,13 +279,9 @@ def test_a_process_that_never_calls_cuinit_is_left_alone(preload_lib: Path, tmp_
 def test_without_an_agent_directory_the_program_runs_on_the_driver_alone(
     gpu_dir: FakeGpuDir, preload_lib: Path, preload_program: Path, fakecuda_lib: Path
 ) -> None:
-    env = dict(os.environ, LD_PRELOAD=str(preload_lib), LD_LIBRARY_PATH=str(fakecuda_lib.parent))
-    env.pop("GPUSCHED_AGENT_DIR", None)
-    p = Program([str(preload_program), GPU0, "2"], env, "")
+    p = Program([str(preload_program), GPU0, "2"], program_env(preload_lib, fakecuda_lib, None), "")
     try:
         wait_until("launches", lambda: p.count() > 10)
         assert p.stop() == "intact (exit 0)"
     finally:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        p.kill()

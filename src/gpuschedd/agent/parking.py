@@ -50,6 +50,7 @@ class ParkingLot:
         self.cuda, self.mode, self.threads, self.chunk = cuda, mode, threads, chunk
         self.segments: dict[int, Segment] = {}
         self.area: HostArea | None = None  # the parked bytes, while parked
+        self._spare: HostArea | None = None  # the last unpark's area, given back lazily, for the next park
         self._plans: list[tuple[int, list[Segment], list[Piece]]] = []
         self._lock = threading.Lock()
 
@@ -123,7 +124,8 @@ class ParkingLot:
             if self.parked:
                 raise ParkError("already parked")
             plans = self._plan()
-            self.area = HostArea(sum(s.size for s in self.segments.values()))
+            self.area = HostArea.reusing(self._spare, sum(s.size for s in self.segments.values()))
+            self._spare = None
             try:
                 for context, _segs, pieces in plans:
                     self.cuda.set_context(context)
@@ -181,8 +183,8 @@ class ParkingLot:
                 report.copy_s += self._copy(context, mine, to_host=False)
         except CudaError as e:
             raise ParkError(f"restoring GPU memory failed ({e}); the bytes stay parked: unpark again") from e
-        self.area.close()
-        self.area, self._plans = None, []
+        self.area.give_back_lazily()
+        self._spare, self.area, self._plans = self.area, None, []
         report.segments = sum(len(segs) for _c, segs in live)
         report.total_s = time.monotonic() - t0
         return report

@@ -10,7 +10,9 @@ Modes (bench/staging.py measures them; docs/fast-path.md has the figures):
 - ``register``: the destination is page-locked for the copy and unlocked afterwards.
 
 The host side is one anonymous mapping with transparent huge pages asked for: fewer page faults and TLB
-misses, and it is given back to the system (munmap) as soon as it has been copied back."""
+misses. Once copied back it is given back lazily (MADV_FREE): the kernel takes its pages whenever it wants memory,
+and until then the next park writes into them without faulting in fresh zeroed pages, which bounds the copy out
+(docs/fast-path.md)."""
 
 from __future__ import annotations
 
@@ -44,12 +46,27 @@ class HostArea:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._map = mmap.mmap(-1, max(size, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.capacity = max(size, mmap.PAGESIZE)
+        self._map = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._map.madvise(mmap.MADV_HUGEPAGE)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
+    @classmethod
+    def reusing(cls, spare: HostArea | None, size: int) -> HostArea:
+        """An area of `size` bytes: `spare` (lazily given back) if it is large enough, else a fresh one."""
+        if spare is not None and spare.capacity >= size:
+            spare.size = size
+            return spare
+        if spare is not None:
+            spare.close()
+        return cls(size)
+
     def view(self, offset: int, size: int) -> memoryview:
         return memoryview(self._map)[offset : offset + size]
+
+    def give_back_lazily(self) -> None:
+        """Let the kernel take the pages when it wants memory (MADV_FREE); until then they stay for reuse."""
+        self._map.madvise(mmap.MADV_FREE)
 
     def close(self) -> None:
         """Give the memory back; the caller holds no views any more."""
