@@ -121,6 +121,8 @@ async def start(engine: Engine, name: str, model_dir: Path, sock: str, row: Row)
     argv = [sys.executable, str(HERE / "serve.py"), str(model_dir), sock] + (["--agent"] if agent else [])
     # serve.py --agent imports gpuschedd.agent: from this checkout (a user pip-installs gpuschedd in the model's env).
     env = [f"PYTHONPATH={HERE.parent / 'src'}"] if agent else []
+    # the interposer's knobs (GPUSCHED_PRELOAD_*, docs/fast-path.md) set for the bench reach the model
+    env += [f"{k}={v}" for k, v in os.environ.items() if k.startswith("GPUSCHED_PRELOAD_")]
     options = RunOptions(
         agent=agent,
         inject_agent=row.path.startswith("inject"),
