@@ -20,6 +20,7 @@ import pytest
 from fakegpu_fixtures import GPU0, MIB, lazily_freed, park_as_nobody
 from polling import until, wait_until
 
+from gpuschedd.agent import staging
 from gpuschedd.agent.cuda import Cuda
 from gpuschedd.agent.parking import ParkError, ParkingLot
 from gpuschedd.agent.protocol import socket_path
@@ -92,6 +93,22 @@ def test_the_host_memory_is_given_back_lazily_and_reused_by_the_next_park(fake: 
     assert lot.area is not None and lot.area.address == first, "the same host memory"
     lot.unpark()
     assert intact([(a, n, b + 100) for a, n, b in segments]), "this park's bytes, not the last one's"
+
+
+def test_a_kernel_that_refuses_the_lazy_give_back_gets_the_memory_at_once(
+    fake: FakeGpuDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unpark whose MADV_FREE is refused (a kernel before 4.5) still succeeds: the area is unmapped."""
+    lot = ParkingLot(Cuda(), threads=2, chunk=1 * MIB)
+    segments = filled(lot, [4 * MIB])
+    monkeypatch.setattr(staging.mmap, "MADV_FREE", -1)  # EINVAL, as an unknown advice is
+    before = lazily_freed(os.getpid())
+    lot.park()
+    lot.unpark()
+    assert not lot.parked and lazily_freed(os.getpid()) - before < 4 * MIB
+    lot.park()
+    lot.unpark()
+    assert intact(segments)
 
 
 def test_a_failed_copy_out_releases_nothing(fake: FakeGpuDir) -> None:

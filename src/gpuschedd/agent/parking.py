@@ -183,8 +183,8 @@ class ParkingLot:
                 report.copy_s += self._copy(context, mine, to_host=False)
         except CudaError as e:
             raise ParkError(f"restoring GPU memory failed ({e}); the bytes stay parked: unpark again") from e
-        self.area.give_back_lazily()
-        self._spare, self.area, self._plans = self.area, None, []
+        self._spare = self.area if self.area.give_back_lazily() else None
+        self.area, self._plans = None, []
         report.segments = sum(len(segs) for _c, segs in live)
         report.total_s = time.monotonic() - t0
         return report

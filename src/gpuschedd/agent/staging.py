@@ -64,9 +64,15 @@ class HostArea:
     def view(self, offset: int, size: int) -> memoryview:
         return memoryview(self._map)[offset : offset + size]
 
-    def give_back_lazily(self) -> None:
-        """Let the kernel take the pages when it wants memory (MADV_FREE); until then they stay for reuse."""
-        self._map.madvise(mmap.MADV_FREE)
+    def give_back_lazily(self) -> bool:
+        """Let the kernel take the pages when it wants memory (MADV_FREE); until then they stay for reuse. False:
+        the kernel refused the advice, and the memory was given back at once (closed)."""
+        try:
+            self._map.madvise(mmap.MADV_FREE)
+        except OSError:
+            self.close()
+            return False
+        return True
 
     def close(self) -> None:
         """Give the memory back; the caller holds no views any more."""
