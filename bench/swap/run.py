@@ -8,6 +8,7 @@ at start.
 
     sudo PYTHONPATH=src python3 bench/swap/run.py [--sizes 1.5B,7B] [--paths driver,agent,inject] [--runs 3]
         [--preload LIB]   (inject: the built interposer, `make preload PRELOAD_OUT=DIR`)
+        [--copies staggered|side-by-side]   (the agents' copies in turn, as the engine does, or both at once)
 
 Prints a table: per model size and path, the GPU memory of one model, the sequential freeze and thaw, their sum,
 the Swap, and Swap / sequential (goal: ≤ 0.75 on the driver path, ≤ 0.6 with agents). Medians over --runs."""
@@ -172,6 +173,7 @@ async def main() -> None:
     parser.add_argument("--preload", default="")
     parser.add_argument("--workdir", default="/var/tmp/gpusched-swap-bench")
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup/gpusched-swap-bench")
+    parser.add_argument("--copies", choices=("staggered", "side-by-side"), default="staggered")
     args = parser.parse_args()
     # The engine's log on stderr: how long each agent took to park and unpark.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -183,6 +185,8 @@ async def main() -> None:
     )
     units = CgroupfsUnits(args.cgroup_root)
     engine = Engine(units, DriverCheckpoint(), load_telemetry(), config)
+    if args.copies == "side-by-side":  # the incoming unpark does not wait for the outgoing park (engine/swap.py)
+        engine._copy_in_turn = lambda model: asyncio.sleep(0)  # type: ignore[method-assign]
     swaps = Swaps()
     engine.add_listener(swaps)
     await units.setup()
