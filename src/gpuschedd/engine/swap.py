@@ -110,8 +110,9 @@ class Swapping(Core):
         model's agents to have copied out. Staggered: the outgoing park beside the incoming driver restore, then
         the incoming unpark beside the outgoing driver checkpoint of the rest. The agents' copies are CPU-bound
         (the staging ring memmoves every byte, 16 threads each), so two side by side share the cores and each
-        takes longer (H200, 7B: park 0.50 → 0.73 s, unpark 0.42 → 0.74 s), while the driver's steps mostly wait
-        on the GPU. A thaw with nothing parked, or not a swap's, does not wait."""
+        takes longer (H200, 7B: park 0.50 → 0.73 s, unpark 0.42 → 0.74 s; with the host areas kept, unpark
+        0.41 → 0.52 s and the swap no shorter: docs/gpu-results.md), while the driver's steps mostly wait on the
+        GPU. A thaw with nothing parked, or not a swap's, does not wait."""
         if not self._parked.get(model.name):
             return
         for _out, into, copied_out in list(self._copy_turns):
