@@ -1,5 +1,6 @@
 /* The few CUDA driver types and constants the interposer uses, with the driver's ABI (cuda.h is not needed to
- * build it: the packages build with gcc alone). */
+ * build it: the packages build with gcc alone). The fake libcuda of the tests (tests/fakecuda/fakecuda.c) is built
+ * on the same declarations, so the two cannot drift apart; the error codes it answers with are here too. */
 #ifndef GPUSCHED_CUDA_ABI_H
 #define GPUSCHED_CUDA_ABI_H
 #include <stddef.h>
@@ -16,8 +17,19 @@ enum {
 	CUDA_ERROR_INVALID_VALUE = 1,
 	CUDA_ERROR_OUT_OF_MEMORY = 2,
 	CUDA_ERROR_NOT_INITIALIZED = 3,
+	CUDA_ERROR_NO_DEVICE = 100,
+	CUDA_ERROR_INVALID_DEVICE = 101,
+	CUDA_ERROR_INVALID_CONTEXT = 201,
+	CUDA_ERROR_OPERATING_SYSTEM = 304,
+	CUDA_ERROR_ILLEGAL_STATE = 401,
+	CUDA_ERROR_NOT_FOUND = 500,
 	CUDA_ERROR_NOT_READY = 600,
+	CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
+	CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
+	CUDA_ERROR_NOT_PERMITTED = 800,
 	CUDA_ERROR_NOT_SUPPORTED = 801,
+	CUDA_ERROR_TIMEOUT = 909,
+	CUDA_ERROR_UNKNOWN = 999,
 };
 
 typedef struct {

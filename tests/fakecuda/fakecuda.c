@@ -53,27 +53,7 @@
 #include <time.h>
 #include <unistd.h>
 
-typedef int CUresult;
-
-enum {
-    CUDA_SUCCESS = 0,
-    CUDA_ERROR_INVALID_VALUE = 1,
-    CUDA_ERROR_OUT_OF_MEMORY = 2,
-    CUDA_ERROR_NOT_INITIALIZED = 3,
-    CUDA_ERROR_NO_DEVICE = 100,
-    CUDA_ERROR_INVALID_DEVICE = 101,
-    CUDA_ERROR_INVALID_CONTEXT = 201,
-    CUDA_ERROR_OPERATING_SYSTEM = 304,
-    CUDA_ERROR_ILLEGAL_STATE = 401,
-    CUDA_ERROR_NOT_FOUND = 500,
-    CUDA_ERROR_NOT_READY = 600,
-    CUDA_ERROR_NOT_PERMITTED = 800,
-    CUDA_ERROR_NOT_SUPPORTED = 801,
-    CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
-    CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
-    CUDA_ERROR_TIMEOUT = 909,
-    CUDA_ERROR_UNKNOWN = 999,
-};
+#include "../../native/preload/cuda_abi.h" /* the driver's types and error codes, as the interposer has them */
 
 static const struct {
     CUresult code;
@@ -675,39 +655,11 @@ CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args)
 #include <pthread.h>
 #include <sys/mman.h>
 
-typedef unsigned long long CUdeviceptr_t;
-typedef unsigned long long CUmemGenericAllocationHandle;
-
-typedef struct {
-    int type;
-    int id;
-} CUmemLocation;
-
-typedef struct {
-    int type;
-    int requestedHandleTypes;
-    CUmemLocation location;
-    void *win32HandleMetaData;
-    struct {
-        unsigned char compressionType, gpuDirectRDMACapable;
-        unsigned short usage;
-        unsigned char reserved[4];
-    } allocFlags;
-} CUmemAllocationProp;
-
-typedef struct {
-    CUmemLocation location;
-    int flags;
-} CUmemAccessDesc;
-
-_Static_assert(sizeof(CUmemAllocationProp) == 32, "CUmemAllocationProp is 32 bytes");
-_Static_assert(sizeof(CUmemAccessDesc) == 12, "CUmemAccessDesc is 12 bytes");
-
 #define GRANULARITY (2ULL << 20)
 #define MAX_ENTRIES 4096
 
 struct reservation {
-    CUdeviceptr_t base;
+    CUdeviceptr base;
     size_t size;
     void *raw; /* what mmap returned (base is aligned inside it) */
     size_t raw_size;
@@ -718,7 +670,7 @@ struct physical {
     int device;
 };
 struct mapping {
-    CUdeviceptr_t ptr;
+    CUdeviceptr ptr;
     size_t size;
     int accessible;
 };
@@ -762,7 +714,7 @@ static CUresult charge(int device, long long delta)
     return r;
 }
 
-static struct mapping *find_mapping(CUdeviceptr_t ptr, size_t size, int exact)
+static struct mapping *find_mapping(CUdeviceptr ptr, size_t size, int exact)
 {
     for (int i = 0; i < MAX_ENTRIES; i++) {
         struct mapping *m = &mappings[i];
@@ -774,7 +726,7 @@ static struct mapping *find_mapping(CUdeviceptr_t ptr, size_t size, int exact)
     return NULL;
 }
 
-static int overlaps_mapping(CUdeviceptr_t ptr, size_t size)
+static int overlaps_mapping(CUdeviceptr ptr, size_t size)
 {
     for (int i = 0; i < MAX_ENTRIES; i++)
         if (mappings[i].size && ptr < mappings[i].ptr + mappings[i].size && mappings[i].ptr < ptr + size)
@@ -782,7 +734,7 @@ static int overlaps_mapping(CUdeviceptr_t ptr, size_t size)
     return 0;
 }
 
-static struct reservation *find_reservation(CUdeviceptr_t ptr, size_t size)
+static struct reservation *find_reservation(CUdeviceptr ptr, size_t size)
 {
     for (int i = 0; i < MAX_ENTRIES; i++) {
         struct reservation *r = &reservations[i];
@@ -801,7 +753,7 @@ CUresult cuMemGetAllocationGranularity(size_t *granularity, const CUmemAllocatio
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemAddressReserve(CUdeviceptr_t *ptr, size_t size, size_t alignment, CUdeviceptr_t addr,
+CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, CUdeviceptr addr,
                              unsigned long long flags)
 {
     (void)addr;
@@ -815,7 +767,7 @@ CUresult cuMemAddressReserve(CUdeviceptr_t *ptr, size_t size, size_t alignment, 
     void *raw = mmap(NULL, raw_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (raw == MAP_FAILED)
         return CUDA_ERROR_OUT_OF_MEMORY;
-    CUdeviceptr_t base = ((CUdeviceptr_t)raw + align - 1) / align * align;
+    CUdeviceptr base = ((CUdeviceptr)raw + align - 1) / align * align;
     pthread_mutex_lock(&vmm_lock);
     int i = 0;
     while (i < MAX_ENTRIES && reservations[i].size)
@@ -831,7 +783,7 @@ CUresult cuMemAddressReserve(CUdeviceptr_t *ptr, size_t size, size_t alignment, 
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemAddressFree(CUdeviceptr_t ptr, size_t size)
+CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size)
 {
     CUresult r = vmm_prologue("mem-free");
     if (r != CUDA_SUCCESS)
@@ -908,7 +860,7 @@ CUresult cuMemRelease(CUmemGenericAllocationHandle handle)
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemMap(CUdeviceptr_t ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
+CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
                   unsigned long long flags)
 {
     CUresult r = vmm_prologue("mem-map");
@@ -933,7 +885,7 @@ CUresult cuMemMap(CUdeviceptr_t ptr, size_t size, size_t offset, CUmemGenericAll
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemSetAccess(CUdeviceptr_t ptr, size_t size, const CUmemAccessDesc *desc, size_t count)
+CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count)
 {
     CUresult r = vmm_prologue("mem-access");
     if (r != CUDA_SUCCESS)
@@ -951,7 +903,7 @@ CUresult cuMemSetAccess(CUdeviceptr_t ptr, size_t size, const CUmemAccessDesc *d
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemUnmap(CUdeviceptr_t ptr, size_t size)
+CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)
 {
     CUresult r = vmm_prologue("mem-unmap");
     if (r != CUDA_SUCCESS)
@@ -972,12 +924,12 @@ CUresult cuMemUnmap(CUdeviceptr_t ptr, size_t size)
 
 /* cuMemAlloc's memory (below): anonymous host memory, charged like cuMemCreate's. */
 struct allocation {
-    CUdeviceptr_t ptr;
+    CUdeviceptr ptr;
     size_t size;
 };
 static struct allocation allocations[MAX_ENTRIES];
 
-static int in_allocation(CUdeviceptr_t ptr, size_t size)
+static int in_allocation(CUdeviceptr ptr, size_t size)
 {
     for (int i = 0; i < MAX_ENTRIES; i++)
         if (allocations[i].size && ptr >= allocations[i].ptr && ptr + size <= allocations[i].ptr + allocations[i].size)
@@ -985,7 +937,7 @@ static int in_allocation(CUdeviceptr_t ptr, size_t size)
     return 0;
 }
 
-static CUresult device_range(CUdeviceptr_t ptr, size_t size)
+static CUresult device_range(CUdeviceptr ptr, size_t size)
 {
     pthread_mutex_lock(&vmm_lock);
     struct mapping *m = find_mapping(ptr, size, 0);
@@ -994,7 +946,7 @@ static CUresult device_range(CUdeviceptr_t ptr, size_t size)
     return ok ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
-CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr_t src, size_t size, void *stream)
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t size, void *stream)
 {
     (void)stream;
     CUresult r = vmm_prologue("memcpy");
@@ -1007,7 +959,7 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr_t src, size_t size, void *s
     return r;
 }
 
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr_t dst, const void *src, size_t size, void *stream)
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t size, void *stream)
 {
     (void)stream;
     CUresult r = vmm_prologue("memcpy");
@@ -1113,7 +1065,7 @@ CUresult cuCtxGetDevice(int *device)
 /* ---------------------------------------------------------------- cuMemAlloc, launches, cuGetProcAddress
    (what an interposer sees of a CUDA program: native/preload and tests/unit/test_preload.py) */
 
-CUresult cuMemAlloc_v2(CUdeviceptr_t *ptr, size_t size)
+CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t size)
 {
     CUresult r = vmm_prologue("mem-alloc");
     if (r != CUDA_SUCCESS)
@@ -1129,7 +1081,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr_t *ptr, size_t size)
     while (i < MAX_ENTRIES && allocations[i].size)
         i++;
     if (p != MAP_FAILED && i < MAX_ENTRIES)
-        allocations[i] = (struct allocation){(CUdeviceptr_t)p, rounded};
+        allocations[i] = (struct allocation){(CUdeviceptr)p, rounded};
     pthread_mutex_unlock(&vmm_lock);
     if (p == MAP_FAILED || i == MAX_ENTRIES) {
         if (p != MAP_FAILED)
@@ -1137,11 +1089,11 @@ CUresult cuMemAlloc_v2(CUdeviceptr_t *ptr, size_t size)
         charge(0, -(long long)rounded);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    *ptr = (CUdeviceptr_t)p;
+    *ptr = (CUdeviceptr)p;
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemFree_v2(CUdeviceptr_t ptr)
+CUresult cuMemFree_v2(CUdeviceptr ptr)
 {
     CUresult r = vmm_prologue("mem-alloc");
     if (r != CUDA_SUCCESS)
