@@ -652,19 +652,17 @@ static void free_area(int keep)
 /* A host area of at least `total` bytes: the spare when it is large enough, else fresh memory. */
 static char *new_area(size_t total, size_t *size)
 {
-	if (spare_area && spare_size >= total) {
-		char *a = spare_area;
-		*size = spare_size, spare_area = NULL, spare_size = 0;
+	char *a = spare_area;
+	*size = spare_size, spare_area = NULL, spare_size = 0;
+	if (a && *size >= total)
 		return a;
-	}
-	if (spare_area)
-		munmap(spare_area, spare_size);
-	spare_area = NULL, spare_size = 0;
-	char *a = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (a)
+		munmap(a, *size);
+	a = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	*size = a == MAP_FAILED ? 0 : total;
 	if (a == MAP_FAILED)
 		return NULL;
 	madvise(a, total, MADV_HUGEPAGE); /* fewer faults and TLB misses, as staging.py does */
-	*size = total;
 	return a;
 }
 
