@@ -31,12 +31,21 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 
-def lazily_freed(pid: int) -> int:
-    """Bytes of a process's memory given back with MADV_FREE and not yet taken by the kernel."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("LazyFree:"):
+def lazily_freed(pid: int, address: int | None = None) -> int:
+    """Bytes of a process's memory given back with MADV_FREE and not yet taken by the kernel: all of it, or that
+    of the mapping holding `address` (other memory freed meanwhile does not count)."""
+    if address is None:
+        lines, inside = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines(), True
+    else:
+        lines, inside = Path(f"/proc/{pid}/smaps").read_text().splitlines(), False
+    for line in lines:
+        head = line.split()[0] if line.strip() else ""
+        if address is not None and "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "LazyFree:":
             return int(line.split()[1]) * 1024
-    raise AssertionError("no LazyFree in smaps_rollup")
+    raise AssertionError("no LazyFree in " + ("smaps_rollup" if address is None else f"the mapping at {address:#x}"))
 
 
 @pytest.fixture(scope="session")
