@@ -2,7 +2,8 @@
  * src/gpuschedd/agent/protocol.py (one JSON object per line on DIR/agent-PID.sock), as server.py does for a Python
  * agent, so the daemon's AgentLink cannot tell the two apart:
  *   {"op": "park", "timeout_ms": N} -> {"ok": true, "parked_bytes": B, "staging_bytes": R, "segments": S,
- *                                        "seconds": T}
+ *                                        "seconds": T, "host_address": A}
+ *   {"op": "spill"} + a file (SCM_RIGHTS) -> {"ok": true, "spilled_bytes": B, "seconds": T}
  *   {"op": "unpark"}                 -> {"ok": true, "seconds": T}
  *   a failure                        -> {"ok": false, "error": "..."}
  * Only root and $GPUSCHED_AGENT_DAEMON_UID are served (SO_PEERCRED). A park belongs to its connection: if the
@@ -250,10 +251,58 @@ static int do_park(int fd, const struct request *req)
 		return rc == -2;
 	}
 	snprintf(out, sizeof out,
-		 "{\"ok\":true,\"parked_bytes\":%llu,\"staging_bytes\":%llu,\"segments\":%u,\"seconds\":%.6f}\n",
-		 rep.bytes, rep.staging, rep.segments, rep.seconds);
+		 "{\"ok\":true,\"parked_bytes\":%llu,\"staging_bytes\":%llu,\"segments\":%u,\"seconds\":%.6f,"
+		 "\"host_address\":%llu}\n",
+		 rep.bytes, rep.staging, rep.segments, rep.seconds, rep.address);
 	reply(fd, out);
 	return 1;
+}
+
+/* The daemon wrote the parked bytes to `file`: give the host area back (park.c keeps the file for the unpark). */
+static void do_spill(int fd, int *file)
+{
+	char err[512], out[128];
+	struct park_report rep;
+	if (*file < 0) {
+		reply_error(fd, "spill needs the file the parked bytes were written to (SCM_RIGHTS)");
+		return;
+	}
+	if (park_spill(*file, &rep, err, sizeof err) != 0) {
+		reply_error(fd, err);
+		close(*file);
+	} else {
+		snprintf(out, sizeof out, "{\"ok\":true,\"spilled_bytes\":%llu,\"seconds\":%.6f}\n", rep.bytes, rep.seconds);
+		reply(fd, out);
+	}
+	*file = -1;
+}
+
+/* recv(), keeping the last file descriptor passed with the bytes in `*file` (an earlier one not used is closed). */
+static ssize_t receive(int fd, char *buf, size_t len, int *file)
+{
+	union {
+		struct cmsghdr h;
+		char space[CMSG_SPACE(4 * sizeof(int))];
+	} control;
+	struct iovec iov = {buf, len};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+		.msg_controllen = sizeof control.space};
+	ssize_t n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+	if (n < 0)
+		return n;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (size_t i = 0; i < count; i++) {
+			int passed;
+			memcpy(&passed, CMSG_DATA(c) + i * sizeof(int), sizeof passed);
+			if (*file >= 0)
+				close(*file);
+			*file = passed;
+		}
+	}
+	return n;
 }
 
 static int do_unpark(int fd)
@@ -285,13 +334,13 @@ static void session(int fd)
 {
 	char buf[MAX_LINE + 1];
 	size_t have = 0;
-	int parked = 0;
+	int parked = 0, file = -1;
 	for (;;) {
 		char *nl = memchr(buf, '\n', have);
 		if (!nl) {
 			if (have >= MAX_LINE)
 				break; /* message too long */
-			ssize_t n = recv(fd, buf + have, MAX_LINE - have, 0);
+			ssize_t n = receive(fd, buf + have, MAX_LINE - have, &file);
 			if (n < 0 && errno == EINTR)
 				continue;
 			if (n <= 0)
@@ -309,6 +358,8 @@ static void session(int fd)
 			break; /* not a JSON object: the connection ends */
 		if (req.has_op && !strcmp(req.op, "park") && !parked) {
 			parked = do_park(fd, &req);
+		} else if (req.has_op && !strcmp(req.op, "spill") && parked) {
+			do_spill(fd, &file);
 		} else if (req.has_op && !strcmp(req.op, "unpark") && parked) {
 			parked = do_unpark(fd);
 		} else {
@@ -318,6 +369,8 @@ static void session(int fd)
 			reply_error(fd, err);
 		}
 	}
+	if (file >= 0)
+		close(file);
 	if (parked) {
 		fprintf(stderr, "gpusched-preload: daemon connection ended while parked: unparking\n");
 		unpark_alone();

@@ -21,7 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,6 +64,11 @@ static size_t host_size;
  * copy out on the H200 (docs/fast-path.md). GPUSCHED_PRELOAD_KEEP_HOST=0 unmaps it instead. */
 static char *spare_area;
 static size_t spare_size;
+static size_t parked_total; /* the parked bytes' size: host_area's first bytes, or the spill file's */
+/* The daemon's file holding the parked bytes once it wrote them there (park_spill): the unpark reads them from it
+ * straight into the bounce buffers, so the host area is given back while parked and no host memory is needed to
+ * thaw. The file is unlinked (the daemon's); it is gone when this closes it after the unpark. */
+static int spill_fd = -1;
 
 static struct seg *add_seg(void)
 {
@@ -371,6 +378,7 @@ struct job {
 	_Atomic size_t next;
 	_Atomic int failed;
 	CUresult err;
+	int sys_err; /* an errno instead of a CUresult (reading the spill file) */
 	const char *where;
 };
 
@@ -378,7 +386,29 @@ static void job_fail(struct job *j, CUresult r, const char *where)
 {
 	int expected = 0;
 	if (atomic_compare_exchange_strong(&j->failed, &expected, 1))
-		j->err = r, j->where = where;
+		j->err = r, j->sys_err = r ? 0 : errno, j->where = where;
+}
+
+/* The bytes of `p` from the spill file into `buf`, whole. Direct I/O (the daemon opened the file so) while the
+ * piece's alignment allows it; a refusal (EINVAL) turns it off for the file and reads through the page cache. */
+static int read_piece(char *buf, const struct piece *p)
+{
+	for (size_t done = 0; done < p->n;) {
+		ssize_t n = pread(spill_fd, buf + done, p->n - done, (off_t)(p->off + done));
+		if (n < 0 && errno == EINVAL) {
+			int fl = fcntl(spill_fd, F_GETFL);
+			if (fl >= 0 && (fl & O_DIRECT) && fcntl(spill_fd, F_SETFL, fl & ~O_DIRECT) == 0)
+				continue;
+		}
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			errno = n ? errno : ENODATA; /* the file ends early: the daemon checked its size, so it shrank */
+			return -1;
+		}
+		done += (size_t)n;
+	}
+	return 0;
 }
 
 /* The staging ring: for each copy thread two pinned bounce buffers and two streams. A park's ring is kept, with
@@ -491,8 +521,13 @@ static void *worker(void *arg)
 		struct piece *p = &j->pieces[i];
 		if (j->to_host) {
 			r = d2h(bounce[k], p->dev, p->n, st[k]);
+		} else if (spill_fd >= 0 && read_piece(bounce[k], p)) {
+			job_fail(j, CUDA_SUCCESS, "reading the spilled bytes");
+			done = 1;
+			continue;
 		} else {
-			memcpy(bounce[k], host_area + p->off, p->n);
+			if (spill_fd < 0)
+				memcpy(bounce[k], host_area + p->off, p->n);
 			r = h2d(p->dev, bounce[k], p->n, st[k]);
 		}
 		if (r) {
@@ -610,7 +645,7 @@ static int copy_all(int to_host, int state, char *err, size_t errlen)
 		for (long t = 0; t < started; t++)
 			pthread_join(tid[t], NULL);
 		if (atomic_load(&j.failed)) {
-			snprintf(err, errlen, "%s: %s", j.where, err_name(j.err));
+			snprintf(err, errlen, "%s: %s", j.where, j.err ? err_name(j.err) : strerror(j.sys_err));
 			rc = -1;
 		}
 		free(j.pieces);
@@ -629,7 +664,7 @@ static int parkable(const struct seg *s)
 int park_is_parked(void)
 {
 	pthread_mutex_lock(&mu);
-	int parked = host_area != NULL;
+	int parked = host_area != NULL || spill_fd >= 0;
 	pthread_mutex_unlock(&mu);
 	return parked;
 }
@@ -711,6 +746,8 @@ static int unpark_locked(struct park_report *rep, char *err, size_t errlen)
 		}
 		s->state = LIVE, bytes += s->size, count++;
 	}
+	if (spill_fd >= 0)
+		close(spill_fd), spill_fd = -1; /* the daemon's unlinked file goes with it */
 	free_area(1);
 	rep->bytes = bytes, rep->staging = 0, rep->segments = count, rep->seconds = preload_now() - t0;
 	return 0;
@@ -780,7 +817,7 @@ int park_out(double seconds, struct park_report *rep, char *err, size_t errlen)
 	double t0 = preload_now();
 	pthread_mutex_lock(&mu);
 	int rc = -1;
-	if (host_area) {
+	if (host_area || spill_fd >= 0) {
 		snprintf(err, errlen, "already parked");
 		goto out;
 	}
@@ -853,7 +890,9 @@ int park_out(double seconds, struct park_report *rep, char *err, size_t errlen)
 	}
 	if (!total)
 		host_area = MAP_FAILED; /* parked, with nothing to hold: still one park at a time */
+	parked_total = total;
 	rep->bytes = total, rep->staging = ring_bytes(), rep->segments = count, rep->seconds = preload_now() - t0;
+	rep->address = total ? (unsigned long long)(uintptr_t)host_area : 0;
 	rc = 0;
 out:
 	pthread_mutex_unlock(&mu);
@@ -864,7 +903,7 @@ int park_in(struct park_report *rep, char *err, size_t errlen)
 {
 	pthread_mutex_lock(&mu);
 	int rc;
-	if (!host_area) {
+	if (!host_area && spill_fd < 0) {
 		snprintf(err, errlen, "not parked");
 		rc = -1;
 	} else if (host_area == MAP_FAILED) {
@@ -873,6 +912,36 @@ int park_in(struct park_report *rep, char *err, size_t errlen)
 		rc = 0;
 	} else {
 		rc = unpark_locked(rep, err, errlen);
+	}
+	pthread_mutex_unlock(&mu);
+	return rc;
+}
+
+int park_spill(int fd, struct park_report *rep, char *err, size_t errlen)
+{
+	double t0 = preload_now();
+	struct stat st;
+	int fl = fcntl(fd, F_GETFL);
+	pthread_mutex_lock(&mu);
+	int rc = -1;
+	if (spill_fd >= 0)
+		snprintf(err, errlen, "already spilled");
+	else if (!host_area)
+		snprintf(err, errlen, "not parked");
+	else if (host_area == MAP_FAILED)
+		snprintf(err, errlen, "nothing parked to spill");
+	else if (fl < 0 || (fl & O_ACCMODE) == O_WRONLY || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+		 (unsigned long long)st.st_size < parked_total)
+		snprintf(err, errlen, "the file passed is not a readable file of at least the %zu parked bytes; nothing"
+			 " was given back", parked_total);
+	else {
+		munmap(host_area, host_size);
+		if (spare_area)
+			munmap(spare_area, spare_size);
+		host_area = spare_area = NULL, host_size = spare_size = 0;
+		spill_fd = fd;
+		*rep = (struct park_report){.bytes = parked_total, .staging = ring_bytes(), .seconds = preload_now() - t0};
+		rc = 0;
 	}
 	pthread_mutex_unlock(&mu);
 	return rc;

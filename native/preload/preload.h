@@ -48,12 +48,17 @@ struct park_report {
 	unsigned long long staging; /* host memory kept beside the parked bytes until the unpark: the staging ring */
 	unsigned segments;
 	double seconds;
+	unsigned long long address; /* park_out: where the parked bytes lie in this process (0 when there are none) */
 };
 /* 0, or -1 (nothing parked) or -2 (some still parked) with `err` saying what happened and where the memory is
  * (the gate is the caller's business). park_out waits at most `seconds` for the program's GPU work to finish. */
 int park_out(double seconds, struct park_report *rep, char *err, size_t errlen);
 int park_in(struct park_report *rep, char *err, size_t errlen);
 int park_is_parked(void);
+/* The daemon wrote the parked bytes to the file behind `fd` (offset 0, as laid out in the host area): give the
+ * host area back and read the bytes from the file at the unpark; the file is closed then. 0, or -1 with `err`
+ * (nothing changed; `fd` is the caller's to close). */
+int park_spill(int fd, struct park_report *rep, char *err, size_t errlen);
 
 /* agent.c */
 void agent_start(void);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 from typing import Any
 
@@ -38,6 +39,10 @@ class AgentLink:
         self.seconds = 0.0  # the agent's time for its last park or unpark, as it reported it
         # Host memory the agent keeps beside its parked bytes until the unpark (the interposer's staging ring)
         self.staging_bytes = 0
+        # The last park's bytes and where they lie in the process (0: the agent did not say), and whether they
+        # went to a spill file since (spill.py)
+        self.parked_bytes = self.host_address = 0
+        self.spilled = False
 
     @classmethod
     async def connect(cls, directory: str, pid: int, timeout_s: float) -> AgentLink | None:
@@ -67,12 +72,16 @@ class AgentLink:
             raise AgentFailed(f"{path} is served by pid {peer}, not {pid}")
         return link
 
-    async def _call(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """One request and its whole reply within `timeout_s`, the reply at most one MAX_LINE line."""
+    async def _call(self, message: dict[str, Any], timeout_s: float, file: int = -1) -> dict[str, Any]:
+        """One request (with `file` passed along, SCM_RIGHTS) and its whole reply within `timeout_s`, the reply at
+        most one MAX_LINE line."""
         try:
             async with asyncio.timeout(timeout_s):
-                self.writer.write(encode(message))
-                await self.writer.drain()
+                if file >= 0:
+                    self._send_with(encode(message), file)
+                else:
+                    self.writer.write(encode(message))
+                    await self.writer.drain()
                 reply = parse(await self.reader.readuntil(b"\n"))
         except TimeoutError:
             raise AgentFailed(f"agent of pid {self.pid}: no whole answer in {timeout_s:g}s") from None
@@ -86,16 +95,33 @@ class AgentLink:
             raise AgentFailed(f"agent of pid {self.pid}: {str(reply.get('error', 'failed'))[:500]}", answered=True)
         return reply
 
+    def _send_with(self, data: bytes, file: int) -> None:
+        """`data` and a copy of descriptor `file` in one message, on the stream's socket (asyncio's streams carry
+        no descriptors). Nothing of the stream's may be waiting to go out before it."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is None or self.writer.transport.get_write_buffer_size():
+            raise OSError("the connection is not idle")
+        with socket.socket(fileno=os.dup(sock.fileno())) as raw:  # non-blocking, as the stream's own socket
+            if socket.send_fds(raw, [data], [file]) != len(data):
+                raise OSError("the message went out in part")
+
     async def park(self, timeout_ms: int) -> int:
         """Park; returns the bytes parked (the agent's own time for it in `seconds`, the host memory it keeps
-        beside them in `staging_bytes`)."""
+        beside them in `staging_bytes`, where they lie in `host_address`)."""
         reply = await self._call({"op": "park", "timeout_ms": timeout_ms}, timeout_ms / 1000 + GRACE_S)
         parked, staging = reply.get("parked_bytes"), reply.get("staging_bytes", 0)
-        if type(parked) is not int or parked < 0 or type(staging) is not int or staging < 0:
+        address = reply.get("host_address", 0)
+        if any(type(n) is not int or n < 0 for n in (parked, staging, address)):
             raise AgentFailed(f"agent of pid {self.pid}: bad reply {reply!r:.200}")
-        self.staging_bytes = staging
+        self.staging_bytes, self.parked_bytes, self.host_address, self.spilled = staging, parked, address, False
         self._took(reply)
         return parked
+
+    async def spill(self, file: int, timeout_s: float) -> None:
+        """The parked bytes are in `file` (spill.py wrote them): the agent keeps a copy of the descriptor, gives
+        its host memory back, and reads them from the file at the unpark."""
+        self._took(await self._call({"op": "spill"}, timeout_s, file))
+        self.spilled = True
 
     async def unpark(self, timeout_s: float) -> None:
         self._took(await self._call({"op": "unpark"}, timeout_s))

@@ -98,7 +98,7 @@ def to_disk(gs: GpuSched, name: str, freeze: bool, as_json: str | None) -> None:
     """page-out, or freeze --to-disk: then where the snapshot is (docs/disk-tier.md)."""
     before = gs.model(name) if sys.stderr.isatty() else {}
     total = before.get("VramBytes", 0) if before.get("State") == "running" else before.get("SnapshotRamBytes", 0)
-    with Progress(f"Paging {name} out to swap", total):
+    with Progress(f"Paging {name} out to disk", total):
         (gs.freeze_to_disk if freeze else gs.page_out)(name)
     after = gs.model(name)
     if as_json:
@@ -106,6 +106,7 @@ def to_disk(gs: GpuSched, name: str, freeze: bool, as_json: str | None) -> None:
     elif sys.stdout.isatty():
         print(
             f"{name} is frozen: {human_bytes(after['SnapshotSwapBytes'])} of its snapshot in swap, "
+            f"{human_bytes(after.get('SnapshotFileBytes', 0))} in spill files, "
             f"{human_bytes(after['SnapshotRamBytes'])} in host RAM"
         )
 

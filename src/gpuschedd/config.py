@@ -115,6 +115,8 @@ class Config:
     # where the models' agent directories are (systemd creates each as the unit's RuntimeDirectory).
     agent_timeout_ms: int = 30_000
     agent_root: str = "/run/gpusched-agent"
+    # The disk tier: where a page-out writes the agents' parked bytes (spill.py; empty: they go to swap as the rest)
+    spill_directory: str = "/var/lib/gpuschedd/spill"
     # What a caller without `manage` may ask for (docs/security.md): a Priority up to this; a public port (Port=) from
     # unprivileged_port_start up, or one of wake_allow_ports; a ListenAddress on loopback, or one of
     # wake_allow_addresses. The daemon has PrivateNetwork=yes, so it cannot read the host's
@@ -154,6 +156,7 @@ SETTINGS: Table = {
     "RamBudgetAction": ("ram_budget_action", parse_budget_action),
     "CudaCheckpoint": ("cuda_checkpoint", str),
     "CgroupRoot": ("cgroup_root", str),
+    "SpillDirectory": ("spill_directory", str),
     "MetricsListen": ("metrics_listen", parse_listen),
     "MetricsTextfile": ("metrics_textfile", str),
     "IdleFreezeSec": ("idle_freeze_sec", parse_count),

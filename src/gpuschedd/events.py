@@ -146,31 +146,40 @@ def frozen(model: Model, cuda: int, backend: str, kept: bool, reason: str, why: 
     )
 
 
-def thawed(model: Model, on_disk: int = 0) -> Event:
-    """A thaw done; `on_disk`: bytes of the snapshot that came back from swap (the disk tier)."""
+def thawed(model: Model, in_swap: int = 0, in_files: int = 0) -> Event:
+    """A thaw done; bytes of the snapshot that came back from swap and from spill files (the disk tier)."""
+    sources = ((in_swap, "swap"), (in_files, "spill files"))
+    read = [f"{n} bytes of its snapshot read back from {where}" for n, where in sources if n]
+    fields = {"GPUSCHED_FREEZE_PATH": model.freeze_path}
+    fields |= {"GPUSCHED_SWAP_BYTES": str(in_swap)} if in_swap else {}
+    fields |= {"GPUSCHED_FILE_BYTES": str(in_files)} if in_files else {}
     return Event(
         EventKind.THAW,
         model.name,
         model.unit,
-        f"model {model.name} thawed in {timespan(model.last_thaw_usec)}"
-        + (f" ({on_disk} bytes of its snapshot read back from swap)" if on_disk else ""),
+        f"model {model.name} thawed in {timespan(model.last_thaw_usec)}" + (f" ({', '.join(read)})" if read else ""),
         duration_usec=model.last_thaw_usec,
         bytes=model.snapshot_bytes,
         gpus=tuple(model.gpus),
-        fields={"GPUSCHED_FREEZE_PATH": model.freeze_path} | ({"GPUSCHED_SWAP_BYTES": str(on_disk)} if on_disk else {}),
+        fields=fields,
     )
 
 
 def paged_out(model: Model, moved: int, duration_usec: int, skipped: int, reason: str, why: str) -> Event:
-    """A page-out done (the disk tier): `moved`, bytes of the snapshot that went to swap by it; where the snapshot is
-    now; `skipped`, memory ranges the kernel would not move; why, when the daemon decided it."""
-    left = model.snapshot_in_ram()
+    """A page-out done (the disk tier): `moved`, bytes of the snapshot that went to disk by it (swap, or spill files
+    for what its agents parked); where the snapshot is now; `skipped`, memory ranges the kernel would not move; why,
+    when the daemon decided it."""
+    left, in_files = model.snapshot_in_ram(), model.snapshot_in_files()
     message = (
-        f"model {model.name} paged out in {timespan(duration_usec)}: {moved} bytes of its snapshot written to swap;"
-        f" {model.snapshot_on_disk()} bytes on disk, {left} in RAM"
+        f"model {model.name} paged out in {timespan(duration_usec)}: {moved} bytes of its snapshot written to disk;"
+        f" {model.snapshot_in_swap()} bytes in swap, {in_files} in spill files, {left} in RAM"
     )
     message += f" ({skipped} memory range(s) the kernel would not move)" if skipped else ""
-    fields = {"GPUSCHED_SWAP_BYTES": str(model.snapshot_on_disk()), "GPUSCHED_RAM_BYTES": str(left)}
+    fields = {
+        "GPUSCHED_SWAP_BYTES": str(model.snapshot_in_swap()),
+        "GPUSCHED_FILE_BYTES": str(in_files),
+        "GPUSCHED_RAM_BYTES": str(left),
+    }
     return Event(
         EventKind.PAGE_OUT,
         model.name,

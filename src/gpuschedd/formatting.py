@@ -170,10 +170,10 @@ def model_lines(m: dict[str, Any], gpus: list[dict[str, Any]], color: bool, now:
     add("PIDs", " ".join(map(str, m["Pids"])) or "-")
     add("GPUs", ", ".join(gpu_label(g, gpus) for g in m["Gpus"]) or "-")
     if m["State"] in ("frozen", "freezing", "thawing") or m["SnapshotBytes"]:
-        on_disk = m.get("SnapshotSwapBytes", 0)
-        where = f"{human_bytes(m['SnapshotBytes'])} in host RAM"
-        if on_disk:
-            where = f"{human_bytes(m['SnapshotRamBytes'])} in host RAM, {human_bytes(on_disk)} paged out to swap"
+        in_swap, in_files = m.get("SnapshotSwapBytes", 0), m.get("SnapshotFileBytes", 0)
+        where = f"{human_bytes(m['SnapshotRamBytes'] if in_swap or in_files else m['SnapshotBytes'])} in host RAM"
+        where += f", {human_bytes(in_swap)} paged out to swap" if in_swap else ""
+        where += f", {human_bytes(in_files)} in spill files" if in_files else ""
         add("Snapshot", where)
     else:
         add("VRAM", human_bytes(m["VramBytes"]))

@@ -64,13 +64,17 @@ class EngineState(Collector):
         swapped = GaugeMetricFamily(
             "gpusched_model_snapshot_swap_bytes", "the part of the snapshot paged out to swap", labels=["model"]
         )
+        spilled = GaugeMetricFamily(
+            "gpusched_model_snapshot_file_bytes", "the part of the snapshot in spill files", labels=["model"]
+        )
         for m in models:
             for s in State:
                 state.add_metric([m.name, str(s)], int(m.state == s))
             vram.add_metric([m.name], m.vram_bytes)
             snapshot.add_metric([m.name], m.snapshot_bytes)
-            swapped.add_metric([m.name], m.snapshot_on_disk())
-        out: list[Metric] = [state, vram, snapshot, swapped]
+            swapped.add_metric([m.name], m.snapshot_in_swap())
+            spilled.add_metric([m.name], m.snapshot_in_files())
+        out: list[Metric] = [state, vram, snapshot, swapped, spilled]
         gpus = self.engine.telemetry.gpus()
         for name, attr, text in (
             ("gpusched_gpu_memory_total_bytes", "total_bytes", "GPU memory in all"),

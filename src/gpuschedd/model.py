@@ -108,8 +108,10 @@ class Model:
     freeze_path: str = ""
     parked_bytes: int = 0
     # The disk tier (docs/disk-tier.md): how much of the frozen model's processes was in swap when last paged out
-    # (VmSwap); the snapshot's part of it is on disk, the rest of the snapshot in RAM.
+    # (VmSwap); and how much of what its agents parked the daemon wrote to spill files (spill.py). The snapshot's
+    # part of both is on disk, the rest of the snapshot in RAM.
     swapped_bytes: int = 0
+    spilled_bytes: int = 0
     # Wake on first connection (Run options): the public port of gpusched-wake@NAME.socket (0: none), the model's own
     # port on 127.0.0.1, and the public port's address (empty: every address).
     port: int = 0
@@ -125,11 +127,19 @@ class Model:
     def clear_runtime(self) -> None:
         """Its processes are gone (stopped, exited): nothing of them is left to count, on a GPU or in host RAM."""
         self.pids, self.main_pid, self.cuda_pids = [], 0, []
-        self.snapshot_bytes = self.vram_bytes = self.parked_bytes = self.swapped_bytes = 0
+        self.snapshot_bytes = self.vram_bytes = self.parked_bytes = self.swapped_bytes = self.spilled_bytes = 0
+
+    def snapshot_in_files(self) -> int:
+        """Bytes of the snapshot in spill files (none without a snapshot: a thawed model's figure is stale)."""
+        return min(self.spilled_bytes, self.snapshot_bytes) if self.cuda_pids else 0
+
+    def snapshot_in_swap(self) -> int:
+        """Bytes of the snapshot paged out to swap."""
+        return min(self.swapped_bytes, self.snapshot_bytes - self.snapshot_in_files()) if self.cuda_pids else 0
 
     def snapshot_on_disk(self) -> int:
-        """Bytes of the snapshot paged out to swap (none without a snapshot: a thawed model's figure is stale)."""
-        return min(self.swapped_bytes, self.snapshot_bytes) if self.cuda_pids else 0
+        """Bytes of the snapshot on disk: in swap or in spill files."""
+        return self.snapshot_in_files() + self.snapshot_in_swap()
 
     def snapshot_in_ram(self) -> int:
         """Bytes of the snapshot in host RAM: what the RAM budget counts."""

@@ -60,18 +60,18 @@ class Advised:
     gone: bool = False
 
 
-class _Iovec(ctypes.Structure):
+class Iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
 
 
 def _process_madvise(pidfd: int, ranges: list[tuple[int, int]], advice: int) -> int:
     """One process_madvise call: bytes advised, or -errno."""
-    iov = (_Iovec * len(ranges))(*[_Iovec(start, length) for start, length in ranges])
-    ret = _libc.syscall(
+    iov = (Iovec * len(ranges))(*[Iovec(start, length) for start, length in ranges])
+    ret = libc.syscall(
         ctypes.c_long(SYS_PROCESS_MADVISE),
         ctypes.c_int(pidfd),
         iov,

@@ -6,20 +6,28 @@ checkout (bind-mounted from the host's disk: swap cannot live on the guest's ove
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fakegpu_sys import FakeModels, check_consistent, journal_entries, manager_property
 from secutil import ALICE, call_as, ensure_users
-from sysutil import REPO, gpusched, model_property, run
+from sysutil import REPO, cgroup_frozen, gpusched, model_property, run
 from test_fastpath import PARKED, run_agent_model
 
 from gpuschedd.events import MESSAGE_IDS, EventKind
 from gpuschedd.testing.fakegpu import FakeGpuDir
 
 SWAPFILE = REPO / "build" / "test-disk-tier.swap"
+SPILL_DIR = Path("/var/lib/gpuschedd/spill")  # the shipped SpillDirectory=
 MIB = 1 << 20
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def vm_swap(pid: int) -> int:
@@ -79,16 +87,53 @@ def test_page_out_and_thaw_from_swap(swap: None, fmodels: FakeModels, fake: Fake
     assert check_consistent(model.name, fake) == "running" and fake.corrupted() == []
 
 
+def spill_files(pid: int) -> list[str]:
+    """The process's open descriptors of files in the daemon's spill directory (unlinked: " (deleted)")."""
+    fds = Path(f"/proc/{pid}/fd")
+    return [t for t in (os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()) if t.startswith(str(SPILL_DIR))]
+
+
 @pytest.mark.parametrize("flags", [(), ("--keep-context",)], ids=["agent", "agent-only"])
-def test_parked_memory_goes_to_swap_too(swap: None, fmodels: FakeModels, fake: FakeGpuDir, flags: tuple[str]) -> None:
-    """The agent's parked memory is anonymous memory in the model process: it goes to swap with the driver's part
-    (or alone, with KeepContext), and the model reads every parked byte after the thaw (a wrong one stops it)."""
-    model = run_agent_model(fmodels, "disk-" + (flags[0].strip("-") if flags else "agent"), *flags)
+def test_parked_memory_goes_to_a_spill_file(fmodels: FakeModels, fake: FakeGpuDir, flags: tuple[str]) -> None:
+    """The agent's parked bytes are written by the daemon to its own unlinked file (no swap needed), the agent gives
+    its host memory back, and the thaw reads them from the file onto the GPU: the model reads every parked byte
+    after it (a wrong one stops it). The driver's part (or, with KeepContext, nothing else) stays in RAM where the
+    host has no swap."""
+    model = run_agent_model(fmodels, "spill-" + (flags[0].strip("-") if flags else "agent"), *flags)
+    [pid] = model.cuda_pids(fake)
+    gpusched("freeze", model.name)
+    rss_frozen = rss(pid)
+    gpusched("page-out", model.name)
+    assert model_property(model.name, "SnapshotFileBytes") == model_property(model.name, "ParkedBytes") == PARKED
+    snapshot = model_property(model.name, "SnapshotBytes")
+    in_ram, in_swap = model_property(model.name, "SnapshotRamBytes"), model_property(model.name, "SnapshotSwapBytes")
+    assert in_ram + in_swap + PARKED == snapshot
+    assert rss(pid) <= rss_frozen - PARKED * 9 // 10, "the parked bytes left the process's memory"
+    [held] = spill_files(pid)
+    assert held.endswith(" (deleted)") and not list(SPILL_DIR.iterdir()), "nothing of it is left with a name"
+    [entry] = journal_entries(f"GPUSCHED_MODEL={model.name}", f"MESSAGE_ID={MESSAGE_IDS[EventKind.PAGE_OUT]}")
+    assert int(entry["GPUSCHED_FILE_BYTES"]) == PARKED and int(entry["GPUSCHED_BYTES"]) >= PARKED
+    assert "in spill files" in gpusched("status", model.name).stdout
+    assert cgroup_frozen(f"gpusched-model@{model.name}.service"), "frozen again after the agent's moment"
+    model.assert_still()
+    gpusched("thaw", model.name)
+    assert check_consistent(model.name, fake) == "running" and fake.corrupted() == []
+    model.assert_moving()
+    assert spill_files(pid) == [], "the agent closed the file: its disk space is free"
+    [thaw] = journal_entries(f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=thaw")
+    assert int(thaw["GPUSCHED_FILE_BYTES"]) == PARKED
+
+
+def test_parked_memory_goes_to_swap_with_the_rest(swap: None, fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    """With swap, freeze --to-disk puts the agent's parked bytes in a spill file and the rest of the process
+    (the driver's part, its own memory) in swap: nothing of the snapshot is left in RAM."""
+    model = run_agent_model(fmodels, "disk-agent")
     [pid] = model.cuda_pids(fake)
     gpusched("freeze", "--to-disk", model.name)
-    assert model_property(model.name, "ParkedBytes") == PARKED
-    assert vm_swap(pid) >= PARKED, "the parked memory is in swap"
-    assert model_property(model.name, "SnapshotSwapBytes") == model_property(model.name, "SnapshotBytes") > 0
+    assert model_property(model.name, "SnapshotFileBytes") == PARKED and vm_swap(pid) > 0
+    snapshot = model_property(model.name, "SnapshotBytes")
+    assert model_property(model.name, "SnapshotSwapBytes") == snapshot - PARKED
+    assert model_property(model.name, "SnapshotRamBytes") == 0
     model.assert_still()
     gpusched("thaw", model.name)
     assert check_consistent(model.name, fake) == "running" and fake.corrupted() == []

@@ -17,6 +17,8 @@ import pytest
 from counters import moves, still
 from polling import wait_until
 
+from gpuschedd import spill
+from gpuschedd.agentlink import AgentLink
 from gpuschedd.testing.fakegpu import FakeGpuDir
 
 FAKECUDA = Path(__file__).resolve().parent.parent / "fakecuda"
@@ -29,6 +31,36 @@ GPU0 = "GPU-a1b2c3d4-0000-1111-2222-333344445555"
 GPU1 = "GPU-a1b2c3d4-0000-1111-2222-666677778888"
 GIB = 1 << 30
 MIB = 1 << 20
+
+
+def mapped(pid: int, address: int) -> bool:
+    """Whether `address` lies in a mapping of the process."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if start <= address < end:
+            return True
+    return False
+
+
+def files_open_in(pid: int, directory: Path) -> list[str]:
+    """What the process's open descriptors name under `directory` (an unlinked file shows " (deleted)")."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(str(directory) + "/"):
+                out.append(target)
+    return out
+
+
+async def spill_parked(link: AgentLink, directory: Path) -> None:
+    """What the daemon's page-out does with an agent's parked bytes: written to a file of its own in `directory`,
+    then the agent handed the file (spill.py)."""
+    fd = spill.spill_area(str(directory), link.pid, link.host_address, link.parked_bytes)
+    try:
+        await link.spill(fd, 5.0)
+    finally:
+        os.close(fd)
 
 
 def lazily_freed(pid: int, address: int | None = None) -> int:

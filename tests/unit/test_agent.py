@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakegpu_fixtures import GPU0, MIB, lazily_freed, park_as_nobody
+from fakegpu_fixtures import GPU0, MIB, files_open_in, lazily_freed, mapped, park_as_nobody, spill_parked
 from polling import until, wait_until
 
 from gpuschedd.agent import staging
@@ -200,6 +200,39 @@ async def test_a_model_loading_inside_parkable_is_not_parked(agent, tmp_path: Pa
     assert await link.park(5000) == 6 * MIB
     await link.unpark(5.0)
     link.close()
+
+
+async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemons_file(
+    agent, tmp_path: Path, fake: FakeGpuDir
+) -> None:  # type: ignore[no-untyped-def]
+    """As the interposer does (test_preload.py): the daemon's file instead of the host area, read by the unpark
+    straight into the bounce buffers; refused without a file, or with one too short, changing nothing."""
+    a, segments = agent
+    directory = tmp_path / "spill"
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    assert link is not None
+    assert await link.park(5000) == 6 * MIB
+    assert a.lot.area is not None and link.host_address == a.lot.area.address
+    with pytest.raises(AgentFailed, match="spill needs the file"):
+        await link._call({"op": "spill"}, 5.0)
+    short = os.open(tmp_path, os.O_RDWR | os.O_TMPFILE)
+    try:
+        with pytest.raises(AgentFailed, match="at least the 6291456 parked bytes; nothing was given back"):
+            await link.spill(short, 5.0)
+    finally:
+        os.close(short)
+    assert mapped(os.getpid(), link.host_address)
+    await spill_parked(link, directory)
+    assert a.lot.parked and a.lot.area is None and not mapped(os.getpid(), link.host_address), "given back"
+    assert not os.listdir(directory) and files_open_in(os.getpid(), directory)
+    await link.unpark(5.0)
+    assert not a.lot.parked and vram(fake) == 6 * MIB and intact(segments)
+    assert not files_open_in(os.getpid(), directory), "closed after the unpark"
+    await link.park(5000)
+    await spill_parked(link, directory)
+    link.close()  # the daemon goes away: the agent unparks by itself, from the file
+    await until("the agent's own unpark", lambda: not a.lot.parked)
+    assert intact(segments)
 
 
 async def test_when_the_daemon_goes_away_the_agent_unparks_by_itself(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

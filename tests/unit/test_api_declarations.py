@@ -104,6 +104,7 @@ def test_model_changes_send_only_the_declared_properties_that_moved() -> None:
     assert sent[-1] == {"Pids": [5, 6]}
     model.state, model.pids, model.main_pid, model.gpus = State.FROZEN, [9], 9, ["GPU-1"]
     model.vram_bytes, model.snapshot_bytes, model.cuda_pids, model.swapped_bytes = 10, 8, [9], 3
+    model.spilled_bytes = 2
     model.last_freeze_usec, model.last_thaw_usec, model.state_change_usec = 1, 2, 3
     model.freeze_path, model.parked_bytes = "driver", 4
     assert set(iface.changed()) == {row.name for row in MODEL_PROPERTIES if row.emits}, "each one, when it moves"

@@ -25,7 +25,7 @@ CATALOG = Path(__file__).resolve().parents[2] / "catalog" / "gpuschedd.catalog"
 KIND_FIELDS: dict[EventKind, dict[str, str]] = {
     EventKind.EXIT: {"GPUSCHED_RESULT": "exit-code"},
     EventKind.SWAP: {"GPUSCHED_SWAP_OUT": "other", "GPUSCHED_OVERLAPPED": "1"},
-    EventKind.PAGE_OUT: {"GPUSCHED_SWAP_BYTES": "1", "GPUSCHED_RAM_BYTES": "0"},
+    EventKind.PAGE_OUT: {"GPUSCHED_SWAP_BYTES": "1", "GPUSCHED_FILE_BYTES": "0", "GPUSCHED_RAM_BYTES": "0"},
     EventKind.FAILURE: {"GPUSCHED_ERROR": "org.gpusched1.Error.CheckpointFailed"},
     EventKind.REFUSAL: {"GPUSCHED_ERROR": "org.freedesktop.DBus.Error.AccessDenied"},
 }

@@ -45,6 +45,7 @@ LAYERS: dict[str, list[str]] = {
         "gpuschedd.sysbus",
         "gpuschedd.testing",
         "gpuschedd.pageout",
+        "gpuschedd.spill",
     ],
     # the root daemon
     "daemon": [

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from counters import amoves, astill
-from fakegpu_fixtures import GPU0, MIB, lazily_freed, park_as_nobody
+from fakegpu_fixtures import GPU0, MIB, files_open_in, lazily_freed, mapped, park_as_nobody, spill_parked
 from polling import wait_until
 
 from gpuschedd.agent.protocol import socket_path
@@ -178,6 +178,54 @@ async def test_the_unparked_host_memory_is_given_back_lazily_for_the_next_park(
         assert prog.stop() == "intact (exit 0)", "a park into the reused memory parks this park's bytes"
     finally:
         prog.kill()
+
+
+async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemons_file(
+    prog: Program, gpu_dir: FakeGpuDir, tmp_path: Path
+) -> None:
+    """The disk tier's lane for parked bytes (spill.py): the daemon writes them to its own unlinked file and hands
+    it over; the host area goes, and the unpark reads the file straight into the bounce buffers. The file is closed
+    then, so nothing of it is left."""
+    directory = tmp_path / "spill"
+    link = await prog.link()
+    for _ in range(2):
+        assert await link.park(5000) == PARKED and mapped(prog.pid, link.host_address)
+        await spill_parked(link, directory)
+        assert not mapped(prog.pid, link.host_address), "the host area is given back"
+        assert not os.listdir(directory), "the file never had a name for long"
+        assert files_open_in(prog.pid, directory), "the agent holds the file"
+        assert await astill(prog.count)
+        await link.unpark(5.0)
+        assert vram(gpu_dir, prog.pid) == PARKED + SMALL and await amoves(prog.count)
+        assert not files_open_in(prog.pid, directory), "closed after the unpark"
+    assert await link.park(5000) == PARKED, "a park after a spill parks into fresh host memory"
+    await spill_parked(link, directory)
+    link.close()  # the daemon goes away: the agent unparks by itself, from the file
+    assert await amoves(prog.count)
+    assert prog.stop() == "intact (exit 0)", "every byte came back from the file"
+
+
+async def test_a_spill_the_agent_cannot_take_changes_nothing(prog: Program, tmp_path: Path) -> None:
+    link = await prog.link()
+    (tmp_path / "spill").mkdir()
+    short = tmp_path / "spill" / "short"
+    short.write_bytes(b"x" * 4096)
+    fd = os.open(short, os.O_RDONLY)
+    try:
+        with pytest.raises(AgentFailed, match="'spill' while not parked"):
+            await link.spill(fd, 5.0)
+        await link.park(5000)
+        with pytest.raises(AgentFailed, match=r"at least the \d+ parked bytes; nothing was given back") as failed:
+            await link.spill(fd, 5.0)
+        assert failed.value.answered and mapped(prog.pid, link.host_address)
+        with pytest.raises(AgentFailed, match="spill needs the file"):
+            await link._call({"op": "spill"}, 5.0)
+    finally:
+        os.close(fd)
+    assert not files_open_in(prog.pid, tmp_path / "spill"), "a file not taken is closed"
+    await link.unpark(5.0)
+    link.close()
+    assert prog.stop() == "intact (exit 0)"
 
 
 async def test_work_that_does_not_finish_in_time_fails_the_park_and_nothing_else(

@@ -7,7 +7,10 @@ Framework-neutral: torch_pool.py feeds malloc/free from PyTorch's allocator; tes
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ class ParkReport:
     copy_s: float = 0.0
     total_s: float = 0.0
     mode: str = DEFAULT_MODE
+    host_address: int = 0  # where the parked bytes lie (a park's), 0 when there are none
     errors: list[str] = field(default_factory=list)
 
 
@@ -51,12 +55,14 @@ class ParkingLot:
         self.segments: dict[int, Segment] = {}
         self.area: HostArea | None = None  # the parked bytes, while parked
         self._spare: HostArea | None = None  # the last unpark's area, given back lazily, for the next park
+        # The daemon's file holding the parked bytes once it wrote them there (spill()): read back by the unpark
+        self._spill_file, self._spilled = -1, 0
         self._plans: list[tuple[int, list[Segment], list[Piece]]] = []
         self._lock = threading.Lock()
 
     @property
     def parked(self) -> bool:
-        return self.area is not None
+        return self.area is not None or self._spill_file >= 0
 
     def managed_bytes(self) -> int:
         with self._lock:
@@ -111,6 +117,9 @@ class ParkingLot:
         return plans
 
     def _copy(self, context: int, pieces: list[Piece], to_host: bool) -> float:
+        if self._spill_file >= 0:
+            spilled = Copier(self.cuda, context, "ring", self.threads, self.chunk)
+            return timed(lambda: spilled.back_from_file(pieces, self._spill_file))
         assert self.area is not None
         copier = Copier(self.cuda, context, self.mode, self.threads, self.chunk)
         return timed(lambda: (copier.out if to_host else copier.back)(pieces, self.area))  # type: ignore[arg-type]
@@ -147,8 +156,37 @@ class ParkingLot:
                 self._unpark_locked(only=released)
                 raise ParkError(f"releasing GPU memory failed ({e}); what was released is mapped back") from e
             report.parked_bytes, report.segments = self.area.size, len(self.segments)
+            report.host_address = self.area.address if self.area.size else 0
         report.total_s = time.monotonic() - t0
         return report
+
+    def spill(self, file: int) -> ParkReport:
+        """The daemon wrote the parked bytes to `file` (read-only; offset 0, laid out as in the host area): give
+        the host area back; the unpark reads them from the file, which it closes then. ParkError changes nothing
+        (the caller keeps `file`)."""
+        t0 = time.monotonic()
+        with self._lock:
+            if self._spill_file >= 0:
+                raise ParkError("already spilled")
+            if self.area is None:
+                raise ParkError("not parked")
+            if not self.area.size:
+                raise ParkError("nothing parked to spill")
+            try:
+                st, flags = os.fstat(file), fcntl.fcntl(file, fcntl.F_GETFL)
+            except OSError as e:
+                raise ParkError(f"the file passed is unusable ({e.strerror})") from e
+            if not stat.S_ISREG(st.st_mode) or st.st_size < self.area.size or flags & os.O_ACCMODE == os.O_WRONLY:
+                raise ParkError(
+                    f"the file passed is not a readable file of at least the {self.area.size} parked bytes;"
+                    " nothing was given back"
+                )
+            self._spill_file, self._spilled = file, self.area.size
+            self.area.close()
+            if self._spare is not None:
+                self._spare.close()
+            self.area = self._spare = None
+        return ParkReport(parked_bytes=self._spilled, total_s=time.monotonic() - t0, mode=self.mode)
 
     def unpark(self) -> ParkReport:
         """Map fresh physical memory at every parked address and copy the bytes back. If the GPU has no room, the
@@ -158,9 +196,9 @@ class ParkingLot:
 
     def _unpark_locked(self, only: list[Segment] | None = None) -> ParkReport:
         t0 = time.monotonic()
-        if self.area is None:
+        if not self.parked:
             raise ParkError("not parked")
-        report = ParkReport(parked_bytes=self.area.size, mode=self.mode)
+        report = ParkReport(parked_bytes=self.area.size if self.area else self._spilled, mode=self.mode)
         live = [
             (context, [s for s in segs if self.segments.get(s.address) is s and (only is None or s in only)])
             for context, segs, _p in self._plans
@@ -181,9 +219,15 @@ class ParkingLot:
                 wanted = {s.address for s in segs}
                 mine = [p for p in pieces if _owner(p, segs) in wanted]
                 report.copy_s += self._copy(context, mine, to_host=False)
-        except CudaError as e:
-            raise ParkError(f"restoring GPU memory failed ({e}); the bytes stay parked: unpark again") from e
-        self._spare = self.area if self.area.give_back_lazily() else None
+        except (CudaError, OSError) as e:
+            what = "reading the spilled bytes" if isinstance(e, OSError) else "restoring GPU memory"
+            raise ParkError(f"{what} failed ({e}); the bytes stay parked: unpark again") from e
+        if self._spill_file >= 0:
+            os.close(self._spill_file)  # the daemon's unlinked file goes with it
+            self._spill_file, self._spilled = -1, 0
+        else:
+            assert self.area is not None
+            self._spare = self.area if self.area.give_back_lazily() else None
         self.area, self._plans = None, []
         report.segments = sum(len(segs) for _c, segs in live)
         report.total_s = time.monotonic() - t0

@@ -4,14 +4,20 @@ The agent of process PID listens on DIR/agent-PID.sock, where DIR is the model's
 passes it as $GPUSCHED_AGENT_DIR; systemd creates it as the unit's RuntimeDirectory, owned by the model's user).
 The daemon connects, checks the listener's credentials (it must be PID), and sends:
 
-    {"op": "park", "timeout_ms": N}  →  {"ok": true, "parked_bytes": B, "segments": S, "seconds": T}
+    {"op": "park", "timeout_ms": N}  →  {"ok": true, "parked_bytes": B, "segments": S, "seconds": T,
+                                         "host_address": A}
                                         (the interposer adds "staging_bytes": R, host memory it keeps beside B)
+    {"op": "spill"} + a file (SCM_RIGHTS) →  {"ok": true, "spilled_bytes": B, "seconds": T}
     {"op": "unpark"}                  →  {"ok": true, "seconds": T}
     any failure                       →  {"ok": false, "error": "..."}
 
 A park belongs to its connection: the daemon keeps it open while the model is frozen and sends "unpark" on
 thaw. If the connection ends while parked (the daemon gave up waiting, or restarted), the agent unparks on its
-own as soon as it runs again, so a process is never left without its memory."""
+own as soon as it runs again, so a process is never left without its memory.
+
+The parked bytes lie at `host_address` in the process, B bytes back to back. The disk tier (spill.py) has the
+daemon write them to a file of its own and pass it, read-only, with "spill": the agent gives its host memory back
+and its unpark reads the bytes from that file."""
 
 from __future__ import annotations
 
@@ -62,16 +68,32 @@ def parse(line: bytes) -> dict[str, Any]:
 
 class Reader:
     """Reads one message per line; a line longer than MAX_LINE or not a JSON object is a ProtocolError. The
-    agent's side (blocking, in its own thread); the daemon reads with asyncio (agentlink.py)."""
+    agent's side (blocking, in its own thread); the daemon reads with asyncio (agentlink.py). A file descriptor
+    passed with the bytes (SCM_RIGHTS) is kept in `file` for the request that wants it (the last one; an earlier
+    one not taken is closed)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock, self.buf = sock, b""
+        self.file = -1
+
+    def take_file(self) -> int:
+        """The file passed with the messages so far (-1: none), now the caller's."""
+        file, self.file = self.file, -1
+        return file
+
+    def close(self) -> None:
+        if self.file >= 0:
+            os.close(self.take_file())
 
     def read(self) -> dict[str, Any]:
         while b"\n" not in self.buf:
             if len(self.buf) > MAX_LINE:
                 raise ProtocolError("message too long")
-            data = self.sock.recv(MAX_LINE)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_LINE, 4)
+            for fd in fds:
+                if self.file >= 0:
+                    os.close(self.file)
+                self.file = fd
             if not data:
                 raise ProtocolError("connection closed")
             self.buf += data

@@ -104,6 +104,8 @@ class Agent:
                 op = message.get("op")
                 if op == "park" and not parked:
                     parked = self._park(conn, message.get("timeout_ms"))
+                elif op == "spill" and parked:
+                    self._spill(conn, reader.take_file())
                 elif op == "unpark" and parked:
                     parked = not self._unpark(conn)
                 else:
@@ -113,6 +115,7 @@ class Agent:
             if parked:
                 log.warning("gpusched agent: daemon connection ended while parked (%s): unparking", e)
         finally:
+            reader.close()
             if parked:
                 self._unpark_alone()
 
@@ -131,11 +134,24 @@ class Agent:
             self.gate.release()
             send(conn, {"ok": False, "error": str(e)})
             return False
-        send(
-            conn,
-            {"ok": True, "parked_bytes": report.parked_bytes, "segments": report.segments, "seconds": report.total_s},
-        )
+        send(conn, {
+            "ok": True, "parked_bytes": report.parked_bytes, "segments": report.segments, "seconds": report.total_s,
+            "host_address": report.host_address,
+        })  # fmt: skip
         return True
+
+    def _spill(self, conn: socket.socket, file: int) -> None:
+        """The daemon wrote the parked bytes to `file`: the host memory goes, the unpark reads them from there."""
+        if file < 0:
+            send(conn, {"ok": False, "error": "spill needs the file the parked bytes were written to (SCM_RIGHTS)"})
+            return
+        try:
+            report = self.lot.spill(file)
+        except ParkError as e:
+            os.close(file)
+            send(conn, {"ok": False, "error": str(e)})
+            return
+        send(conn, {"ok": True, "spilled_bytes": report.parked_bytes, "seconds": report.total_s})
 
     def _unpark(self, conn: socket.socket) -> bool:
         try:

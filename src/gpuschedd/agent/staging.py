@@ -17,6 +17,8 @@ and until then the next park writes into them without faulting in fresh zeroed p
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import mmap
 import os
 import time
@@ -110,21 +112,31 @@ class Copier:
     def back(self, pieces: list[Piece], area: HostArea) -> None:
         self._run(pieces, area, to_host=False)
 
-    def _run(self, pieces: list[Piece], area: HostArea, to_host: bool) -> None:
+    def back_from_file(self, pieces: list[Piece], file: int) -> None:
+        """Copy back from `file` (the bytes laid out as in the host area), read straight into the bounce buffers:
+        no host area is needed (ring mode only)."""
+        if self.mode != "ring":
+            raise ValueError("copying back from a file goes through the bounce buffers (ring mode)")
+        self._run(pieces, None, to_host=False, file=file)
+
+    def _run(self, pieces: list[Piece], area: HostArea | None, to_host: bool, file: int = -1) -> None:
         if not pieces:
             return
+        assert area is not None or file >= 0
         if self.mode == "register":
+            assert area is not None
             self.cuda.host_register(area.address, area.size)
         try:
             shares = [pieces[i :: self.threads] for i in range(min(self.threads, len(pieces)))]
             with ThreadPoolExecutor(len(shares), thread_name_prefix="gpusched-stage") as pool:
-                for future in [pool.submit(self._worker, share, area, to_host) for share in shares]:
+                for future in [pool.submit(self._worker, share, area, to_host, file) for share in shares]:
                     future.result()
         finally:
             if self.mode == "register":
+                assert area is not None
                 self.cuda.host_unregister(area.address)
 
-    def _worker(self, share: list[Piece], area: HostArea, to_host: bool) -> None:
+    def _worker(self, share: list[Piece], area: HostArea | None, to_host: bool, file: int) -> None:
         cuda = self.cuda
         cuda.set_context(self.context)
         stream = cuda.stream()
@@ -151,16 +163,41 @@ class Copier:
                         cuda.stream_sync(stream)
                         ctypes.memmove(area.address + p.offset, bounce.address, p.size)
                     else:
-                        ctypes.memmove(bounce.address, area.address + p.offset, p.size)
+                        if file >= 0:
+                            with bounce.area.view(0, p.size) as view:
+                                read_whole(file, view, p.offset)
+                        else:
+                            assert area is not None
+                            ctypes.memmove(bounce.address, area.address + p.offset, p.size)
                         cuda.copy_in(p.device, bounce.address, p.size, stream)
                         cuda.stream_sync(stream)
         finally:
             cuda.stream_destroy(stream)
 
     @staticmethod
-    def _direct(p: Piece, area: HostArea, to_host: bool) -> tuple[int, int, int]:
+    def _direct(p: Piece, area: HostArea | None, to_host: bool) -> tuple[int, int, int]:
+        assert area is not None
         host = area.address + p.offset
         return (host, p.device, p.size) if to_host else (p.device, host, p.size)
+
+
+def read_whole(file: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from `file` at `offset`. Direct I/O (the daemon opens its spill files so) while the piece's
+    alignment allows; a refusal (EINVAL) turns it off for the file and reads through the page cache. OSError
+    (ENODATA where the file ends early)."""
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(file, [view[done:]], offset + done)
+        except OSError as e:
+            flags = fcntl.fcntl(file, fcntl.F_GETFL)
+            if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                raise
+            fcntl.fcntl(file, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            continue
+        if n == 0:
+            raise OSError(errno.ENODATA, "the file ends before the parked bytes do")
+        done += n
 
 
 class _Bounce:

@@ -89,7 +89,7 @@ class Freezing(Core):
             step.rss_before = {pid: self.rss(pid) for pid in step.cuda}
             await self._checkpoint_and_freeze(model, step)
             model.snapshot_bytes = self._snapshot_size(model, step)
-            model.swapped_bytes = 0  # a new snapshot, in RAM
+            model.swapped_bytes = model.spilled_bytes = 0  # a new snapshot, in RAM
         except BaseException:
             if not await self._ended_meanwhile(model):
                 model.cuda_pids = step.cuda if step.reached == State.FROZEN else []

@@ -1,6 +1,7 @@
-"""The disk tier: a frozen model's snapshot paged out to swap (pageout.py), on request or to keep the RAM budget, and
-read back ahead of its thaw. Where a snapshot lives is a property of a frozen model, not a state of its own: a model
-paged out is frozen, and thaws as any frozen model does (docs/disk-tier.md)."""
+"""The disk tier: a frozen model's snapshot paged out to swap (pageout.py), its agents' parked bytes to spill files
+(spill.py), on request or to keep the RAM budget, and read back ahead of its thaw. Where a snapshot lives is a
+property of a frozen model, not a state of its own: a model paged out is frozen, and thaws as any frozen model does
+(docs/disk-tier.md)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class Paging(Core):
         """RAM the kernel can take back at once: a page written out by MADV_PAGEOUT stays in RAM as a clean copy
         (SwapCached) until memory is wanted, and MemAvailable does not count it (measured: it did not grow when
         768 MiB were paged out). At most what frozen models have on disk: SwapCached also holds pages read back."""
-        on_disk = sum(m.snapshot_on_disk() for m in self.models.values())
+        on_disk = sum(m.snapshot_in_swap() for m in self.models.values())
         return min(on_disk, self._swap_cached()) if on_disk else 0
 
     async def page_out(self, name: str, reason: str = "", why: str = "") -> Model:
@@ -58,7 +59,7 @@ class Paging(Core):
         """Freeze (if it runs), then page out: refused before the freeze where there is no swap for it. A thaw by
         someone in between leaves it running (InvalidState from the page-out)."""
         model = self.get(name)
-        if model.state == State.RUNNING:
+        if model.state == State.RUNNING and not (model.agent and self.config.spill_directory):
             self._check_swap(model, model.vram_bytes)
         await self.freeze(name, by=by)
         return await self.page_out(name)
@@ -83,13 +84,24 @@ class Paging(Core):
             )
 
     async def _page_out_locked(self, model: Model, reason: str = "", why: str = "") -> None:
-        """Under the model's lock, the model frozen: every process of it advised MADV_PAGEOUT (in a worker thread:
-        the kernel writes for seconds), then what went to swap read back from VmSwap. The processes that hold the
-        snapshot count; the others (a launcher, a tokenizer worker) are paged out too, since they are frozen."""
-        self._check_swap(model, model.snapshot_in_ram())
+        """Under the model's lock, the model frozen: its agents' parked bytes written to spill files (where it has
+        agents and SpillDirectory= is set; no swap needed for them), then every process of it advised
+        MADV_PAGEOUT (in a worker thread: the kernel writes for seconds), what went to swap read back from VmSwap.
+        The processes that hold the snapshot count; the others (a launcher, a tokenizer worker) are paged out too,
+        since they are frozen. Without swap, what the spill files took is all that moves."""
+        spillable = sum(link.parked_bytes for link in self._spill_links(model))
+        if not spillable or self._swap_space()[0] > 0:
+            self._check_swap(model, model.snapshot_in_ram() - spillable)
         t0 = time.monotonic()
         before = model.snapshot_on_disk()
-        pids = list(model.pids)
+        spilled = await self._spill(model) if spillable else 0
+        model.spilled_bytes += spilled
+        pids = list(model.pids) if self._swap_space()[0] > 0 else []
+        if not pids and not spilled:
+            raise NotSupported(
+                f"the agents of {model.name} could not write their parked bytes to {self.config.spill_directory} (the"
+                " journal says why), and this host has no swap for them. The model stays frozen."
+            )
         try:
             skipped = await asyncio.to_thread(self._page_out_all, pids)
         except pageout.PageOutError as e:
@@ -126,8 +138,9 @@ class Paging(Core):
     def _check_swap_in(self, model: Model) -> None:
         """Refuse a thaw (the model stays frozen, on disk) whose snapshot could not come back into RAM: more on disk
         than the kernel has available, counting the free swap it could move other pages to. Short of that, the
-        kernel's OOM killer would choose a process to end during the restore."""
-        on_disk = model.snapshot_on_disk()
+        kernel's OOM killer would choose a process to end during the restore. Spill files are read straight onto
+        the GPU through the agents' bounce buffers: they need no room."""
+        on_disk = model.snapshot_in_swap()
         if not on_disk:
             return
         room = self.mem_available() + self._paged_out_cache() + self._swap_space()[1]
@@ -146,7 +159,7 @@ class Paging(Core):
         time; measured 1 GiB in 0.9-1.2 s instead of 5.5-7.3 s on a virtio disk). A failure only costs the head
         start."""
         pids = list(model.cuda_pids)
-        if not model.snapshot_on_disk():
+        if not model.snapshot_in_swap():
             return
         try:
             await asyncio.to_thread(lambda: [self._kernel_prefetch(pid) for pid in pids])

@@ -8,6 +8,7 @@ import os
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from .. import spill
 from ..agentlink import GRACE_S, AgentFailed, AgentLink
 from ..errors import (
     InvalidState,
@@ -88,6 +89,55 @@ class Parking(Core):
         if kept:
             self._parked[model.name] = kept
         return "; ".join(error for error in errors if error)
+
+    def _spill_links(self, model: Model) -> list[AgentLink]:
+        """The agents whose parked bytes a page-out writes to spill files: those that said where they lie."""
+        if not self.config.spill_directory:
+            return []
+        return [link for link in self._parked.get(model.name, []) if link.host_address and not link.spilled]
+
+    async def _spill(self, model: Model) -> int:
+        """The disk tier's lane for parked memory (spill.py): each agent's parked bytes written to a file of the
+        daemon's, then handed to the agent, which gives its host memory back; its process must run for that, so
+        the frozen cgroup is thawed for the moment of the request (the CUDA work stays held: by the driver's lock,
+        or with KeepContext by the agent's gate). Returns the bytes spilled. Bytes that cannot be written (no
+        room: SpillDirectory= full) or an agent that refuses leave them in RAM, for the swap."""
+        links = self._spill_links(model)
+        claimed = sum(link.parked_bytes for link in links)
+        if not links:
+            return 0
+        if claimed > model.vram_bytes:  # what the agents say they parked is more than NVML saw on the GPU
+            log.warning("page-out of %s: its agents claim %d parked bytes, more than the %d bytes of GPU memory it"
+                        " held; not spilled", model.name, claimed, model.vram_bytes)  # fmt: skip
+            return 0
+        files: list[tuple[AgentLink, int]] = []
+        for link in links:
+            try:
+                fd = await asyncio.to_thread(
+                    spill.spill_area, self.config.spill_directory, link.pid, link.host_address, link.parked_bytes
+                )
+                files.append((link, fd))
+            except spill.SpillError as e:
+                log.warning("page-out of %s: pid %d's parked bytes stay in RAM: %s", model.name, link.pid, e)
+        if not files:
+            return 0
+        spilled = 0
+        await self.units.thaw(model.unit)
+        try:
+            for link, fd in files:
+                try:
+                    await link.spill(fd, self.config.agent_timeout_ms / 1000)
+                    spilled += link.parked_bytes
+                except AgentFailed as e:
+                    log.warning("page-out of %s: the agent of pid %d kept its bytes: %s", model.name, link.pid, e)
+                    if not e.answered:  # the connection is gone: the agent unparks by itself at the thaw
+                        link.close()
+                        self._parked[model.name].remove(link)
+                finally:
+                    os.close(fd)
+        finally:
+            await self.units.freeze(model.unit)
+        return spilled
 
     async def _agent_wait(self, model: Model, work: Awaitable[_T]) -> _T | None:
         """Wait for `work` on a model's agents, in a task a Stop of the model cancels (None when it did): agent

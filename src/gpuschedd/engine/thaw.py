@@ -64,7 +64,7 @@ class Thawing(Core):
         self._thaw_reserved[model.name] = {moved.get(uuid, uuid): n for uuid, n in model.vram_by_gpu.items()}
         self._set_state(model, State.THAWING)
         reached, settled = State.FROZEN, False  # where a failure leaves the model
-        on_disk = model.snapshot_on_disk()
+        in_swap, in_files = model.snapshot_in_swap(), model.snapshot_in_files()
         # Pages in swap are read ahead alongside the restore, not before it (docs/disk-tier.md has the figures).
         prefetch = asyncio.ensure_future(self._prefetch(model))
         try:
@@ -101,7 +101,7 @@ class Thawing(Core):
             raise
         finally:
             await prefetch
-        model.cuda_pids, model.swapped_bytes = [], 0
+        model.cuda_pids, model.swapped_bytes, model.spilled_bytes = [], 0, 0
         if moved:
             model.vram_by_gpu = dict(self._thaw_reserved[model.name])
             model.gpus = sorted({moved.get(uuid, uuid) for uuid in model.gpus})
@@ -109,7 +109,7 @@ class Thawing(Core):
         model.last_active_usec = self.now_usec()
         await self.refresh(model, vram=True, quick=True)
         self._set_state(model, State.RUNNING)
-        self._emit(events.thawed(model, on_disk))
+        self._emit(events.thawed(model, in_swap, in_files))
 
     async def migrate(self, name: str, gpu: str) -> Model:
         """Move a model onto another GPU: freeze it (if it runs), restore its processes there through the driver's
