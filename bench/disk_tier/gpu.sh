@@ -3,7 +3,7 @@
 # write and read bandwidth on that file system (dd, direct I/O), then bench/disk_tier/run.py on the driver path and
 # on the agent path (the interposer, built here) of a Qwen2.5-7B-shaped model. Usage, from the repository root, as
 # root: bench/disk_tier/gpu.sh OUTDIR   (SWAP_GB: the swap file's size, default 32; SWAPDIR: where, default /var/tmp;
-# DRIVER_CASES, AGENT_CASES: run.py's --cases for each path)
+# DRIVER_CASES, AGENT_CASES: run.py's --cases for each path; PATHS: which paths, default "driver agent")
 set -u
 out=${1:?OUTDIR}
 mkdir -p "$out"
@@ -17,7 +17,8 @@ df -hT "$dir"; free -g
 cg=/sys/fs/cgroup/gpusched-disktier-bench
 # A run cut short by its timeout leaves its model process frozen in the bench's cgroup, holding the GPU: kill it.
 killcg() { [ -d $cg ] || return 0; echo 1 > $cg/cgroup.kill; sleep 2; rmdir $cg; }
-cleanup() { killcg; swapoff "$swap" 2>/dev/null; rm -f "$swap" "$dir/gpusched-disktier.dd"; }
+export SPILLDIR=$dir/gpusched-spill
+cleanup() { killcg; swapoff "$swap" 2>/dev/null; rm -rf "$swap" "$dir/gpusched-disktier.dd" "$SPILLDIR"; }
 trap cleanup EXIT
 echo "== swap file: $gb GiB on $dir"
 swapoff "$swap" 2>/dev/null; rm -f "$swap"
@@ -44,12 +45,15 @@ print(f"disk write {total / w / 1e9:.2f} GB/s ({w:.2f} s), read {total / r / 1e9
 PY
 rm -f "$dir/gpusched-disktier.dd" "$dir/gpusched-disktier.dd.src"
 echo "+memory" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null; echo "root controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
-echo "== driver path, Qwen2.5-7B shape"
-timeout 260 python3 bench/disk_tier/run.py driver --size ${SIZE:-7B} ${DRIVER_CASES:+--cases $DRIVER_CASES}
-killcg
-if make -s preload PRELOAD_OUT=/tmp/disktier-preload; then
+paths=${PATHS:-driver agent}
+if [[ " $paths " == *" driver "* ]]; then
+	echo "== driver path, Qwen2.5-7B shape"
+	timeout 260 python3 bench/disk_tier/run.py driver --size ${SIZE:-7B} ${DRIVER_CASES:+--cases $DRIVER_CASES}
+	killcg
+fi
+if [[ " $paths " == *" agent "* ]] && make -s preload PRELOAD_OUT=/tmp/disktier-preload; then
 	echo "== agent path (interposer), Qwen2.5-7B shape"
-	PRELOAD=/tmp/disktier-preload/libgpuschedd-preload.so timeout 200 python3 bench/disk_tier/run.py agent \
+	PRELOAD=/tmp/disktier-preload/libgpuschedd-preload.so timeout 330 python3 bench/disk_tier/run.py agent \
 		--size ${SIZE:-7B} ${AGENT_CASES:+--cases $AGENT_CASES}
 fi
 date -u

@@ -5,10 +5,12 @@ then thawed from there; figures next to a thaw from RAM, and tokens plus a hash 
 after every thaw.
 
 Page-out methods: `madvise` (gpuschedd.pageout: process_madvise(MADV_PAGEOUT), what the daemon does) and
-`reclaim` (the cgroup's memory.reclaim). After MADV_PAGEOUT the pages written to swap stay in RAM as clean swap
-cache until something needs the memory; `drop` (memory.reclaim of the same cgroup) frees them, so the thaw that
-follows reads the disk. `prefetch`: MADV_WILLNEED (gpuschedd.pageout.prefetch) in a thread beside the restore
-(`prefetchN`: in N calls at once).
+`reclaim` (the cgroup's memory.reclaim); on the agent path `spill` first (gpuschedd.spill: the parked bytes written
+to an unlinked file in $SPILLDIR with direct I/O, the agent handed it and its host memory given back, as the daemon's
+page-out does; the unpark reads the file), then `madvise` for the rest of the process. After MADV_PAGEOUT the
+pages written to swap stay in RAM as clean swap cache until something needs the memory; `drop` (memory.reclaim of
+the same cgroup) frees them, so the thaw that follows reads the disk. `prefetch`: MADV_WILLNEED
+(gpuschedd.pageout.prefetch) in a thread beside the restore (`prefetchN`: in N calls at once).
 `@N` after a case: N process_madvise calls at once (default: gpuschedd.pageout.THREADS).
 
 Usage (root, on the GPU machine, swap on, cgroup v2 with the memory controller):
@@ -25,7 +27,7 @@ import sys
 import threading
 import time
 
-from gpuschedd import pageout
+from gpuschedd import pageout, spill
 from gpuschedd.agentlink import AgentLink
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 
@@ -35,11 +37,12 @@ from run import Program  # noqa: E402  (the same driven program: bench/transpare
 
 PLAIN = os.path.join(HERE, "..", "transparent", "plain_model.py")
 CGROUP = "/sys/fs/cgroup/gpusched-disktier-bench"
+SPILL_DIR = os.environ.get("SPILLDIR", "/var/tmp/gpusched-spill")
 GIB = 1 << 30
 CASES = {
     # most telling first: a run cut short by its timeout still has them
     "driver": "ram,madvise+drop+prefetch,madvise+drop,reclaim,madvise",
-    "agent": "ram,madvise+drop+prefetch,madvise+drop",
+    "agent": "ram,spill,spill+madvise+drop+prefetch,madvise+drop+prefetch",
 }
 
 
@@ -99,11 +102,23 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     rss = status(pid, "VmRSS")
     row["rss_frozen"] = rss
     before = meminfo()
+    row["spilled"] = 0
+    if "spill" in steps:
+        assert link is not None, "spill is the agent path's"
+        t1 = time.monotonic()
+        fd = spill.spill_area(SPILL_DIR, pid, link.host_address, link.parked_bytes)
+        row["spill_write_s"] = time.monotonic() - t1
+        cg_freeze(False)  # the agent's moment, as the daemon's page-out gives it
+        await link.spill(fd, 60)
+        cg_freeze(True)
+        os.close(fd)
+        row["pageout_s"] = time.monotonic() - t1
+        row["spilled"] = link.parked_bytes
     if "madvise" in steps:
         t1 = time.monotonic()
         done = pageout.page_out(pid, threads=threads)
         row["pageout_call_s"] = time.monotonic() - t1
-        row["pageout_s"] = row["pageout_call_s"] + wait_written()  # type: ignore[operator]
+        row["pageout_s"] = row.get("pageout_s", 0) + row["pageout_call_s"] + wait_written()  # type: ignore[operator]
         row["advised"], row["skipped"] = done.bytes, len(done.skipped)
     if "reclaim" in steps:
         row["pageout_s"] = reclaim(rss) + wait_written()
@@ -114,8 +129,9 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     row["rss_paged"] = status(pid, "VmRSS")
     row["swap_cached"] = after["SwapCached"]
     row["mem_available_gain"] = after["MemAvailable"] - before["MemAvailable"]
+    row["on_disk"] = row["swapped"] + row["spilled"]  # type: ignore[operator]
     if "pageout_s" in row:
-        row["out_gbps"] = row["swapped"] / row["pageout_s"] / 1e9  # type: ignore[operator]
+        row["out_gbps"] = row["on_disk"] / row["pageout_s"] / 1e9  # type: ignore[operator]
     t2 = time.monotonic()
     wanted = [step for step in steps if step.startswith("prefetch")]
     ahead_threads = int(wanted[0][len("prefetch") :] or threads) if wanted else 0
@@ -167,7 +183,7 @@ async def main() -> None:
     print(f"\n{'path':7} {'case':24} {'snapshot':>9} {'on disk':>8} {'page-out':>9} {'GB/s':>5} {'thaw':>7} ok")
     for r in rows:
         out = f"{r['pageout_s']:8.2f}s {r['out_gbps']:5.2f}" if "pageout_s" in r else f"{'-':>9} {'-':>5}"
-        print(f"{r['path']:7} {r['case']:24} {r['rss_frozen'] / GIB:7.2f}Gi {r['swapped'] / GIB:6.2f}Gi {out} "  # type: ignore[operator]
+        print(f"{r['path']:7} {r['case']:24} {r['rss_frozen'] / GIB:7.2f}Gi {r['on_disk'] / GIB:6.2f}Gi {out} "  # type: ignore[operator]
               f"{r['thaw_s']:6.2f}s {r['tokens_ok'] and r['check_ok']}")  # fmt: skip
 
 

@@ -136,6 +136,16 @@ def test_an_unpark_without_room_keeps_the_bytes_parked_until_there_is(fake: Fake
     assert not lot.parked and vram(fake) == 12 * MIB and intact(segments)
 
 
+def test_reads_from_a_file_join_what_follows_on_both_sides() -> None:
+    """A spill file is read in large pieces: pieces next to each other on the device and in the host area join, up
+    to the size asked, and nothing else does."""
+    pieces = staging.split([(1 << 40, 10 * MIB), (2 << 40, 4 * MIB)], 2 * MIB)
+    joined = staging.coalesce(pieces, 8 * MIB)
+    assert [(p.device, p.offset, p.size) for p in joined] == [
+        (1 << 40, 0, 8 * MIB), (1 << 40 | 8 * MIB, 8 * MIB, 2 * MIB), (2 << 40, 10 * MIB, 4 * MIB)
+    ]  # fmt: skip
+
+
 def test_no_allocation_while_parked(fake: FakeGpuDir) -> None:
     lot = ParkingLot(Cuda())
     filled(lot, [2 * MIB])

@@ -117,11 +117,10 @@ class ParkingLot:
         return plans
 
     def _copy(self, context: int, pieces: list[Piece], to_host: bool) -> float:
-        if self._spill_file >= 0:
-            spilled = Copier(self.cuda, context, "ring", self.threads, self.chunk)
-            return timed(lambda: spilled.back_from_file(pieces, self._spill_file))
-        assert self.area is not None
         copier = Copier(self.cuda, context, self.mode, self.threads, self.chunk)
+        if self._spill_file >= 0:
+            return timed(lambda: copier.back_from_file(pieces, self._spill_file))
+        assert self.area is not None
         return timed(lambda: (copier.out if to_host else copier.back)(pieces, self.area))  # type: ignore[arg-type]
 
     def park(self) -> ParkReport:

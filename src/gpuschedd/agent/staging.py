@@ -32,6 +32,9 @@ MODES = ("ring", "pin", "pageable", "register")
 DEFAULT_MODE = "ring"
 DEFAULT_THREADS = min(16, max(2, len(os.sched_getaffinity(0))))  # the copy is CPU-bound (memmove)
 DEFAULT_CHUNK = 4 << 20  # small pieces keep the workers' DMA and memmove overlapping (measured: docs/fast-path.md)
+# Copying back from a spill file: a disk reads best in large pieces, a few at a time (bench/disk_tier/io.py: 16 x 4 MiB
+# read 1.04 GB/s on the H200 VM's disk, 4-8 x 32-64 MiB 1.46-1.52)
+FILE_THREADS, FILE_CHUNK = 4, 32 << 20
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,22 @@ class HostArea:
         self._map.close()
 
 
+def coalesce(pieces: list[Piece], chunk: int) -> list[Piece]:
+    """Pieces that follow each other on the device and in the host area, joined up to `chunk` bytes."""
+    out: list[Piece] = []
+    for p in pieces:
+        last = out[-1] if out else None
+        if (
+            last
+            and (last.device + last.size, last.offset + last.size) == (p.device, p.offset)
+            and last.size + p.size <= chunk
+        ):
+            out[-1] = Piece(last.device, last.offset, last.size + p.size)
+        else:
+            out.append(p)
+    return out
+
+
 def split(segments: Iterable[tuple[int, int]], chunk: int, offset: int = 0) -> list[Piece]:
     """(device address, size) segments → pieces of at most `chunk` bytes, laid out back to back on the host
     from `offset`."""
@@ -113,11 +132,10 @@ class Copier:
         self._run(pieces, area, to_host=False)
 
     def back_from_file(self, pieces: list[Piece], file: int) -> None:
-        """Copy back from `file` (the bytes laid out as in the host area), read straight into the bounce buffers:
-        no host area is needed (ring mode only)."""
-        if self.mode != "ring":
-            raise ValueError("copying back from a file goes through the bounce buffers (ring mode)")
-        self._run(pieces, None, to_host=False, file=file)
+        """Copy back from `file` (the bytes laid out as in the host area), read straight into the bounce buffers in
+        large pieces (FILE_THREADS x FILE_CHUNK, whatever this copier's own sizes): no host area is needed."""
+        reader = Copier(self.cuda, self.context, "ring", FILE_THREADS, FILE_CHUNK)
+        reader._run(coalesce(pieces, FILE_CHUNK), None, to_host=False, file=file)
 
     def _run(self, pieces: list[Piece], area: HostArea | None, to_host: bool, file: int = -1) -> None:
         if not pieces:
