@@ -7,7 +7,9 @@ after every thaw.
 Page-out methods: `madvise` (gpuschedd.pageout: process_madvise(MADV_PAGEOUT), what the daemon does) and
 `reclaim` (the cgroup's memory.reclaim); on the agent path `spill` first (gpuschedd.spill: the parked bytes written
 to an unlinked file in $SPILLDIR with direct I/O, the agent handed it and its host memory given back, as the daemon's
-page-out does; the unpark reads the file), then `madvise` for the rest of the process. After MADV_PAGEOUT the
+page-out does; the unpark reads the file; `readcheck`: the bench reads the same file first, 4 x 32 MiB, to compare),
+then `madvise` for the rest of the process. Every thaw records the process's disk reads per second
+(`read_gbps_by_s`). After MADV_PAGEOUT the
 pages written to swap stay in RAM as clean swap cache until something needs the memory; `drop` (memory.reclaim of
 the same cgroup) frees them, so the thaw that follows reads the disk. `prefetch`: MADV_WILLNEED
 (gpuschedd.pageout.prefetch) in a thread beside the restore (`prefetchN`: in N calls at once).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import mmap
 import os
 import sys
 import threading
@@ -114,6 +117,8 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
         os.close(fd)
         row["pageout_s"] = time.monotonic() - t1
         row["spilled"] = link.parked_bytes
+        if "readcheck" in steps:  # the same file read here the agent's way (4 x 32 MiB), before the thaw reads it
+            row["file_read_gbps"] = read_back(pid)
     if "madvise" in steps:
         t1 = time.monotonic()
         done = pageout.page_out(pid, threads=threads)
@@ -139,11 +144,14 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     ahead = ahead if wanted else None
     if ahead:  # beside the restore, as the daemon does
         ahead.start()
+    sampler = Sampler(pid)
     cg_freeze(False)
     drv.restore(pid)
     drv.unlock(pid)
     if link:
         await link.unpark(120)
+        row["unpark_s"] = link.seconds
+    row["read_gbps_by_s"] = sampler.stop()
     if ahead:
         ahead.join()
     row["thaw_s"] = time.monotonic() - t2
@@ -151,6 +159,61 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
     row["tokens_ok"] = prog.ask("tok") == WANT["tok"]
     row["check_ok"] = prog.ask("check") == WANT["check"]
     return row
+
+
+class Sampler:
+    """The process's disk reads (read_bytes of /proc/PID/io) per second while it runs, in GB/s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.rates, self.done = pid, [], threading.Event()
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def read_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+    def run(self) -> None:
+        last = self.read_bytes()
+        while not self.done.wait(1.0):
+            now = self.read_bytes()
+            self.rates.append(round((now - last) / 1e9, 2))
+            last = now
+
+    def stop(self) -> list[float]:
+        self.done.set()
+        self.thread.join()
+        return self.rates
+
+
+def read_back(pid: int, threads: int = 4, piece: int = 32 << 20) -> float:
+    """GB/s of reading the spill file process `pid` holds, as its agent will (direct I/O, `threads` reads of `piece`
+    bytes in flight, into ordinary memory)."""
+    fds = os.listdir(f"/proc/{pid}/fd")
+    [path] = [p for p in (f"/proc/{pid}/fd/{fd}" for fd in fds) if os.readlink(p).startswith(SPILL_DIR)]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    size = os.fstat(fd).st_size
+    offsets = iter(range(0, size, piece))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        buf = mmap.mmap(-1, piece)
+        while True:
+            with lock:
+                offset = next(offsets, None)
+            if offset is None:
+                break
+            os.preadv(fd, [buf], offset)
+        buf.close()
+
+    t0 = time.monotonic()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    os.close(fd)
+    return size / (time.monotonic() - t0) / 1e9
 
 
 WANT: dict[str, str] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fakegpu_sys import FakeModels, check_consistent, journal_entries, manager_property
 from secutil import ALICE, call_as, ensure_users
-from sysutil import REPO, cgroup_frozen, gpusched, model_property, run
+from sysutil import REPO, cgroup_frozen, gpusched, model_property, run, wait_until
 from test_fastpath import PARKED, run_agent_model
 
 from gpuschedd.events import MESSAGE_IDS, EventKind
@@ -119,7 +119,7 @@ def test_parked_memory_goes_to_a_spill_file(fmodels: FakeModels, fake: FakeGpuDi
     gpusched("thaw", model.name)
     assert check_consistent(model.name, fake) == "running" and fake.corrupted() == []
     model.assert_moving()
-    assert spill_files(pid) == [], "the agent closed the file: its disk space is free"
+    wait_until("the agent closes the file: its disk space is free", lambda: spill_files(pid) == [])
     [thaw] = journal_entries(f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=thaw")
     assert int(thaw["GPUSCHED_FILE_BYTES"]) == PARKED
 

@@ -237,7 +237,7 @@ async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemo
     assert not os.listdir(directory) and files_open_in(os.getpid(), directory)
     await link.unpark(5.0)
     assert not a.lot.parked and vram(fake) == 6 * MIB and intact(segments)
-    assert not files_open_in(os.getpid(), directory), "closed after the unpark"
+    wait_until("the file closed after the unpark", lambda: not files_open_in(os.getpid(), directory))
     await link.park(5000)
     await spill_parked(link, directory)
     link.close()  # the daemon goes away: the agent unparks by itself, from the file

@@ -197,7 +197,7 @@ async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemo
         assert await astill(prog.count)
         await link.unpark(5.0)
         assert vram(gpu_dir, prog.pid) == PARKED + SMALL and await amoves(prog.count)
-        assert not files_open_in(prog.pid, directory), "closed after the unpark"
+        wait_until("the file closed after the unpark", lambda: not files_open_in(prog.pid, directory))
     assert await link.park(5000) == PARKED, "a park after a spill parks into fresh host memory"
     await spill_parked(link, directory)
     link.close()  # the daemon goes away: the agent unparks by itself, from the file
