@@ -1,8 +1,10 @@
 """The disk tier through the installed daemon on the fake GPU (docs/disk-tier.md): a frozen model's snapshot (the fake
 driver's private anonymous copy in each process, as the real driver's is) paged out to a real swap file by the
 shipped unit (its capabilities and system-call filter as shipped), the properties, status and journal saying where
-it is, and a thaw from swap bringing back every page intact. Refusals change nothing. The swap file lies in the
-checkout (bind-mounted from the host's disk: swap cannot live on the guest's overlay) and is switched off after."""
+it is, and a thaw from swap bringing back every page intact; an agent model's parked bytes written to a spill file
+of the daemon's instead (with or without swap) and read back by its agent at the thaw. Refusals change nothing. The
+swap file lies in the checkout (bind-mounted from the host's disk: swap cannot live on the guest's overlay) and is
+switched off after."""
 
 from __future__ import annotations
 
