@@ -13,8 +13,9 @@ from engine_kit import make_engine
 from fakegpu_fixtures import GIB, GPU0, GPU1, MIB, fake_model_argv, registered
 from polling import until
 from process_units import ProcessUnits
+from test_disk_tier import FakeKernel
 
-from gpuschedd import preload
+from gpuschedd import preload, spill
 from gpuschedd.checkpoint import CudaState, NoCheckpoint
 from gpuschedd.checkpoint.driver import DriverCheckpoint
 from gpuschedd.config import Config
@@ -439,6 +440,52 @@ async def test_an_unpark_that_finds_no_memory_leaves_the_model_frozen(setup) -> 
     assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
     await engine.freeze("fast")
     assert model.freeze_path == "agent"
+
+
+async def test_a_page_out_spills_what_the_agent_parked_and_the_thaw_reads_it_back(setup) -> None:  # type: ignore[no-untyped-def]
+    """The disk tier's spill files through the engine (spill.py), on a host without swap: the parked bytes leave
+    RAM for the daemon's file, the model is stopped again after its agent's moment, and the thaw reads them back."""
+    engine, units, gpu_dir, events, tmp_path = setup
+    kernel = FakeKernel(engine, 0)
+    engine.config.spill_directory = str(tmp_path / "spill")
+    model = await run_agent_model(engine, gpu_dir, tmp_path)
+    await engine.freeze("fast")
+    in_ram = model.snapshot_in_ram()
+    await engine.page_out("fast")
+    assert (model.state, model.snapshot_in_files(), model.snapshot_in_ram()) == (State.FROZEN, PARKED, in_ram - PARKED)
+    assert kernel.calls == [] and units.frozen == {model.unit}, "no swap to page the rest to; frozen again"
+    assert await astill(file_counter(tmp_path / "fast"))
+    paged = events.events[-1]
+    assert paged.kind == EventKind.PAGE_OUT and paged.fields["GPUSCHED_FILE_BYTES"] == str(PARKED)
+    assert paged.bytes == PARKED and not list((tmp_path / "spill").iterdir()), "the file has no name"
+    with pytest.raises(NotSupported, match="needs swap"):
+        await engine.page_out("fast")  # nothing left to spill, no swap for the rest
+    assert model.snapshot_in_files() == PARKED
+    await engine.thaw("fast")
+    thawed = events.events[-1]
+    assert thawed.kind == EventKind.THAW and thawed.fields["GPUSCHED_FILE_BYTES"] == str(PARKED)
+    assert model.spilled_bytes == 0 and await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
+
+
+async def test_parked_bytes_that_cannot_be_spilled_stay_for_swap(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An agent claiming more than the model held on the GPU is not believed, and a spill directory without room
+    writes nothing: the bytes stay in RAM, for the swap where there is one, and the model thaws whole."""
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    kernel = FakeKernel(engine, 0)
+    engine.config.spill_directory = str(tmp_path / "spill")
+    model = await run_agent_model(engine, gpu_dir, tmp_path)
+    await engine.freeze("fast")
+    held, model.vram_bytes = model.vram_bytes, PARKED - 1
+    with pytest.raises(NotSupported, match="could not write their parked bytes"):
+        await engine.page_out("fast")
+    assert (model.state, model.spilled_bytes) == (State.FROZEN, 0)
+    model.vram_bytes = held
+    monkeypatch.setattr(spill, "RESERVE", 1.0)  # the whole file system kept free: no room
+    kernel.total = kernel.free = 1 << 30
+    await engine.page_out("fast")
+    assert model.spilled_bytes == 0 and model.snapshot_in_swap() == model.snapshot_bytes, "all of it went to swap"
+    await engine.thaw("fast")
+    assert await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
 
 
 async def run_hostile_model(engine: Engine, gpu_dir, tmp_path, name: str, kind: str) -> Model:  # type: ignore[no-untyped-def]
