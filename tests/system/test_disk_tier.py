@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakegpu_sys import FakeModels, check_consistent, journal_entries, manager_property
+from fakegpu_sys import FakeModels, check_consistent, journal_entries, manager_property, restart_daemon
 from secutil import ALICE, call_as, ensure_users
 from sysutil import REPO, cgroup_frozen, gpusched, model_property, run, wait_until
 from test_fastpath import PARKED, run_agent_model
@@ -90,9 +90,11 @@ def test_page_out_and_thaw_from_swap(swap: None, fmodels: FakeModels, fake: Fake
 
 
 def spill_files(pid: int) -> list[str]:
-    """The process's open descriptors of files in the daemon's spill directory (unlinked: " (deleted)")."""
+    """The process's open descriptors of the daemon's spill files, unlinked (" (deleted)"). By name, not by the
+    directory: the path shown is through the daemon's mount namespace, which a restart of the daemon replaces."""
     fds = Path(f"/proc/{pid}/fd")
-    return [t for t in (os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()) if t.startswith(str(SPILL_DIR))]
+    targets = (os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink())
+    return [t for t in targets if os.path.basename(t).startswith("spill-") and t.endswith(" (deleted)")]
 
 
 @pytest.mark.parametrize("flags", [(), ("--keep-context",)], ids=["agent", "agent-only"])
@@ -112,7 +114,7 @@ def test_parked_memory_goes_to_a_spill_file(fmodels: FakeModels, fake: FakeGpuDi
     assert in_ram + in_swap + PARKED == snapshot
     assert rss(pid) <= rss_frozen - PARKED * 9 // 10, "the parked bytes left the process's memory"
     [held] = spill_files(pid)
-    assert held.endswith(" (deleted)") and not list(SPILL_DIR.iterdir()), "nothing of it is left with a name"
+    assert held.startswith(f"{SPILL_DIR}/") and not list(SPILL_DIR.iterdir()), "nothing of it is left with a name"
     [entry] = journal_entries(f"GPUSCHED_MODEL={model.name}", f"MESSAGE_ID={MESSAGE_IDS[EventKind.PAGE_OUT]}")
     assert int(entry["GPUSCHED_FILE_BYTES"]) == PARKED and int(entry["GPUSCHED_BYTES"]) >= PARKED
     assert "in spill files" in gpusched("status", model.name).stdout
@@ -124,6 +126,24 @@ def test_parked_memory_goes_to_a_spill_file(fmodels: FakeModels, fake: FakeGpuDi
     wait_until("the agent closes the file: its disk space is free", lambda: spill_files(pid) == [])
     [thaw] = journal_entries(f"GPUSCHED_MODEL={model.name}", "GPUSCHED_EVENT=thaw")
     assert int(thaw["GPUSCHED_FILE_BYTES"]) == PARKED
+
+
+def test_a_spilled_model_survives_a_daemon_restart(fmodels: FakeModels, fake: FakeGpuDir) -> None:
+    """The daemon's connection to the agent ends with the restart; the agent keeps the file (the only descriptor of
+    it), the daemon keeps where the snapshot is, and at the thaw the agent unparks from the file by itself."""
+    model = run_agent_model(fmodels, "spill-restart")
+    [pid] = model.cuda_pids(fake)
+    gpusched("freeze", model.name)
+    gpusched("page-out", model.name)
+    assert model_property(model.name, "SnapshotFileBytes") == PARKED
+    restart_daemon()
+    assert model_property(model.name, "SnapshotFileBytes") == PARKED and len(spill_files(pid)) == 1
+    model.assert_still()
+    gpusched("thaw", model.name)
+    model.assert_moving()  # the agent unparked by itself, from the file; a wrong byte would stop the counter
+    assert check_consistent(model.name, fake) == "running" and fake.corrupted() == []
+    wait_until("the agent closes the file", lambda: spill_files(pid) == [])
+    assert model_property(model.name, "SnapshotFileBytes") == 0
 
 
 def test_parked_memory_goes_to_swap_with_the_rest(swap: None, fmodels: FakeModels, fake: FakeGpuDir) -> None:

@@ -94,15 +94,14 @@ class Paging(Core):
             self._check_swap(model, model.snapshot_in_ram() - spillable)
         t0 = time.monotonic()
         before = model.snapshot_on_disk()
-        spilled = await self._spill(model) if spillable else 0
-        model.spilled_bytes += spilled
-        pids = list(model.pids) if self._swap_space()[0] > 0 else []
-        if not pids and not spilled:
-            raise NotSupported(
-                f"the agents of {model.name} could not write their parked bytes to {self.config.spill_directory} (the"
-                " journal says why), and this host has no swap for them. The model stays frozen."
-            )
         try:
+            spilled = await self._spill(model) if spillable else 0
+            pids = list(model.pids) if self._swap_space()[0] > 0 else []
+            if not pids and not spilled:
+                raise NotSupported(
+                    f"the agents of {model.name} could not write their parked bytes to {self.config.spill_directory}"
+                    " (the journal says why), and this host has no swap for them. The model stays frozen."
+                )
             skipped = await asyncio.to_thread(self._page_out_all, pids)
         except pageout.PageOutError as e:
             raise NotSupported(
@@ -111,15 +110,20 @@ class Paging(Core):
             ) from e
         finally:
             if model.state == State.FROZEN:
-                self._refresh_swapped(model)
+                # What the agents hold in spill files now, whatever part of the spill went through. Without links
+                # (the daemon restarted since the freeze) the saved figure stands: the agents kept their files.
+                links = self._parked.get(model.name, [])
+                files = sum(link.parked_bytes for link in links if link.spilled) if links else model.spilled_bytes
+                moved, model.spilled_bytes = files != model.spilled_bytes, files
+                self._refresh_swapped(model, spilled=moved)
         duration = int((time.monotonic() - t0) * 1e6)
         self._emit(events.paged_out(model, model.snapshot_on_disk() - before, duration, skipped, reason, why))
 
-    def _refresh_swapped(self, model: Model) -> None:
+    def _refresh_swapped(self, model: Model, spilled: bool = False) -> None:
         """A frozen model's snapshot bytes in swap, read again from its processes' VmSwap; saved and announced when
-        they moved."""
+        they moved, or when `spilled` (its bytes in spill files moved)."""
         swapped = sum(self._swapped(pid) for pid in model.cuda_pids)
-        if swapped != model.swapped_bytes:
+        if swapped != model.swapped_bytes or spilled:
             model.swapped_bytes = swapped
             self._persist()
             for listener in self._listeners:
