@@ -24,7 +24,8 @@ def run(fd: int, start: int, total: int, threads: int, piece: int, write: bool) 
 
     def worker() -> None:
         buf = mmap.mmap(-1, piece)
-        buf.write(os.urandom(min(piece, MIB)) * (piece // min(piece, MIB)))
+        if write:
+            buf.write(os.urandom(min(piece, MIB)) * (piece // min(piece, MIB)))
         while True:
             with lock:
                 offset = next(offsets, None)

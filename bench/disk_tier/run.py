@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
-import mmap
 import os
 import sys
 import threading
@@ -37,6 +37,12 @@ from gpuschedd.checkpoint.driver import DriverCheckpoint
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "transparent"))
 from run import Program  # noqa: E402  (the same driven program: bench/transparent/run.py)
+
+# io.py's timed reader (loaded by path: as a module, its name is the standard library's)
+_spec = importlib.util.spec_from_file_location("disk_io", os.path.join(HERE, "io.py"))
+assert _spec is not None and _spec.loader is not None
+disk_io = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(disk_io)
 
 PLAIN = os.path.join(HERE, "..", "transparent", "plain_model.py")
 CGROUP = "/sys/fs/cgroup/gpusched-disktier-bench"
@@ -188,32 +194,14 @@ class Sampler:
 
 def read_back(pid: int, threads: int = 4, piece: int = 32 << 20) -> float:
     """GB/s of reading the spill file process `pid` holds, as its agent will (direct I/O, `threads` reads of `piece`
-    bytes in flight, into ordinary memory)."""
+    bytes in flight, into ordinary memory): io.py's reader over the whole file."""
     fds = os.listdir(f"/proc/{pid}/fd")
     [path] = [p for p in (f"/proc/{pid}/fd/{fd}" for fd in fds) if os.readlink(p).startswith(SPILL_DIR)]
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    size = os.fstat(fd).st_size
-    offsets = iter(range(0, size, piece))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        buf = mmap.mmap(-1, piece)
-        while True:
-            with lock:
-                offset = next(offsets, None)
-            if offset is None:
-                break
-            os.preadv(fd, [buf], offset)
-        buf.close()
-
-    t0 = time.monotonic()
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    os.close(fd)
-    return size / (time.monotonic() - t0) / 1e9
+    try:
+        return disk_io.run(fd, 0, os.fstat(fd).st_size, threads, piece, write=False)
+    finally:
+        os.close(fd)
 
 
 WANT: dict[str, str] = {}

@@ -90,13 +90,14 @@ class Paging(Core):
         The processes that hold the snapshot count; the others (a launcher, a tokenizer worker) are paged out too,
         since they are frozen. Without swap, what the spill files took is all that moves."""
         spillable = sum(link.parked_bytes for link in self._spill_links(model))
-        if not spillable or self._swap_space()[0] > 0:
+        has_swap = self._swap_space()[0] > 0
+        if not spillable or has_swap:
             self._check_swap(model, model.snapshot_in_ram() - spillable)
         t0 = time.monotonic()
         before = model.snapshot_on_disk()
         try:
             spilled = await self._spill(model) if spillable else 0
-            pids = list(model.pids) if self._swap_space()[0] > 0 else []
+            pids = list(model.pids) if has_swap else []
             if not pids and not spilled:
                 raise NotSupported(
                     f"the agents of {model.name} could not write their parked bytes to {self.config.spill_directory}"
