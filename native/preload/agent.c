@@ -4,6 +4,7 @@
  *   {"op": "park", "timeout_ms": N} -> {"ok": true, "parked_bytes": B, "staging_bytes": R, "segments": S,
  *                                        "seconds": T, "host_address": A}
  *   {"op": "spill"} + a file (SCM_RIGHTS) -> {"ok": true, "spilled_bytes": B, "seconds": T}
+ *   {"op": "read_ahead", "bytes": N} -> {"ok": true, "bytes": K}   (spilled: reading the file's first K <= N)
  *   {"op": "unpark"}                 -> {"ok": true, "seconds": T}
  *   a failure                        -> {"ok": false, "error": "..."}
  * Only root and $GPUSCHED_AGENT_DAEMON_UID are served (SO_PEERCRED). A park belongs to its connection: if the
@@ -26,6 +27,7 @@
 
 #define MAX_LINE 4096
 #define MAX_PARK_TIMEOUT_MS 600000
+#define MAX_READ_AHEAD (1LL << 30) /* protocol.py's MAX_READ_AHEAD */
 #define RETRY_UNPARK_S 1
 
 static _Atomic int started;
@@ -41,6 +43,8 @@ struct request {
 	int has_op;	 /* "op" is a string */
 	int has_timeout; /* "timeout_ms" is an integer */
 	long long timeout;
+	int has_bytes; /* "bytes" is an integer */
+	long long bytes;
 };
 
 static const char *ws(const char *p)
@@ -121,6 +125,13 @@ static const char *number(const char *p, int *is_int, long long *value)
 
 static const char *value(const char *p, int depth);
 
+/* Whether the JSON value at v is an integer (into *out). */
+static int integer(const char *v, long long *out)
+{
+	int is_int = 0;
+	return (*v == '-' || (*v >= '0' && *v <= '9')) && number(v, &is_int, out) && is_int;
+}
+
 static const char *members(const char *p, int depth, char close, struct request *req)
 {
 	p = ws(p + 1);
@@ -144,8 +155,9 @@ static const char *members(const char *p, int depth, char close, struct request 
 			if (req->has_op)
 				string(v, req->op, sizeof req->op);
 		} else if (req && !strcmp(key, "timeout_ms")) {
-			int is_int = 0;
-			req->has_timeout = (*v == '-' || (*v >= '0' && *v <= '9')) && number(v, &is_int, &req->timeout) && is_int;
+			req->has_timeout = integer(v, &req->timeout);
+		} else if (req && !strcmp(key, "bytes")) {
+			req->has_bytes = integer(v, &req->bytes);
 		}
 		p = ws(p);
 		if (*p == close)
@@ -277,6 +289,22 @@ static void do_spill(int fd, int *file)
 	*file = -1;
 }
 
+/* A thaw begins: read the spill file's first bytes while the daemon's driver restores the contexts. */
+static void do_read_ahead(int fd, const struct request *req)
+{
+	char err[512], out[96];
+	size_t started = 0;
+	if (!req->has_bytes || req->bytes < 0 || req->bytes > MAX_READ_AHEAD) {
+		snprintf(err, sizeof err, "bytes must be an integer in [0, %lld]", MAX_READ_AHEAD);
+		reply_error(fd, err);
+	} else if (park_read_ahead((size_t)req->bytes, &started, err, sizeof err) != 0) {
+		reply_error(fd, err);
+	} else {
+		snprintf(out, sizeof out, "{\"ok\":true,\"bytes\":%zu}\n", started);
+		reply(fd, out);
+	}
+}
+
 /* recv(), keeping the last file descriptor passed with the bytes in `*file` (an earlier one not used is closed). */
 static ssize_t receive(int fd, char *buf, size_t len, int *file)
 {
@@ -360,6 +388,8 @@ static void session(int fd)
 			parked = do_park(fd, &req);
 		} else if (req.has_op && !strcmp(req.op, "spill") && parked) {
 			do_spill(fd, &file);
+		} else if (req.has_op && !strcmp(req.op, "read_ahead") && parked) {
+			do_read_ahead(fd, &req);
 		} else if (req.has_op && !strcmp(req.op, "unpark") && parked) {
 			parked = do_unpark(fd);
 		} else {

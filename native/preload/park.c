@@ -73,6 +73,15 @@ static size_t parked_total; /* the parked bytes' size: host_area's first bytes, 
  * straight into the bounce buffers, so the host area is given back while parked and no host memory is needed to
  * thaw. The file is unlinked (the daemon's); it is gone when this closes it after the unpark. */
 static int spill_fd = -1;
+/* The spill file's first bytes, read into host memory by park_read_ahead's threads while the daemon's driver
+ * restores the contexts (reading needs no CUDA): the unpark takes ahead_ready of them from here, once it has
+ * joined the threads and none failed, instead of waiting for the disk. */
+static char *ahead;
+static size_t ahead_size, ahead_ready;
+static pthread_t ahead_threads[SPILL_THREADS];
+static int ahead_nthreads;
+static _Atomic size_t ahead_next;
+static _Atomic int ahead_failed;
 
 static struct seg *add_seg(void)
 {
@@ -418,6 +427,78 @@ static int read_piece(char *buf, const struct piece *p)
 	return 0;
 }
 
+static void *ahead_reader(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		size_t off = atomic_fetch_add(&ahead_next, SPILL_CHUNK);
+		if (off >= ahead_size || atomic_load(&ahead_failed))
+			return NULL;
+		struct piece p = {.off = off, .n = ahead_size - off < SPILL_CHUNK ? ahead_size - off : SPILL_CHUNK};
+		if (read_piece(ahead + off, &p))
+			atomic_store(&ahead_failed, 1);
+	}
+}
+
+/* Wait for the read-ahead's threads; its bytes are the unpark's from then on, unless a read failed. */
+static void ahead_join(void)
+{
+	for (int i = 0; i < ahead_nthreads; i++)
+		pthread_join(ahead_threads[i], NULL);
+	ahead_nthreads = 0;
+	ahead_ready = ahead && !atomic_load(&ahead_failed) ? ahead_size : 0;
+}
+
+static void ahead_free(void)
+{
+	ahead_join();
+	if (ahead)
+		munmap(ahead, ahead_size);
+	ahead = NULL, ahead_size = ahead_ready = 0;
+}
+
+/* Where the unpark takes `p`'s bytes from: the host area, the read-ahead, or (NULL) the spill file. */
+static const char *source(const struct piece *p)
+{
+	if (spill_fd < 0)
+		return host_area;
+	return p->off + p->n <= ahead_ready ? ahead : NULL;
+}
+
+int park_read_ahead(size_t bytes, size_t *started, char *err, size_t errlen)
+{
+	pthread_mutex_lock(&mu);
+	int rc = 0;
+	size_t n = bytes < parked_total ? bytes : parked_total;
+	n -= n % (size_t)sysconf(_SC_PAGESIZE); /* whole pages: direct I/O wants aligned pieces */
+	if (spill_fd < 0) {
+		snprintf(err, errlen, "nothing spilled to read ahead");
+		rc = -1;
+	} else if (!ahead && n) {
+		ahead = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (ahead == MAP_FAILED) {
+			ahead = NULL;
+			snprintf(err, errlen, "no host memory to read ahead into");
+			rc = -1;
+		} else {
+			ahead_size = n, ahead_ready = 0;
+			atomic_store(&ahead_next, 0);
+			atomic_store(&ahead_failed, 0);
+			while (ahead_nthreads < SPILL_THREADS &&
+			       pthread_create(&ahead_threads[ahead_nthreads], NULL, ahead_reader, NULL) == 0)
+				ahead_nthreads++;
+			if (!ahead_nthreads) {
+				ahead_free();
+				snprintf(err, errlen, "no thread to read ahead with");
+				rc = -1;
+			}
+		}
+	}
+	*started = ahead_size;
+	pthread_mutex_unlock(&mu);
+	return rc;
+}
+
 /* The staging ring: for each copy thread two pinned bounce buffers and two streams. A park's ring is kept, with
  * the parked bytes, until the unpark's copy is over, so the unpark starts copying at once instead of allocating and
  * registering pinned memory again (16 threads' set-up took 22-40 ms of a park on the H200); it holds
@@ -528,13 +609,13 @@ static void *worker(void *arg)
 		struct piece *p = &j->pieces[i];
 		if (j->to_host) {
 			r = d2h(bounce[k], p->dev, p->n, st[k]);
-		} else if (spill_fd >= 0 && read_piece(bounce[k], p)) {
+		} else if (!source(p) && read_piece(bounce[k], p)) {
 			job_fail(j, CUDA_SUCCESS, "reading the spilled bytes");
 			done = 1;
 			continue;
 		} else {
-			if (spill_fd < 0)
-				memcpy(bounce[k], host_area + p->off, p->n);
+			if (source(p))
+				memcpy(bounce[k], source(p) + p->off, p->n);
 			r = h2d(p->dev, bounce[k], p->n, st[k]);
 		}
 		if (r) {
@@ -734,6 +815,7 @@ static void close_later(int fd)
 static int unpark_locked(struct park_report *rep, char *err, size_t errlen)
 {
 	double t0 = preload_now();
+	ahead_join();
 	for (size_t i = 0; i < nsegs; i++) {
 		struct seg *s = segs[i];
 		if (s->state != PARKED)
@@ -776,6 +858,7 @@ static int unpark_locked(struct park_report *rep, char *err, size_t errlen)
 		}
 		s->state = LIVE, bytes += s->size, count++;
 	}
+	ahead_free();
 	if (spill_fd >= 0)
 		close_later(spill_fd), spill_fd = -1; /* the daemon's unlinked file goes with it */
 	free_area(1);

@@ -59,6 +59,10 @@ int park_is_parked(void);
  * host area back and read the bytes from the file at the unpark; the file is closed then. 0, or -1 with `err`
  * (nothing changed; `fd` is the caller's to close). */
 int park_spill(int fd, struct park_report *rep, char *err, size_t errlen);
+/* Spilled: start reading the file's first `bytes` (at most what was spilled, whole pages) into host memory on
+ * threads of their own, for the unpark to take from there; `*started` says how many (what an earlier call
+ * started, if one did). 0, or -1 with `err` (not spilled, no memory). */
+int park_read_ahead(size_t bytes, size_t *started, char *err, size_t errlen);
 
 /* agent.c */
 void agent_start(void);

@@ -16,7 +16,7 @@ import socket
 import stat
 from typing import Any
 
-from .agent.protocol import MAX_LINE, ProtocolError, encode, parse, peer_credentials, socket_path
+from .agent.protocol import MAX_LINE, MAX_READ_AHEAD, ProtocolError, encode, parse, peer_credentials, socket_path
 
 GRACE_S = 5.0  # beyond the agent's own deadline: the time to answer once it gave up
 
@@ -122,6 +122,16 @@ class AgentLink:
         its host memory back, and reads them from the file at the unpark."""
         self._took(await self._call({"op": "spill"}, timeout_s, file))
         self.spilled = True
+
+    async def read_ahead(self, size: int, timeout_s: float) -> int:
+        """A thaw begins: the agent starts reading its spill file's first `size` bytes (no more than it spilled)
+        while the driver restores the process; returns how many it reads (an earlier call's figure, if one
+        started it)."""
+        reply = await self._call({"op": "read_ahead", "bytes": size}, timeout_s)
+        started = reply.get("bytes")
+        if type(started) is not int or not 0 <= started <= MAX_READ_AHEAD:
+            raise AgentFailed(f"agent of pid {self.pid}: bad reply {reply!r:.200}")
+        return started
 
     async def unpark(self, timeout_s: float) -> None:
         self._took(await self._call({"op": "unpark"}, timeout_s))

@@ -42,14 +42,15 @@ def mapped(pid: int, address: int) -> bool:
     return False
 
 
-def files_open_in(pid: int, directory: Path) -> list[str]:
-    """What the process's open descriptors name under `directory` (an unlinked file shows " (deleted)")."""
+def files_open_in(pid: int, directory: Path, fds: bool = False) -> list[str]:
+    """What the process's open descriptors name under `directory` (an unlinked file shows " (deleted)"); fds: their
+    /proc/PID/fd/N paths instead."""
     out = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
             if target.startswith(str(directory) + "/"):
-                out.append(target)
+                out.append(f"/proc/{pid}/fd/{fd}" if fds else target)
     return out
 
 
@@ -59,6 +60,17 @@ async def spill_parked(link: AgentLink, directory: Path) -> None:
     fd = spill.spill_area(str(directory), link.pid, link.host_address, link.parked_bytes)
     try:
         await link.spill(fd, 5.0)
+    finally:
+        os.close(fd)
+
+
+def scribble_over_spill_file(pid: int, directory: Path, size: int) -> None:
+    """Overwrite the first `size` bytes of the spill file that process `pid` holds (the daemon's, unlinked): what
+    the process reads of them from the file from now on is garbage."""
+    [name] = files_open_in(pid, directory, fds=True)
+    fd = os.open(name, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xa5" * size, 0)
     finally:
         os.close(fd)
 

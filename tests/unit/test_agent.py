@@ -17,7 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakegpu_fixtures import GPU0, MIB, files_open_in, lazily_freed, mapped, park_as_nobody, spill_parked
+from fakegpu_fixtures import (
+    GPU0,
+    MIB,
+    files_open_in,
+    lazily_freed,
+    mapped,
+    park_as_nobody,
+    scribble_over_spill_file,
+    spill_parked,
+)
 from polling import until, wait_until
 
 from gpuschedd.agent import staging
@@ -243,6 +252,34 @@ async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemo
     link.close()  # the daemon goes away: the agent unparks by itself, from the file
     await until("the agent's own unpark", lambda: not a.lot.parked)
     assert intact(segments)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+async def test_a_read_ahead_gives_the_unpark_the_spill_files_bytes_from_ram(agent, tmp_path: Path, ahead: bool) -> None:  # type: ignore[no-untyped-def]
+    """As the interposer does (test_preload.py): the bytes read ahead come from RAM, so the file can be scribbled
+    over once they are; without the read-ahead the scribble comes back in the segments."""
+    a, segments = agent
+    directory = tmp_path / "spill"
+    link = await AgentLink.connect(str(tmp_path), os.getpid(), 5.0)
+    assert link is not None
+    with pytest.raises(AgentFailed, match="'read_ahead' while not parked"):
+        await link.read_ahead(MIB, 5.0)
+    await link.park(5000)
+    with pytest.raises(AgentFailed, match="nothing spilled to read ahead"):
+        await link.read_ahead(MIB, 5.0)
+    await spill_parked(link, directory)
+    for bad in (-1, True, 1.5, 1 << 31, None):
+        with pytest.raises(AgentFailed, match=r"bytes must be an integer in \[0, 1073741824\]"):
+            await link._call({"op": "read_ahead", "bytes": bad}, 5.0)
+    if ahead:
+        assert await link.read_ahead(64 * MIB + 100, 5.0) == 6 * MIB, "at most what was spilled"
+        assert await link.read_ahead(MIB, 5.0) == 6 * MIB, "asked again: what the first call started"
+        assert a.lot._ahead is not None and a.lot._ahead.done() is not None  # its reads are over
+    scribble_over_spill_file(os.getpid(), directory, 6 * MIB)
+    await link.unpark(5.0)
+    assert intact(segments) == ahead and a.lot._ahead is None
+    wait_until("the file closed after the unpark", lambda: not files_open_in(os.getpid(), directory))
+    link.close()
 
 
 async def test_when_the_daemon_goes_away_the_agent_unparks_by_itself(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

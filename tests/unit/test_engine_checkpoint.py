@@ -4,6 +4,7 @@ processes: ordering across a multi-process model, rollback of partial failures, 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -465,6 +466,28 @@ async def test_a_page_out_spills_what_the_agent_parked_and_the_thaw_reads_it_bac
     thawed = events.events[-1]
     assert thawed.kind == EventKind.THAW and thawed.fields["GPUSCHED_FILE_BYTES"] == str(PARKED)
     assert model.spilled_bytes == 0 and await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
+
+
+async def test_a_thaw_has_the_agent_read_its_spill_file_ahead_while_the_driver_restores(setup, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The disk need not wait for the driver's restore of the contexts: the agent is asked to read its file's first
+    bytes while the restore is still held (the fake driver holds it until released)."""
+    engine, _units, gpu_dir, _events, tmp_path = setup
+    FakeKernel(engine, 0)
+    engine.config.spill_directory = str(tmp_path / "spill")
+    model = await run_agent_model(engine, gpu_dir, tmp_path)
+    await engine.freeze("fast")
+    await engine.page_out("fast")
+    caplog.set_level(logging.INFO, engine_module.__name__)
+    gpu_dir.hold(model.main_pid, "restore")
+    thaw = asyncio.ensure_future(engine.thaw("fast"))
+    asked = f"the agent of pid {model.main_pid} reads {PARKED} bytes ahead"
+    try:
+        await until("the read-ahead asked for", lambda: asked in caplog.text)
+        assert not thaw.done() and model.state == State.THAWING
+    finally:
+        gpu_dir.release(model.main_pid, "restore")
+    await thaw
+    assert model.state == State.RUNNING and await amoves(file_counter(tmp_path / "fast")) and not_corrupt(tmp_path)
 
 
 async def test_parked_bytes_that_cannot_be_spilled_stay_for_swap(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]

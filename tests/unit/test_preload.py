@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 from counters import amoves, astill
-from fakegpu_fixtures import GPU0, MIB, files_open_in, lazily_freed, mapped, park_as_nobody, spill_parked
+from fakegpu_fixtures import (
+    GPU0,
+    MIB,
+    files_open_in,
+    lazily_freed,
+    mapped,
+    park_as_nobody,
+    scribble_over_spill_file,
+    spill_parked,
+)
 from polling import wait_until
 
 from gpuschedd.agent.protocol import socket_path
@@ -203,6 +212,59 @@ async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemo
     link.close()  # the daemon goes away: the agent unparks by itself, from the file
     assert await amoves(prog.count)
     assert prog.stop() == "intact (exit 0)", "every byte came back from the file"
+
+
+async def test_a_read_ahead_gives_the_unpark_the_spill_files_first_bytes_from_ram(
+    prog: Program, tmp_path: Path
+) -> None:
+    """A thaw asks for the spill file's first bytes to be read ahead while the driver restores the contexts
+    (read_ahead): the unpark takes them from RAM. The file's first bytes are overwritten once they were read, so
+    the program's memory comes back intact only if the unpark did not read them from the file again (the next test
+    shows that it would notice)."""
+    directory = tmp_path / "spill"
+    link = await prog.link()
+    with pytest.raises(AgentFailed, match="'read_ahead' while not parked"):
+        await link.read_ahead(MIB, 5.0)
+    await link.park(5000)
+    with pytest.raises(AgentFailed, match="nothing spilled to read ahead") as refused:
+        await link.read_ahead(MIB, 5.0)
+    assert refused.value.answered
+    await spill_parked(link, directory)
+    for bad in (-1, True, 1.5, 1 << 31, None):
+        with pytest.raises(AgentFailed, match=r"bytes must be an integer in \[0, 1073741824\]"):
+            await link._call({"op": "read_ahead", "bytes": bad}, 5.0)
+    tasks, read = len(os.listdir(f"/proc/{prog.pid}/task")), chars_read(prog.pid)
+    assert await link.read_ahead(8 * MIB + 100, 5.0) == 8 * MIB, "whole pages"
+    assert await link.read_ahead(PARKED, 5.0) == 8 * MIB, "asked again: what the first call started"
+    wait_until(
+        "the read-ahead's threads done",
+        lambda: chars_read(prog.pid) - read >= 8 * MIB and len(os.listdir(f"/proc/{prog.pid}/task")) == tasks,
+    )
+    # The first piece (one buffer, 4 or 8 MiB) lies within the read-ahead; one across its end is read from the file
+    scribble_over_spill_file(prog.pid, directory, 4 * MIB)
+    await link.unpark(5.0)
+    wait_until("the file closed after the unpark", lambda: not files_open_in(prog.pid, directory))
+    link.close()
+    assert prog.stop() == "intact (exit 0)", "the first piece came from RAM, the rest from the file"
+
+
+async def test_an_unpark_reads_the_file_where_the_read_ahead_has_not_got(prog: Program, tmp_path: Path) -> None:
+    """What lies beyond the read-ahead still comes from the file (scribbled over: the program sees it)."""
+    directory = tmp_path / "spill"
+    link = await prog.link()
+    await link.park(5000)
+    await spill_parked(link, directory)
+    assert await link.read_ahead(4 * MIB, 5.0) == 4 * MIB
+    scribble_over_spill_file(prog.pid, directory, 8 * MIB)
+    await link.unpark(5.0)
+    link.close()
+    assert prog.stop() != "intact (exit 0)"
+
+
+def chars_read(pid: int) -> int:
+    """Bytes process `pid` has read (rchar of /proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 async def test_a_spill_the_agent_cannot_take_changes_nothing(prog: Program, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from .cuda import Cuda, CudaError
-from .staging import DEFAULT_CHUNK, DEFAULT_MODE, DEFAULT_THREADS, Copier, HostArea, Piece, split, timed
+from .staging import DEFAULT_CHUNK, DEFAULT_MODE, DEFAULT_THREADS, Copier, HostArea, Piece, ReadAhead, split, timed
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ParkingLot:
         self._spare: HostArea | None = None  # the last unpark's area, given back lazily, for the next park
         # The daemon's file holding the parked bytes once it wrote them there (spill()): read back by the unpark
         self._spill_file, self._spilled = -1, 0
+        self._ahead: ReadAhead | None = None  # the spill file's first bytes, read ahead for the unpark (read_ahead())
         self._plans: list[tuple[int, list[Segment], list[Piece]]] = []
         self._lock = threading.Lock()
 
@@ -119,7 +121,8 @@ class ParkingLot:
     def _copy(self, context: int, pieces: list[Piece], to_host: bool) -> float:
         copier = Copier(self.cuda, context, self.mode, self.threads, self.chunk)
         if self._spill_file >= 0:
-            return timed(lambda: copier.back_from_file(pieces, self._spill_file))
+            ahead = self._ahead.done() if self._ahead else None
+            return timed(lambda: copier.back_from_file(pieces, self._spill_file, ahead))
         assert self.area is not None
         return timed(lambda: (copier.out if to_host else copier.back)(pieces, self.area))  # type: ignore[arg-type]
 
@@ -187,6 +190,21 @@ class ParkingLot:
             self.area = self._spare = None
         return ParkReport(parked_bytes=self._spilled, total_s=time.monotonic() - t0, mode=self.mode)
 
+    def read_ahead(self, size: int) -> int:
+        """Start reading the spill file's first `size` bytes into host memory (at most what was spilled, whole
+        pages), for the unpark to take from there; returns how many. Once per spill: asking again answers the
+        first call's figure. ParkError: nothing was spilled."""
+        with self._lock:
+            if self._spill_file < 0:
+                raise ParkError("nothing spilled to read ahead")
+            if self._ahead is None:
+                size = min(size, self._spilled)
+                size -= size % mmap.PAGESIZE  # whole pages: direct I/O wants aligned pieces
+                if size <= 0:
+                    return 0
+                self._ahead = ReadAhead(self._spill_file, size)
+            return self._ahead.area.size
+
     def unpark(self) -> ParkReport:
         """Map fresh physical memory at every parked address and copy the bytes back. If the GPU has no room, the
         bytes stay parked (what was mapped stays mapped) and a later unpark finishes the job."""
@@ -226,6 +244,9 @@ class ParkingLot:
             # 20 GB on the H200 VM's ext4 (bench/disk_tier, run 6); not on the unpark's path.
             threading.Thread(target=os.close, args=(self._spill_file,), name="gpusched-spill-close").start()
             self._spill_file, self._spilled = -1, 0
+            if self._ahead is not None:
+                self._ahead.close()
+                self._ahead = None
         else:
             assert self.area is not None
             self._spare = self.area if self.area.give_back_lazily() else None

@@ -8,6 +8,7 @@ The daemon connects, checks the listener's credentials (it must be PID), and sen
                                          "host_address": A}
                                         (the interposer adds "staging_bytes": R, host memory it keeps beside B)
     {"op": "spill"} + a file (SCM_RIGHTS) →  {"ok": true, "spilled_bytes": B, "seconds": T}
+    {"op": "read_ahead", "bytes": N}  →  {"ok": true, "bytes": K}   (spilled: start reading the file's first K ≤ N)
     {"op": "unpark"}                  →  {"ok": true, "seconds": T}
     any failure                       →  {"ok": false, "error": "..."}
 
@@ -17,7 +18,9 @@ own as soon as it runs again, so a process is never left without its memory.
 
 The parked bytes lie at `host_address` in the process, B bytes back to back. The disk tier (spill.py) has the
 daemon write them to a file of its own and pass it, read-only, with "spill": the agent gives its host memory back
-and its unpark reads the bytes from that file."""
+and its unpark reads the bytes from that file. A thaw sends "read_ahead" before the driver restores the process's
+contexts: the agent starts reading the file's first bytes into host memory then (no CUDA needed), and the unpark
+takes those from there, so the disk does not wait for the restore."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Any
 AGENT_DIR_ENV = "GPUSCHED_AGENT_DIR"
 DAEMON_UID_ENV = "GPUSCHED_AGENT_DAEMON_UID"  # the uid allowed to connect besides root (the daemon's own)
 MAX_LINE = 4096
+MAX_READ_AHEAD = 1 << 30  # the most a read_ahead may ask for: host memory the agent takes for it until the unpark
 
 
 def daemon_uid() -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 from .parking import ParkError, ParkingLot
-from .protocol import AGENT_DIR_ENV, ProtocolError, Reader, peer_credentials, send, socket_path
+from .protocol import AGENT_DIR_ENV, MAX_READ_AHEAD, ProtocolError, Reader, peer_credentials, send, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class Agent:
                     parked = self._park(conn, message.get("timeout_ms"))
                 elif op == "spill" and parked:
                     self._spill(conn, reader.take_file())
+                elif op == "read_ahead" and parked:
+                    self._read_ahead(conn, message.get("bytes"))
                 elif op == "unpark" and parked:
                     parked = not self._unpark(conn)
                 else:
@@ -152,6 +154,18 @@ class Agent:
             send(conn, {"ok": False, "error": str(e)})
             return
         send(conn, {"ok": True, "spilled_bytes": report.parked_bytes, "seconds": report.total_s})
+
+    def _read_ahead(self, conn: socket.socket, size: object) -> None:
+        """A thaw begins: read the spill file's first bytes while the driver restores the contexts."""
+        if type(size) is not int or not 0 <= size <= MAX_READ_AHEAD:
+            send(conn, {"ok": False, "error": f"bytes must be an integer in [0, {MAX_READ_AHEAD}]"})
+            return
+        try:
+            started = self.lot.read_ahead(size)
+        except ParkError as e:
+            send(conn, {"ok": False, "error": str(e)})
+            return
+        send(conn, {"ok": True, "bytes": started})
 
     def _unpark(self, conn: socket.socket) -> bool:
         try:

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,11 +132,12 @@ class Copier:
     def back(self, pieces: list[Piece], area: HostArea) -> None:
         self._run(pieces, area, to_host=False)
 
-    def back_from_file(self, pieces: list[Piece], file: int) -> None:
+    def back_from_file(self, pieces: list[Piece], file: int, ahead: HostArea | None = None) -> None:
         """Copy back from `file` (the bytes laid out as in the host area), read straight into the bounce buffers in
-        large pieces (FILE_THREADS x FILE_CHUNK, whatever this copier's own sizes): no host area is needed."""
+        large pieces (FILE_THREADS x FILE_CHUNK, whatever this copier's own sizes): no host area is needed. The
+        pieces within `ahead` (the file's first bytes, read ahead: ReadAhead) come from there instead."""
         reader = Copier(self.cuda, self.context, "ring", FILE_THREADS, FILE_CHUNK)
-        reader._run(coalesce(pieces, FILE_CHUNK), None, to_host=False, file=file)
+        reader._run(coalesce(pieces, FILE_CHUNK), ahead, to_host=False, file=file)
 
     def _run(self, pieces: list[Piece], area: HostArea | None, to_host: bool, file: int = -1) -> None:
         if not pieces:
@@ -181,7 +183,7 @@ class Copier:
                         cuda.stream_sync(stream)
                         ctypes.memmove(area.address + p.offset, bounce.address, p.size)
                     else:
-                        if file >= 0:
+                        if file >= 0 and (area is None or p.offset + p.size > area.size):
                             with bounce.area.view(0, p.size) as view:
                                 read_whole(file, view, p.offset)
                         else:
@@ -197,6 +199,38 @@ class Copier:
         assert area is not None
         host = area.address + p.offset
         return (host, p.device, p.size) if to_host else (p.device, host, p.size)
+
+
+class ReadAhead:
+    """The first `size` bytes of a spill file read into host memory, FILE_THREADS pieces of FILE_CHUNK at a time, on
+    threads of their own: the daemon asks for it as a thaw begins, so the disk works while the driver restores the
+    process's contexts (the reads need no CUDA), and the unpark then takes those bytes from here."""
+
+    def __init__(self, file: int, size: int) -> None:
+        self.area = HostArea(size)
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._read, args=(file,), name="gpusched-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _read(self, file: int) -> None:
+        def piece(offset: int) -> None:
+            with self.area.view(offset, min(FILE_CHUNK, self.area.size - offset)) as view:
+                read_whole(file, view, offset)
+
+        try:
+            with ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="gpusched-read-ahead") as pool:
+                list(pool.map(piece, range(0, self.area.size, FILE_CHUNK)))
+        except OSError as e:
+            self.error = e
+
+    def done(self) -> HostArea | None:
+        """Wait for the reads: the area holding them, or None where they failed (the unpark reads the file)."""
+        self._thread.join()
+        return None if self.error else self.area
+
+    def close(self) -> None:
+        self._thread.join()
+        self.area.close()
 
 
 def read_whole(file: int, view: memoryview, offset: int) -> None:

@@ -19,6 +19,10 @@ from .core import Core
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+# What a thaw has a model's agents read of their spill files ahead, while the driver restores their contexts
+# (0.2-0.3 s for a 7B's on the H200, when its disk reads 1.4-2 GB/s): host memory, held until their unpark.
+READ_AHEAD_BYTES = 512 << 20
+
 
 class Parking(Core):
     """The agents' connections (one per parked process) and their waits, which a Stop cuts short."""
@@ -89,6 +93,23 @@ class Parking(Core):
         if kept:
             self._parked[model.name] = kept
         return "; ".join(error for error in errors if error)
+
+    async def _read_ahead(self, model: Model) -> None:
+        """A thaw of a model with spill files, beside the driver's restore: each agent starts reading its file's
+        first bytes (its share of READ_AHEAD_BYTES), which its unpark then takes from RAM, so the disk does not
+        wait for the restore. A refusal costs only that head start."""
+        links = [link for link in self._parked.get(model.name, []) if link.spilled]
+        if not links:
+            return
+
+        async def one(link: AgentLink) -> None:
+            try:
+                started = await link.read_ahead(READ_AHEAD_BYTES // len(links), self.config.agent_timeout_ms / 1000)
+                log.info("thaw of %s: the agent of pid %d reads %d bytes ahead", model.name, link.pid, started)
+            except AgentFailed as e:
+                log.warning("thaw of %s: the agent of pid %d reads nothing ahead: %s", model.name, link.pid, e)
+
+        await self._agent_wait(model, asyncio.gather(*(one(link) for link in links)))
 
     def _spill_links(self, model: Model) -> list[AgentLink]:
         """The agents whose parked bytes a page-out writes to spill files: those that said where they lie."""

@@ -72,9 +72,14 @@ class Thawing(Core):
             await self.units.thaw(model.unit)
             try:
                 if model.cuda_pids:  # no CUDA process: no worker thread to wake
-                    await asyncio.to_thread(
+                    # Agents with spill files start reading them meanwhile; both are waited for, so the links are
+                    # idle again before anything else talks to them.
+                    restore = asyncio.to_thread(
                         recovery.drive, self.checkpoint, model.cuda_pids, False, self.config.lock_timeout_ms, gpu_pairs
                     )
+                    for outcome in await asyncio.gather(self._read_ahead(model), restore, return_exceptions=True):
+                        if isinstance(outcome, BaseException):
+                            raise outcome
             except CheckpointError as e:
                 reached, errors = await self._settle(model, model.cuda_pids, frozen=True)
                 settled = True
