@@ -7,8 +7,9 @@ after every thaw.
 Page-out methods: `madvise` (gpuschedd.pageout: process_madvise(MADV_PAGEOUT), what the daemon does) and
 `reclaim` (the cgroup's memory.reclaim); on the agent path `spill` first (gpuschedd.spill: the parked bytes written
 to an unlinked file in $SPILLDIR with direct I/O, the agent handed it and its host memory given back, as the daemon's
-page-out does; the unpark reads the file; `readcheck`: the bench reads the same file first, 4 x 32 MiB, to compare),
-then `madvise` for the rest of the process. Every thaw records the process's disk reads per second
+page-out does; the unpark reads the file; `readcheck`: the bench reads the same file first, 4 x 32 MiB, to compare;
+its thaw has the agent read the file's first bytes ahead beside the driver's restore, as the daemon's does, unless
+`noahead`), then `madvise` for the rest of the process. Every thaw records the process's disk reads per second
 (`read_gbps_by_s`). After MADV_PAGEOUT the
 pages written to swap stay in RAM as clean swap cache until something needs the memory; `drop` (memory.reclaim of
 the same cgroup) frees them, so the thaw that follows reads the disk. `prefetch`: MADV_WILLNEED
@@ -33,6 +34,7 @@ import time
 from gpuschedd import pageout, spill
 from gpuschedd.agentlink import AgentLink
 from gpuschedd.checkpoint.driver import DriverCheckpoint
+from gpuschedd.engine.parking import READ_AHEAD_BYTES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "transparent"))
@@ -152,7 +154,13 @@ async def cycle(prog: Program, drv: DriverCheckpoint, link: AgentLink | None, ca
         ahead.start()
     sampler = Sampler(pid)
     cg_freeze(False)
-    drv.restore(pid)
+    t3 = time.monotonic()
+    restore = asyncio.to_thread(drv.restore, pid)
+    if link and link.spilled and "noahead" not in steps:  # as the daemon's thaw: the file read ahead meanwhile
+        row["read_ahead"], _ = await asyncio.gather(link.read_ahead(READ_AHEAD_BYTES, 60), restore)
+    else:
+        await restore
+    row["restore_s"] = time.monotonic() - t3
     drv.unlock(pid)
     if link:
         await link.unpark(120)
