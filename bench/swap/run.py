@@ -9,6 +9,7 @@ at start.
     sudo PYTHONPATH=src python3 bench/swap/run.py [--sizes 1.5B,7B] [--paths driver,agent,inject] [--runs 3]
         [--preload LIB]   (inject: the built interposer, `make preload PRELOAD_OUT=DIR`)
         [--copies staggered|side-by-side]   (the agents' copies in turn, as the engine does, or both at once)
+        [--env KEY=VALUE ...]   (more environment for the model processes, e.g. a glibc tunable, for measuring)
 
 Prints a table: per model size and path, the GPU memory of one model, the sequential freeze and thaw, their sum,
 the Swap, and Swap / sequential (goal: ≤ 0.75 on the driver path, ≤ 0.6 with agents). Medians over --runs."""
@@ -78,13 +79,13 @@ async def wait_for(what: str, predicate, timeout: float):  # type: ignore[no-unt
     return found
 
 
-async def start(engine: Engine, name: str, size: str, path: str, out: Path) -> Model:
+async def start(engine: Engine, name: str, size: str, path: str, out: Path, env: list[str]) -> Model:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*"):
         stale.unlink()
     argv = [sys.executable, str(HERE / "model.py"), size, str(out)] + (["--agent"] if path == "agent" else [])
     # model.py --agent imports gpuschedd.agent: from this checkout (a user pip-installs gpuschedd in its env).
-    options = RunOptions(agent=path == "agent", inject_agent=path == "inject", environment=[f"PYTHONPATH={SRC}"])
+    options = RunOptions(agent=path == "agent", inject_agent=path == "inject", environment=[f"PYTHONPATH={SRC}", *env])
     model = await engine.run(name, argv, options, 0)
     await wait_for(f"{name} loaded", lambda: list(out.glob("ready.*[0-9]")), 300)
     await engine.refresh(model)
@@ -103,11 +104,12 @@ async def verify(models: list[Model], dirs: list[Path]) -> bool:
     return all(json.loads(p.read_text())["ok"] for p in checks)
 
 
-async def bench(engine: Engine, swaps: Swaps, size: str, path: str, runs: int, workdir: Path) -> Row:
+async def bench(engine: Engine, swaps: Swaps, size: str, path: str, runs: int, workdir: Path, env: list[str]) -> Row:
     row = Row(size, path)
     names = [f"swap-{path}-{size.replace('.', '_')}-{x}" for x in "ab"]
     dirs = [workdir / n for n in names]
-    models = list(await asyncio.gather(*(start(engine, n, size, path, d) for n, d in zip(names, dirs, strict=True))))
+    starts = (start(engine, n, size, path, d, env) for n, d in zip(names, dirs, strict=True))
+    models = list(await asyncio.gather(*starts))
     row.vram = models[0].vram_bytes
     await engine.freeze(names[1])
     running, frozen = names
@@ -174,6 +176,7 @@ async def main() -> None:
     parser.add_argument("--workdir", default="/var/tmp/gpusched-swap-bench")
     parser.add_argument("--cgroup-root", default="/sys/fs/cgroup/gpusched-swap-bench")
     parser.add_argument("--copies", choices=("staggered", "side-by-side"), default="staggered")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     # The engine's log on stderr: how long each agent took to park and unpark.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -196,7 +199,7 @@ async def main() -> None:
         for size in args.sizes.split(","):
             for path in args.paths.split(","):
                 try:
-                    rows.append(await bench(engine, swaps, size, path, args.runs, workdir))
+                    rows.append(await bench(engine, swaps, size, path, args.runs, workdir, args.env))
                 except Exception as e:  # one failed row must not cost the others
                     print(f"FAILED {size} {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                     continue
