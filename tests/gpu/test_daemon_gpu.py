@@ -141,6 +141,33 @@ def test_the_fast_path_under_systemd(daemon: None) -> None:
         subprocess.run(["gpusched", "stop", "fast"])
 
 
+def test_a_page_out_spills_the_parked_bytes_and_the_thaw_reads_them_back(daemon: None) -> None:
+    """The disk tier under systemd with the real driver: an agent model's page-out writes what its agent parked to
+    a spill file of the daemon's (no swap needed: the rest stays in RAM), the thaw has the agent read the file's
+    first bytes ahead beside the driver's restore and the rest after it, and every tensor comes back."""
+    d = model_dir("spill")
+    src = Path(__file__).resolve().parents[2] / "src"
+    argv = [sys.executable, MODEL, "--mib", str(MIB), "--dir", str(d), "--agent"]
+    sh("gpusched", "run", "--name", "spill", "--agent", f"--setenv=PYTHONPATH={src}", "--", *argv)
+    try:
+        [pid] = ready(d)
+        path = "/org/gpusched1/model/spill"
+        since = sh("date", "+%Y-%m-%d %H:%M:%S").strip()
+        sh("gpusched", "freeze", "spill")
+        parked = int(prop(path, "org.gpusched1.Model", "ParkedBytes"))
+        assert parked >= MIB << 20
+        print(sh("gpusched", "page-out", "spill"))
+        assert int(prop(path, "org.gpusched1.Model", "SnapshotFileBytes")) == parked
+        assert any("(deleted)" in os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+        sh("gpusched", "thaw", "spill")
+        assert prop(path, "org.gpusched1.Model", "SnapshotFileBytes") == "0"
+        assert verified(d, pid), "tensors or the CUDA graph changed across the spill file"
+        log = sh("journalctl", "--no-pager", "-u", "gpuschedd", "--since", since)
+        assert f"the agent of pid {pid} reads {min(parked, 512 << 20)} bytes ahead" in log  # READ_AHEAD_BYTES
+    finally:
+        subprocess.run(["gpusched", "stop", "spill"])
+
+
 def test_an_unmodified_program_of_a_group_member(daemon: None) -> None:
     """Issue 16 under systemd: a user in group gpusched runs, over busctl, a PyTorch program that imports nothing of
     gpuschedd, with InjectAgent; the daemon (sandboxed by its unit) parks it through the preloaded interposer while
