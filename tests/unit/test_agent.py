@@ -155,6 +155,27 @@ def test_reads_from_a_file_join_what_follows_on_both_sides() -> None:
     ]  # fmt: skip
 
 
+def test_a_read_ahead_holds_the_files_first_bytes_or_says_it_failed(tmp_path: Path) -> None:
+    """What the unpark relies on: done() gives the bytes read, or None (then it reads them from the file)."""
+    data = os.urandom(3 * staging.FILE_CHUNK // 2)
+    (tmp_path / "spill").write_bytes(data)
+    fd = os.open(tmp_path / "spill", os.O_RDONLY)
+    try:
+        ahead = staging.ReadAhead(fd, len(data) - 4096)
+        area = ahead.done()
+        assert area is not None and bytes(area.view(0, area.size)) == data[: len(data) - 4096]
+        ahead.close()
+    finally:
+        os.close(fd)
+    unreadable = os.open(tmp_path / "spill", os.O_WRONLY)
+    try:
+        ahead = staging.ReadAhead(unreadable, 4096)
+        assert ahead.done() is None and isinstance(ahead.error, OSError)
+        ahead.close()
+    finally:
+        os.close(unreadable)
+
+
 def test_no_allocation_while_parked(fake: FakeGpuDir) -> None:
     lot = ParkingLot(Cuda())
     filled(lot, [2 * MIB])

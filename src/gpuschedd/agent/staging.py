@@ -208,7 +208,7 @@ class ReadAhead:
 
     def __init__(self, file: int, size: int) -> None:
         self.area = HostArea(size)
-        self.error: OSError | None = None
+        self.error: Exception | None = None
         self._thread = threading.Thread(target=self._read, args=(file,), name="gpusched-read-ahead", daemon=True)
         self._thread.start()
 
@@ -220,7 +220,7 @@ class ReadAhead:
         try:
             with ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="gpusched-read-ahead") as pool:
                 list(pool.map(piece, range(0, self.area.size, FILE_CHUNK)))
-        except OSError as e:
+        except Exception as e:  # whatever it was, the unpark reads these bytes from the file instead
             self.error = e
 
     def done(self) -> HostArea | None:
