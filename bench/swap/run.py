@@ -2,17 +2,19 @@
 engine (cgroupfs units, the driver checkpoint backend, NVML), one running and one frozen; alternately a sequential
 swap (today's behaviour, timed as a Freeze call then a Thaw call) and a Swap call (overlapped: engine/swap.py),
 on each path: `driver` (the driver's checkpoint moves everything), `agent` (gpuschedd.agent's parkable(), the
-driver moves the rest) and `inject` (InjectAgent: the interposer, native/preload, parks an unmodified program).
+driver moves the rest) and `inject` (InjectAgent: the interposer, native/preload, parks an unmodified program);
+`agent-keep` and `inject-keep` are those with KeepContext (the contexts stay on the GPU: no driver step at all).
 Every Swap's event must say it overlapped; after the runs every weight of both models is checked against its sum
 at start.
 
-    sudo PYTHONPATH=src python3 bench/swap/run.py [--sizes 1.5B,7B] [--paths driver,agent,inject] [--runs 3]
+    sudo PYTHONPATH=src python3 bench/swap/run.py [--sizes 1.5B,7B] [--paths driver,agent,inject,...] [--runs 3]
         [--preload LIB]   (inject: the built interposer, `make preload PRELOAD_OUT=DIR`)
         [--copies staggered|side-by-side]   (the agents' copies in turn, as the engine does, or both at once)
         [--env KEY=VALUE ...]   (more environment for the model processes, e.g. a glibc tunable, for measuring)
 
 Prints a table: per model size and path, the GPU memory of one model, the sequential freeze and thaw, their sum,
-the Swap, and Swap / sequential (goal: ≤ 0.75 on the driver path, ≤ 0.6 with agents). Medians over --runs."""
+the Swap, and Swap / sequential (goal: ≤ 0.75 on the driver path, ≤ 0.6 with agents). Medians over --runs, timed
+after one untimed freeze and thaw of each model."""
 
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from gpuschedd.nvml import load_telemetry  # noqa: E402
 from gpuschedd.options import RunOptions  # noqa: E402
 from gpuschedd.units.cgroupfs import CgroupfsUnits  # noqa: E402
 
-GOAL = {"driver": 0.75, "agent": 0.6, "inject": 0.6}
+GOAL = {"driver": 0.75, "agent": 0.6, "inject": 0.6, "agent-keep": 0.6, "inject-keep": 0.6}
 
 
 class Swaps(EngineListener):
@@ -83,9 +85,12 @@ async def start(engine: Engine, name: str, size: str, path: str, out: Path, env:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*"):
         stale.unlink()
-    argv = [sys.executable, str(HERE / "model.py"), size, str(out)] + (["--agent"] if path == "agent" else [])
+    agent, keep = path.startswith("agent"), path.endswith("-keep")
+    argv = [sys.executable, str(HERE / "model.py"), size, str(out)] + (["--agent"] if agent else [])
     # model.py --agent imports gpuschedd.agent: from this checkout (a user pip-installs gpuschedd in its env).
-    options = RunOptions(agent=path == "agent", inject_agent=path == "inject", environment=[f"PYTHONPATH={SRC}", *env])
+    options = RunOptions(
+        agent=agent, inject_agent=path.startswith("inject"), keep_context=keep, environment=[f"PYTHONPATH={SRC}", *env]
+    )
     model = await engine.run(name, argv, options, 0)
     await wait_for(f"{name} loaded", lambda: list(out.glob("ready.*[0-9]")), 300)
     await engine.refresh(model)
@@ -112,7 +117,11 @@ async def bench(engine: Engine, swaps: Swaps, size: str, path: str, runs: int, w
     models = list(await asyncio.gather(*starts))
     row.vram = models[0].vram_bytes
     await engine.freeze(names[1])
-    running, frozen = names
+    # Untimed: a freeze and a thaw, so that each process has parked once (a process's first park faults its host
+    # memory in; later ones reuse it) and the sequential figures are not the first park's.
+    await engine.freeze(names[0])
+    await engine.thaw(names[1])
+    frozen, running = names
     seen = len(swaps.overlapped)
     try:
         for _ in range(runs):
@@ -133,9 +142,9 @@ async def bench(engine: Engine, swaps: Swaps, size: str, path: str, runs: int, w
             running, frozen = frozen, running
         row.overlapped = f"{swaps.overlapped[seen:].count('1')}/{runs}"
         if path != "driver":
-            paths = {m.freeze_path for m in models}
-            if paths != {"agent"}:
-                raise RuntimeError(f"{path}: the freezes took the {paths} path(s), not the agent path")
+            paths, wanted = {m.freeze_path for m in models}, "agent-only" if path.endswith("-keep") else "agent"
+            if paths != {wanted}:
+                raise RuntimeError(f"{path}: the freezes took the {paths} path(s), not the {wanted} path")
         await engine.thaw(frozen)  # both fit beside each other: both run for the check
         row.verified = "yes" if await verify(models, dirs) else "NO"
     finally:
