@@ -12,10 +12,12 @@ it only after its whole copy-out (agent/parking.py), with the contexts following
 an earlier start would gain little and risk the outgoing model. An eviction is that case by definition (the
 incoming model lacks room while its victims hold theirs): evictions stay one after the other.
 
-With agents, the two copies take turns instead of running side by side (_copy_in_turn): the agents' copies are
-CPU-bound and would share the cores, while the driver's steps mostly wait on the GPU. So the outgoing model's park
-runs beside the incoming model's driver restore (its contexts), and the incoming unpark beside the outgoing
-driver checkpoint of the rest.
+With agents, the two copies take turns instead of running side by side (_copy_in_turn): two agents' copies, one each
+way, move together about what one moves alone (the link carries ~1.2x one direction's bandwidth both ways at once,
+and the staging ring needs the cores: docs/gpu-results.md, run 6), so side by side each takes longer. The outgoing
+model's park runs beside the incoming model's driver restore (its contexts), and the incoming unpark beside the
+outgoing driver checkpoint of the rest. With KeepContext there is no driver step: the swap is the park, then the
+unpark.
 
 The thaw starts once the freeze has passed its checks (the model is freezing): a refused freeze (the RAM budget,
 an InvalidState) changes nothing, as without overlap.
@@ -108,11 +110,10 @@ class Swapping(Core):
     async def _copy_in_turn(self, model: Model) -> None:
         """A thaw about to have its agents copy in waits, when it is an overlapped swap's, for the outgoing
         model's agents to have copied out. Staggered: the outgoing park beside the incoming driver restore, then
-        the incoming unpark beside the outgoing driver checkpoint of the rest. The agents' copies are CPU-bound
-        (the staging ring memmoves every byte, 16 threads each), so two side by side share the cores and each
-        takes longer (H200, 7B: park 0.50 → 0.73 s, unpark 0.42 → 0.74 s; with the host areas kept, unpark
-        0.41 → 0.52 s and the swap no shorter: docs/gpu-results.md), while the driver's steps mostly wait on the
-        GPU. A thaw with nothing parked, or not a swap's, does not wait."""
+        the incoming unpark beside the outgoing driver checkpoint of the rest. Two copies side by side share the
+        link and the cores and each takes longer (H200, 7B: park 0.50 → 0.73 s, unpark 0.42 → 0.74 s; with the
+        host areas kept, unpark 0.41 → 0.52 s and the swap no shorter: docs/gpu-results.md). A thaw with nothing
+        parked, or not a swap's, does not wait."""
         if not self._parked.get(model.name):
             return
         for _out, into, copied_out in list(self._copy_turns):
