@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -158,11 +158,13 @@ class Bench:
         self.copier = Copier(cuda, ctx)
         self.pieces = split([(dev, gib << 30)], PIECE)
         self.copier.out(self.pieces, self.area)  # the host area faulted in: later copies reuse it
-        self.report = Path(f"/tmp/contention-{os.getpid()}.json")
+        self._dir = tempfile.TemporaryDirectory(prefix="gpusched-contention-")
+        self.report = Path(self._dir.name) / "neighbour.json"
 
     def close(self) -> None:
         self.target.kill()
-        self.report.unlink(missing_ok=True)
+        self.target.wait()
+        self._dir.cleanup()
 
     def beside(self, kind: str, r: dict[str, list[float]], same_process: bool) -> None:
         """`cycles` of each step beside a neighbour of `kind` (in a process of its own, or threads of this one),
@@ -188,18 +190,21 @@ class Bench:
             ("out", lambda: self.copier.out(self.pieces, self.area)),
             ("in", lambda: self.copier.back(self.pieces, self.area)),
         )
-        for _ in range(self.cycles):
-            for name, fn in steps:
-                t0 = time.monotonic()
-                fn()
-                t1 = time.monotonic()
-                r.setdefault(name, []).append(t1 - t0)
-                if name in windows:
-                    windows[name].append((t0, t1))
-        done: list[float] = load.stop() if load is not None else []
+        try:
+            for _ in range(self.cycles):
+                for name, fn in steps:
+                    t0 = time.monotonic()
+                    fn()
+                    t1 = time.monotonic()
+                    r.setdefault(name, []).append(t1 - t0)
+                    if name in windows:
+                        windows[name].append((t0, t1))
+        finally:  # the neighbour stops however the steps end
+            done: list[float] = load.stop() if load is not None else []
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
             done = json.loads(self.report.read_text())
         for name, w in windows.items():  # 0 with no neighbour working
             r.setdefault(f"n:{name}", []).append(rate(done, w))
