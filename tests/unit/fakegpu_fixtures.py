@@ -54,6 +54,17 @@ def files_open_in(pid: int, directory: Path, fds: bool = False) -> list[str]:
     return out
 
 
+def inherited_by_exec(pid: int, directory: Path) -> list[str]:
+    """The process's descriptors under `directory` without close-on-exec: a program it runs would hold them too."""
+    out = []
+    for path in files_open_in(pid, directory, fds=True):
+        with contextlib.suppress(OSError):
+            flags = Path(path.replace("/fd/", "/fdinfo/")).read_text().split("flags:", 1)[1].split()[0]
+            if not int(flags, 8) & os.O_CLOEXEC:
+                out.append(path)
+    return out
+
+
 async def spill_parked(link: AgentLink, directory: Path) -> None:
     """What the daemon's page-out does with an agent's parked bytes: written to a file of its own in `directory`,
     then the agent handed the file (spill.py)."""

@@ -21,6 +21,7 @@ from fakegpu_fixtures import (
     GPU0,
     MIB,
     files_open_in,
+    inherited_by_exec,
     lazily_freed,
     mapped,
     park_as_nobody,
@@ -265,6 +266,7 @@ async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemo
     await spill_parked(link, directory)
     assert a.lot.parked and a.lot.area is None and not mapped(os.getpid(), link.host_address), "given back"
     assert not os.listdir(directory) and files_open_in(os.getpid(), directory)
+    assert not inherited_by_exec(os.getpid(), directory), "close-on-exec: a program the model runs gets no copy"
     await link.unpark(5.0)
     assert not a.lot.parked and vram(fake) == 6 * MIB and intact(segments)
     wait_until("the file closed after the unpark", lambda: not files_open_in(os.getpid(), directory))

@@ -21,6 +21,7 @@ from fakegpu_fixtures import (
     GPU0,
     MIB,
     files_open_in,
+    inherited_by_exec,
     lazily_freed,
     mapped,
     park_as_nobody,
@@ -203,6 +204,7 @@ async def test_a_spill_gives_the_host_memory_back_and_the_unpark_reads_the_daemo
         assert not mapped(prog.pid, link.host_address), "the host area is given back"
         assert not os.listdir(directory), "the file never had a name for long"
         assert files_open_in(prog.pid, directory), "the agent holds the file"
+        assert not inherited_by_exec(prog.pid, directory), "close-on-exec: a program the model runs gets no copy"
         assert await astill(prog.count)
         await link.unpark(5.0)
         assert vram(gpu_dir, prog.pid) == PARKED + SMALL and await amoves(prog.count)
