@@ -33,7 +33,7 @@ SRC = Path(__file__).resolve().parent.parent.parent / "src"
 sys.path.insert(0, str(SRC))
 
 from gpuschedd.agent.cuda import Cuda  # noqa: E402
-from gpuschedd.agent.staging import Copier, HostArea, split  # noqa: E402
+from gpuschedd.agent.staging import Copier, HostArea, _Bounce, split  # noqa: E402
 
 KINDS = ("none", "idle", "dma-in", "dma-out", "ring-in", "ring-out", "memmove")
 PIECE, THREADS = 4 << 20, 16
@@ -101,27 +101,23 @@ class Load:
         host = self._areas[0].address if self._areas else 0
         cuda.set_context(self.ctx)
         stream = cuda.stream()
-        bounce = HostArea(PIECE)
-        ctypes.memset(bounce.address, 0, PIECE)
-        cuda.host_register(bounce.address, PIECE)
-        while not self._stop.is_set():
-            for off in offsets:
-                if kind.endswith("-in"):
-                    if kind == "ring-in":
-                        ctypes.memmove(bounce.address, host + off, PIECE)
-                    cuda.copy_in(dev + off, bounce.address, PIECE, stream)
-                    cuda.stream_sync(stream)
-                else:
-                    cuda.copy_out(bounce.address, dev + off, PIECE, stream)
-                    cuda.stream_sync(stream)
-                    if kind == "ring-out":
-                        ctypes.memmove(host + off, bounce.address, PIECE)
-                done.append(time.monotonic())
-                if self._stop.is_set():
-                    break
-        cuda.host_unregister(bounce.address)
+        with _Bounce(cuda, PIECE) as bounce:  # the ring's own pinned buffer
+            while not self._stop.is_set():
+                for off in offsets:
+                    if kind.endswith("-in"):
+                        if kind == "ring-in":
+                            ctypes.memmove(bounce.address, host + off, PIECE)
+                        cuda.copy_in(dev + off, bounce.address, PIECE, stream)
+                        cuda.stream_sync(stream)
+                    else:
+                        cuda.copy_out(bounce.address, dev + off, PIECE, stream)
+                        cuda.stream_sync(stream)
+                        if kind == "ring-out":
+                            ctypes.memmove(host + off, bounce.address, PIECE)
+                    done.append(time.monotonic())
+                    if self._stop.is_set():
+                        break
         cuda.stream_destroy(stream)
-        bounce.close()
 
 
 def neighbour(kind: str, gib: int, report: Path) -> None:
